@@ -1,0 +1,589 @@
+//! The command table: for each command its flags, its keys (which are
+//! written) and what connection state it touches.
+//!
+//! The table is learned from the upstream's `COMMAND` reply (key specs,
+//! flags, ACL categories; `protocol-notes.md` §2) when the sidecar first
+//! reaches it, so new Redis commands work without a code change. Until then,
+//! and for upstreams that refuse `COMMAND`, a built-in table covers the
+//! common commands. Commands in neither table are still forwarded: Redis
+//! answers unknown commands and wrong arity with its own errors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::OwnedFrame;
+
+use crate::protocol::scan::parse_int;
+
+/// Command flags we act on (a subset of Redis's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub write: bool,
+    pub readonly: bool,
+    pub blocking: bool,
+    pub pubsub: bool,
+    pub admin: bool,
+}
+
+/// Where a key spec's search begins.
+#[derive(Clone, Debug, PartialEq)]
+enum Begin {
+    Index(usize),
+    Keyword { keyword: Bytes, startfrom: i64 },
+    Unknown,
+}
+
+/// How a key spec finds its keys from the beginning.
+#[derive(Clone, Debug, PartialEq)]
+enum Find {
+    Range {
+        lastkey: i64,
+        step: usize,
+        limit: usize,
+    },
+    Keynum {
+        keynumidx: usize,
+        firstkey: usize,
+        step: usize,
+    },
+    Unknown,
+}
+
+/// One Redis 7 key spec.
+#[derive(Clone, Debug, PartialEq)]
+struct KeySpec {
+    begin: Begin,
+    find: Find,
+    /// RW, OW or RM: the key is written (or removed).
+    write: bool,
+}
+
+/// One entry of the table.
+#[derive(Clone, Debug)]
+pub struct CommandInfo {
+    /// Lower-case name, `container|sub` for subcommands.
+    pub name: String,
+    pub arity: i64,
+    pub flags: Flags,
+    key_specs: Vec<KeySpec>,
+}
+
+/// A key argument of one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRef {
+    /// Index into the command's arguments (0 is the name).
+    pub index: usize,
+    pub write: bool,
+}
+
+impl CommandInfo {
+    /// Keys of this invocation, from key specs. Specs Redis itself marks
+    /// unknown (SORT BY/STORE, MIGRATE KEYS) yield nothing here.
+    pub fn keys(&self, args: &[Bytes]) -> Vec<KeyRef> {
+        let argc = args.len();
+        let mut out = Vec::new();
+        for spec in &self.key_specs {
+            let first = match &spec.begin {
+                Begin::Index(i) => *i,
+                Begin::Keyword { keyword, startfrom } => {
+                    let found = if *startfrom >= 0 {
+                        (*startfrom as usize..argc).find(|&i| args[i].eq_ignore_ascii_case(keyword))
+                    } else {
+                        let start = argc as i64 + startfrom;
+                        (1..=start.max(0) as usize)
+                            .rev()
+                            .find(|&i| i < argc && args[i].eq_ignore_ascii_case(keyword))
+                    };
+                    match found {
+                        Some(i) => i + 1,
+                        None => continue,
+                    }
+                }
+                Begin::Unknown => continue,
+            };
+            if first >= argc || first == 0 {
+                continue;
+            }
+            let (start, last, step) = match &spec.find {
+                Find::Range {
+                    lastkey,
+                    step,
+                    limit,
+                } => {
+                    let last = if *lastkey >= 0 {
+                        first as i64 + lastkey
+                    } else if *limit <= 1 {
+                        argc as i64 + lastkey
+                    } else {
+                        first as i64 + ((argc - first) / limit) as i64 + lastkey
+                    };
+                    (first, last, (*step).max(1))
+                }
+                Find::Keynum {
+                    keynumidx,
+                    firstkey,
+                    step,
+                } => {
+                    let Some(n) = args.get(first + keynumidx).and_then(|a| parse_int(a)) else {
+                        continue;
+                    };
+                    let start = first + firstkey;
+                    let step = (*step).max(1);
+                    (start, start as i64 + (n - 1) * step as i64, step)
+                }
+                Find::Unknown => continue,
+            };
+            let mut i = start as i64;
+            while i <= last && (i as usize) < argc {
+                out.push(KeyRef {
+                    index: i as usize,
+                    write: spec.write,
+                });
+                i += step as i64;
+            }
+        }
+        out
+    }
+}
+
+/// Why a command needs a dedicated upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// MULTI: pinned until EXEC or DISCARD.
+    Multi,
+    /// WATCH: pinned until EXEC, DISCARD or UNWATCH.
+    Watch,
+    /// Ends MULTI/WATCH state (EXEC, DISCARD, UNWATCH).
+    EndTransaction,
+    /// A command that may block: pinned for this command.
+    Blocking,
+    /// SUBSCRIBE family, MONITOR, CLIENT REPLY: the connection becomes a
+    /// stream; the client stays on it for the rest of its life.
+    Stream,
+    /// CLIENT TRACKING and other per-connection state Redis keeps: the
+    /// client stays pinned for the rest of its life.
+    Sticky,
+}
+
+/// How the session must treat a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Stateless: any shared connection with the client's (proto, db, user).
+    Forward,
+    /// Needs (or ends) a dedicated connection.
+    Pin(Pin),
+    /// Connection state the sidecar answers itself.
+    Local(Local),
+}
+
+/// Commands the session answers itself because they change connection state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    Hello,
+    Select,
+    Auth,
+    Reset,
+    Quit,
+    ClientId,
+    ClientSetName,
+    ClientGetName,
+    ClientSetInfo,
+}
+
+/// Classify a command by its arguments (`args[0]` is the name).
+pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
+    let Some(name) = args.first() else {
+        return Class::Forward;
+    };
+    let mut lower = [0u8; 24];
+    if name.len() > lower.len() {
+        return Class::Forward;
+    }
+    let lower = &mut lower[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let sub = |i: usize| args.get(i).map(|a| a.to_ascii_lowercase());
+    match &lower[..] {
+        b"hello" => Class::Local(Local::Hello),
+        b"select" => Class::Local(Local::Select),
+        b"auth" => Class::Local(Local::Auth),
+        b"reset" => Class::Local(Local::Reset),
+        b"quit" => Class::Local(Local::Quit),
+        b"multi" => Class::Pin(Pin::Multi),
+        b"watch" => Class::Pin(Pin::Watch),
+        b"exec" | b"discard" | b"unwatch" => Class::Pin(Pin::EndTransaction),
+        b"subscribe" | b"psubscribe" | b"ssubscribe" | b"monitor" => Class::Pin(Pin::Stream),
+        b"wait" | b"waitaof" => Class::Pin(Pin::Blocking),
+        b"xread" | b"xreadgroup" => {
+            // Flagged blocking by Redis, but only BLOCK makes them block.
+            let blocks = args
+                .iter()
+                .skip(1)
+                .take_while(|a| !a.eq_ignore_ascii_case(b"streams"));
+            if blocks.clone().any(|a| a.eq_ignore_ascii_case(b"block")) {
+                Class::Pin(Pin::Blocking)
+            } else {
+                Class::Forward
+            }
+        }
+        b"client" => match sub(1).as_deref() {
+            Some(b"id") => Class::Local(Local::ClientId),
+            Some(b"setname") => Class::Local(Local::ClientSetName),
+            Some(b"getname") => Class::Local(Local::ClientGetName),
+            Some(b"setinfo") => Class::Local(Local::ClientSetInfo),
+            Some(b"reply") => Class::Pin(Pin::Stream),
+            Some(b"tracking") | Some(b"caching") | Some(b"no-evict") | Some(b"no-touch") => {
+                Class::Pin(Pin::Sticky)
+            }
+            _ => Class::Forward,
+        },
+        _ => match info {
+            Some(i) if i.flags.blocking => Class::Pin(Pin::Blocking),
+            _ => Class::Forward,
+        },
+    }
+}
+
+/// The command table: learned entries plus the built-in fallback.
+#[derive(Debug, Default)]
+pub struct Table {
+    commands: HashMap<String, Arc<CommandInfo>>,
+    /// True when the entries came from the upstream's `COMMAND`.
+    pub learned: bool,
+}
+
+impl Table {
+    /// The built-in table: the common commands with first/last/step keys.
+    pub fn builtin() -> Table {
+        // (name, arity, flags "w"rite "r"eadonly "b"locking "p"ubsub "a"dmin, first, last, step)
+        const BUILTIN: &[(&str, i64, &str, usize, i64, usize)] = &[
+            ("get", 2, "r", 1, 1, 1),
+            ("set", -3, "w", 1, 1, 1),
+            ("setex", 4, "w", 1, 1, 1),
+            ("psetex", 4, "w", 1, 1, 1),
+            ("setnx", 3, "w", 1, 1, 1),
+            ("getex", -2, "w", 1, 1, 1),
+            ("getdel", 2, "w", 1, 1, 1),
+            ("getset", 3, "w", 1, 1, 1),
+            ("mget", -2, "r", 1, -1, 1),
+            ("mset", -3, "w", 1, -1, 2),
+            ("msetnx", -3, "w", 1, -1, 2),
+            ("append", 3, "w", 1, 1, 1),
+            ("strlen", 2, "r", 1, 1, 1),
+            ("incr", 2, "w", 1, 1, 1),
+            ("decr", 2, "w", 1, 1, 1),
+            ("incrby", 3, "w", 1, 1, 1),
+            ("decrby", 3, "w", 1, 1, 1),
+            ("incrbyfloat", 3, "w", 1, 1, 1),
+            ("del", -2, "w", 1, -1, 1),
+            ("unlink", -2, "w", 1, -1, 1),
+            ("exists", -2, "r", 1, -1, 1),
+            ("expire", -3, "w", 1, 1, 1),
+            ("pexpire", -3, "w", 1, 1, 1),
+            ("expireat", -3, "w", 1, 1, 1),
+            ("pexpireat", -3, "w", 1, 1, 1),
+            ("persist", 2, "w", 1, 1, 1),
+            ("ttl", 2, "r", 1, 1, 1),
+            ("pttl", 2, "r", 1, 1, 1),
+            ("type", 2, "r", 1, 1, 1),
+            ("rename", 3, "w", 1, 2, 1),
+            ("copy", -3, "w", 1, 2, 1),
+            ("hget", 3, "r", 1, 1, 1),
+            ("hset", -4, "w", 1, 1, 1),
+            ("hmset", -4, "w", 1, 1, 1),
+            ("hgetall", 2, "r", 1, 1, 1),
+            ("hdel", -3, "w", 1, 1, 1),
+            ("hincrby", 4, "w", 1, 1, 1),
+            ("lpush", -3, "w", 1, 1, 1),
+            ("rpush", -3, "w", 1, 1, 1),
+            ("lpop", -2, "w", 1, 1, 1),
+            ("rpop", -2, "w", 1, 1, 1),
+            ("lrange", 4, "r", 1, 1, 1),
+            ("llen", 2, "r", 1, 1, 1),
+            ("blpop", -3, "wb", 1, -2, 1),
+            ("brpop", -3, "wb", 1, -2, 1),
+            ("brpoplpush", 4, "wb", 1, 2, 1),
+            ("blmove", 6, "wb", 1, 2, 1),
+            ("bzpopmin", -3, "wb", 1, -2, 1),
+            ("bzpopmax", -3, "wb", 1, -2, 1),
+            ("sadd", -3, "w", 1, 1, 1),
+            ("srem", -3, "w", 1, 1, 1),
+            ("smembers", 2, "r", 1, 1, 1),
+            ("sismember", 3, "r", 1, 1, 1),
+            ("zadd", -4, "w", 1, 1, 1),
+            ("zrem", -3, "w", 1, 1, 1),
+            ("zrange", -4, "r", 1, 1, 1),
+            ("zscore", 3, "r", 1, 1, 1),
+            ("zincrby", 4, "w", 1, 1, 1),
+            ("xadd", -5, "w", 1, 1, 1),
+            ("xlen", 2, "r", 1, 1, 1),
+            ("xrange", -4, "r", 1, 1, 1),
+            ("publish", 3, "p", 0, 0, 0),
+            ("ping", -1, "", 0, 0, 0),
+            ("echo", 2, "", 0, 0, 0),
+            ("scan", -2, "r", 0, 0, 0),
+            ("keys", 2, "r", 0, 0, 0),
+            ("dbsize", 1, "r", 0, 0, 0),
+            ("flushdb", -1, "wa", 0, 0, 0),
+            ("flushall", -1, "wa", 0, 0, 0),
+            ("info", -1, "", 0, 0, 0),
+        ];
+        let mut commands = HashMap::new();
+        for &(name, arity, f, first, last, step) in BUILTIN {
+            let flags = Flags {
+                write: f.contains('w'),
+                readonly: f.contains('r'),
+                blocking: f.contains('b'),
+                pubsub: f.contains('p'),
+                admin: f.contains('a'),
+            };
+            let key_specs = if first == 0 {
+                Vec::new()
+            } else {
+                vec![KeySpec {
+                    begin: Begin::Index(first),
+                    find: Find::Range {
+                        lastkey: if last < 0 { last } else { last - first as i64 },
+                        step,
+                        limit: 0,
+                    },
+                    write: flags.write,
+                }]
+            };
+            commands.insert(
+                name.to_string(),
+                Arc::new(CommandInfo {
+                    name: name.to_string(),
+                    arity,
+                    flags,
+                    key_specs,
+                }),
+            );
+        }
+        Table {
+            commands,
+            learned: false,
+        }
+    }
+
+    /// Parse the RESP2 reply of `COMMAND` (Redis 7 layout; Redis 6's
+    /// shorter entries fall back to first/last/step).
+    pub fn from_command_reply(reply: &OwnedFrame) -> Option<Table> {
+        let OwnedFrame::Array(entries) = reply else {
+            return None;
+        };
+        let mut commands = HashMap::new();
+        for e in entries {
+            add_entry(&mut commands, e);
+        }
+        if commands.is_empty() {
+            return None;
+        }
+        Some(Table {
+            commands,
+            learned: true,
+        })
+    }
+
+    /// Look up by arguments: `container|sub` when that exists, else the name.
+    pub fn lookup(&self, args: &[Bytes]) -> Option<&Arc<CommandInfo>> {
+        let name = std::str::from_utf8(args.first()?)
+            .ok()?
+            .to_ascii_lowercase();
+        if let Some(sub) = args.get(1).and_then(|s| std::str::from_utf8(s).ok()) {
+            let full = format!("{name}|{}", sub.to_ascii_lowercase());
+            if let Some(i) = self.commands.get(&full) {
+                return Some(i);
+            }
+        }
+        self.commands.get(&name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+fn text(f: &OwnedFrame) -> Option<String> {
+    match f {
+        OwnedFrame::SimpleString(b) | OwnedFrame::BulkString(b) => {
+            Some(String::from_utf8_lossy(b).to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
+fn int(f: &OwnedFrame) -> Option<i64> {
+    match f {
+        OwnedFrame::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn list(f: &OwnedFrame) -> &[OwnedFrame] {
+    match f {
+        OwnedFrame::Array(a) => a,
+        _ => &[],
+    }
+}
+
+/// Look a field up in a RESP2 flat map (`[k1, v1, k2, v2, ...]`).
+fn field<'a>(map: &'a [OwnedFrame], key: &str) -> Option<&'a OwnedFrame> {
+    map.chunks(2)
+        .find(|kv| text(&kv[0]).as_deref() == Some(key))
+        .and_then(|kv| kv.get(1))
+}
+
+fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
+    let e = list(e);
+    let (Some(name), Some(arity)) = (e.first().and_then(text), e.get(1).and_then(int)) else {
+        return;
+    };
+    let flags_list: Vec<String> = e
+        .get(2)
+        .map(list)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(text)
+        .collect();
+    let has = |f: &str| flags_list.iter().any(|x| x == f);
+    let flags = Flags {
+        write: has("write"),
+        readonly: has("readonly"),
+        blocking: has("blocking"),
+        pubsub: has("pubsub"),
+        admin: has("admin"),
+    };
+    let mut key_specs: Vec<KeySpec> = e
+        .get(8)
+        .map(list)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|s| parse_spec(list(s)))
+        .collect();
+    if e.len() < 9 {
+        // Redis 6: first/last/step only.
+        if let (Some(first), Some(last), Some(step)) = (
+            e.get(3).and_then(int),
+            e.get(4).and_then(int),
+            e.get(5).and_then(int),
+        ) && first > 0
+        {
+            key_specs.push(KeySpec {
+                begin: Begin::Index(first as usize),
+                find: Find::Range {
+                    lastkey: if last < 0 { last } else { last - first },
+                    step: step.max(1) as usize,
+                    limit: 0,
+                },
+                write: flags.write,
+            });
+        }
+    }
+    // Subcommand names arrive as `container|sub` already in Redis 7.
+    let full = name;
+    if let Some(subs) = e.get(9) {
+        for s in list(subs) {
+            add_entry(out, s);
+        }
+    }
+    out.insert(
+        full.clone(),
+        Arc::new(CommandInfo {
+            name: full,
+            arity,
+            flags,
+            key_specs,
+        }),
+    );
+}
+
+fn parse_spec(spec: &[OwnedFrame]) -> Option<KeySpec> {
+    let flags: Vec<String> = field(spec, "flags")
+        .map(list)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(text)
+        .collect();
+    let write = flags.iter().any(|f| f == "rw" || f == "ow" || f == "rm");
+    let bs = list(field(spec, "begin_search")?);
+    let bs_spec = field(bs, "spec").map(list).unwrap_or(&[]);
+    let begin = match field(bs, "type").and_then(text).as_deref() {
+        Some("index") => Begin::Index(field(bs_spec, "index").and_then(int)? as usize),
+        Some("keyword") => Begin::Keyword {
+            keyword: Bytes::from(match field(bs_spec, "keyword")? {
+                OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => b.clone(),
+                _ => return None,
+            }),
+            startfrom: field(bs_spec, "startfrom").and_then(int)?,
+        },
+        _ => Begin::Unknown,
+    };
+    let fk = list(field(spec, "find_keys")?);
+    let fk_spec = field(fk, "spec").map(list).unwrap_or(&[]);
+    let num = |k: &str| field(fk_spec, k).and_then(int);
+    let find = match field(fk, "type").and_then(text).as_deref() {
+        Some("range") => Find::Range {
+            lastkey: num("lastkey")?,
+            step: num("keystep")?.max(1) as usize,
+            limit: num("limit").unwrap_or(0).max(0) as usize,
+        },
+        Some("keynum") => Find::Keynum {
+            keynumidx: num("keynumidx")?.max(0) as usize,
+            firstkey: num("firstkey")?.max(0) as usize,
+            step: num("keystep")?.max(1) as usize,
+        },
+        _ => Find::Unknown,
+    };
+    Some(KeySpec { begin, find, write })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<Bytes> {
+        s.split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn builtin_keys_and_classes() {
+        let t = Table::builtin();
+        let a = args("MSET a 1 b 2");
+        let keys: Vec<usize> = t
+            .lookup(&a)
+            .unwrap()
+            .keys(&a)
+            .iter()
+            .map(|k| k.index)
+            .collect();
+        assert_eq!(keys, vec![1, 3]);
+        let a = args("BLPOP q1 q2 0");
+        let info = t.lookup(&a).map(|i| i.as_ref());
+        assert_eq!(classify(&a, info), Class::Pin(Pin::Blocking));
+        assert_eq!(info.unwrap().keys(&a).len(), 2);
+        assert_eq!(
+            classify(&args("XREAD COUNT 1 STREAMS s 0"), None),
+            Class::Forward
+        );
+        assert_eq!(
+            classify(&args("XREAD BLOCK 0 STREAMS s $"), None),
+            Class::Pin(Pin::Blocking)
+        );
+        assert_eq!(
+            classify(&args("client setname x"), None),
+            Class::Local(Local::ClientSetName)
+        );
+        assert_eq!(
+            classify(&args("CLIENT TRACKING on"), None),
+            Class::Pin(Pin::Sticky)
+        );
+    }
+}

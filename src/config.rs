@@ -1,0 +1,455 @@
+//! Configuration: the TOML schema, `${ENV}` expansion, defaults and
+//! validation that reports every problem at once.
+//!
+//! Secrets come from `${ENV}` in string values. Expansion happens after the
+//! TOML is parsed, so a parse error can never quote an expanded secret, and
+//! no error here ever echoes config text: only field paths and reasons.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::upstream::url::UpstreamUrl;
+
+/// The whole configuration (see `config/redis-sidecar.example.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: String,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`); "" disables it.
+    pub admin_listen: String,
+    /// Upstream endpoints in priority order (this version uses exactly one).
+    pub upstream: Vec<UpstreamConfig>,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub pool: PoolConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `redis://[user:password@]host:port[/db]`
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client connections at once; more get `-ERR max number of clients reached`.
+    pub max_clients: NonZeroUsize,
+    /// Largest bulk string in a request (Redis `proto-max-bulk-len`).
+    pub max_bulk: ByteSize,
+    /// Most arguments in one request.
+    pub max_array_len: NonZeroUsize,
+    /// Longest inline command.
+    pub max_inline: ByteSize,
+    /// Requests of one client waiting for replies; the client's socket is
+    /// not read past this (backpressure, not an error).
+    pub max_inflight_per_client: NonZeroUsize,
+    /// Replies buffered for a client that does not read; past this the
+    /// client is disconnected (as Redis does for output buffer limits).
+    pub max_output_buffer: ByteSize,
+    /// Close clients idle this long; "0s" never (Redis `timeout 0`).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// TCP connect plus handshake (HELLO, AUTH, SELECT).
+    #[serde(deserialize_with = "de_duration")]
+    pub connect: Duration,
+    /// Longest wait for a reply (blocking commands excepted); the
+    /// connection is then closed and its requests in flight get errors.
+    #[serde(deserialize_with = "de_duration")]
+    pub command: Duration,
+    /// How long a request may wait for an upstream connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Shared (multiplexed) upstream connections per (protocol, db, user).
+    pub shared_connections: NonZeroUsize,
+    /// Distinct (protocol, db, user) identities with shared connections.
+    pub max_identities: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `redis_sidecar=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6380".into(),
+            admin_listen: "127.0.0.1:9121".into(),
+            upstream: Vec::new(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            pool: PoolConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_clients: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            max_bulk: ByteSize(512 << 20),
+            max_array_len: NonZeroUsize::new(i32::MAX as usize).unwrap_or(NonZeroUsize::MIN),
+            max_inline: ByteSize(64 << 10),
+            max_inflight_per_client: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            max_output_buffer: ByteSize(64 << 20),
+            idle_timeout: Duration::ZERO,
+        }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: Duration::from_secs(2),
+            command: Duration::from_secs(5),
+            queue: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            shared_connections: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            max_identities: NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A size in bytes, written `512MiB`, `64KiB`, `1MB` or a bare number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "invalid size unit in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration ({} error{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A configuration that passed validation, with parsed addresses and URLs.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstreams: Vec<(String, UpstreamUrl)>,
+}
+
+impl Config {
+    /// Parse TOML text, expanding `${ENV}` with `env`.
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            // The message only, never the snippet of config text toml adds.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigErrors(vec![match line {
+                Some(l) => format!("TOML syntax error at line {l}: {}", e.message()),
+                None => format!("TOML syntax error: {}", e.message()),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        for (k, v) in value.iter_mut() {
+            expand_env(v, k, env, &mut errors);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Config::deserialize(toml::Value::Table(value))
+            .map_err(|e| ConfigErrors(vec![e.message().to_string()]))
+    }
+
+    /// Check everything, report every error at once.
+    pub fn validate(self) -> Result<Validated, ConfigErrors> {
+        let mut errors = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                errors.push(format!(
+                    "listen: {:?} is not an address like 127.0.0.1:6380",
+                    self.listen
+                ))
+            })
+            .ok();
+        let admin_listen = if self.admin_listen.is_empty() {
+            None
+        } else {
+            self.admin_listen
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    errors.push(format!(
+                        "admin_listen: {:?} is not an address like 127.0.0.1:9121",
+                        self.admin_listen
+                    ))
+                })
+                .ok()
+        };
+        let mut upstreams = Vec::new();
+        if self.upstream.is_empty() {
+            errors.push("upstream: at least one [[upstream]] is required".into());
+        }
+        if self.upstream.len() > 1 {
+            errors.push(format!(
+                "upstream: {} endpoints given, but this version forwards to exactly one (failover is not built yet)",
+                self.upstream.len()
+            ));
+        }
+        for (i, u) in self.upstream.iter().enumerate() {
+            if u.name.is_empty() {
+                errors.push(format!("upstream[{i}].name: must not be empty"));
+            }
+            if self.upstream[..i].iter().any(|o| o.name == u.name) {
+                errors.push(format!("upstream[{i}].name: {:?} is used twice", u.name));
+            }
+            match UpstreamUrl::parse(&u.url) {
+                Ok(url) => upstreams.push((u.name.clone(), url)),
+                Err(e) => errors.push(format!("upstream[{i}].url: {e}")),
+            }
+        }
+        let l = &self.limits;
+        if l.max_bulk.0 == 0 {
+            errors.push("limits.max_bulk: must be at least 1 byte".into());
+        }
+        if l.max_inline.0 < 16 {
+            errors.push("limits.max_inline: must be at least 16 bytes".into());
+        }
+        if l.max_output_buffer.0 < 1024 {
+            errors.push("limits.max_output_buffer: must be at least 1KiB".into());
+        }
+        let t = &self.timeouts;
+        for (name, d) in [
+            ("connect", t.connect),
+            ("command", t.command),
+            ("queue", t.queue),
+        ] {
+            if d.is_zero() {
+                errors.push(format!("timeouts.{name}: must be greater than 0"));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(format!(
+                "log.level: {:?} is not a valid filter",
+                self.log.level
+            ));
+        }
+        match (errors.is_empty(), listen) {
+            (true, Some(listen)) => Ok(Validated {
+                config: self,
+                listen,
+                admin_listen,
+                upstreams,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+/// Expand `${NAME}` in every string value; `$$` is a literal `$`.
+fn expand_env(
+    v: &mut toml::Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<String>,
+) {
+    match v {
+        toml::Value::String(s) => match expand_str(s, env) {
+            Ok(x) => *s = x,
+            Err(name) => errors.push(format!("{path}: environment variable {name} is not set")),
+        },
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter_mut().enumerate() {
+                expand_env(x, &format!("{path}[{i}]"), env, errors);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, x) in t.iter_mut() {
+                expand_env(x, &format!("{path}.{k}"), env, errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{')
+            && let Some(end) = r.find('}')
+        {
+            let name = &r[..end];
+            out.push_str(&env(name).ok_or_else(|| name.to_string())?);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The process environment, for [`Config::from_toml`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(n: &str) -> Option<String> {
+        (n == "PW").then(|| "s3cret".to_string())
+    }
+
+    #[test]
+    fn defaults_and_env_expansion() {
+        let c = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nurl = \"redis://u:${PW}@127.0.0.1:6379/2\"\n[timeouts]\ncommand = \"250ms\"\n[limits]\nmax_bulk = \"1MiB\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.command, Duration::from_millis(250));
+        assert_eq!(c.limits.max_bulk, ByteSize(1 << 20));
+        let v = c.validate().unwrap();
+        assert_eq!(v.upstreams[0].1.db, 2);
+        assert_eq!(v.listen.port(), 6380);
+    }
+
+    #[test]
+    fn every_error_at_once_and_no_secret_echoed() {
+        let c = Config::from_toml(
+            "listen = \"nope\"\n[[upstream]]\nname = \"\"\nurl = \"http://x:${PW}@h\"\n[timeouts]\nconnect = \"0s\"\n",
+            &env,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.0.len() >= 4, "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = Config::from_toml("bogus = 1\n", &env).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = Config::from_toml("[[upstream]]\nname=\"a\"\nurl=\"${NOPE}\"\n", &env).unwrap_err();
+        assert!(e.to_string().contains("NOPE is not set"), "{e}");
+        let e = Config::from_toml("listen = \"secretpw\n", &env).unwrap_err();
+        assert!(!e.to_string().contains("secretpw"), "{e}");
+    }
+}

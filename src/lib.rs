@@ -1,0 +1,192 @@
+//! redis-sidecar: a Redis-protocol (RESP2/RESP3) sidecar proxy.
+//!
+//! An application points its Redis client at the sidecar and notices
+//! nothing but the port. The request flow, and the module for each step:
+//!
+//! 1. [`server`] accepts clients (connection cap) and runs one
+//!    [`server::session`] per client: its connection state (protocol, db,
+//!    user, name, transaction, subscriptions) and its ordered reply queue.
+//! 2. [`protocol::scan`] frames requests with a resumable scanner that keeps
+//!    the bytes that arrived; limits are checked before anything is buffered.
+//! 3. [`command`] classifies each command (keys, write flag, blocking,
+//!    pub/sub, transaction, connection state) from the table learned from
+//!    the upstream's `COMMAND`, with a built-in fallback.
+//! 4. [`policy`] runs the policy stages, which may answer, rewrite, or add
+//!    commands whose replies the sidecar consumes.
+//! 5. [`upstream`] routes: stateless commands to shared, auto-pipelined
+//!    connections keyed by (protocol, db, user) ([`upstream::pool`]); a
+//!    client holding state to its own dedicated connection. Replies are
+//!    matched to requests in FIFO order ([`upstream::conn`]).
+//! 6. Replies flow back through the session's queue, in request order.
+//!
+//! Around it: [`config`] (TOML, `${ENV}`, validation), [`metrics`]
+//! (Prometheus registry) and [`admin`] (`/metrics`, `/healthz`, `/readyz`).
+//! [`Sidecar::start`] wires it all together; tests use it on port 0.
+
+pub mod admin;
+pub mod command;
+pub mod config;
+pub mod metrics;
+pub mod policy;
+pub mod protocol;
+pub mod server;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Validated;
+use crate::metrics::Metrics;
+use crate::policy::Chain;
+use crate::server::{SessionLimits, Shared};
+use crate::upstream::conn::ConnSettings;
+use crate::upstream::pool::Pool;
+
+/// A running sidecar.
+pub struct Sidecar {
+    /// Where clients connect (the real port when configured with port 0).
+    pub addr: SocketAddr,
+    /// Where the admin HTTP listener is, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Metrics,
+    pub pool: Arc<Pool>,
+    shutdown: CancellationToken,
+    server: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Sidecar {
+    /// Bind the listeners and start serving. `chain` holds the policy stages.
+    pub async fn start(v: Validated, chain: Chain) -> anyhow::Result<Sidecar> {
+        let c = &v.config;
+        let listener = TcpListener::bind(v.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", v.listen))?;
+        let addr = listener.local_addr()?;
+        let metrics = Metrics::new();
+        let (name, url) = v
+            .upstreams
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no upstream configured"))?;
+        let settings = ConnSettings {
+            connect_timeout: c.timeouts.connect,
+            command_timeout: c.timeouts.command,
+            queue_timeout: c.timeouts.queue,
+            // Replies are bounded like requests: Redis itself never sends a
+            // bulk larger than proto-max-bulk-len.
+            max_reply_bulk: (512usize << 20).max(c.limits.max_bulk.as_usize()),
+        };
+        let pool = Pool::new(
+            name,
+            url,
+            settings,
+            c.pool.shared_connections.get(),
+            c.pool.max_identities.get(),
+            metrics.clone(),
+        );
+        let shutdown = CancellationToken::new();
+        let admin_addr = match v.admin_listen {
+            Some(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin): {e}"))?;
+                let admin_addr = l.local_addr()?;
+                tokio::spawn(admin::serve(
+                    l,
+                    pool.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                Some(admin_addr)
+            }
+            None => None,
+        };
+        tokio::spawn(learn_commands(
+            pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let limits = SessionLimits {
+            frame: protocol::Limits {
+                max_bulk: c.limits.max_bulk.as_usize(),
+                max_array: c.limits.max_array_len.get(),
+                max_inline: c.limits.max_inline.as_usize(),
+            },
+            max_inflight: c.limits.max_inflight_per_client.get(),
+            max_output: c.limits.max_output_buffer.as_usize(),
+            idle_timeout: c.limits.idle_timeout,
+        };
+        let shared = Shared::new(pool.clone(), chain, metrics.clone(), limits);
+        let server = tokio::spawn(server::serve(
+            listener,
+            shared,
+            c.limits.max_clients.get(),
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, admin = ?admin_addr, upstream = %pool.url(), "redis-sidecar listening");
+        Ok(Sidecar {
+            addr,
+            admin_addr,
+            metrics,
+            pool,
+            shutdown,
+            server,
+            grace: c.timeouts.shutdown_grace,
+        })
+    }
+
+    /// The token that stops the sidecar (stop accepting, drain, close).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stop accepting, let in-flight requests finish within the grace
+    /// period, and return `true` if every client session drained in time.
+    pub async fn shutdown(self) -> bool {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Wait for the sidecar to stop (after its token was cancelled).
+    pub async fn wait(self) -> bool {
+        self.shutdown.cancelled().await;
+        let mut server = self.server;
+        match tokio::time::timeout(self.grace, &mut server).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "shutdown grace period over, closing remaining clients");
+                server.abort();
+                false
+            }
+        }
+    }
+}
+
+/// Learn the command table; retry in the background until it works.
+async fn learn_commands(pool: Arc<Pool>, metrics: Metrics, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match pool.learn_commands().await {
+            Ok(n) => {
+                metrics.upstream_up(&pool.name, true);
+                tracing::info!(commands = n, version = %pool.server_version(), "learned the command table from the upstream");
+                return;
+            }
+            Err(e) => {
+                metrics.upstream_up(&pool.name, false);
+                tracing::warn!(upstream = %pool.name, error = %e, "cannot learn the command table yet; using the built-in one");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}

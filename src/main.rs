@@ -1,0 +1,177 @@
+//! The `redis-sidecar` binary: command line, logging, signals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use redis_sidecar::Sidecar;
+use redis_sidecar::config::{Config, LogFormat, UpstreamConfig, process_env};
+use redis_sidecar::policy::Chain;
+
+/// A Redis-protocol sidecar proxy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see config/redis-sidecar.example.toml).
+    #[arg(long, short = 'c', env = "REDIS_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print the result, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Listen address (overrides the file).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin HTTP address, "" to disable (overrides the file).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Upstream URL (overrides the file's [[upstream]]). Without it and
+    /// without a file: $REDIS_URL, else redis://127.0.0.1:6379.
+    #[arg(long)]
+    upstream: Vec<String>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("redis-sidecar: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let validated = match config.validate() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("redis-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        let ups: Vec<String> = validated
+            .upstreams
+            .iter()
+            .map(|(n, u)| format!("{n}={u}"))
+            .collect();
+        println!(
+            "configuration OK: listen {}, upstream {}",
+            validated.listen,
+            ups.join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging(
+        &validated.config.log.level,
+        cli.log_json || validated.config.log.format == LogFormat::Json,
+    );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redis-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(validated)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("redis-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Config::from_toml(&text, &process_env)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(l) = &cli.listen {
+        config.listen = l.clone();
+    }
+    if let Some(a) = &cli.admin_listen {
+        config.admin_listen = a.clone();
+    }
+    if !cli.upstream.is_empty() {
+        config.upstream = cli
+            .upstream
+            .iter()
+            .enumerate()
+            .map(|(i, u)| UpstreamConfig {
+                name: format!("upstream{i}"),
+                url: u.clone(),
+            })
+            .collect();
+    }
+    if config.upstream.is_empty() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        config.upstream.push(UpstreamConfig {
+            name: "default".into(),
+            url,
+        });
+    }
+    Ok(config)
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP is
+/// logged and ignored (config reload is not built yet) rather than killing
+/// the process, which is SIGHUP's default.
+async fn run(v: redis_sidecar::config::Validated) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let sidecar = Sidecar::start(v, Chain::default()).await?;
+    let token = sidecar.shutdown_token();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP: configuration reload is not supported in this version; ignored");
+                    continue;
+                }
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(
+                    "shutting down: no new clients, draining in-flight requests (signal again to exit now)"
+                );
+                token.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(1);
+            }
+        }
+    });
+    let drained = sidecar.wait().await;
+    tracing::info!(drained, "stopped");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! One Prometheus registry with every metric registered at startup (prefix
+//! `redis_sidecar_`). Labels are bounded: commands are named only when the
+//! command table knows them (else `other`), never per client or per key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Handles for one command label, resolved once and cached per session.
+pub struct CommandMetrics {
+    pub ok: IntCounter,
+    pub err: IntCounter,
+    pub duration: Histogram,
+}
+
+struct Inner {
+    registry: Registry,
+    commands: IntCounterVec,
+    duration: HistogramVec,
+    client_connections: IntGauge,
+    clients_rejected: IntCounterVec,
+    upstream_connections: IntGaugeVec,
+    upstream_up: IntGaugeVec,
+    protocol_errors: IntCounterVec,
+    by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
+}
+
+/// Cheap to clone: every clone shares the registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        // Metric definitions are static: registering them cannot fail except
+        // by a programming error (duplicate names), caught by the tests.
+        let registry =
+            Registry::new_custom(Some("redis_sidecar".into()), None).expect("static registry");
+        let commands = IntCounterVec::new(
+            Opts::new(
+                "commands_total",
+                "Commands answered, by command and result (ok|error)",
+            ),
+            &["command", "result"],
+        )
+        .expect("static metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "command_duration_seconds",
+                "Time from reading a command to having its reply",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("static buckets")),
+            &["command"],
+        )
+        .expect("static metric");
+        let client_connections =
+            IntGauge::new("client_connections", "Client connections open").expect("static metric");
+        let clients_rejected = IntCounterVec::new(
+            Opts::new(
+                "client_connections_rejected_total",
+                "Client connections refused or closed by a limit",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
+        let upstream_connections = IntGaugeVec::new(
+            Opts::new(
+                "upstream_connections",
+                "Upstream connections open, by kind (shared|dedicated)",
+            ),
+            &["upstream", "kind"],
+        )
+        .expect("static metric");
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "upstream_up",
+                "1 when the last connect to the upstream succeeded",
+            ),
+            &["upstream"],
+        )
+        .expect("static metric");
+        let protocol_errors = IntCounterVec::new(
+            Opts::new(
+                "protocol_errors_total",
+                "Malformed or unexpected RESP, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric");
+        for c in [
+            Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(client_connections.clone()),
+            Box::new(clients_rejected.clone()),
+            Box::new(upstream_connections.clone()),
+            Box::new(upstream_up.clone()),
+            Box::new(protocol_errors.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics(Arc::new(Inner {
+            registry,
+            commands,
+            duration,
+            client_connections,
+            clients_rejected,
+            upstream_connections,
+            upstream_up,
+            protocol_errors,
+            by_command: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Handles for a command label (`other` for commands the table lacks).
+    pub fn command(&self, label: &str) -> Arc<CommandMetrics> {
+        let mut map = self
+            .0
+            .by_command
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.entry(label.to_string())
+            .or_insert_with(|| {
+                Arc::new(CommandMetrics {
+                    ok: self.0.commands.with_label_values(&[label, "ok"]),
+                    err: self.0.commands.with_label_values(&[label, "error"]),
+                    duration: self.0.duration.with_label_values(&[label]),
+                })
+            })
+            .clone()
+    }
+
+    pub fn client_connections(&self) -> &IntGauge {
+        &self.0.client_connections
+    }
+
+    pub fn client_rejected(&self, reason: &str) {
+        self.0.clients_rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn upstream_connections(&self, upstream: &str, kind: &str) -> IntGauge {
+        self.0
+            .upstream_connections
+            .with_label_values(&[upstream, kind])
+    }
+
+    pub fn upstream_up(&self, upstream: &str, up: bool) {
+        self.0
+            .upstream_up
+            .with_label_values(&[upstream])
+            .set(i64::from(up));
+    }
+
+    pub fn protocol_error(&self, kind: &str) {
+        self.0.protocol_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.0.registry.gather(), &mut buf);
+        buf
+    }
+}

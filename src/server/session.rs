@@ -1,0 +1,1036 @@
+//! One client connection: its state (protocol, db, user, name, pinned
+//! connection, transaction and subscription state), the reader that turns
+//! requests into jobs, and the writer that sends replies back in order.
+//!
+//! Ordering: for every request the reader puts an entry in the client's
+//! output queue *before* the job leaves for an upstream connection, and the
+//! writer takes entries strictly in queue order, waiting for each reply. So
+//! a client's replies come back in the order of its requests whichever
+//! connections served them. When a client moves between upstream
+//! connections (shared to dedicated, or to another db's shared connection),
+//! the reader first waits until every earlier reply was written (a barrier),
+//! so its commands also *run* upstream in the order it sent them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::command::{Class, Local, Pin, classify};
+use crate::metrics::CommandMetrics;
+use crate::policy::{Ctx, Outgoing, Verdict};
+use crate::protocol::{Proto, Request, RequestScanner, Value};
+use crate::upstream::pool::{Dedicated, SharedSet};
+use crate::upstream::{
+    Auth, ClientShared, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError,
+};
+
+/// Pushed frames queued for a client. A subscriber that falls this far
+/// behind is disconnected (Redis does the same past its pub/sub output
+/// buffer limit); the byte limit usually triggers first.
+const OOB_QUEUE: usize = 16 * 1024;
+/// Replies are gathered up to this size before a write to the client.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// An entry of the client's output queue.
+enum Out {
+    /// A reply still to come from an upstream connection.
+    Wait {
+        rx: oneshot::Receiver<Reply>,
+        start: Instant,
+        metrics: Arc<CommandMetrics>,
+    },
+    /// A reply the sidecar made itself.
+    Now {
+        reply: Bytes,
+        metrics: Option<Arc<CommandMetrics>>,
+    },
+    /// Write what is queued, then close (QUIT, protocol error).
+    Close,
+}
+
+/// Where a request goes.
+enum Target {
+    Shared,
+    Dedicated,
+}
+
+/// What the reader does after a request.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    client: Arc<ClientShared>,
+    out: mpsc::Sender<Out>,
+    oob: Oob,
+    /// Count of output entries the writer finished.
+    written: watch::Receiver<u64>,
+    /// Count of output entries queued.
+    queued: u64,
+    proto: Proto,
+    db: i64,
+    auth: Option<Auth>,
+    name: Option<Bytes>,
+    shared_set: Option<Arc<SharedSet>>,
+    dedicated: Option<Dedicated>,
+    /// The job channel used last, for the ordering barrier.
+    last_tx: Option<mpsc::Sender<Job>>,
+    in_multi: bool,
+    /// A stage answered a command inside MULTI: EXEC must abort.
+    multi_dirty: bool,
+    /// Commands queued in the current MULTI (including injected ones).
+    multi_count: u32,
+    /// Positions of injected commands in the current MULTI.
+    multi_strip: Vec<u32>,
+    watching: bool,
+    /// SUBSCRIBE, MONITOR or CLIENT REPLY: the dedicated connection streams
+    /// and everything is forwarded as it is.
+    streaming: bool,
+    /// State the sidecar does not track (CLIENT TRACKING, SELECT inside
+    /// MULTI ...): stay on the dedicated connection for good.
+    sticky: bool,
+    metrics_cache: HashMap<Bytes, Arc<CommandMetrics>>,
+}
+
+/// Serve one client until it disconnects, errs, is killed, or shutdown.
+pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: CancellationToken) {
+    stream.set_nodelay(true).ok();
+    let (r, w) = stream.into_split();
+    let client = ClientShared::new(shared.limits.max_output);
+    let (out_tx, out_rx) = mpsc::channel(shared.limits.max_inflight);
+    let (oob_tx, oob_rx) = mpsc::channel(OOB_QUEUE);
+    let (written_tx, written_rx) = watch::channel(0u64);
+    let mut session = Session {
+        shared: shared.clone(),
+        id,
+        client: client.clone(),
+        out: out_tx,
+        oob: Oob {
+            tx: oob_tx,
+            client: client.clone(),
+        },
+        written: written_rx,
+        queued: 0,
+        proto: Proto::Resp2,
+        db: 0,
+        auth: None,
+        name: None,
+        shared_set: None,
+        dedicated: None,
+        last_tx: None,
+        in_multi: false,
+        multi_dirty: false,
+        multi_count: 0,
+        multi_strip: Vec::new(),
+        watching: false,
+        streaming: false,
+        sticky: false,
+        metrics_cache: HashMap::new(),
+    };
+    let kill = client.kill.clone();
+    let reader = async {
+        session.read_loop(r, &shutdown).await;
+        // Dropping the session closes the output queue: the writer ends
+        // once every queued reply is written.
+        drop(session);
+    };
+    let writer = write_loop(
+        w,
+        out_rx,
+        oob_rx,
+        client.clone(),
+        written_tx,
+        shared.limits.max_output,
+    );
+    tokio::select! {
+        _ = async { tokio::join!(reader, writer) } => {}
+        _ = kill.cancelled() => {}
+    }
+}
+
+impl Session {
+    async fn read_loop(&mut self, mut r: OwnedReadHalf, shutdown: &CancellationToken) {
+        let mut scanner = RequestScanner::new(self.shared.limits.frame);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let idle = self.shared.limits.idle_timeout;
+        loop {
+            loop {
+                match scanner.next(&mut buf) {
+                    Ok(Some(req)) => {
+                        if self.handle(req).await == Flow::Stop {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // As Redis: reply with the error, then close.
+                        self.shared.metrics.protocol_error(e.kind());
+                        tracing::debug!(client = self.id, error = %e, "protocol error from client");
+                        self.push(Out::Now {
+                            reply: e.to_reply(),
+                            metrics: None,
+                        })
+                        .await;
+                        self.push(Out::Close).await;
+                        return;
+                    }
+                }
+            }
+            let idle_applies = !idle.is_zero() && !self.holds_state();
+            tokio::select! {
+                n = r.read_buf(&mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(idle), if idle_applies => {
+                    tracing::debug!(client = self.id, "idle timeout");
+                    self.shared.metrics.client_rejected("idle_timeout");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn holds_state(&self) -> bool {
+        self.in_multi || self.watching || self.streaming || self.sticky
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            proto: self.proto,
+            db: self.db,
+            auth: self.auth.clone(),
+        }
+    }
+
+    async fn push(&mut self, out: Out) {
+        self.queued += 1;
+        // Fails only when the writer is gone, i.e. the client is closing.
+        let _ = self.out.send(out).await;
+    }
+
+    async fn reply(&mut self, v: Value, metrics: &Arc<CommandMetrics>) {
+        let reply = v.encode(self.proto);
+        self.push(Out::Now {
+            reply,
+            metrics: Some(metrics.clone()),
+        })
+        .await;
+    }
+
+    fn command_metrics(&mut self, args: &[Bytes], known: Option<&str>) -> Arc<CommandMetrics> {
+        let name = args.first().cloned().unwrap_or_default();
+        if let Some(m) = self.metrics_cache.get(&name) {
+            return m.clone();
+        }
+        let label = known.and_then(|k| k.split('|').next()).unwrap_or("other");
+        let m = self.shared.metrics.command(label);
+        // The cache is bounded: names a client invents all map to `other`.
+        if self.metrics_cache.len() < 512 {
+            self.metrics_cache.insert(name, m.clone());
+        }
+        m
+    }
+
+    async fn handle(&mut self, req: Request) -> Flow {
+        let table = self.shared.pool.table();
+        let info = table.lookup(&req.args).cloned();
+        let metrics = self.command_metrics(&req.args, info.as_ref().map(|i| i.name.as_str()));
+        if self.streaming {
+            // The dedicated connection streams: forward as it is, in order.
+            return self.send_stream(req.raw, JobKind::Stream, &metrics).await;
+        }
+        let class = classify(&req.args, info.as_deref());
+        let Request { raw, args } = req;
+        if let Class::Local(local) = class {
+            if self.in_multi
+                || (self.sticky && !matches!(local, Local::Quit | Local::ClientId | Local::Reset))
+            {
+                // Queued inside MULTI, or on a connection whose state we no
+                // longer mirror: Redis must see it. We stop tracking state.
+                if !matches!(local, Local::ClientId | Local::ClientGetName) {
+                    self.sticky = true;
+                }
+                return self
+                    .forward(
+                        raw,
+                        args,
+                        Target::Dedicated,
+                        false,
+                        &metrics,
+                        info.as_deref(),
+                    )
+                    .await;
+            }
+            return self.local(local, &args, &metrics).await;
+        }
+        match class {
+            Class::Pin(Pin::Multi) => {
+                if !self.in_multi {
+                    self.in_multi = true;
+                    self.multi_dirty = false;
+                    self.multi_count = 0;
+                    self.multi_strip.clear();
+                    // MULTI itself is not a queued command.
+                    return self
+                        .forward_uncounted(raw, args, &metrics, info.as_deref())
+                        .await;
+                }
+                self.forward(
+                    raw,
+                    args,
+                    Target::Dedicated,
+                    false,
+                    &metrics,
+                    info.as_deref(),
+                )
+                .await
+            }
+            Class::Pin(Pin::Watch) => {
+                if !self.in_multi {
+                    self.watching = true;
+                }
+                self.forward(
+                    raw,
+                    args,
+                    Target::Dedicated,
+                    false,
+                    &metrics,
+                    info.as_deref(),
+                )
+                .await
+            }
+            Class::Pin(Pin::EndTransaction) => {
+                let name = args
+                    .first()
+                    .map(|a| a.to_ascii_lowercase())
+                    .unwrap_or_default();
+                let holds = self.in_multi || self.watching;
+                if !holds {
+                    // EXEC/DISCARD without MULTI: Redis's own error, from
+                    // any connection.
+                    return self
+                        .forward(raw, args, Target::Shared, false, &metrics, info.as_deref())
+                        .await;
+                }
+                if name == b"unwatch" && self.in_multi {
+                    return self
+                        .forward(
+                            raw,
+                            args,
+                            Target::Dedicated,
+                            false,
+                            &metrics,
+                            info.as_deref(),
+                        )
+                        .await;
+                }
+                let strip = if name == b"exec" {
+                    std::mem::take(&mut self.multi_strip)
+                } else {
+                    Vec::new()
+                };
+                let abort = name == b"exec" && self.multi_dirty;
+                self.in_multi = false;
+                self.watching = false;
+                self.multi_dirty = false;
+                if abort {
+                    return self.abort_exec(&metrics).await;
+                }
+                let plan = Plan {
+                    strip_exec: strip,
+                    ..Plan::single()
+                };
+                let flow = self
+                    .send_job(
+                        Target::Dedicated,
+                        Outgoing::new(raw, args).payload(),
+                        plan,
+                        false,
+                        &metrics,
+                    )
+                    .await;
+                self.update_holds_state();
+                flow
+            }
+            Class::Pin(Pin::Blocking) => {
+                // Inside MULTI a blocking command is just queued.
+                let blocking = !self.in_multi;
+                self.forward(
+                    raw,
+                    args,
+                    Target::Dedicated,
+                    blocking,
+                    &metrics,
+                    info.as_deref(),
+                )
+                .await
+            }
+            Class::Pin(Pin::Stream) => {
+                if self.in_multi {
+                    return self
+                        .forward(
+                            raw,
+                            args,
+                            Target::Dedicated,
+                            false,
+                            &metrics,
+                            info.as_deref(),
+                        )
+                        .await;
+                }
+                if let Err(e) = self.ensure_dedicated().await {
+                    return self.upstream_error(e, &metrics).await;
+                }
+                self.streaming = true;
+                self.update_holds_state();
+                self.send_stream(raw, JobKind::StartStream, &metrics).await
+            }
+            Class::Pin(Pin::Sticky) => {
+                self.sticky = true;
+                self.forward(
+                    raw,
+                    args,
+                    Target::Dedicated,
+                    false,
+                    &metrics,
+                    info.as_deref(),
+                )
+                .await
+            }
+            Class::Forward | Class::Local(_) => {
+                let target = if self.in_multi || self.watching || self.sticky {
+                    Target::Dedicated
+                } else {
+                    Target::Shared
+                };
+                self.forward(raw, args, target, false, &metrics, info.as_deref())
+                    .await
+            }
+        }
+    }
+
+    /// Policy stages, then send; counts the command in an open MULTI.
+    async fn forward(
+        &mut self,
+        raw: Bytes,
+        args: Vec<Bytes>,
+        target: Target,
+        blocking: bool,
+        metrics: &Arc<CommandMetrics>,
+        info: Option<&crate::command::CommandInfo>,
+    ) -> Flow {
+        let mut cmd = Outgoing::new(raw, args);
+        if !self.shared.chain.is_empty() {
+            let ctx = Ctx {
+                client_id: self.id,
+                proto: self.proto,
+                db: self.db,
+                in_multi: self.in_multi,
+                info,
+            };
+            if let Verdict::Reply(r) = self.shared.chain.run(&ctx, &mut cmd) {
+                if self.in_multi {
+                    // Redis aborts a transaction with a refused command.
+                    self.multi_dirty = true;
+                }
+                self.push(Out::Now {
+                    reply: r,
+                    metrics: Some(metrics.clone()),
+                })
+                .await;
+                return Flow::Go;
+            }
+        }
+        let extra = cmd.extra_count() as u32;
+        if self.in_multi {
+            for i in 0..extra {
+                self.multi_strip.push(self.multi_count + 1 + i);
+            }
+            self.multi_count += 1 + extra;
+        }
+        let plan = Plan {
+            replies: 1 + extra,
+            forward: 0,
+            strip_exec: Vec::new(),
+        };
+        self.send_job(target, cmd.payload(), plan, blocking, metrics)
+            .await
+    }
+
+    /// MULTI: runs no stages (it is not a queued command).
+    async fn forward_uncounted(
+        &mut self,
+        raw: Bytes,
+        args: Vec<Bytes>,
+        metrics: &Arc<CommandMetrics>,
+        _info: Option<&crate::command::CommandInfo>,
+    ) -> Flow {
+        self.update_holds_state();
+        let payload = Outgoing::new(raw, args).payload();
+        self.send_job(Target::Dedicated, payload, Plan::single(), false, metrics)
+            .await
+    }
+
+    /// EXEC after a refused command: discard upstream, answer EXECABORT.
+    async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
+        let (tx, _rx) = oneshot::channel();
+        if let Some(d) = &self.dedicated {
+            let job = Job {
+                payload: crate::protocol::encode_command(&[&b"DISCARD"[..]]),
+                kind: JobKind::Request {
+                    plan: Plan::single(),
+                    tx,
+                    blocking: false,
+                },
+                client: self.client.clone(),
+                enqueued: Instant::now(),
+            };
+            let _ = d.tx.send(job).await;
+        }
+        self.update_holds_state();
+        self.reply(
+            Value::error("EXECABORT Transaction discarded because of previous errors."),
+            metrics,
+        )
+        .await;
+        Flow::Go
+    }
+
+    fn update_holds_state(&self) {
+        if let Some(d) = &self.dedicated {
+            d.holds_state.store(self.holds_state(), Ordering::Release);
+        }
+    }
+
+    async fn ensure_dedicated(&mut self) -> Result<(), UpstreamError> {
+        if let Some(d) = &self.dedicated {
+            if d.is_alive() {
+                return Ok(());
+            }
+            if self.holds_state() {
+                // MULTI/WATCH/subscriptions died with the connection.
+                self.client.kill.cancel();
+                return Err(UpstreamError::ConnectionLost);
+            }
+            self.dedicated = None;
+        }
+        let d = self
+            .shared
+            .pool
+            .dedicated(&self.identity(), self.name.as_ref(), self.oob.clone())
+            .await?;
+        self.dedicated = Some(d);
+        Ok(())
+    }
+
+    /// The job channel for a target, creating connections as needed.
+    async fn channel(&mut self, target: Target) -> Result<mpsc::Sender<Job>, UpstreamError> {
+        match target {
+            Target::Dedicated => {
+                self.ensure_dedicated().await?;
+                self.update_holds_state();
+                self.dedicated
+                    .as_ref()
+                    .map(|d| d.tx.clone())
+                    .ok_or(UpstreamError::ConnectionLost)
+            }
+            Target::Shared => {
+                let set = match &self.shared_set {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = self.shared.pool.shared(&self.identity())?;
+                        self.shared_set = Some(s.clone());
+                        s
+                    }
+                };
+                Ok(set.pick(self.id).clone())
+            }
+        }
+    }
+
+    /// Wait until every reply queued so far was written, when the client
+    /// moves to another upstream connection, so its commands run in order.
+    async fn barrier(&mut self, tx: &mpsc::Sender<Job>) {
+        let same = self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx));
+        if !same {
+            let want = self.queued;
+            let _ = self.written.wait_for(|&w| w >= want).await;
+            self.last_tx = Some(tx.clone());
+        }
+    }
+
+    async fn send_job(
+        &mut self,
+        target: Target,
+        payload: Bytes,
+        plan: Plan,
+        blocking: bool,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        let tx = match self.channel(target).await {
+            Ok(tx) => tx,
+            Err(e) => return self.upstream_error(e, metrics).await,
+        };
+        self.barrier(&tx).await;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.push(Out::Wait {
+            rx: reply_rx,
+            start: Instant::now(),
+            metrics: metrics.clone(),
+        })
+        .await;
+        let job = Job {
+            payload,
+            kind: JobKind::Request {
+                plan,
+                tx: reply_tx,
+                blocking,
+            },
+            client: self.client.clone(),
+            enqueued: Instant::now(),
+        };
+        if let Err(mpsc::error::SendError(job)) = tx.send(job).await
+            && let JobKind::Request { tx, .. } = job.kind
+        {
+            // The connection is gone and the job was never sent.
+            let _ = tx.send(Err(UpstreamError::Unavailable(
+                "upstream connection closed".into(),
+            )));
+        }
+        Flow::Go
+    }
+
+    /// Send on a streaming dedicated connection; replies arrive as pushes.
+    async fn send_stream(
+        &mut self,
+        payload: Bytes,
+        kind: JobKind,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        let tx = match self.channel(Target::Dedicated).await {
+            Ok(tx) => tx,
+            Err(e) => return self.upstream_error(e, metrics).await,
+        };
+        self.barrier(&tx).await;
+        metrics.ok.inc();
+        let job = Job {
+            payload,
+            kind,
+            client: self.client.clone(),
+            enqueued: Instant::now(),
+        };
+        if tx.send(job).await.is_err() {
+            self.client.kill.cancel();
+            return Flow::Stop;
+        }
+        Flow::Go
+    }
+
+    async fn upstream_error(&mut self, e: UpstreamError, metrics: &Arc<CommandMetrics>) -> Flow {
+        self.push(Out::Now {
+            reply: e.to_reply(),
+            metrics: Some(metrics.clone()),
+        })
+        .await;
+        if self.client.kill.is_cancelled() {
+            Flow::Stop
+        } else {
+            Flow::Go
+        }
+    }
+
+    /// Drop an idle dedicated connection after the identity changed.
+    fn identity_changed(&mut self) {
+        self.shared_set = None;
+        if !self.holds_state() {
+            self.dedicated = None;
+        }
+    }
+
+    async fn local(&mut self, local: Local, args: &[Bytes], metrics: &Arc<CommandMetrics>) -> Flow {
+        let arity_err = |name: &str| {
+            Value::error(format!(
+                "ERR wrong number of arguments for '{name}' command"
+            ))
+        };
+        match local {
+            Local::Quit => {
+                self.reply(Value::Simple("OK"), metrics).await;
+                self.push(Out::Close).await;
+                Flow::Stop
+            }
+            Local::Reset => {
+                // Closing the dedicated connection resets MULTI, WATCH and
+                // subscriptions upstream; the rest is ours.
+                self.dedicated = None;
+                self.shared_set = None;
+                self.proto = Proto::Resp2;
+                self.db = 0;
+                self.auth = None;
+                self.name = None;
+                self.in_multi = false;
+                self.watching = false;
+                self.sticky = false;
+                self.multi_strip.clear();
+                self.reply(Value::Simple("RESET"), metrics).await;
+                Flow::Go
+            }
+            Local::ClientId => {
+                self.reply(Value::Int(self.id as i64), metrics).await;
+                Flow::Go
+            }
+            Local::ClientGetName => {
+                let v = self.name.clone().map(Value::Bulk).unwrap_or(Value::Null);
+                self.reply(v, metrics).await;
+                Flow::Go
+            }
+            Local::ClientSetName => {
+                let v = match args.get(2) {
+                    Some(n) if args.len() == 3 => {
+                        if n.iter().any(|&c| c <= b' ' || c > b'~') {
+                            Value::error(
+                                "ERR Client names cannot contain spaces, newlines or special characters.",
+                            )
+                        } else {
+                            self.name = (!n.is_empty()).then(|| n.clone());
+                            Value::Simple("OK")
+                        }
+                    }
+                    _ => Value::error("ERR syntax error"),
+                };
+                self.reply(v, metrics).await;
+                Flow::Go
+            }
+            Local::ClientSetInfo => {
+                // Library name/version describe this client, not the shared
+                // upstream connections; accepted and kept local.
+                let v = if args.len() == 4 {
+                    Value::Simple("OK")
+                } else {
+                    Value::error("ERR syntax error")
+                };
+                self.reply(v, metrics).await;
+                Flow::Go
+            }
+            Local::Select => {
+                let Some(db) = args.get(1).filter(|_| args.len() == 2) else {
+                    self.reply(arity_err("select"), metrics).await;
+                    return Flow::Go;
+                };
+                let Some(db) = crate::protocol::scan::parse_int(db) else {
+                    self.reply(
+                        Value::error("ERR value is not an integer or out of range"),
+                        metrics,
+                    )
+                    .await;
+                    return Flow::Go;
+                };
+                let ident = Identity {
+                    db,
+                    ..self.identity()
+                };
+                match self.shared.pool.verify(&ident).await {
+                    Ok(_) => {
+                        self.db = db;
+                        self.identity_changed();
+                        self.reply(Value::Simple("OK"), metrics).await;
+                    }
+                    Err(e) => {
+                        self.upstream_error(e, metrics).await;
+                    }
+                }
+                Flow::Go
+            }
+            Local::Auth => {
+                let auth = match args.len() {
+                    2 => Auth {
+                        user: None,
+                        password: args[1].clone(),
+                    },
+                    3 => Auth {
+                        user: Some(args[1].clone()),
+                        password: args[2].clone(),
+                    },
+                    _ => {
+                        self.reply(arity_err("auth"), metrics).await;
+                        return Flow::Go;
+                    }
+                };
+                let ident = Identity {
+                    auth: Some(auth.clone()),
+                    ..self.identity()
+                };
+                match self.shared.pool.verify(&ident).await {
+                    Ok(_) => {
+                        self.auth = Some(auth);
+                        self.identity_changed();
+                        self.reply(Value::Simple("OK"), metrics).await;
+                    }
+                    Err(e) => {
+                        self.upstream_error(e, metrics).await;
+                    }
+                }
+                Flow::Go
+            }
+            Local::Hello => self.hello(args, metrics).await,
+        }
+    }
+
+    /// HELLO [protover [AUTH user pass] [SETNAME name]]
+    async fn hello(&mut self, args: &[Bytes], metrics: &Arc<CommandMetrics>) -> Flow {
+        let mut proto = self.proto;
+        let mut auth = None;
+        let mut name = None;
+        if let Some(v) = args.get(1) {
+            proto = match crate::protocol::scan::parse_int(v) {
+                Some(2) => Proto::Resp2,
+                Some(3) => Proto::Resp3,
+                Some(_) => {
+                    self.reply(
+                        Value::error("NOPROTO unsupported protocol version"),
+                        metrics,
+                    )
+                    .await;
+                    return Flow::Go;
+                }
+                None => {
+                    self.reply(
+                        Value::error("ERR Protocol version is not an integer or out of range"),
+                        metrics,
+                    )
+                    .await;
+                    return Flow::Go;
+                }
+            };
+            let mut i = 2;
+            while i < args.len() {
+                let opt = args[i].to_ascii_lowercase();
+                if opt == b"auth" && i + 2 < args.len() {
+                    auth = Some(Auth {
+                        user: Some(args[i + 1].clone()),
+                        password: args[i + 2].clone(),
+                    });
+                    i += 3;
+                } else if opt == b"setname" && i + 1 < args.len() {
+                    name = Some(args[i + 1].clone());
+                    i += 2;
+                } else {
+                    let msg = format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    );
+                    self.reply(Value::error(msg), metrics).await;
+                    return Flow::Go;
+                }
+            }
+        }
+        let ident = Identity {
+            proto,
+            db: self.db,
+            auth: auth.clone().or_else(|| self.auth.clone()),
+        };
+        if let Err(e) = self.shared.pool.verify(&ident).await {
+            return self.upstream_error(e, metrics).await;
+        }
+        let changed = ident != self.identity();
+        self.proto = proto;
+        if auth.is_some() {
+            self.auth = auth;
+        }
+        if let Some(n) = name {
+            self.name = (!n.is_empty()).then_some(n);
+        }
+        if changed {
+            self.identity_changed();
+        }
+        let version = self.shared.pool.server_version();
+        let v = Value::Map(vec![
+            (Value::bulk("server"), Value::bulk("redis")),
+            (Value::bulk("version"), Value::bulk(version)),
+            (Value::bulk("proto"), Value::Int(proto.number())),
+            (Value::bulk("id"), Value::Int(self.id as i64)),
+            (Value::bulk("mode"), Value::bulk("standalone")),
+            (Value::bulk("role"), Value::bulk("master")),
+            (Value::bulk("modules"), Value::Array(Vec::new())),
+        ]);
+        self.reply(v, metrics).await;
+        Flow::Go
+    }
+}
+
+/// Write replies in queue order. Replies are gathered while the socket
+/// is busy (up to the output buffer limit, so a client that writes a long
+/// pipeline before reading cannot deadlock against us) and written in
+/// batches of up to [`WRITE_BATCH`] when more replies are ready.
+///
+/// Every byte in the buffer was charged to the client's output budget once
+/// (upstream replies and pushes when delivered, the rest here) and is
+/// released when written.
+async fn write_loop(
+    mut w: OwnedWriteHalf,
+    mut out: mpsc::Receiver<Out>,
+    mut oob: mpsc::Receiver<Bytes>,
+    client: Arc<ClientShared>,
+    written: watch::Sender<u64>,
+    max_output: usize,
+) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut done = 0u64;
+    let mut oob_open = true;
+    let mut out_open = true;
+    // The reply the writer waits for (queue order), with its bookkeeping.
+    let mut head: Option<(oneshot::Receiver<Reply>, Instant, Arc<CommandMetrics>)> = None;
+    loop {
+        if !out_open && head.is_none() {
+            // The reader is gone: write what is left and end.
+            let _ = write_all(&mut w, &mut buf, &client).await;
+            break;
+        }
+        let accept = head.is_none() && buf.len() < max_output;
+        let has_head = head.is_some();
+        let head_reply = async {
+            match head.as_mut() {
+                Some((rx, _, _)) => rx.await.unwrap_or(Err(UpstreamError::ConnectionLost)),
+                None => std::future::pending().await,
+            }
+        };
+        let ev = if buf.len() >= WRITE_BATCH {
+            // Enough gathered: writing comes first.
+            tokio::select! {
+                biased;
+                n = w.write(&buf) => Ev::Wrote(n),
+                r = head_reply, if has_head => Ev::Reply(r),
+                o = out.recv(), if accept => Ev::Out(o),
+                b = oob.recv(), if accept && oob_open => Ev::Oob(b),
+            }
+        } else {
+            // Gather what is ready first, write when nothing more is.
+            tokio::select! {
+                biased;
+                r = head_reply, if has_head => Ev::Reply(r),
+                o = out.recv(), if accept => Ev::Out(o),
+                b = oob.recv(), if accept && oob_open => Ev::Oob(b),
+                n = w.write(&buf), if !buf.is_empty() => Ev::Wrote(n),
+            }
+        };
+        match ev {
+            Ev::Wrote(Ok(n)) if n > 0 => {
+                let _ = buf.split_to(n);
+                client.release(n);
+            }
+            Ev::Wrote(_) => {
+                client.kill.cancel();
+                return;
+            }
+            Ev::Reply(result) => {
+                if let Some((_, start, metrics)) = head.take() {
+                    metrics.duration.observe(start.elapsed().as_secs_f64());
+                    append_reply(&mut buf, &client, result, &metrics);
+                }
+                done += 1;
+                written.send_replace(done);
+            }
+            Ev::Out(None) => out_open = false,
+            Ev::Out(Some(Out::Now { reply, metrics })) => {
+                if let Some(m) = metrics {
+                    if crate::protocol::is_error(&reply) {
+                        m.err.inc()
+                    } else {
+                        m.ok.inc()
+                    }
+                }
+                client.charge(reply.len());
+                buf.extend_from_slice(&reply);
+                done += 1;
+                written.send_replace(done);
+            }
+            Ev::Out(Some(Out::Wait {
+                mut rx,
+                start,
+                metrics,
+            })) => match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => head = Some((rx, start, metrics)),
+                ready => {
+                    metrics.duration.observe(start.elapsed().as_secs_f64());
+                    append_reply(
+                        &mut buf,
+                        &client,
+                        ready.unwrap_or(Err(UpstreamError::ConnectionLost)),
+                        &metrics,
+                    );
+                    done += 1;
+                    written.send_replace(done);
+                }
+            },
+            Ev::Out(Some(Out::Close)) => {
+                // Everything queued before Close is in the buffer already.
+                let _ = write_all(&mut w, &mut buf, &client).await;
+                let _ = w.shutdown().await;
+                client.kill.cancel();
+                return;
+            }
+            Ev::Oob(None) => oob_open = false,
+            Ev::Oob(Some(b)) => buf.extend_from_slice(&b),
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+enum Ev {
+    Wrote(std::io::Result<usize>),
+    Reply(Reply),
+    Out(Option<Out>),
+    Oob(Option<Bytes>),
+}
+
+fn append_reply(
+    buf: &mut BytesMut,
+    client: &ClientShared,
+    result: Reply,
+    metrics: &CommandMetrics,
+) {
+    match result {
+        // Upstream replies were charged when delivered.
+        Ok(reply) => {
+            if crate::protocol::is_error(&reply) {
+                metrics.err.inc()
+            } else {
+                metrics.ok.inc()
+            }
+            buf.extend_from_slice(&reply);
+        }
+        Err(e) => {
+            metrics.err.inc();
+            let reply = e.to_reply();
+            client.charge(reply.len());
+            buf.extend_from_slice(&reply);
+        }
+    }
+}
+
+async fn write_all(
+    w: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    client: &ClientShared,
+) -> std::io::Result<()> {
+    let n = buf.len();
+    let res = w.write_all(buf).await;
+    buf.clear();
+    client.release(n);
+    res
+}

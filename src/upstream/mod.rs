@@ -1,0 +1,197 @@
+//! Upstream side: endpoint URLs ([`url`]), one connection with its
+//! handshake and its reply matching ([`conn`]), and the pool of shared,
+//! multiplexed connections keyed by client identity ([`pool`]).
+//!
+//! Every request crosses to an upstream connection as a [`Job`]: the bytes
+//! of one or more commands, a [`Plan`] saying which of their replies the
+//! client sees, and a oneshot for that reply. The connection keeps jobs in a
+//! FIFO in the order their bytes were written and matches replies to them in
+//! that order; this is what makes "a reply always reaches the request that
+//! caused it" hold by construction.
+
+pub mod conn;
+pub mod pool;
+pub mod url;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Proto;
+
+/// Credentials a client gave with AUTH or HELLO ... AUTH.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Auth {
+    pub user: Option<Bytes>,
+    pub password: Bytes,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Auth({:?}, ***)",
+            self.user
+                .as_ref()
+                .map(|u| String::from_utf8_lossy(u).into_owned())
+        )
+    }
+}
+
+/// The connection state a shared upstream connection is set up with. Shared
+/// connections are keyed by it, so no client sees another's state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub proto: Proto,
+    pub db: i64,
+    /// `None`: the credentials of the upstream URL.
+    pub auth: Option<Auth>,
+}
+
+/// Where an error came from decides what the client is told and whether a
+/// retry is allowed (only for requests never sent).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The connection broke after the request may have been sent: its fate
+    /// is unknown, so it is never resent.
+    #[error("upstream connection lost")]
+    ConnectionLost,
+    /// No reply within the command timeout; the connection was closed.
+    #[error("upstream timeout")]
+    Timeout,
+    /// No connection could be made within the queue timeout; the request was
+    /// never sent.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// Redis refused the handshake (e.g. WRONGPASS); its own error text.
+    #[error("{0}")]
+    Refused(String),
+    /// The upstream sent bytes that are not RESP.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// The error reply a client gets.
+    pub fn to_reply(&self) -> Bytes {
+        match self {
+            UpstreamError::Refused(msg) => Bytes::from(format!("-{msg}\r\n")),
+            other => Bytes::from(format!("-ERR {other}\r\n")),
+        }
+    }
+}
+
+/// What a connection delivers for one job.
+pub type Reply = Result<Bytes, UpstreamError>;
+
+/// Which upstream replies of a job the client sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Replies the job's commands produce.
+    pub replies: u32,
+    /// The one forwarded to the client; the others are consumed here.
+    pub forward: u32,
+    /// For an EXEC whose transaction had injected commands: positions in
+    /// its array reply to remove.
+    pub strip_exec: Vec<u32>,
+}
+
+impl Plan {
+    pub fn single() -> Plan {
+        Plan {
+            replies: 1,
+            forward: 0,
+            strip_exec: Vec::new(),
+        }
+    }
+}
+
+/// What a connection needs to reach the client a job came from.
+#[derive(Debug)]
+pub struct ClientShared {
+    /// Reply bytes delivered but not yet written to the client socket.
+    out_bytes: AtomicUsize,
+    limit: usize,
+    /// Cancelled to disconnect the client (output buffer limit, lost state).
+    pub kill: CancellationToken,
+}
+
+impl ClientShared {
+    pub fn new(limit: usize) -> Arc<ClientShared> {
+        Arc::new(ClientShared {
+            out_bytes: AtomicUsize::new(0),
+            limit,
+            kill: CancellationToken::new(),
+        })
+    }
+
+    /// Count bytes handed to the client's writer; a client that does not
+    /// read is disconnected once they pass the output buffer limit.
+    pub fn charge(&self, n: usize) {
+        let now = self.out_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if now > self.limit && !self.kill.is_cancelled() {
+            tracing::warn!(
+                buffered = now,
+                limit = self.limit,
+                "client output buffer limit reached, disconnecting"
+            );
+            self.kill.cancel();
+        }
+    }
+
+    /// Bytes written to the client socket.
+    pub fn release(&self, n: usize) {
+        self.out_bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Frames for the client that are not replies to a job: RESP3 pushes, and
+/// everything once a dedicated connection streams (SUBSCRIBE, MONITOR).
+#[derive(Clone, Debug)]
+pub struct Oob {
+    pub tx: mpsc::Sender<Bytes>,
+    pub client: Arc<ClientShared>,
+}
+
+impl Oob {
+    /// Hand a frame to the client's writer without waiting: a full queue
+    /// means the client is not reading, which costs it its connection.
+    pub fn send(&self, frame: Bytes) {
+        self.client.charge(frame.len());
+        if self.tx.try_send(frame).is_err() && !self.client.kill.is_cancelled() {
+            tracing::warn!("client is not reading its pushed messages, disconnecting");
+            self.client.kill.cancel();
+        }
+    }
+}
+
+/// What a job asks of the connection.
+#[derive(Debug)]
+pub enum JobKind {
+    /// Commands whose replies follow the plan; the chosen reply goes to `tx`.
+    Request {
+        plan: Plan,
+        tx: oneshot::Sender<Reply>,
+        /// Blocking commands have no command timeout.
+        blocking: bool,
+    },
+    /// From here on the connection is a stream: every frame goes to the
+    /// client as it arrives (SUBSCRIBE, MONITOR, CLIENT REPLY).
+    StartStream,
+    /// Bytes for a connection that already streams.
+    Stream,
+}
+
+/// One unit of work for an upstream connection.
+#[derive(Debug)]
+pub struct Job {
+    pub payload: Bytes,
+    pub kind: JobKind,
+    pub client: Arc<ClientShared>,
+    pub enqueued: Instant,
+}

@@ -1,0 +1,415 @@
+//! The pool: shared multiplexed connections per [`Identity`], dedicated
+//! connections for pinned clients, and the command table learned from the
+//! upstream.
+//!
+//! Each shared connection is a manager task owning a bounded job channel.
+//! The manager connects (with backoff), serves until the connection fails,
+//! and reconnects; jobs that arrive while no connection exists wait at most
+//! the queue timeout and then fail as never sent.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::conn::{self, ConnSettings, Connected, End};
+use super::url::UpstreamUrl;
+use super::{Identity, Job, JobKind, Oob, UpstreamError};
+use crate::command::Table;
+use crate::metrics::Metrics;
+use crate::protocol::{Proto, ReplyScanner, encode_command};
+
+/// Jobs queued per shared connection. Past this, clients wait for room
+/// (their sockets stop being read) instead of growing memory: 4096 commands
+/// cover several full write batches while one is in flight.
+const SHARED_QUEUE: usize = 4096;
+/// Jobs queued on one dedicated connection (one client's pipeline).
+const DEDICATED_QUEUE: usize = 1024;
+
+/// Connections to one upstream endpoint.
+pub struct Pool {
+    pub name: String,
+    url: UpstreamUrl,
+    settings: ConnSettings,
+    per_identity: usize,
+    max_identities: usize,
+    shared: Mutex<HashMap<Identity, Arc<SharedSet>>>,
+    table: RwLock<Arc<Table>>,
+    server_version: Mutex<String>,
+    metrics: Metrics,
+}
+
+/// The shared connections of one identity; a client always uses the same
+/// one, so its commands run in the order it sent them.
+pub struct SharedSet {
+    conns: Vec<mpsc::Sender<Job>>,
+}
+
+impl SharedSet {
+    pub fn pick(&self, client_id: u64) -> &mpsc::Sender<Job> {
+        &self.conns[(client_id as usize) % self.conns.len()]
+    }
+}
+
+/// A client's own upstream connection.
+pub struct Dedicated {
+    pub tx: mpsc::Sender<Job>,
+    /// Set while the client holds state on this connection (MULTI, WATCH,
+    /// subscriptions): losing the connection then disconnects the client.
+    pub holds_state: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Dedicated {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+}
+
+impl Pool {
+    pub fn new(
+        name: String,
+        url: UpstreamUrl,
+        settings: ConnSettings,
+        per_identity: usize,
+        max_identities: usize,
+        metrics: Metrics,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            name,
+            url,
+            settings,
+            per_identity,
+            max_identities,
+            shared: Mutex::new(HashMap::new()),
+            table: RwLock::new(Arc::new(Table::builtin())),
+            server_version: Mutex::new(String::new()),
+            metrics,
+        })
+    }
+
+    /// The current command table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The upstream's version, from its HELLO reply ("" until connected).
+    pub fn server_version(&self) -> String {
+        self.server_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Redacted URL for logs.
+    pub fn url(&self) -> &UpstreamUrl {
+        &self.url
+    }
+
+    /// Shared connections for `ident`, created (lazily connecting) if new.
+    pub fn shared(self: &Arc<Self>, ident: &Identity) -> Result<Arc<SharedSet>, UpstreamError> {
+        self.shared_with(ident, None)
+    }
+
+    /// Check that `ident` is accepted by the upstream (AUTH, SELECT) with a
+    /// real handshake, then make its shared connections, starting with the
+    /// one just made. A known identity was already checked.
+    pub async fn verify(
+        self: &Arc<Self>,
+        ident: &Identity,
+    ) -> Result<Arc<SharedSet>, UpstreamError> {
+        if let Some(set) = self.lock_shared().get(ident) {
+            return Ok(set.clone());
+        }
+        let first = self.connect(ident, None).await?;
+        self.shared_with(ident, Some(first))
+    }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Arc<SharedSet>>> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shared_with(
+        self: &Arc<Self>,
+        ident: &Identity,
+        mut first: Option<Connected>,
+    ) -> Result<Arc<SharedSet>, UpstreamError> {
+        let mut map = self.lock_shared();
+        if let Some(set) = map.get(ident) {
+            return Ok(set.clone());
+        }
+        if map.len() >= self.max_identities {
+            return Err(UpstreamError::Unavailable(format!(
+                "too many distinct client identities (protocol, db, user); limit is {}",
+                self.max_identities
+            )));
+        }
+        let mut conns = Vec::with_capacity(self.per_identity);
+        for _ in 0..self.per_identity {
+            let (tx, rx) = mpsc::channel(SHARED_QUEUE);
+            tokio::spawn(self.clone().manage(ident.clone(), first.take(), rx));
+            conns.push(tx);
+        }
+        let set = Arc::new(SharedSet { conns });
+        map.insert(ident.clone(), set.clone());
+        Ok(set)
+    }
+
+    async fn connect(
+        &self,
+        ident: &Identity,
+        name: Option<&Bytes>,
+    ) -> Result<Connected, UpstreamError> {
+        let c = conn::connect(&self.url, ident, name, &self.settings).await?;
+        if !c.server_version.is_empty() {
+            *self
+                .server_version
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = c.server_version.clone();
+        }
+        Ok(c)
+    }
+
+    /// A shared connection's life: connect, serve, reconnect with backoff.
+    async fn manage(
+        self: Arc<Self>,
+        ident: Identity,
+        mut first: Option<Connected>,
+        mut rx: mpsc::Receiver<Job>,
+    ) {
+        let mut backlog: VecDeque<Job> = VecDeque::new();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let conn = match first.take() {
+                Some(c) => c,
+                None => match self
+                    .reconnect(&ident, &mut rx, &mut backlog, &mut backoff)
+                    .await
+                {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            backoff = Duration::from_millis(50);
+            let gauge = self.metrics.upstream_connections(&self.name, "shared");
+            gauge.inc();
+            let end = conn::serve(
+                conn,
+                &mut backlog,
+                &mut rx,
+                &self.settings,
+                None,
+                &self.metrics,
+            )
+            .await;
+            gauge.dec();
+            match end {
+                End::Closed => return,
+                End::Failed(e) => {
+                    tracing::warn!(upstream = %self.name, url = %self.url, error = %e, "shared upstream connection failed, reconnecting");
+                }
+            }
+        }
+    }
+
+    /// Try to connect until it works, meanwhile holding jobs up to the queue
+    /// timeout (then failing them as never sent). `None`: channel closed.
+    async fn reconnect(
+        &self,
+        ident: &Identity,
+        rx: &mut mpsc::Receiver<Job>,
+        backlog: &mut VecDeque<Job>,
+        backoff: &mut Duration,
+    ) -> Option<Connected> {
+        let mut last_error = String::from("connecting");
+        let mut closed = false;
+        loop {
+            let attempt = self.connect(ident, None);
+            tokio::pin!(attempt);
+            let retry_at = Instant::now() + *backoff;
+            loop {
+                expire(backlog, self.settings.queue_timeout, &last_error);
+                tokio::select! {
+                    res = &mut attempt => {
+                        match res {
+                            Ok(c) => return Some(c),
+                            Err(e) => {
+                                last_error = e.to_string();
+                                tracing::debug!(upstream = %self.name, error = %last_error, "upstream connect failed");
+                                break;
+                            }
+                        }
+                    }
+                    job = rx.recv(), if !closed && backlog.len() < SHARED_QUEUE => match job {
+                        Some(j) => backlog.push_back(j),
+                        None => closed = true,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if closed && backlog.is_empty() {
+                    return None;
+                }
+            }
+            // Wait out the backoff while still answering expired jobs.
+            while Instant::now() < retry_at {
+                expire(backlog, self.settings.queue_timeout, &last_error);
+                tokio::select! {
+                    job = rx.recv(), if !closed && backlog.len() < SHARED_QUEUE => match job {
+                        Some(j) => backlog.push_back(j),
+                        None => closed = true,
+                    },
+                    _ = tokio::time::sleep_until(retry_at.min(Instant::now() + Duration::from_millis(50)).into()) => {}
+                }
+                if closed && backlog.is_empty() {
+                    return None;
+                }
+            }
+            *backoff = (*backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// A dedicated connection for a pinned client; it ends when the client
+    /// drops it. Streamed frames and pushes go to `oob`.
+    pub async fn dedicated(
+        self: &Arc<Self>,
+        ident: &Identity,
+        name: Option<&Bytes>,
+        oob: Oob,
+    ) -> Result<Dedicated, UpstreamError> {
+        let conn = self.connect(ident, name).await?;
+        let (tx, mut rx) = mpsc::channel(DEDICATED_QUEUE);
+        let holds_state = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
+        let (hs, al, pool) = (holds_state.clone(), alive.clone(), self.clone());
+        tokio::spawn(async move {
+            let gauge = pool.metrics.upstream_connections(&pool.name, "dedicated");
+            gauge.inc();
+            let mut backlog = VecDeque::new();
+            let end = conn::serve(
+                conn,
+                &mut backlog,
+                &mut rx,
+                &pool.settings,
+                Some(&oob),
+                &pool.metrics,
+            )
+            .await;
+            gauge.dec();
+            al.store(false, Ordering::Release);
+            // Jobs queued but never written fail as never sent.
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                if let JobKind::Request { tx, .. } = job.kind {
+                    let _ = tx.send(Err(UpstreamError::ConnectionLost));
+                }
+            }
+            if let End::Failed(e) = end {
+                tracing::info!(upstream = %pool.name, error = %e, "dedicated upstream connection ended");
+                if hs.load(Ordering::Acquire) {
+                    // MULTI, WATCH or subscriptions were lost with the
+                    // connection: the client must learn it, as with Redis.
+                    oob.client.kill.cancel();
+                }
+            }
+        });
+        Ok(Dedicated {
+            tx,
+            holds_state,
+            alive,
+        })
+    }
+
+    /// Learn the command table from the upstream's `COMMAND`. Best effort:
+    /// the built-in table stays when this fails.
+    pub async fn learn_commands(&self) -> Result<usize, UpstreamError> {
+        let ident = Identity {
+            proto: Proto::Resp2,
+            db: 0,
+            auth: None,
+        };
+        let reply = self.one_command(&ident, &[b"COMMAND"]).await?;
+        let frame = redis_protocol::resp2::decode::decode(&reply)
+            .ok()
+            .flatten()
+            .map(|(f, _)| f)
+            .ok_or_else(|| UpstreamError::Protocol("COMMAND reply".into()))?;
+        let table = Table::from_command_reply(&frame)
+            .ok_or_else(|| UpstreamError::Protocol("COMMAND reply had no entries".into()))?;
+        let n = table.len();
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        Ok(n)
+    }
+
+    /// Is the upstream reachable and answering? (`/readyz`)
+    pub async fn probe(&self) -> Result<Duration, UpstreamError> {
+        let start = Instant::now();
+        let ident = Identity {
+            proto: Proto::Resp2,
+            db: 0,
+            auth: None,
+        };
+        let reply = self.one_command(&ident, &[b"PING"]).await?;
+        if crate::protocol::is_error(&reply) {
+            return Err(UpstreamError::Refused(conn::error_text(&reply)));
+        }
+        Ok(start.elapsed())
+    }
+
+    /// One command on a fresh connection (control path, not the hot path).
+    async fn one_command(&self, ident: &Identity, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
+        let conn = self.connect(ident, None).await?;
+        let fut = async move {
+            let (mut stream, mut rbuf) = conn.into_parts();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(&encode_command(args))
+                .await
+                .map_err(|_| UpstreamError::ConnectionLost)?;
+            let mut scanner = ReplyScanner::new(self.settings.max_reply_bulk);
+            loop {
+                match scanner.next(&mut rbuf) {
+                    Ok(Some(f)) => return Ok(f),
+                    Ok(None) => {}
+                    Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+                }
+                if stream
+                    .read_buf(&mut rbuf)
+                    .await
+                    .map_err(|_| UpstreamError::ConnectionLost)?
+                    == 0
+                {
+                    return Err(UpstreamError::ConnectionLost);
+                }
+            }
+        };
+        tokio::time::timeout(self.settings.command_timeout, fut)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// How many shared connection sets exist (one per identity).
+    pub fn identities(&self) -> usize {
+        self.lock_shared().len()
+    }
+}
+
+/// Fail jobs that waited longer than `timeout` for a connection. They were
+/// never sent, so the error says so and the client may retry.
+fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
+    while backlog
+        .front()
+        .is_some_and(|j| j.enqueued.elapsed() >= timeout)
+    {
+        if let Some(job) = backlog.pop_front()
+            && let JobKind::Request { tx, .. } = job.kind
+        {
+            let _ = tx.send(Err(UpstreamError::Unavailable(reason.to_string())));
+        }
+    }
+}

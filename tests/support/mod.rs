@@ -1,0 +1,274 @@
+//! Test support: a real `redis-server` on a free port, the sidecar
+//! in-process on port 0, and a raw RESP client for byte-level checks.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redis_sidecar::Sidecar;
+use redis_sidecar::config::{Config, UpstreamConfig};
+use redis_sidecar::policy::Chain;
+use redis_sidecar::protocol::ReplyScanner;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A redis-server child process, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    pub password: Option<String>,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `redis-server` arguments (e.g. `--requirepass x`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let bin = which("redis-server").expect("redis-server is not installed: run ./scripts/test.sh, which installs it (apt-get install redis-server)");
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("redis-sidecar-test-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            let child = cmd.spawn().unwrap();
+            let password = extra
+                .windows(2)
+                .find(|w| w[0] == "--requirepass")
+                .map(|w| w[1].to_string());
+            let mut server = RedisServer {
+                port,
+                child,
+                password,
+                dir,
+            };
+            if server.wait_ready() {
+                return server;
+            }
+            // Port taken between our probe and redis-server's bind: retry.
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Direct connection to this Redis (bypassing the sidecar).
+    pub async fn direct(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+/// A config for the sidecar on port 0 in front of `upstream`.
+pub fn config(upstream: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: vec![UpstreamConfig {
+            name: "test".into(),
+            url: upstream.into(),
+        }],
+        ..Config::default()
+    }
+}
+
+/// Start the sidecar in front of `redis` with default settings.
+pub async fn sidecar(redis: &RedisServer) -> Sidecar {
+    sidecar_with(config(&redis.url()), Chain::default()).await
+}
+
+pub async fn sidecar_with(config: Config, chain: Chain) -> Sidecar {
+    let v = config.validate().unwrap();
+    Sidecar::start(v, chain).await.unwrap()
+}
+
+pub fn url(s: &Sidecar) -> String {
+    format!("redis://{}", s.addr)
+}
+
+/// A multiplexed `redis` crate connection through the sidecar.
+pub async fn client(s: &Sidecar) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url(s))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The same over RESP3.
+pub async fn client3(s: &Sidecar) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("{}/?protocol=resp3", url(s)))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A raw RESP client for byte-exact checks.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+}
+
+impl Raw {
+    pub async fn connect(addr: std::net::SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+            scanner: ReplyScanner::new(1 << 30),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Send a command as a RESP array.
+    pub async fn cmd(&mut self, args: &[&[u8]]) {
+        let raw = redis_sidecar::protocol::encode_command(args);
+        self.send(&raw).await;
+    }
+
+    /// Next whole reply (panics after 10 s).
+    pub async fn read(&mut self) -> Bytes {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(f) = self.scanner.next(&mut self.buf).unwrap() {
+                    return f;
+                }
+                let n = self.stream.read_buf(&mut self.buf).await.unwrap();
+                assert!(n > 0, "connection closed while waiting for a reply");
+            }
+        })
+        .await
+        .expect("no reply within 10 s")
+    }
+
+    /// Send one command and read its reply.
+    pub async fn call(&mut self, args: &[&[u8]]) -> Bytes {
+        self.cmd(args).await;
+        self.read().await
+    }
+
+    /// True when the peer closed the connection (after any pending bytes).
+    pub async fn closed(&mut self) -> bool {
+        let mut tmp = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match self.stream.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return true,
+                        Ok(_) => continue,
+                    }
+                }
+            })
+            .await,
+            Ok(true)
+        )
+    }
+}
+
+/// Poll `f` until it returns true (10 s max).
+pub async fn eventually<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// GET a path from the admin listener; (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
