@@ -143,9 +143,11 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
     let kill = client.kill.clone();
     let reader = async {
         session.read_loop(r, &shutdown).await;
-        // Dropping the session closes the output queue: the writer ends
-        // once every queued reply is written.
-        drop(session);
+        // Close the output queue (the writer ends once every queued reply
+        // is written) but keep the session, and so its dedicated upstream
+        // connection, until then: replies still in flight need it.
+        session.out = mpsc::channel(1).0;
+        session
     };
     let writer = write_loop(
         w,

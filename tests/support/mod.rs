@@ -53,6 +53,8 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--enable-debug-command",
+                "yes",
             ])
             .arg("--dir")
             .arg(&dir)

@@ -1,0 +1,281 @@
+//! Bad input, limits, slow and dead upstreams, shutdown, admin endpoints.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis_sidecar::config::ByteSize;
+use redis_sidecar::policy::Chain;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_resp_gets_protocol_error_and_close() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.limits.max_bulk = ByteSize(1024);
+    cfg.limits.max_inline = ByteSize(1024);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let cases: &[(&[u8], &str)] = &[
+        (b"*x\r\n", "-ERR Protocol error: invalid multibulk length"),
+        (
+            b"*1\r\n$abc\r\n",
+            "-ERR Protocol error: invalid bulk length",
+        ),
+        (
+            b"*1\r\n:5\r\n",
+            "-ERR Protocol error: expected '$', got ':'",
+        ),
+        (
+            b"SET a \"unterminated\r\n",
+            "-ERR Protocol error: unbalanced quotes in request",
+        ),
+        // Oversized bulk: refused from its header, before the body is sent.
+        (
+            b"*2\r\n$3\r\nGET\r\n$4096\r\n",
+            "-ERR Protocol error: invalid bulk length",
+        ),
+        (
+            b"*3000000000\r\n",
+            "-ERR Protocol error: invalid multibulk length",
+        ),
+    ];
+    for (input, want) in cases {
+        let mut raw = Raw::connect(s.addr).await;
+        // A good command first: it is answered before the error.
+        raw.send(b"PING\r\n").await;
+        raw.send(input).await;
+        assert_eq!(&raw.read().await[..], b"+PONG\r\n");
+        let r = raw.read().await;
+        assert_eq!(
+            String::from_utf8_lossy(&r).trim_end(),
+            *want,
+            "input {input:?}"
+        );
+        assert!(raw.closed().await, "connection must close after {input:?}");
+    }
+    // An inline line longer than the limit, without a newline.
+    let mut raw = Raw::connect(s.addr).await;
+    raw.send(&vec![b'A'; 2000]).await;
+    assert_eq!(
+        &raw.read().await[..],
+        b"-ERR Protocol error: too big inline request\r\n"
+    );
+    assert!(raw.closed().await);
+    // The sidecar still serves others, and counted the errors.
+    let mut ok = Raw::connect(s.addr).await;
+    assert_eq!(&ok.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let (_, body) = http_get(s.admin_addr.unwrap(), "/metrics").await;
+    assert!(
+        body.contains("redis_sidecar_protocol_errors_total{kind=\"invalid_bulk_length\"} 2"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_clients_and_idle_timeout() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.limits.max_clients = std::num::NonZeroUsize::new(2).unwrap();
+    cfg.limits.idle_timeout = Duration::from_millis(300);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let mut a = Raw::connect(s.addr).await;
+    let mut b = Raw::connect(s.addr).await;
+    assert_eq!(&a.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    assert_eq!(&b.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let mut c = Raw::connect(s.addr).await;
+    assert_eq!(
+        &c.read().await[..],
+        b"-ERR max number of clients reached\r\n"
+    );
+    assert!(c.closed().await);
+    // Idle clients are closed; a subscriber is not (Redis does the same).
+    let start = Instant::now();
+    assert!(a.closed().await);
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    assert!(b.closed().await);
+    let mut sub = Raw::connect(s.addr).await;
+    sub.cmd(&[b"SUBSCRIBE", b"ch"]).await;
+    sub.read().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sub.cmd(&[b"PING"]).await;
+    assert!(sub.read().await.windows(4).any(|w| w == b"pong"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_does_not_read_is_disconnected() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.limits.max_output_buffer = ByteSize(256 * 1024);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let mut direct = redis.direct().await;
+    let _: () = redis::AsyncCommands::set(&mut direct, "blob", vec![7u8; 64 * 1024])
+        .await
+        .unwrap();
+    let mut raw = Raw::connect(s.addr).await;
+    // Ask for ~64 MiB of replies and never read them.
+    let mut batch = Vec::new();
+    for _ in 0..1000 {
+        batch.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$4\r\nblob\r\n");
+    }
+    raw.send(&batch).await;
+    let gone = eventually(|| async {
+        let mut c = Raw::connect(s.addr).await;
+        c.call(&[b"CLIENT", b"ID"]).await;
+        let (_, body) = http_get(s.admin_addr.unwrap(), "/metrics").await;
+        // Only the probe client itself remains connected.
+        body.contains("redis_sidecar_client_connections 1\n")
+            || body.contains("redis_sidecar_client_connections 0\n")
+    })
+    .await;
+    assert!(gone, "a client that does not read must be disconnected");
+    // Drain what it got: the stream ends (closed), it does not hang.
+    assert!(raw.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_timeout_fails_in_flight_and_recovers() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.timeouts.command = Duration::from_millis(300);
+    cfg.pool.shared_connections = std::num::NonZeroUsize::new(1).unwrap();
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let mut slow = Raw::connect(s.addr).await;
+    let mut other = Raw::connect(s.addr).await;
+    // DEBUG SLEEP holds the shared connection past the timeout; the GET
+    // pipelined behind it on the same connection must fail too, never get
+    // a reply meant for another request.
+    slow.cmd(&[b"DEBUG", b"SLEEP", b"1"]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    other.cmd(&[b"ECHO", b"mine"]).await;
+    let r1 = slow.read().await;
+    let r2 = other.read().await;
+    assert_eq!(&r1[..], b"-ERR upstream timeout\r\n");
+    assert!(
+        &r2[..] == b"-ERR upstream timeout\r\n" || &r2[..] == b"$4\r\nmine\r\n",
+        "{r2:?}"
+    );
+    // The connection was replaced: the next commands work.
+    assert_eq!(
+        &other.call(&[b"ECHO", b"again"]).await[..],
+        b"$5\r\nagain\r\n"
+    );
+    assert_eq!(&slow.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    // Blocking commands are exempt from the command timeout.
+    let r = slow.call(&[b"BLPOP", b"nothing", b"0.6"]).await;
+    assert_eq!(&r[..], b"*-1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_upstream_gives_errors_then_recovers() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mut cfg = config(&redis.url());
+    cfg.timeouts.queue = Duration::from_millis(300);
+    cfg.timeouts.connect = Duration::from_millis(200);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(&raw.call(&[b"SET", b"k", b"v"]).await[..], b"+OK\r\n");
+    let mut blocked = Raw::connect(s.addr).await;
+    blocked.cmd(&[b"BLPOP", b"q", b"0"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.kill();
+    // The blocked client's request was sent: its fate is unknown -> error,
+    // and it held state on a dedicated connection.
+    let r = blocked.read().await;
+    assert_eq!(&r[..], b"-ERR upstream connection lost\r\n");
+    // New requests wait the queue timeout, then fail as never sent.
+    let start = Instant::now();
+    let r = raw.call(&[b"GET", b"k"]).await;
+    assert!(r.starts_with(b"-ERR upstream unavailable"), "{r:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    let (status, body) = http_get(s.admin_addr.unwrap(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    // Bring Redis back on the same port: the sidecar reconnects by itself.
+    let _back = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+        ])
+        .status()
+        .unwrap();
+    let ok = eventually(|| async {
+        let mut c = Raw::connect(s.addr).await;
+        &c.call(&[b"PING"]).await[..] == b"+PONG\r\n"
+    })
+    .await;
+    assert!(ok);
+    let (status, _) = http_get(s.admin_addr.unwrap(), "/readyz").await;
+    assert_eq!(status, 200);
+    let mut c = Raw::connect(s.addr).await;
+    c.call(&[b"SHUTDOWN", b"NOSAVE"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let addr = s.addr;
+    let mut slow = Raw::connect(addr).await;
+    slow.cmd(&[b"DEBUG", b"SLEEP", b"0.5"]).await;
+    slow.cmd(&[b"SET", b"drained", b"yes"]).await;
+    let mut blocked = Raw::connect(addr).await;
+    blocked.cmd(&[b"BLPOP", b"q", b"0.7"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    let stopper = tokio::spawn(s.shutdown());
+    // In-flight requests finish and are answered, then the clients close.
+    assert_eq!(&slow.read().await[..], b"+OK\r\n");
+    assert_eq!(&slow.read().await[..], b"+OK\r\n");
+    assert_eq!(&blocked.read().await[..], b"*-1\r\n");
+    assert!(slow.closed().await);
+    assert!(stopper.await.unwrap(), "drained within the grace period");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // No longer accepting.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let mut direct = redis.direct().await;
+    let v: String = redis::AsyncCommands::get(&mut direct, "drained")
+        .await
+        .unwrap();
+    assert_eq!(v, "yes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_and_metrics() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let admin = s.admin_addr.unwrap();
+    let mut raw = Raw::connect(s.addr).await;
+    raw.call(&[b"SET", b"m", b"1"]).await;
+    raw.call(&[b"GET", b"m"]).await;
+    raw.call(&[b"GET"]).await;
+    raw.call(&[b"FOOBAR"]).await;
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for want in [
+        "redis_sidecar_commands_total{command=\"get\",result=\"ok\"} 1",
+        "redis_sidecar_commands_total{command=\"get\",result=\"error\"} 1",
+        "redis_sidecar_commands_total{command=\"other\",result=\"error\"} 1",
+        "redis_sidecar_command_duration_seconds_count{command=\"set\"} 1",
+        "redis_sidecar_client_connections 1",
+        "redis_sidecar_upstream_connections{kind=\"shared\",upstream=\"test\"}",
+        "redis_sidecar_upstream_up{upstream=\"test\"} 1",
+    ] {
+        assert!(body.contains(want), "missing {want} in\n{body}");
+    }
+}
