@@ -453,3 +453,19 @@ mod tests {
         assert!(!e.to_string().contains("secretpw"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped_files {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for text in [
+            include_str!("../config/redis-sidecar.example.toml"),
+            include_str!("../config/redis-sidecar.toml"),
+        ] {
+            let c = Config::from_toml(text, &|_| None).unwrap();
+            c.validate().unwrap();
+        }
+    }
+}

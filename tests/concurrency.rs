@@ -44,11 +44,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn plan() -> impl Strategy<Value = Plan> {
-    (any::<bool>(), 0i64..3, proptest::collection::vec(proptest::collection::vec(op(), 1..40), 3..10)).prop_map(|(resp3, db, batches)| Plan {
-        resp3,
-        db,
-        batches,
-    })
+    (
+        any::<bool>(),
+        0i64..3,
+        proptest::collection::vec(proptest::collection::vec(op(), 1..40), 3..10),
+    )
+        .prop_map(|(resp3, db, batches)| Plan { resp3, db, batches })
 }
 
 fn bulk(v: &[u8]) -> Vec<u8> {
@@ -64,7 +65,10 @@ async fn pipeliner(addr: std::net::SocketAddr, id: usize, plan: Plan) {
     if plan.resp3 {
         assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
     }
-    assert_eq!(&c.call(&[b"SELECT", plan.db.to_string().as_bytes()]).await[..], b"+OK\r\n");
+    assert_eq!(
+        &c.call(&[b"SELECT", plan.db.to_string().as_bytes()]).await[..],
+        b"+OK\r\n"
+    );
     let (skey, ckey, lkey) = (format!("p{id}:s"), format!("p{id}:c"), format!("p{id}:l"));
     for k in [&skey, &ckey, &lkey] {
         c.call(&[b"DEL", k.as_bytes()]).await;
@@ -95,7 +99,11 @@ async fn pipeliner(addr: std::net::SocketAddr, id: usize, plan: Plan) {
                     });
                 }
                 Op::IncrBy(n) => {
-                    wire.extend_from_slice(&encode_command(&[&b"INCRBY"[..], ckey.as_bytes(), n.to_string().as_bytes()]));
+                    wire.extend_from_slice(&encode_command(&[
+                        &b"INCRBY"[..],
+                        ckey.as_bytes(),
+                        n.to_string().as_bytes(),
+                    ]));
                     counter += n;
                     expect.push(format!(":{counter}\r\n").into_bytes());
                 }
@@ -113,7 +121,11 @@ async fn pipeliner(addr: std::net::SocketAddr, id: usize, plan: Plan) {
                     sval = Some(cur);
                 }
                 Op::RPush => {
-                    wire.extend_from_slice(&encode_command(&[&b"RPUSH"[..], lkey.as_bytes(), unique.as_bytes()]));
+                    wire.extend_from_slice(&encode_command(&[
+                        &b"RPUSH"[..],
+                        lkey.as_bytes(),
+                        unique.as_bytes(),
+                    ]));
                     llen += 1;
                     expect.push(format!(":{llen}\r\n").into_bytes());
                 }
@@ -143,12 +155,20 @@ async fn blocker(addr: std::net::SocketAddr, id: usize, rounds: usize) {
         c.cmd(&[b"BLPOP", key.as_bytes(), b"5"]).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
         let item = format!("item-{id}-{r}");
-        assert_eq!(&pusher.call(&[b"LPUSH", key.as_bytes(), item.as_bytes()]).await[..], b":1\r\n");
+        assert_eq!(
+            &pusher
+                .call(&[b"LPUSH", key.as_bytes(), item.as_bytes()])
+                .await[..],
+            b":1\r\n"
+        );
         let got = c.read().await;
         let mut want = b"*2\r\n".to_vec();
         want.extend(bulk(key.as_bytes()));
         want.extend(bulk(item.as_bytes()));
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
     }
 }
 
@@ -160,13 +180,21 @@ async fn subscriber(addr: std::net::SocketAddr, id: usize, messages: usize) {
     let mut publisher = Raw::connect(addr).await;
     for m in 0..messages {
         let msg = format!("msg-{id}-{m}");
-        assert_eq!(&publisher.call(&[b"PUBLISH", ch.as_bytes(), msg.as_bytes()]).await[..], b":1\r\n");
+        assert_eq!(
+            &publisher
+                .call(&[b"PUBLISH", ch.as_bytes(), msg.as_bytes()])
+                .await[..],
+            b":1\r\n"
+        );
         let got = sub.read().await;
         let mut want = b"*3\r\n".to_vec();
         want.extend(bulk(b"message"));
         want.extend(bulk(ch.as_bytes()));
         want.extend(bulk(msg.as_bytes()));
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
     }
 }
 
@@ -190,8 +218,14 @@ async fn transactor(addr: std::net::SocketAddr, id: usize, rounds: usize) {
         let n = r.to_string();
         let mut want = format!("*2\r\n:{r}\r\n").into_bytes();
         want.extend(bulk(n.as_bytes()));
-        assert_eq!(String::from_utf8_lossy(&c.read().await), String::from_utf8_lossy(&want));
-        assert_eq!(String::from_utf8_lossy(&c.read().await), String::from_utf8_lossy(&bulk(n.as_bytes())));
+        assert_eq!(
+            String::from_utf8_lossy(&c.read().await),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&c.read().await),
+            String::from_utf8_lossy(&bulk(n.as_bytes()))
+        );
     }
 }
 

@@ -23,9 +23,18 @@ fn leaf() -> impl Strategy<Value = BytesFrame> {
             data: s.into(),
             attributes: None
         }),
-        any::<i64>().prop_map(|n| BytesFrame::Number { data: n, attributes: None }),
-        any::<bool>().prop_map(|b| BytesFrame::Boolean { data: b, attributes: None }),
-        (-1e9f64..1e9).prop_map(|d| BytesFrame::Double { data: d, attributes: None }),
+        any::<i64>().prop_map(|n| BytesFrame::Number {
+            data: n,
+            attributes: None
+        }),
+        any::<bool>().prop_map(|b| BytesFrame::Boolean {
+            data: b,
+            attributes: None
+        }),
+        (-1e9f64..1e9).prop_map(|d| BytesFrame::Double {
+            data: d,
+            attributes: None
+        }),
         "[0-9]{20,40}".prop_map(|s| BytesFrame::BigNumber {
             data: Bytes::from(s),
             attributes: None
@@ -42,8 +51,14 @@ fn leaf() -> impl Strategy<Value = BytesFrame> {
 fn frame() -> impl Strategy<Value = BytesFrame> {
     leaf().prop_recursive(3, 40, 6, |inner| {
         prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..6).prop_map(|data| BytesFrame::Array { data, attributes: None }),
-            proptest::collection::vec(inner.clone(), 1..6).prop_map(|data| BytesFrame::Push { data, attributes: None }),
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(|data| BytesFrame::Array {
+                data,
+                attributes: None
+            }),
+            proptest::collection::vec(inner.clone(), 1..6).prop_map(|data| BytesFrame::Push {
+                data,
+                attributes: None
+            }),
             proptest::collection::vec(("[a-z]{1,6}", inner.clone()), 0..4).prop_map(|kv| {
                 let mut m = FrameMap::new();
                 for (k, v) in kv {
@@ -55,7 +70,10 @@ fn frame() -> impl Strategy<Value = BytesFrame> {
                         v,
                     );
                 }
-                BytesFrame::Map { data: m, attributes: None }
+                BytesFrame::Map {
+                    data: m,
+                    attributes: None,
+                }
             }),
             ("[a-z]{1,6}", inner.clone()).prop_map(|(k, v)| {
                 // A value annotated with an attribute.
@@ -65,7 +83,10 @@ fn frame() -> impl Strategy<Value = BytesFrame> {
                         data: Bytes::from(k),
                         attributes: None,
                     },
-                    BytesFrame::Number { data: 1, attributes: None },
+                    BytesFrame::Number {
+                        data: 1,
+                        attributes: None,
+                    },
                 );
                 let mut v = v;
                 if let BytesFrame::Array { attributes, .. } = &mut v {

@@ -290,3 +290,21 @@ async fn stage_injected_commands_are_consumed_in_order() {
     assert_eq!(exists, 0);
     assert_eq!(&raw.call(&[b"PING"]).await[..], b"+PONG\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_while_subscribed_replies_then_closes() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    for hello in [None, Some(&b"3"[..])] {
+        for _ in 0..20 {
+            let mut sub = Raw::connect(s.addr).await;
+            if let Some(v) = hello {
+                sub.call(&[b"HELLO", v]).await;
+            }
+            sub.cmd(&[b"SUBSCRIBE", b"q"]).await;
+            sub.read().await;
+            assert_eq!(&sub.call(&[b"QUIT"]).await[..], b"+OK\r\n");
+            assert!(sub.closed().await);
+        }
+    }
+}

@@ -30,7 +30,7 @@ use crate::policy::{Ctx, Outgoing, Verdict};
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
 use crate::upstream::{
-    Auth, ClientShared, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError,
+    Auth, ClientShared, Identity, Job, JobKind, Oob, OobMsg, Plan, Reply, UpstreamError,
 };
 
 /// Pushed frames queued for a client. A subscriber that falls this far
@@ -252,11 +252,11 @@ impl Session {
         let table = self.shared.pool.table();
         let info = table.lookup(&req.args).cloned();
         let metrics = self.command_metrics(&req.args, info.as_ref().map(|i| i.name.as_str()));
-        if self.streaming {
+        let class = classify(&req.args, info.as_deref());
+        if self.streaming && class != Class::Local(Local::Quit) {
             // The dedicated connection streams: forward as it is, in order.
             return self.send_stream(req.raw, JobKind::Stream, &metrics).await;
         }
-        let class = classify(&req.args, info.as_deref());
         let Request { raw, args } = req;
         if let Class::Local(local) = class {
             if self.in_multi
@@ -886,7 +886,7 @@ impl Session {
 async fn write_loop(
     mut w: OwnedWriteHalf,
     mut out: mpsc::Receiver<Out>,
-    mut oob: mpsc::Receiver<Bytes>,
+    mut oob: mpsc::Receiver<OobMsg>,
     client: Arc<ClientShared>,
     written: watch::Sender<u64>,
     max_output: usize,
@@ -987,7 +987,13 @@ async fn write_loop(
                 return;
             }
             Ev::Oob(None) => oob_open = false,
-            Ev::Oob(Some(b)) => buf.extend_from_slice(&b),
+            Ev::Oob(Some(OobMsg::Frame(b))) => buf.extend_from_slice(&b),
+            Ev::Oob(Some(OobMsg::Close)) => {
+                let _ = write_all(&mut w, &mut buf, &client).await;
+                let _ = w.shutdown().await;
+                client.kill.cancel();
+                return;
+            }
         }
     }
     let _ = w.shutdown().await;
@@ -997,7 +1003,7 @@ enum Ev {
     Wrote(std::io::Result<usize>),
     Reply(Reply),
     Out(Option<Out>),
-    Oob(Option<Bytes>),
+    Oob(Option<OobMsg>),
 }
 
 fn append_reply(

@@ -154,8 +154,17 @@ impl ClientShared {
 /// everything once a dedicated connection streams (SUBSCRIBE, MONITOR).
 #[derive(Clone, Debug)]
 pub struct Oob {
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<OobMsg>,
     pub client: Arc<ClientShared>,
+}
+
+/// A message on the out-of-band path to a client's writer.
+#[derive(Debug)]
+pub enum OobMsg {
+    Frame(Bytes),
+    /// The dedicated connection holding the client's state is gone: write
+    /// what arrived before, then close the client (as Redis would).
+    Close,
 }
 
 impl Oob {
@@ -163,8 +172,15 @@ impl Oob {
     /// means the client is not reading, which costs it its connection.
     pub fn send(&self, frame: Bytes) {
         self.client.charge(frame.len());
-        if self.tx.try_send(frame).is_err() && !self.client.kill.is_cancelled() {
+        if self.tx.try_send(OobMsg::Frame(frame)).is_err() && !self.client.kill.is_cancelled() {
             tracing::warn!("client is not reading its pushed messages, disconnecting");
+            self.client.kill.cancel();
+        }
+    }
+
+    /// Close the client once the frames already sent are written.
+    pub fn close(&self) {
+        if self.tx.try_send(OobMsg::Close).is_err() {
             self.client.kill.cancel();
         }
     }

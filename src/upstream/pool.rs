@@ -314,7 +314,7 @@ impl Pool {
                 if hs.load(Ordering::Acquire) {
                     // MULTI, WATCH or subscriptions were lost with the
                     // connection: the client must learn it, as with Redis.
-                    oob.client.kill.cancel();
+                    oob.close();
                 }
             }
         });

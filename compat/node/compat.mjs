@@ -1,0 +1,244 @@
+// Real Node.js client libraries against redis-sidecar: ioredis, node-redis
+// (RESP2 and RESP3), BullMQ (retries, a delayed job, a worker, QueueEvents),
+// express-session with connect-redis 7 (ioredis) and 9 (node-redis).
+// Usage: SIDECAR_URL=redis://127.0.0.1:6380 node compat.mjs
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import { Redis } from "ioredis";
+import { createClient } from "redis";
+import { Queue, Worker, QueueEvents } from "bullmq";
+import express from "express";
+import session from "express-session";
+import { RedisStore as RedisStore9 } from "connect-redis";
+import RedisStore7 from "connect-redis7";
+
+const url = process.env.SIDECAR_URL;
+if (!url) {
+  console.error("SIDECAR_URL is not set");
+  process.exit(2);
+}
+const { hostname: host, port } = new URL(url);
+const failures = [];
+const clients = [];
+const ioredis = (opts = {}) => {
+  const c = new Redis(url, { lazyConnect: false, ...opts });
+  clients.push(c);
+  return c;
+};
+
+async function check(name, fn) {
+  const start = Date.now();
+  try {
+    await fn();
+    console.log(`ok   ${name} (${Date.now() - start} ms)`);
+  } catch (e) {
+    failures.push(name);
+    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+await check("ioredis: strings, hashes, lists, sets, sorted sets, binary", async () => {
+  const r = ioredis();
+  assert.equal(await r.set("n:s", "v"), "OK");
+  assert.equal(await r.get("n:s"), "v");
+  await r.del("n:c");
+  assert.equal(await r.incrby("n:c", 5), 5);
+  await r.hset("n:h", { a: "1", b: "2" });
+  assert.deepEqual(await r.hgetall("n:h"), { a: "1", b: "2" });
+  await r.del("n:l");
+  await r.rpush("n:l", "x", "y");
+  assert.deepEqual(await r.lrange("n:l", 0, -1), ["x", "y"]);
+  await r.sadd("n:set", "a", "b", "a");
+  assert.equal(await r.scard("n:set"), 2);
+  await r.zadd("n:z", 1, "one", 2, "two");
+  assert.deepEqual(await r.zrange("n:z", 0, -1, "WITHSCORES"), ["one", "1", "two", "2"]);
+  const bin = Buffer.from([0, 1, 2, 255, 13, 10]);
+  await r.set(Buffer.from("n:bin\x00"), bin);
+  assert.deepEqual(await r.getBuffer(Buffer.from("n:bin\x00")), bin);
+  await assert.rejects(r.call("NOSUCHCMD"), /unknown command/);
+  assert.equal(await r.ping(), "PONG");
+});
+
+await check("ioredis: pipeline, multi/exec, watch conflict", async () => {
+  const r = ioredis();
+  const p = r.pipeline();
+  for (let i = 0; i < 200; i++) p.set(`n:p:${i}`, `v${i}`).get(`n:p:${i}`);
+  const res = await p.exec();
+  assert.equal(res.length, 400);
+  for (let i = 0; i < 200; i++) assert.equal(res[2 * i + 1][1], `v${i}`);
+  const m = await r.multi().set("n:m", "1").incr("n:m").exec();
+  assert.deepEqual(m, [[null, "OK"], [null, 2]]);
+  const other = ioredis();
+  await r.watch("n:w");
+  await other.set("n:w", "other");
+  const aborted = await r.multi().set("n:w", "mine").exec();
+  assert.equal(aborted, null);
+  assert.equal(await r.get("n:w"), "other");
+});
+
+await check("ioredis: SCAN stream, Lua defineCommand, EVALSHA", async () => {
+  const r = ioredis();
+  const p = r.pipeline();
+  for (let i = 0; i < 300; i++) p.set(`n:scan:${i}`, i);
+  await p.exec();
+  const seen = new Set();
+  const stream = r.scanStream({ match: "n:scan:*", count: 50 });
+  for await (const keys of stream) keys.forEach((k) => seen.add(k));
+  assert.equal(seen.size, 300);
+  r.defineCommand("addTwo", { numberOfKeys: 1, lua: "return redis.call('INCRBY', KEYS[1], 2)" });
+  await r.del("n:lua");
+  assert.equal(await r.addTwo("n:lua"), 2);
+  assert.equal(await r.addTwo("n:lua"), 4);
+});
+
+await check("ioredis: blocking pop released by another client", async () => {
+  const blocker = ioredis();
+  const pusher = ioredis();
+  await blocker.del("n:q");
+  const popped = blocker.blpop("n:q", 5);
+  await sleep(100);
+  await pusher.lpush("n:q", "job");
+  assert.deepEqual(await popped, ["n:q", "job"]);
+  // Used again normally afterwards.
+  assert.equal(await blocker.ping(), "PONG");
+});
+
+for (const protocol of [2, 3]) {
+  await check(`ioredis: pub/sub with patterns (RESP${protocol})`, async () => {
+    const sub = ioredis({ protocol });
+    const pub = ioredis({ protocol });
+    await sub.subscribe("n:news");
+    await sub.psubscribe("n:user:*");
+    const got = [];
+    sub.on("message", (ch, msg) => got.push(`${ch}=${msg}`));
+    sub.on("pmessage", (pat, ch, msg) => got.push(`${pat}|${ch}=${msg}`));
+    await pub.publish("n:news", "hello");
+    await pub.publish("n:user:1", "pat");
+    for (let i = 0; i < 50 && got.length < 2; i++) await sleep(20);
+    assert.deepEqual(got, ["n:news=hello", "n:user:*|n:user:1=pat"]);
+    // By name: ioredis 6 over RESP3 never resolves an argument-less
+    // unsubscribe(), against Redis itself too.
+    await sub.unsubscribe("n:news");
+    await sub.punsubscribe("n:user:*");
+  });
+}
+
+await check("ioredis: SELECT via URL db, CLIENT SETNAME", async () => {
+  const r2 = ioredis({ db: 2, connectionName: "compat-node" });
+  await r2.set("n:db", "two");
+  const r0 = ioredis();
+  assert.equal(await r0.get("n:db"), null);
+  assert.equal(await r2.get("n:db"), "two");
+  assert.equal(await r2.client("GETNAME"), "compat-node");
+});
+
+await check("node-redis: RESP2 and RESP3, multi, pub/sub", async () => {
+  for (const RESP of [2, 3]) {
+    const c = createClient({ url, RESP });
+    await c.connect();
+    await c.set(`nr${RESP}:k`, "v");
+    assert.equal(await c.get(`nr${RESP}:k`), "v");
+    await c.hSet(`nr${RESP}:h`, { a: "1" });
+    const h = await c.hGetAll(`nr${RESP}:h`);
+    assert.equal(h.a, "1");
+    const [a, b] = await c.multi().incr(`nr${RESP}:c`).incr(`nr${RESP}:c`).exec();
+    assert.equal(Number(b) - Number(a), 1);
+    const sub = c.duplicate();
+    await sub.connect();
+    const msgs = [];
+    await sub.subscribe(`nr${RESP}:ch`, (m) => msgs.push(m));
+    await c.publish(`nr${RESP}:ch`, `m${RESP}`);
+    for (let i = 0; i < 50 && msgs.length < 1; i++) await sleep(20);
+    assert.deepEqual(msgs, [`m${RESP}`]);
+    await sub.quit();
+    await c.quit();
+  }
+});
+
+await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
+  const connection = { host, port: Number(port), maxRetriesPerRequest: null };
+  const name = `compat${Date.now()}`;
+  const queue = new Queue(name, { connection });
+  const events = new QueueEvents(name, { connection });
+  await events.waitUntilReady();
+  const attempts = {};
+  const worker = new Worker(
+    name,
+    async (job) => {
+      attempts[job.name] = (attempts[job.name] || 0) + 1;
+      if (job.name === "flaky" && attempts[job.name] < 3) throw new Error("try again");
+      return { processedAt: Date.now(), n: job.data.n * 2 };
+    },
+    { connection, concurrency: 2 },
+  );
+  const completed = new Map();
+  events.on("completed", ({ jobId, returnvalue }) => completed.set(jobId, returnvalue));
+  const flaky = await queue.add("flaky", { n: 1 }, { attempts: 3, backoff: { type: "fixed", delay: 50 } });
+  const addedAt = Date.now();
+  const delayed = await queue.add("delayed", { n: 2 }, { delay: 400 });
+  const plain = await queue.addBulk([...Array(20).keys()].map((n) => ({ name: "plain", data: { n } })));
+  for (let i = 0; i < 300 && completed.size < 22; i++) await sleep(25);
+  assert.equal(completed.size, 22, `completed ${completed.size} of 22`);
+  const f = await queue.getJob(flaky.id);
+  assert.equal(f.attemptsMade, 3);
+  assert.equal(attempts.flaky, 3);
+  const d = await queue.getJob(delayed.id);
+  assert.ok(d.finishedOn - addedAt >= 400, `delayed job ran after ${d.finishedOn - addedAt} ms`);
+  assert.equal(d.returnvalue.n, 4);
+  assert.equal((await queue.getJob(plain[7].id)).returnvalue.n, 14);
+  const counts = await queue.getJobCounts("completed", "failed", "waiting", "delayed");
+  assert.deepEqual(counts, { completed: 22, failed: 0, waiting: 0, delayed: 0 });
+  await worker.close();
+  await events.close();
+  await queue.obliterate({ force: true });
+  await queue.close();
+});
+
+async function sessionApp(store) {
+  const app = express();
+  app.use(session({ store, secret: "compat", resave: false, saveUninitialized: false }));
+  app.get("/inc", (req, res) => {
+    req.session.n = (req.session.n || 0) + 1;
+    res.json({ n: req.session.n });
+  });
+  const server = app.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const base = `http://127.0.0.1:${server.address().port}`;
+  let cookie = "";
+  let last;
+  for (let i = 0; i < 3; i++) {
+    const res = await fetch(`${base}/inc`, { headers: cookie ? { cookie } : {} });
+    cookie = (res.headers.get("set-cookie") || cookie).split(";")[0];
+    last = await res.json();
+  }
+  server.close();
+  return { n: last.n, sid: decodeURIComponent(cookie.split("=")[1]).slice(2).split(".")[0] };
+}
+
+await check("express-session + connect-redis 7 (ioredis)", async () => {
+  const r = ioredis();
+  const { n, sid } = await sessionApp(new RedisStore7({ client: r, prefix: "session:" }));
+  assert.equal(n, 3);
+  const ttl = await r.ttl(`session:${sid}`);
+  assert.ok(ttl > 80000 && ttl <= 86400, `ttl ${ttl}`);
+});
+
+await check("express-session + connect-redis 9 (node-redis)", async () => {
+  const c = createClient({ url });
+  await c.connect();
+  const { n, sid } = await sessionApp(new RedisStore9({ client: c, prefix: "session9:" }));
+  assert.equal(n, 3);
+  const ttl = await c.ttl(`session9:${sid}`);
+  assert.ok(ttl > 80000 && ttl <= 86400, `ttl ${ttl}`);
+  await c.quit();
+});
+
+for (const c of clients) c.disconnect();
+if (failures.length) {
+  console.log(`${failures.length} check(s) failed: ${failures.join(", ")}`);
+  process.exit(1);
+}
+console.log("all node compatibility checks passed");
+process.exit(0);

@@ -1,0 +1,101 @@
+//! Real client libraries through the sidecar: redis-cli always; ioredis,
+//! node-redis, BullMQ, express-session + connect-redis (Node) and redis-py
+//! (Python) when their packages are installed, which `scripts/test.sh`
+//! does before it runs these with `--include-ignored`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_through_the_sidecar() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let port = s.addr.port().to_string();
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(cli(&["PING"]), "PONG\n");
+    assert_eq!(cli(&["SET", "cli", "value with spaces"]), "OK\n");
+    assert_eq!(cli(&["GET", "cli"]), "value with spaces\n");
+    assert_eq!(cli(&["-3", "HELLO", "3"]).lines().nth(2), Some("proto 3"));
+    assert!(cli(&["-n", "4", "SET", "in4", "x"]).contains("OK"));
+    assert_eq!(cli(&["-n", "4", "GET", "in4"]), "x\n");
+    assert_eq!(cli(&["GET", "in4"]), "\n");
+    // redis-cli --pipe sends raw RESP and counts replies.
+    let mut child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port, "--pipe"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = Vec::new();
+    for i in 0..1000 {
+        input.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            &b"SET"[..],
+            format!("pipe:{i}").as_bytes(),
+            b"v",
+        ]));
+    }
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("errors: 0, replies: 1000"), "{text}");
+}
+
+/// Run a compatibility script; its output goes straight to the test log
+/// so a failing or slow check is visible as it happens.
+fn run_script(program: &str, args: &[&str], dir: &Path, url: &str) {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("SIDECAR_URL", url)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs npm packages: run by scripts/test.sh after it installs them"]
+async fn node_clients_ioredis_bullmq_connect_redis() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/node");
+    assert!(
+        dir.join("node_modules/ioredis").exists(),
+        "run `npm ci` in compat/node (scripts/test.sh does)"
+    );
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let url = url(&s);
+    tokio::task::spawn_blocking(move || run_script("node", &["compat.mjs"], &dir, &url))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-py: run by scripts/test.sh after it installs it"]
+async fn python_redis_py_resp3_and_resp2() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/python");
+    let python = dir.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "create compat/python/.venv with redis-py (scripts/test.sh does)"
+    );
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let url = url(&s);
+    let py = python.to_string_lossy().to_string();
+    tokio::task::spawn_blocking(move || run_script(&py, &["compat.py"], &dir, &url))
+        .await
+        .unwrap();
+}
