@@ -37,6 +37,8 @@ use crate::upstream::{
 /// behind is disconnected (Redis does the same past its pub/sub output
 /// buffer limit); the byte limit usually triggers first.
 const OOB_QUEUE: usize = 16 * 1024;
+/// Read size from a client socket.
+const READ_CHUNK: usize = 16 * 1024;
 /// Replies are gathered up to this size before a write to the client.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -166,7 +168,9 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
 impl Session {
     async fn read_loop(&mut self, mut r: OwnedReadHalf, shutdown: &CancellationToken) {
         let mut scanner = RequestScanner::new(self.shared.limits.frame);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Allocated when bytes arrive, and dropped when drained: 10,000
+        // idle clients must not hold 10,000 read buffers.
+        let mut buf = BytesMut::new();
         let idle = self.shared.limits.idle_timeout;
         loop {
             loop {
@@ -191,11 +195,24 @@ impl Session {
                     }
                 }
             }
+            if buf.is_empty() && buf.capacity() > 0 {
+                buf = BytesMut::new();
+            }
             let idle_applies = !idle.is_zero() && !self.holds_state();
             tokio::select! {
-                n = r.read_buf(&mut buf) => match n {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+                ready = r.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    match r.try_read_buf(&mut buf) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
                 },
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(idle), if idle_applies => {
@@ -891,7 +908,7 @@ async fn write_loop(
     written: watch::Sender<u64>,
     max_output: usize,
 ) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut buf = BytesMut::new();
     let mut done = 0u64;
     let mut oob_open = true;
     let mut out_open = true;
@@ -934,6 +951,10 @@ async fn write_loop(
             Ev::Wrote(Ok(n)) if n > 0 => {
                 let _ = buf.split_to(n);
                 client.release(n);
+                if buf.is_empty() {
+                    // Idle clients hold no output buffer.
+                    buf = BytesMut::new();
+                }
             }
             Ev::Wrote(_) => {
                 client.kill.cancel();

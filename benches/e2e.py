@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: direct Redis vs redis-sidecar vs twemproxy.
+
+Runs redis-benchmark against the three targets interleaved (round-robin,
+several rounds, one run = one target x one scenario) and prints, per
+scenario, the median throughput and p50/p99 latency of each target as a
+ratio to direct Redis, plus the proxy's CPU time per operation (from
+/proc/<pid>/stat) and the RSS of each proxy holding 10,000 idle clients.
+
+Usage: benches/e2e.sh [--rounds N] [--requests N]   (installs what it needs)
+"""
+
+import argparse
+import csv
+import io
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICK = os.sysconf("SC_CLK_TCK")
+
+SCENARIOS = [
+    # name, clients, pipeline, value size
+    ("c50 P1", 50, 1, 3),
+    ("c50 P16", 50, 16, 3),
+    ("c50 P1 d1024", 50, 1, 1024),
+    ("c1000 P1", 1000, 1, 3),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid):
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench(port, clients, pipeline, size, requests):
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-n", str(requests),
+         "-c", str(clients), "-P", str(pipeline), "-d", str(size), "-r", "100000", "--csv"],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    rows = {}
+    for row in csv.DictReader(io.StringIO(out)):
+        rows[row["test"]] = (float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"]))
+    return rows
+
+
+def idle_rss(pid, port, n=10_000):
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            socks.append(s)
+        # One round trip on the last one: every earlier accept is done.
+        socks[-1].sendall(b"PING\r\n")
+        socks[-1].recv(64)
+        time.sleep(1.0)
+        return rss_mib(pid)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=100_000)
+    ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
+    args = ap.parse_args()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+
+    tmp = tempfile.mkdtemp(prefix="redis-sidecar-bench-")
+    procs = []
+    try:
+        rport, sport, aport, tport, tstats = (free_port() for _ in range(5))
+        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--maxclients", "20000", "--dir", tmp],
+                                 stdout=subprocess.DEVNULL)
+        procs.append(redis)
+        wait_port(rport)
+        sidecar = subprocess.Popen([args.sidecar, "--listen", f"127.0.0.1:{sport}", "--admin-listen",
+                                    f"127.0.0.1:{aport}", "--upstream", f"redis://127.0.0.1:{rport}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "RUST_LOG": "warn"})
+        procs.append(sidecar)
+        conf = os.path.join(tmp, "nutcracker.yml")
+        with open(conf, "w") as f:
+            f.write(f"bench:\n  listen: 127.0.0.1:{tport}\n  hash: fnv1a_64\n  distribution: ketama\n"
+                    f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{rport}:1\n")
+        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats), "-o", os.path.join(tmp, "nc.log")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(twem)
+        wait_port(sport)
+        wait_port(tport)
+        targets = [("direct", rport, None), ("sidecar", sport, sidecar.pid), ("twemproxy", tport, twem.pid)]
+
+        results = {}  # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op)
+        for rnd in range(args.rounds):
+            for name, c, p, d in SCENARIOS:
+                for tname, port, pid in targets:
+                    cpu0 = cpu_seconds(pid)
+                    rows = bench(port, c, p, d, args.requests)
+                    cpu = cpu_seconds(pid) - cpu0
+                    ops = args.requests * len(rows)
+                    for test, (rps, p50, p99) in rows.items():
+                        results.setdefault((name, tname, test), []).append((rps, p50, p99, cpu / ops * 1e6))
+                    print(f"round {rnd + 1} {name:>13} {tname:>9}: "
+                          + ", ".join(f"{t} {v[0]:.0f} rps" for t, v in rows.items()), file=sys.stderr, flush=True)
+
+        rss = {"sidecar": idle_rss(sidecar.pid, sport), "twemproxy": idle_rss(twem.pid, tport)}
+
+        print(f"\nredis-benchmark -n {args.requests}, {args.rounds} interleaved rounds, medians; "
+              "ratios are to direct Redis in the same rounds\n")
+        print("| scenario | test | direct rps | sidecar rps (ratio) | twemproxy rps (ratio) | p50 ms direct / sidecar / twemproxy "
+              "| p99 ms direct / sidecar / twemproxy | CPU µs/op sidecar / twemproxy |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, *_ in SCENARIOS:
+            for test in ("SET", "GET"):
+                med = {}
+                for tname, *_ in targets:
+                    vals = results.get((name, tname, test), [])
+                    med[tname] = tuple(statistics.median(v[i] for v in vals) for i in range(4))
+                d, s, t = med["direct"], med["sidecar"], med["twemproxy"]
+                print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
+                      f"| {d[1]:.3f} / {s[1]:.3f} / {t[1]:.3f} | {d[2]:.3f} / {s[2]:.3f} / {t[2]:.3f} "
+                      f"| {s[3]:.2f} / {t[3]:.2f} |")
+        print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
+              f"twemproxy {rss['twemproxy']:.1f} MiB")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
