@@ -101,7 +101,9 @@ def main():
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
     args = ap.parse_args()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-bench-")
     procs = []

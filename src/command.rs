@@ -249,6 +249,8 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
 #[derive(Debug, Default)]
 pub struct Table {
     commands: HashMap<String, Arc<CommandInfo>>,
+    /// Names that have subcommands (`client`, `config`, ...).
+    containers: std::collections::HashSet<String>,
     /// True when the entries came from the upstream's `COMMAND`.
     pub learned: bool,
 }
@@ -362,6 +364,7 @@ impl Table {
             );
         }
         Table {
+            containers: containers(&commands),
             commands,
             learned: false,
         }
@@ -381,23 +384,40 @@ impl Table {
             return None;
         }
         Some(Table {
+            containers: containers(&commands),
             commands,
             learned: true,
         })
     }
 
     /// Look up by arguments: `container|sub` when that exists, else the name.
+    /// Hot path: no allocation (names are lower-cased on the stack).
     pub fn lookup(&self, args: &[Bytes]) -> Option<&Arc<CommandInfo>> {
-        let name = std::str::from_utf8(args.first()?)
-            .ok()?
-            .to_ascii_lowercase();
-        if let Some(sub) = args.get(1).and_then(|s| std::str::from_utf8(s).ok()) {
-            let full = format!("{name}|{}", sub.to_ascii_lowercase());
-            if let Some(i) = self.commands.get(&full) {
+        let mut key = [0u8; 64];
+        let name = args.first()?;
+        if name.len() > 32 {
+            return None;
+        }
+        key[..name.len()].copy_from_slice(name);
+        key[..name.len()].make_ascii_lowercase();
+        let len = name.len();
+        let lower = std::str::from_utf8(&key[..len]).ok()?;
+        if self.containers.contains(lower)
+            && let Some(sub) = args.get(1).filter(|s| s.len() < 64 - len - 1)
+        {
+            let mut full = [0u8; 64];
+            full[..len].copy_from_slice(&key[..len]);
+            full[len] = b'|';
+            full[len + 1..len + 1 + sub.len()].copy_from_slice(sub);
+            full[len + 1..len + 1 + sub.len()].make_ascii_lowercase();
+            if let Some(i) = std::str::from_utf8(&full[..len + 1 + sub.len()])
+                .ok()
+                .and_then(|f| self.commands.get(f))
+            {
                 return Some(i);
             }
         }
-        self.commands.get(&name)
+        self.commands.get(lower)
     }
 
     pub fn len(&self) -> usize {
@@ -407,6 +427,14 @@ impl Table {
     pub fn is_empty(&self) -> bool {
         self.commands.is_empty()
     }
+}
+
+fn containers(commands: &HashMap<String, Arc<CommandInfo>>) -> std::collections::HashSet<String> {
+    commands
+        .keys()
+        .filter_map(|k| k.split_once('|'))
+        .map(|(c, _)| c.to_string())
+        .collect()
 }
 
 fn text(f: &OwnedFrame) -> Option<String> {

@@ -29,6 +29,9 @@ struct Cli {
     /// without a file: $REDIS_URL, else redis://127.0.0.1:6379.
     #[arg(long)]
     upstream: Vec<String>,
+    /// Worker threads (overrides the file).
+    #[arg(long)]
+    threads: Option<std::num::NonZeroUsize>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
@@ -99,6 +102,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     };
     if let Some(l) = &cli.listen {
         config.listen = l.clone();
+    }
+    if let Some(t) = cli.threads {
+        config.threads = t;
     }
     if let Some(a) = &cli.admin_listen {
         config.admin_listen = a.clone();

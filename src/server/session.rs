@@ -13,14 +13,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -42,6 +42,39 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Replies are gathered up to this size before a write to the client.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// How many output entries the writer has finished; the reader waits on it
+/// at an ordering barrier. Cheaper than a watch channel: the writer only
+/// notifies when the reader is actually waiting.
+#[derive(Default)]
+struct Progress {
+    done: AtomicU64,
+    waiting: AtomicBool,
+    notify: Notify,
+}
+
+impl Progress {
+    fn advance(&self, done: u64) {
+        self.done.store(done, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    async fn wait_for(&self, want: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            if self.done.load(Ordering::SeqCst) >= want {
+                break;
+            }
+            notified.await;
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+}
+
 /// An entry of the client's output queue.
 enum Out {
     /// A reply still to come from an upstream connection.
@@ -57,6 +90,8 @@ enum Out {
     },
     /// Write what is queued, then close (QUIT, protocol error).
     Close,
+    /// From here on also write the frames of this out-of-band queue.
+    AttachOob(mpsc::Receiver<OobMsg>),
 }
 
 /// Where a request goes.
@@ -77,9 +112,11 @@ struct Session {
     id: u64,
     client: Arc<ClientShared>,
     out: mpsc::Sender<Out>,
-    oob: Oob,
+    /// Created with the first dedicated connection (idle clients that
+    /// never need one do not pay for its queue).
+    oob: Option<Oob>,
     /// Count of output entries the writer finished.
-    written: watch::Receiver<u64>,
+    written: Arc<Progress>,
     /// Count of output entries queued.
     queued: u64,
     proto: Proto,
@@ -105,6 +142,8 @@ struct Session {
     /// MULTI ...): stay on the dedicated connection for good.
     sticky: bool,
     metrics_cache: HashMap<Bytes, Arc<CommandMetrics>>,
+    /// The command table and its generation, refreshed when it changes.
+    table: (u64, Arc<crate::command::Table>),
 }
 
 /// Serve one client until it disconnects, errs, is killed, or shutdown.
@@ -113,18 +152,14 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
     let (r, w) = stream.into_split();
     let client = ClientShared::new(shared.limits.max_output);
     let (out_tx, out_rx) = mpsc::channel(shared.limits.max_inflight);
-    let (oob_tx, oob_rx) = mpsc::channel(OOB_QUEUE);
-    let (written_tx, written_rx) = watch::channel(0u64);
+    let progress = Arc::new(Progress::default());
     let mut session = Session {
         shared: shared.clone(),
         id,
         client: client.clone(),
         out: out_tx,
-        oob: Oob {
-            tx: oob_tx,
-            client: client.clone(),
-        },
-        written: written_rx,
+        oob: None,
+        written: progress.clone(),
         queued: 0,
         proto: Proto::Resp2,
         db: 0,
@@ -141,6 +176,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
         streaming: false,
         sticky: false,
         metrics_cache: HashMap::new(),
+        table: (shared.pool.table_generation(), shared.pool.table()),
     };
     let kill = client.kill.clone();
     let reader = async {
@@ -154,9 +190,8 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
     let writer = write_loop(
         w,
         out_rx,
-        oob_rx,
         client.clone(),
-        written_tx,
+        progress,
         shared.limits.max_output,
     );
     tokio::select! {
@@ -176,7 +211,9 @@ impl Session {
             loop {
                 match scanner.next(&mut buf) {
                     Ok(Some(req)) => {
-                        if self.handle(req).await == Flow::Stop {
+                        // Boxed: the per-request future is large, and inline it would
+                        // be part of every idle session's allocation.
+                        if Box::pin(self.handle(req)).await == Flow::Stop {
                             return;
                         }
                     }
@@ -207,11 +244,12 @@ impl Session {
                     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
                         buf.reserve(READ_CHUNK);
                     }
-                    match r.try_read_buf(&mut buf) {
-                        Ok(0) => return,
+                    // Through AsyncRead, not try_read: tokio then knows a
+                    // short read drained the socket and skips the EAGAIN
+                    // read that would otherwise follow every request.
+                    match r.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
                     }
                 },
                 _ = shutdown.cancelled() => return,
@@ -266,8 +304,11 @@ impl Session {
     }
 
     async fn handle(&mut self, req: Request) -> Flow {
-        let table = self.shared.pool.table();
-        let info = table.lookup(&req.args).cloned();
+        let generation = self.shared.pool.table_generation();
+        if generation != self.table.0 {
+            self.table = (generation, self.shared.pool.table());
+        }
+        let info = self.table.1.lookup(&req.args).cloned();
         let metrics = self.command_metrics(&req.args, info.as_ref().map(|i| i.name.as_str()));
         let class = classify(&req.args, info.as_deref());
         if self.streaming && class != Class::Local(Local::Quit) {
@@ -295,7 +336,9 @@ impl Session {
                     )
                     .await;
             }
-            return self.local(local, &args, &metrics).await;
+            // Boxed: connection-state commands are rare, and their futures
+            // (handshakes) would otherwise enlarge every idle session.
+            return Box::pin(self.local(local, &args, &metrics)).await;
         }
         match class {
             Class::Pin(Pin::Multi) => {
@@ -368,7 +411,7 @@ impl Session {
                 self.watching = false;
                 self.multi_dirty = false;
                 if abort {
-                    return self.abort_exec(&metrics).await;
+                    return Box::pin(self.abort_exec(&metrics)).await;
                 }
                 let plan = Plan {
                     strip_exec: strip,
@@ -536,6 +579,23 @@ impl Session {
         }
     }
 
+    /// The out-of-band path to this client's writer, created on first use:
+    /// its receiver travels to the writer through the output queue, so
+    /// frames sent on it are written after every reply queued before.
+    async fn oob_sender(&mut self) -> Oob {
+        if let Some(o) = &self.oob {
+            return o.clone();
+        }
+        let (tx, rx) = mpsc::channel(OOB_QUEUE);
+        self.push(Out::AttachOob(rx)).await;
+        let oob = Oob {
+            tx,
+            client: self.client.clone(),
+        };
+        self.oob = Some(oob.clone());
+        oob
+    }
+
     async fn ensure_dedicated(&mut self) -> Result<(), UpstreamError> {
         if let Some(d) = &self.dedicated {
             if d.is_alive() {
@@ -548,11 +608,9 @@ impl Session {
             }
             self.dedicated = None;
         }
-        let d = self
-            .shared
-            .pool
-            .dedicated(&self.identity(), self.name.as_ref(), self.oob.clone())
-            .await?;
+        let oob = self.oob_sender().await;
+        let pool = self.shared.pool.clone();
+        let d = Box::pin(pool.dedicated(&self.identity(), self.name.as_ref(), oob)).await?;
         self.dedicated = Some(d);
         Ok(())
     }
@@ -588,7 +646,7 @@ impl Session {
         let same = self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx));
         if !same {
             let want = self.queued;
-            let _ = self.written.wait_for(|&w| w >= want).await;
+            self.written.wait_for(want).await;
             self.last_tx = Some(tx.clone());
         }
     }
@@ -903,14 +961,14 @@ impl Session {
 async fn write_loop(
     mut w: OwnedWriteHalf,
     mut out: mpsc::Receiver<Out>,
-    mut oob: mpsc::Receiver<OobMsg>,
     client: Arc<ClientShared>,
-    written: watch::Sender<u64>,
+    written: Arc<Progress>,
     max_output: usize,
 ) {
     let mut buf = BytesMut::new();
     let mut done = 0u64;
-    let mut oob_open = true;
+    // Attached when the session makes its first dedicated connection.
+    let mut oob: Option<mpsc::Receiver<OobMsg>> = None;
     let mut out_open = true;
     // The reply the writer waits for (queue order), with its bookkeeping.
     let mut head: Option<(oneshot::Receiver<Reply>, Instant, Arc<CommandMetrics>)> = None;
@@ -935,7 +993,7 @@ async fn write_loop(
                 n = w.write(&buf) => Ev::Wrote(n),
                 r = head_reply, if has_head => Ev::Reply(r),
                 o = out.recv(), if accept => Ev::Out(o),
-                b = oob.recv(), if accept && oob_open => Ev::Oob(b),
+                b = recv_oob(&mut oob), if accept && oob.is_some() => Ev::Oob(b),
             }
         } else {
             // Gather what is ready first, write when nothing more is.
@@ -943,7 +1001,7 @@ async fn write_loop(
                 biased;
                 r = head_reply, if has_head => Ev::Reply(r),
                 o = out.recv(), if accept => Ev::Out(o),
-                b = oob.recv(), if accept && oob_open => Ev::Oob(b),
+                b = recv_oob(&mut oob), if accept && oob.is_some() => Ev::Oob(b),
                 n = w.write(&buf), if !buf.is_empty() => Ev::Wrote(n),
             }
         };
@@ -966,7 +1024,7 @@ async fn write_loop(
                     append_reply(&mut buf, &client, result, &metrics);
                 }
                 done += 1;
-                written.send_replace(done);
+                written.advance(done);
             }
             Ev::Out(None) => out_open = false,
             Ev::Out(Some(Out::Now { reply, metrics })) => {
@@ -980,7 +1038,7 @@ async fn write_loop(
                 client.charge(reply.len());
                 buf.extend_from_slice(&reply);
                 done += 1;
-                written.send_replace(done);
+                written.advance(done);
             }
             Ev::Out(Some(Out::Wait {
                 mut rx,
@@ -997,7 +1055,7 @@ async fn write_loop(
                         &metrics,
                     );
                     done += 1;
-                    written.send_replace(done);
+                    written.advance(done);
                 }
             },
             Ev::Out(Some(Out::Close)) => {
@@ -1007,7 +1065,12 @@ async fn write_loop(
                 client.kill.cancel();
                 return;
             }
-            Ev::Oob(None) => oob_open = false,
+            Ev::Oob(None) => oob = None,
+            Ev::Out(Some(Out::AttachOob(rx))) => {
+                oob = Some(rx);
+                done += 1;
+                written.advance(done);
+            }
             Ev::Oob(Some(OobMsg::Frame(b))) => buf.extend_from_slice(&b),
             Ev::Oob(Some(OobMsg::Close)) => {
                 let _ = write_all(&mut w, &mut buf, &client).await;
@@ -1018,6 +1081,13 @@ async fn write_loop(
         }
     }
     let _ = w.shutdown().await;
+}
+
+async fn recv_oob(oob: &mut Option<mpsc::Receiver<OobMsg>>) -> Option<OobMsg> {
+    match oob {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 enum Ev {
@@ -1062,4 +1132,39 @@ async fn write_all(
     buf.clear();
     client.release(n);
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle client holds one of these futures: keep it small.
+    #[tokio::test]
+    async fn session_future_is_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let settings = crate::upstream::conn::ConnSettings {
+            connect_timeout: std::time::Duration::from_secs(1),
+            command_timeout: std::time::Duration::from_secs(1),
+            queue_timeout: std::time::Duration::from_secs(1),
+            max_reply_bulk: 1 << 20,
+        };
+        let url = crate::upstream::url::UpstreamUrl::parse("redis://127.0.0.1:1").unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let pool =
+            crate::upstream::pool::Pool::new("t".into(), url, settings, 1, 1, metrics.clone());
+        let limits = super::super::SessionLimits {
+            frame: crate::protocol::Limits::default(),
+            max_inflight: 16,
+            max_output: 1 << 20,
+            idle_timeout: std::time::Duration::ZERO,
+        };
+        let shared = super::super::Shared::new(pool, Default::default(), metrics, limits);
+        let fut = run(stream, shared, 1, CancellationToken::new());
+        let size = std::mem::size_of_val(&fut);
+        println!("session future: {size} bytes");
+        assert!(size < 4096, "session future is {size} bytes");
+    }
 }

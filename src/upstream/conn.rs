@@ -278,6 +278,12 @@ async fn write_loop(
                 None => return End::Closed,
             },
         };
+        // Let the other ready tasks (sessions with requests already read)
+        // run once before writing: their jobs join this batch, so many
+        // clients' commands cost one write instead of one each.
+        if rx.is_empty() && backlog.is_empty() {
+            tokio::task::yield_now().await;
+        }
         let mut next = Some(job);
         while let Some(job) = next.take() {
             let payload = enqueue(job, fifo, settings);

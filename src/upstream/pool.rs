@@ -8,7 +8,7 @@
 //! the queue timeout and then fail as never sent.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ pub struct Pool {
     max_identities: usize,
     shared: Mutex<HashMap<Identity, Arc<SharedSet>>>,
     table: RwLock<Arc<Table>>,
+    /// Bumped when the table changes, so sessions can cache it.
+    table_generation: AtomicU64,
     server_version: Mutex<String>,
     metrics: Metrics,
 }
@@ -86,6 +88,7 @@ impl Pool {
             max_identities,
             shared: Mutex::new(HashMap::new()),
             table: RwLock::new(Arc::new(Table::builtin())),
+            table_generation: AtomicU64::new(0),
             server_version: Mutex::new(String::new()),
             metrics,
         })
@@ -97,6 +100,11 @@ impl Pool {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Changes whenever [`Pool::table`] would return a new table.
+    pub fn table_generation(&self) -> u64 {
+        self.table_generation.load(Ordering::Acquire)
     }
 
     /// The upstream's version, from its HELLO reply ("" until connected).
@@ -343,6 +351,7 @@ impl Pool {
             .ok_or_else(|| UpstreamError::Protocol("COMMAND reply had no entries".into()))?;
         let n = table.len();
         *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        self.table_generation.fetch_add(1, Ordering::AcqRel);
         Ok(n)
     }
 
