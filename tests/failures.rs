@@ -97,7 +97,11 @@ async fn max_clients_and_idle_timeout() {
     let mut sub = Raw::connect(s.addr).await;
     sub.cmd(&[b"SUBSCRIBE", b"ch"]).await;
     sub.read().await;
+    // Nor is a client blocked in BLPOP longer than the idle timeout.
+    let mut blocked = Raw::connect(s.addr).await;
+    blocked.cmd(&[b"BLPOP", b"idleq", b"0.6"]).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(&blocked.read().await[..], b"*-1\r\n");
     sub.cmd(&[b"PING"]).await;
     assert!(sub.read().await.windows(4).any(|w| w == b"pong"));
 }

@@ -1,0 +1,28 @@
+# Multi-stage build: compile in the Rust image, run in a slim Debian image
+# as a non-root user.
+#   docker build -t redis-sidecar .
+#   docker run -p 6380:6380 -p 9121:9121 -e REDIS_URL=redis://redis:6379 redis-sidecar
+# With a config file (its listen/admin_listen are overridden by the CMD
+# flags below unless you replace the CMD):
+#   docker run -v $PWD/config:/etc/redis-sidecar:ro \
+#     -e REDIS_SIDECAR_CONFIG=/etc/redis-sidecar/redis-sidecar.toml redis-sidecar
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/framing.rs \
+    && cargo build --release --locked --bin redis-sidecar || true
+COPY src ./src
+COPY config ./config
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin redis-sidecar
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+COPY --from=build /src/target/release/redis-sidecar /usr/local/bin/redis-sidecar
+COPY config/redis-sidecar.example.toml /etc/redis-sidecar/redis-sidecar.example.toml
+USER sidecar
+EXPOSE 6380 9121
+ENTRYPOINT ["/usr/local/bin/redis-sidecar"]
+# In a container the listeners must not be loopback-only.
+CMD ["--listen", "0.0.0.0:6380", "--admin-listen", "0.0.0.0:9121"]
