@@ -70,10 +70,17 @@ fn main() -> ExitCode {
         &validated.config.log.level,
         cli.log_json || validated.config.log.format == LogFormat::Json,
     );
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread: a current-thread runtime, where waking a task is a
+    // queue push rather than a cross-thread notification.
+    let threads = validated.config.threads.get();
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("redis-sidecar: cannot start the runtime: {e}");
