@@ -200,21 +200,7 @@ async fn dead_upstream_gives_errors_then_recovers() {
     let (status, body) = http_get(s.admin_addr.unwrap(), "/readyz").await;
     assert_eq!(status, 503, "{body}");
     // Bring Redis back on the same port: the sidecar reconnects by itself.
-    let _back = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-        ])
-        .status()
-        .unwrap();
+    let _back = RedisServer::start_on(port, &[]).expect("redis-server restarts on its port");
     let ok = eventually(|| async {
         let mut c = Raw::connect(s.addr).await;
         &c.call(&[b"PING"]).await[..] == b"+PONG\r\n"
@@ -223,8 +209,6 @@ async fn dead_upstream_gives_errors_then_recovers() {
     assert!(ok);
     let (status, _) = http_get(s.admin_addr.unwrap(), "/readyz").await;
     assert_eq!(status, 200);
-    let mut c = Raw::connect(s.addr).await;
-    c.call(&[b"SHUTDOWN", b"NOSAVE"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,6 +104,23 @@ fn encode(f: &BytesFrame) -> Vec<u8> {
     out.to_vec()
 }
 
+/// Feed `all` into a buffer in pieces of the sizes in `cuts` (cycled),
+/// calling `drain` after each; returns the bytes left unconsumed.
+fn feed_in_pieces(all: &[u8], cuts: &[usize], mut drain: impl FnMut(&mut BytesMut)) -> usize {
+    let mut buf = BytesMut::new();
+    let mut pos = 0;
+    for &cut in cuts.iter().cycle() {
+        if pos >= all.len() {
+            break;
+        }
+        let n = cut.min(all.len() - pos);
+        buf.extend_from_slice(&all[pos..pos + n]);
+        pos += n;
+        drain(&mut buf);
+    }
+    buf.len()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -121,20 +138,13 @@ proptest! {
         }
         // Ours, fed in random pieces.
         let mut s = ReplyScanner::new(1 << 20);
-        let mut buf = BytesMut::new();
         let mut got = Vec::new();
-        let mut pos = 0;
-        let mut i = 0;
-        while pos < all.len() {
-            let n = cuts[i % cuts.len()].min(all.len() - pos);
-            buf.extend_from_slice(&all[pos..pos + n]);
-            pos += n;
-            i += 1;
-            while let Some(f) = s.next(&mut buf).unwrap() {
+        let rest = feed_in_pieces(&all, &cuts, |buf| {
+            while let Some(f) = s.next(buf).unwrap() {
                 got.push(f.to_vec());
             }
-        }
-        prop_assert!(buf.is_empty());
+        });
+        prop_assert_eq!(rest, 0);
         prop_assert_eq!(got, oracle);
     }
 
@@ -142,21 +152,15 @@ proptest! {
     fn request_scanner_roundtrip(cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 1..6), 1..10), cuts in proptest::collection::vec(1usize..100, 1..20)) {
         let all: Vec<u8> = cmds.iter().flat_map(|c| encode_command(c).to_vec()).collect();
         let mut s = RequestScanner::new(Limits::default());
-        let mut buf = BytesMut::new();
         let mut got: Vec<Vec<Vec<u8>>> = Vec::new();
         let mut raws = Vec::new();
-        let mut pos = 0;
-        let mut i = 0;
-        while pos < all.len() {
-            let n = cuts[i % cuts.len()].min(all.len() - pos);
-            buf.extend_from_slice(&all[pos..pos + n]);
-            pos += n;
-            i += 1;
-            while let Some(r) = s.next(&mut buf).unwrap() {
+        let rest = feed_in_pieces(&all, &cuts, |buf| {
+            while let Some(r) = s.next(buf).unwrap() {
                 got.push(r.args.iter().map(|a| a.to_vec()).collect());
                 raws.push(r.raw.to_vec());
             }
-        }
+        });
+        prop_assert_eq!(rest, 0);
         prop_assert_eq!(&got, &cmds);
         // The forwarded bytes are exactly the bytes that arrived.
         prop_assert_eq!(raws.concat(), all);

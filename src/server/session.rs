@@ -356,174 +356,108 @@ impl Session {
             return self.send_stream(req.raw, JobKind::Stream, &metrics).await;
         }
         let Request { raw, args } = req;
-        if let Class::Local(local) = class {
-            if self.in_multi
-                || (self.sticky && !matches!(local, Local::Quit | Local::ClientId | Local::Reset))
-            {
-                // Queued inside MULTI, or on a connection whose state we no
-                // longer mirror: Redis must see it. We stop tracking state.
-                if !matches!(local, Local::ClientId | Local::ClientGetName) {
-                    self.sticky = true;
+        // Where the command goes; arms that answer or send it themselves
+        // return early.
+        let (target, blocking) = match class {
+            Class::Local(local) => {
+                if self.in_multi
+                    || (self.sticky
+                        && !matches!(local, Local::Quit | Local::ClientId | Local::Reset))
+                {
+                    // Queued inside MULTI, or on a connection whose state we
+                    // no longer mirror: Redis must see it, and we stop
+                    // tracking that connection's state.
+                    if !matches!(local, Local::ClientId | Local::ClientGetName) {
+                        self.sticky = true;
+                    }
+                    (Target::Dedicated, false)
+                } else {
+                    // Boxed: connection-state commands are rare, and their
+                    // futures (handshakes) would enlarge every idle session.
+                    return Box::pin(self.local(local, &args, &metrics)).await;
                 }
-                return self
-                    .forward(
-                        raw,
-                        args,
-                        Target::Dedicated,
-                        false,
-                        &metrics,
-                        info.as_deref(),
-                    )
-                    .await;
             }
-            // Boxed: connection-state commands are rare, and their futures
-            // (handshakes) would otherwise enlarge every idle session.
-            return Box::pin(self.local(local, &args, &metrics)).await;
-        }
-        match class {
             Class::Pin(Pin::Multi) => {
                 if !self.in_multi {
                     self.in_multi = true;
                     self.multi_dirty = false;
                     self.multi_count = 0;
                     self.multi_strip.clear();
-                    // MULTI itself is not a queued command.
+                    // MULTI itself is not a queued command: no stages, not
+                    // counted.
                     return self
-                        .forward_uncounted(raw, args, &metrics, info.as_deref())
+                        .send_job(Target::Dedicated, raw, Plan::single(), false, &metrics)
                         .await;
                 }
-                self.forward(
-                    raw,
-                    args,
-                    Target::Dedicated,
-                    false,
-                    &metrics,
-                    info.as_deref(),
-                )
-                .await
+                (Target::Dedicated, false)
             }
             Class::Pin(Pin::Watch) => {
                 if !self.in_multi {
                     self.watching = true;
                 }
-                self.forward(
-                    raw,
-                    args,
-                    Target::Dedicated,
-                    false,
-                    &metrics,
-                    info.as_deref(),
-                )
-                .await
+                (Target::Dedicated, false)
             }
             Class::Pin(Pin::EndTransaction) => {
                 let name = args
                     .first()
                     .map(|a| a.to_ascii_lowercase())
                     .unwrap_or_default();
-                let holds = self.in_multi || self.watching;
-                if !holds {
+                if !(self.in_multi || self.watching) {
                     // EXEC/DISCARD without MULTI: Redis's own error, from
                     // any connection.
-                    return self
-                        .forward(raw, args, Target::Shared, false, &metrics, info.as_deref())
-                        .await;
-                }
-                if name == b"unwatch" && self.in_multi {
-                    return self
-                        .forward(
-                            raw,
-                            args,
-                            Target::Dedicated,
-                            false,
-                            &metrics,
-                            info.as_deref(),
-                        )
-                        .await;
-                }
-                let strip = if name == b"exec" {
-                    std::mem::take(&mut self.multi_strip)
+                    (Target::Shared, false)
+                } else if name == b"unwatch" && self.in_multi {
+                    (Target::Dedicated, false)
                 } else {
-                    Vec::new()
-                };
-                let abort = name == b"exec" && self.multi_dirty;
-                self.in_multi = false;
-                self.watching = false;
-                self.multi_dirty = false;
-                if abort {
-                    return Box::pin(self.abort_exec(&metrics)).await;
+                    let exec = name == b"exec";
+                    let strip = if exec {
+                        std::mem::take(&mut self.multi_strip)
+                    } else {
+                        Vec::new()
+                    };
+                    let abort = exec && self.multi_dirty;
+                    self.in_multi = false;
+                    self.watching = false;
+                    self.multi_dirty = false;
+                    if abort {
+                        return Box::pin(self.abort_exec(&metrics)).await;
+                    }
+                    let plan = Plan {
+                        strip_exec: strip,
+                        ..Plan::single()
+                    };
+                    let flow = self
+                        .send_job(Target::Dedicated, raw, plan, false, &metrics)
+                        .await;
+                    self.update_holds_state();
+                    return flow;
                 }
-                let plan = Plan {
-                    strip_exec: strip,
-                    ..Plan::single()
-                };
-                let flow = self
-                    .send_job(
-                        Target::Dedicated,
-                        Outgoing::new(raw, args).payload(),
-                        plan,
-                        false,
-                        &metrics,
-                    )
-                    .await;
-                self.update_holds_state();
-                flow
             }
-            Class::Pin(Pin::Blocking) => {
-                // Inside MULTI a blocking command is just queued.
-                let blocking = !self.in_multi;
-                self.forward(
-                    raw,
-                    args,
-                    Target::Dedicated,
-                    blocking,
-                    &metrics,
-                    info.as_deref(),
-                )
-                .await
-            }
+            // Inside MULTI a blocking command is just queued.
+            Class::Pin(Pin::Blocking) => (Target::Dedicated, !self.in_multi),
             Class::Pin(Pin::Stream) => {
                 if self.in_multi {
-                    return self
-                        .forward(
-                            raw,
-                            args,
-                            Target::Dedicated,
-                            false,
-                            &metrics,
-                            info.as_deref(),
-                        )
-                        .await;
+                    (Target::Dedicated, false)
+                } else {
+                    if let Err(e) = self.ensure_dedicated().await {
+                        return self.upstream_error(e, &metrics).await;
+                    }
+                    self.streaming = true;
+                    self.update_holds_state();
+                    return self.send_stream(raw, JobKind::StartStream, &metrics).await;
                 }
-                if let Err(e) = self.ensure_dedicated().await {
-                    return self.upstream_error(e, &metrics).await;
-                }
-                self.streaming = true;
-                self.update_holds_state();
-                self.send_stream(raw, JobKind::StartStream, &metrics).await
             }
             Class::Pin(Pin::Sticky) => {
                 self.sticky = true;
-                self.forward(
-                    raw,
-                    args,
-                    Target::Dedicated,
-                    false,
-                    &metrics,
-                    info.as_deref(),
-                )
-                .await
+                (Target::Dedicated, false)
             }
-            Class::Forward | Class::Local(_) => {
-                let target = if self.in_multi || self.watching || self.sticky {
-                    Target::Dedicated
-                } else {
-                    Target::Shared
-                };
-                self.forward(raw, args, target, false, &metrics, info.as_deref())
-                    .await
+            Class::Forward if self.in_multi || self.watching || self.sticky => {
+                (Target::Dedicated, false)
             }
-        }
+            Class::Forward => (Target::Shared, false),
+        };
+        self.forward(raw, args, target, blocking, &metrics, info.as_deref())
+            .await
     }
 
     /// Policy stages, then send; counts the command in an open MULTI.
@@ -571,20 +505,6 @@ impl Session {
             strip_exec: Vec::new(),
         };
         self.send_job(target, cmd.payload(), plan, blocking, metrics)
-            .await
-    }
-
-    /// MULTI: runs no stages (it is not a queued command).
-    async fn forward_uncounted(
-        &mut self,
-        raw: Bytes,
-        args: Vec<Bytes>,
-        metrics: &Arc<CommandMetrics>,
-        _info: Option<&crate::command::CommandInfo>,
-    ) -> Flow {
-        self.update_holds_state();
-        let payload = Outgoing::new(raw, args).payload();
-        self.send_job(Target::Dedicated, payload, Plan::single(), false, metrics)
             .await
     }
 

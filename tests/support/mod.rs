@@ -31,48 +31,57 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// Start on `port` (e.g. again on the port of one that was killed);
+    /// `None` if it did not come up.
+    pub fn start_on(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let bin = which("redis-server").expect(
+            "redis-server is not installed: run ./scripts/test.sh, which installs it (apt-get install redis-server)",
+        );
+        let dir =
+            std::env::temp_dir().join(format!("redis-sidecar-test-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port_arg = port.to_string();
+        let mut args = vec![
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        args.extend(["--enable-debug-command", "yes"]);
+        let child = Command::new(&bin)
+            .args(&args)
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let password = extra
+            .windows(2)
+            .find(|w| w[0] == "--requirepass")
+            .map(|w| w[1].to_string());
+        let mut server = RedisServer {
+            port,
+            child,
+            password,
+            dir,
+        };
+        server.wait_ready().then_some(server)
+    }
+
     pub fn start() -> RedisServer {
         Self::start_with(&[])
     }
 
     /// Start with extra `redis-server` arguments (e.g. `--requirepass x`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let bin = which("redis-server").expect("redis-server is not installed: run ./scripts/test.sh, which installs it (apt-get install redis-server)");
         for _ in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir()
-                .join(format!("redis-sidecar-test-{port}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let mut cmd = Command::new(&bin);
-            cmd.args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "yes",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-            let child = cmd.spawn().unwrap();
-            let password = extra
-                .windows(2)
-                .find(|w| w[0] == "--requirepass")
-                .map(|w| w[1].to_string());
-            let mut server = RedisServer {
-                port,
-                child,
-                password,
-                dir,
-            };
-            if server.wait_ready() {
+            if let Some(server) = Self::start_on(free_port(), extra) {
                 return server;
             }
             // Port taken between our probe and redis-server's bind: retry.
