@@ -61,17 +61,25 @@ impl Progress {
     }
 
     async fn wait_for(&self, want: u64) {
+        /// Clears the flag however the wait ends (done, or dropped by a
+        /// `select!`), so the writer stops notifying nobody.
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _guard = Waiting(&self.waiting);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waiting.store(true, Ordering::SeqCst);
             if self.done.load(Ordering::SeqCst) >= want {
-                break;
+                return;
             }
             notified.await;
         }
-        self.waiting.store(false, Ordering::SeqCst);
     }
 }
 
