@@ -147,8 +147,9 @@ def main():
 
         print(f"\nredis-benchmark -n {args.requests}, {args.rounds} interleaved rounds, medians; "
               "ratios are to direct Redis in the same rounds\n")
-        print("| scenario | test | direct rps | sidecar rps (ratio) | twemproxy rps (ratio) | p50 ms direct / sidecar / twemproxy "
-              "| p99 ms direct / sidecar / twemproxy | CPU µs/op sidecar / twemproxy |")
+        print("| scenario | test | direct rps | sidecar rps (x direct) | twemproxy rps (x direct) "
+              "| p50 ms direct; sidecar (x); twemproxy (x) | p99 ms direct; sidecar (x); twemproxy (x) "
+              "| CPU µs/op sidecar / twemproxy |")
         print("|---|---|---|---|---|---|---|---|")
         for name, *_ in SCENARIOS:
             for test in ("SET", "GET"):
@@ -157,9 +158,13 @@ def main():
                     vals = results.get((name, tname, test), [])
                     med[tname] = tuple(statistics.median(v[i] for v in vals) for i in range(4))
                 d, s, t = med["direct"], med["sidecar"], med["twemproxy"]
+
+                def lat(i):
+                    return (f"{d[i]:.3f}; {s[i]:.3f} ({s[i] / d[i]:.2f}); "
+                            f"{t[i]:.3f} ({t[i] / d[i]:.2f})")
+
                 print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
-                      f"| {d[1]:.3f} / {s[1]:.3f} / {t[1]:.3f} | {d[2]:.3f} / {s[2]:.3f} / {t[2]:.3f} "
-                      f"| {s[3]:.2f} / {t[3]:.2f} |")
+                      f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} |")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
               f"twemproxy {rss['twemproxy']:.1f} MiB")
     finally:

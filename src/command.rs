@@ -66,6 +66,9 @@ pub struct CommandInfo {
     pub name: String,
     pub arity: i64,
     pub flags: Flags,
+    /// ACL categories without the `@` (`read`, `string`, ...); empty in the
+    /// built-in table.
+    pub acl_categories: Vec<String>,
     key_specs: Vec<KeySpec>,
 }
 
@@ -359,6 +362,7 @@ impl Table {
                     name: name.to_string(),
                     arity,
                     flags,
+                    acl_categories: Vec::new(),
                     key_specs,
                 }),
             );
@@ -487,6 +491,14 @@ fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
         pubsub: has("pubsub"),
         admin: has("admin"),
     };
+    let acl_categories: Vec<String> = e
+        .get(6)
+        .map(list)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(text)
+        .map(|c| c.trim_start_matches('@').to_string())
+        .collect();
     let mut key_specs: Vec<KeySpec> = e
         .get(8)
         .map(list)
@@ -526,6 +538,7 @@ fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
             name: full,
             arity,
             flags,
+            acl_categories,
             key_specs,
         }),
     );

@@ -321,6 +321,17 @@ impl Config {
                 errors.push(format!("upstream[{i}].name: {:?} is used twice", u.name));
             }
             match UpstreamUrl::parse(&u.url) {
+                Ok(url)
+                    if listen
+                        .is_some_and(|l| url.port == l.port() && is_own_host(&url.host, &l)) =>
+                {
+                    // REDIS_URL=redis://127.0.0.1:6380 is what the app is
+                    // given; if the sidecar inherits it, it would proxy to
+                    // itself.
+                    errors.push(format!(
+                        "upstream[{i}].url: {url} is this sidecar's own listen address"
+                    ));
+                }
                 Ok(url) => upstreams.push((u.name.clone(), url)),
                 Err(e) => errors.push(format!("upstream[{i}].url: {e}")),
             }
@@ -361,6 +372,15 @@ impl Config {
             _ => Err(ConfigErrors(errors)),
         }
     }
+}
+
+/// Would connecting to `host` reach the listener bound at `listen`?
+fn is_own_host(host: &str, listen: &SocketAddr) -> bool {
+    let loopback = matches!(host, "localhost" | "127.0.0.1" | "::1");
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    ip == Some(listen.ip())
+        || (listen.ip().is_unspecified() && (loopback || ip.is_some()))
+        || (loopback && listen.ip().is_loopback())
 }
 
 /// Expand `${NAME}` in every string value; `$$` is a literal `$`.
@@ -450,6 +470,13 @@ mod tests {
         let e = c.validate().unwrap_err();
         assert!(e.0.len() >= 4, "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        let own = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nurl = \"redis://localhost:6380\"\n",
+            &env,
+        )
+        .unwrap();
+        let e = own.validate().unwrap_err();
+        assert!(e.to_string().contains("own listen address"), "{e}");
         let e = Config::from_toml("bogus = 1\n", &env).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = Config::from_toml("[[upstream]]\nname=\"a\"\nurl=\"${NOPE}\"\n", &env).unwrap_err();

@@ -77,6 +77,21 @@ async fn learned_key_specs_match_redis_getkeysandflags() {
             .collect();
         assert_eq!(ours, theirs, "{line}");
     }
+    // ACL categories, for rules written as `@write`, `@read`...
+    let get = table.lookup(&[Bytes::from_static(b"get")]).unwrap();
+    assert!(
+        get.acl_categories.iter().any(|c| c == "read"),
+        "{:?}",
+        get.acl_categories
+    );
+    assert!(
+        get.acl_categories.iter().any(|c| c == "string"),
+        "{:?}",
+        get.acl_categories
+    );
+    let set = table.lookup(&[Bytes::from_static(b"SET")]).unwrap();
+    assert!(set.acl_categories.iter().any(|c| c == "write"));
+    assert!(set.flags.write && !set.flags.readonly);
     // Blocking flags come from the learned table too (BLMPOP is not in the
     // built-in fallback).
     let args: Vec<Bytes> = "BLMPOP 0 1 q LEFT"
