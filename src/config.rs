@@ -378,9 +378,10 @@ impl Config {
 fn is_own_host(host: &str, listen: &SocketAddr) -> bool {
     let loopback = matches!(host, "localhost" | "127.0.0.1" | "::1");
     let ip = host.parse::<std::net::IpAddr>().ok();
+    // A remote address with the same port is another host: only an exact
+    // match, or loopback against a loopback or any-address listener, is us.
     ip == Some(listen.ip())
-        || (listen.ip().is_unspecified() && (loopback || ip.is_some()))
-        || (loopback && listen.ip().is_loopback())
+        || (loopback && (listen.ip().is_loopback() || listen.ip().is_unspecified()))
 }
 
 /// Expand `${NAME}` in every string value; `$$` is a literal `$`.
