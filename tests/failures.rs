@@ -267,3 +267,83 @@ async fn admin_endpoints_and_metrics() {
         assert!(body.contains(want), "missing {want} in\n{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_pipeline_written_before_reading_does_not_deadlock() {
+    // A client (like redis-py's pipeline) writes every command before it
+    // reads a reply. Replies far larger than the socket buffers must be
+    // held by the sidecar (up to the output limit), not deadlock.
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let mut direct = redis.direct().await;
+    let value = vec![b'v'; 20 * 1024];
+    let _: () = redis::AsyncCommands::set(&mut direct, "big20k", &value)
+        .await
+        .unwrap();
+    let raw = Raw::connect(s.addr).await;
+    let (mut rd, mut wr) = raw.stream.into_split();
+    let n = 2000;
+    let mut batch = Vec::new();
+    for _ in 0..n {
+        batch.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$6\r\nbig20k\r\n");
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Write everything first (this completes only if the sidecar keeps
+    // reading while its replies pile up), then read.
+    tokio::time::timeout(Duration::from_secs(20), wr.write_all(&batch))
+        .await
+        .expect("pipeline written")
+        .unwrap();
+    let want = n * (value.len() + "$20480\r\n\r\n".len());
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while got < want {
+            let k = rd.read(&mut buf).await.unwrap();
+            assert!(k > 0, "closed after {got} of {want} bytes");
+            got += k;
+        }
+    })
+    .await
+    .expect("all replies read");
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_vanishing_mid_pipeline_leave_others_unaffected() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    for i in 0..20 {
+        let mut raw = Raw::connect(s.addr).await;
+        let mut batch = Vec::new();
+        for j in 0..500 {
+            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                &b"SET"[..],
+                format!("gone:{i}:{j}").as_bytes(),
+                b"v",
+            ]));
+            if j % 50 == 0 {
+                batch.extend_from_slice(b"*3\r\n$5\r\nBLPOP\r\n$4\r\nnone\r\n$3\r\n0.1\r\n");
+            }
+        }
+        raw.send(&batch).await;
+        drop(raw); // gone, replies owed
+    }
+    let mut ok = Raw::connect(s.addr).await;
+    for k in 0..100 {
+        let v = format!("{k}");
+        let r = ok.call(&[b"ECHO", v.as_bytes()]).await;
+        assert_eq!(&r[..], format!("${}\r\n{v}\r\n", v.len()).as_bytes());
+    }
+    let admin = s.admin_addr.unwrap();
+    assert!(
+        eventually(|| async {
+            http_get(admin, "/metrics")
+                .await
+                .1
+                .contains("redis_sidecar_client_connections 1\n")
+        })
+        .await,
+        "vanished clients were cleaned up"
+    );
+}
