@@ -161,12 +161,10 @@ async fn blocker(addr: std::net::SocketAddr, id: usize, rounds: usize) {
                 .await[..],
             b":1\r\n"
         );
-        let got = c.read().await;
-        let mut want = b"*2\r\n".to_vec();
-        want.extend(bulk(key.as_bytes()));
-        want.extend(bulk(item.as_bytes()));
+        // An array of bulk strings is encoded like a command.
+        let want = encode_command(&[key.as_bytes(), item.as_bytes()]);
         assert_eq!(
-            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&c.read().await),
             String::from_utf8_lossy(&want)
         );
     }
@@ -186,13 +184,9 @@ async fn subscriber(addr: std::net::SocketAddr, id: usize, messages: usize) {
                 .await[..],
             b":1\r\n"
         );
-        let got = sub.read().await;
-        let mut want = b"*3\r\n".to_vec();
-        want.extend(bulk(b"message"));
-        want.extend(bulk(ch.as_bytes()));
-        want.extend(bulk(msg.as_bytes()));
+        let want = encode_command(&[&b"message"[..], ch.as_bytes(), msg.as_bytes()]);
         assert_eq!(
-            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&sub.read().await),
             String::from_utf8_lossy(&want)
         );
     }
