@@ -235,49 +235,26 @@ impl Pool {
         backlog: &mut VecDeque<Job>,
         backoff: &mut Duration,
     ) -> Option<Connected> {
-        let mut last_error = String::from("connecting");
-        let mut closed = false;
+        let mut held = Held {
+            rx,
+            backlog,
+            closed: false,
+            reason: String::from("connecting"),
+            timeout: self.settings.queue_timeout,
+        };
         loop {
-            let attempt = self.connect(ident, None);
-            tokio::pin!(attempt);
-            let retry_at = Instant::now() + *backoff;
-            loop {
-                expire(backlog, self.settings.queue_timeout, &last_error);
-                tokio::select! {
-                    res = &mut attempt => {
-                        match res {
-                            Ok(c) => return Some(c),
-                            Err(e) => {
-                                last_error = e.to_string();
-                                tracing::debug!(upstream = %self.name, error = %last_error, "upstream connect failed");
-                                break;
-                            }
-                        }
-                    }
-                    job = rx.recv(), if !closed && backlog.len() < SHARED_QUEUE => match job {
-                        Some(j) => backlog.push_back(j),
-                        None => closed = true,
-                    },
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            match held.run(self.connect(ident, None)).await? {
+                Ok(c) => {
+                    self.metrics.upstream_up(&self.name, true);
+                    return Some(c);
                 }
-                if closed && backlog.is_empty() {
-                    return None;
+                Err(e) => {
+                    self.metrics.upstream_up(&self.name, false);
+                    tracing::debug!(upstream = %self.name, error = %e, "upstream connect failed");
+                    held.reason = e.to_string();
                 }
             }
-            // Wait out the backoff while still answering expired jobs.
-            while Instant::now() < retry_at {
-                expire(backlog, self.settings.queue_timeout, &last_error);
-                tokio::select! {
-                    job = rx.recv(), if !closed && backlog.len() < SHARED_QUEUE => match job {
-                        Some(j) => backlog.push_back(j),
-                        None => closed = true,
-                    },
-                    _ = tokio::time::sleep_until(retry_at.min(Instant::now() + Duration::from_millis(50)).into()) => {}
-                }
-                if closed && backlog.is_empty() {
-                    return None;
-                }
-            }
+            held.run(tokio::time::sleep(*backoff)).await?;
             *backoff = (*backoff * 2).min(Duration::from_secs(2));
         }
     }
@@ -405,6 +382,41 @@ impl Pool {
     /// How many shared connection sets exist (one per identity).
     pub fn identities(&self) -> usize {
         self.lock_shared().len()
+    }
+}
+
+/// Jobs that arrive while a shared connection has no upstream connection.
+struct Held<'a> {
+    rx: &'a mut mpsc::Receiver<Job>,
+    backlog: &'a mut VecDeque<Job>,
+    /// Every sender is gone.
+    closed: bool,
+    /// Why there is no connection (the error held jobs fail with).
+    reason: String,
+    timeout: Duration,
+}
+
+impl Held<'_> {
+    /// Run `fut` (a connect attempt or a backoff) while taking jobs off the
+    /// channel, up to its capacity, and failing those older than the queue
+    /// timeout. `None`: the channel closed and no job is left to serve.
+    async fn run<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            expire(self.backlog, self.timeout, &self.reason);
+            if self.closed && self.backlog.is_empty() {
+                return None;
+            }
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                job = self.rx.recv(), if !self.closed && self.backlog.len() < SHARED_QUEUE => match job {
+                    Some(j) => self.backlog.push_back(j),
+                    None => self.closed = true,
+                },
+                // Expiry is checked at least this often.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
     }
 }
 
