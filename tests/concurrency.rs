@@ -52,6 +52,12 @@ fn plan() -> impl Strategy<Value = Plan> {
         .prop_map(|(resp3, db, batches)| Plan { resp3, db, batches })
 }
 
+/// Byte-exact comparison, shown as text when it fails.
+#[track_caller]
+fn same_bytes(got: &[u8], want: &[u8]) {
+    assert_eq!(String::from_utf8_lossy(got), String::from_utf8_lossy(want));
+}
+
 fn bulk(v: &[u8]) -> Vec<u8> {
     let mut out = format!("${}\r\n", v.len()).into_bytes();
     out.extend_from_slice(v);
@@ -163,10 +169,7 @@ async fn blocker(addr: std::net::SocketAddr, id: usize, rounds: usize) {
         );
         // An array of bulk strings is encoded like a command.
         let want = encode_command(&[key.as_bytes(), item.as_bytes()]);
-        assert_eq!(
-            String::from_utf8_lossy(&c.read().await),
-            String::from_utf8_lossy(&want)
-        );
+        same_bytes(&c.read().await, &want);
     }
 }
 
@@ -185,10 +188,7 @@ async fn subscriber(addr: std::net::SocketAddr, id: usize, messages: usize) {
             b":1\r\n"
         );
         let want = encode_command(&[&b"message"[..], ch.as_bytes(), msg.as_bytes()]);
-        assert_eq!(
-            String::from_utf8_lossy(&sub.read().await),
-            String::from_utf8_lossy(&want)
-        );
+        same_bytes(&sub.read().await, &want);
     }
 }
 
@@ -212,14 +212,8 @@ async fn transactor(addr: std::net::SocketAddr, id: usize, rounds: usize) {
         let n = r.to_string();
         let mut want = format!("*2\r\n:{r}\r\n").into_bytes();
         want.extend(bulk(n.as_bytes()));
-        assert_eq!(
-            String::from_utf8_lossy(&c.read().await),
-            String::from_utf8_lossy(&want)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&c.read().await),
-            String::from_utf8_lossy(&bulk(n.as_bytes()))
-        );
+        same_bytes(&c.read().await, &want);
+        same_bytes(&c.read().await, &bulk(n.as_bytes()));
     }
 }
 
