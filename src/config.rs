@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::upstream::url::UpstreamUrl;
+use crate::upstream::url::{Secret, Target};
 
 /// The whole configuration (see `config/redis-sidecar.example.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -20,29 +20,108 @@ use crate::upstream::url::UpstreamUrl;
 pub struct Config {
     /// Where clients connect.
     pub listen: String,
-    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`); "" disables it.
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/upstreams`,
+    /// `/reload`); "" disables it.
     pub admin_listen: String,
+    /// Bearer token required by the admin endpoints that change state
+    /// (`POST /upstreams/{name}/activate`, `POST /reload`); "" = no token.
+    pub admin_token: String,
     /// Worker threads. One, like Redis and twemproxy: a sidecar shares its
     /// host with the app and Redis, and one thread avoids cross-thread
     /// wake-ups on every request (measured in README "Performance").
     pub threads: NonZeroUsize,
-    /// Upstream endpoints in priority order (this version uses exactly one).
+    /// Upstream endpoints in priority order.
     pub upstream: Vec<UpstreamConfig>,
+    pub failover: FailoverConfig,
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub pool: PoolConfig,
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// `redis://[user:password@]host:port[/db]`
+    /// `redis://`, `rediss://` (TLS) `[user:password@]host:port[/db]`, or
+    /// `redis-sentinel://[user:password@]host:port[,host:port]/master[/db]`.
     pub url: String,
+    /// Extra CA certificates (PEM) trusted for `rediss://`, besides the
+    /// system roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+    /// The name the server certificate must carry, when it differs from the
+    /// URL's host (e.g. connecting by IP).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Credentials for the sentinels themselves (`redis-sentinel://` only);
+    /// the URL's credentials are the master's.
+    #[serde(default)]
+    pub sentinel_user: Option<String>,
+    #[serde(default)]
+    pub sentinel_password: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Never prints the URL's password or the sentinel password.
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field(
+                "url",
+                &Target::parse(&self.url)
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|_| "<invalid>".into()),
+            )
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("sentinel_user", &self.sentinel_user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Health checks and the choice of the active endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How often each endpoint is checked (PING and ROLE).
+    #[serde(deserialize_with = "de_duration")]
+    pub check_interval: Duration,
+    /// A check that takes longer fails.
+    #[serde(deserialize_with = "de_duration")]
+    pub check_timeout: Duration,
+    /// Consecutive failed checks before an endpoint is down.
+    pub failures_before_down: NonZeroUsize,
+    /// Consecutive good checks before a down endpoint is up again.
+    pub successes_before_up: NonZeroUsize,
+    /// `auto`: go back to a higher-priority endpoint once it has been up for
+    /// `failback_after`; `manual`: only by `POST /upstreams/{name}/activate`.
+    pub failback: Failback,
+    #[serde(deserialize_with = "de_duration")]
+    pub failback_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    Auto,
+    Manual,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            check_interval: Duration::from_millis(500),
+            check_timeout: Duration::from_secs(1),
+            failures_before_down: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+            successes_before_up: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            failback: Failback::Auto,
+            failback_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Client connections at once; more get `-ERR max number of clients reached`.
@@ -64,7 +143,7 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
     /// TCP connect plus handshake (HELLO, AUTH, SELECT).
@@ -82,7 +161,7 @@ pub struct TimeoutsConfig {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Shared (multiplexed) upstream connections per (protocol, db, user).
@@ -91,7 +170,7 @@ pub struct PoolConfig {
     pub max_identities: NonZeroUsize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `human` or `json`.
@@ -112,8 +191,10 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:6380".into(),
             admin_listen: "127.0.0.1:9121".into(),
+            admin_token: String::new(),
             threads: NonZeroUsize::MIN,
             upstream: Vec::new(),
+            failover: FailoverConfig::default(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             pool: PoolConfig::default(),
@@ -247,7 +328,28 @@ pub struct Validated {
     pub config: Config,
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
-    pub upstreams: Vec<(String, UpstreamUrl)>,
+    pub upstreams: Vec<EndpointSpec>,
+}
+
+/// One `[[upstream]]`, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub target: Target,
+    /// TLS settings (CA file loaded), for `rediss://`.
+    pub tls: Option<crate::upstream::tls::TlsSettings>,
+    /// Credentials for the sentinels (`redis-sentinel://`).
+    pub sentinel_auth: Option<(Option<String>, Secret)>,
+}
+
+impl EndpointSpec {
+    /// The same endpoint (health history carries over on reload).
+    pub fn same_as(&self, other: &EndpointSpec) -> bool {
+        self.name == other.name
+            && self.target == other.target
+            && self.tls == other.tls
+            && self.sentinel_auth == other.sentinel_auth
+    }
 }
 
 impl Config {
@@ -307,34 +409,17 @@ impl Config {
         if self.upstream.is_empty() {
             errors.push("upstream: at least one [[upstream]] is required".into());
         }
-        if self.upstream.len() > 1 {
-            errors.push(format!(
-                "upstream: {} endpoints given, but this version forwards to exactly one (failover is not built yet)",
-                self.upstream.len()
-            ));
-        }
         for (i, u) in self.upstream.iter().enumerate() {
-            if u.name.is_empty() {
-                errors.push(format!("upstream[{i}].name: must not be empty"));
+            if let Some(spec) = validate_upstream(i, u, listen, &self.upstream[..i], &mut errors) {
+                upstreams.push(spec);
             }
-            if self.upstream[..i].iter().any(|o| o.name == u.name) {
-                errors.push(format!("upstream[{i}].name: {:?} is used twice", u.name));
-            }
-            match UpstreamUrl::parse(&u.url) {
-                Ok(url)
-                    if listen
-                        .is_some_and(|l| url.port == l.port() && is_own_host(&url.host, &l)) =>
-                {
-                    // REDIS_URL=redis://127.0.0.1:6380 is what the app is
-                    // given; if the sidecar inherits it, it would proxy to
-                    // itself.
-                    errors.push(format!(
-                        "upstream[{i}].url: {url} is this sidecar's own listen address"
-                    ));
-                }
-                Ok(url) => upstreams.push((u.name.clone(), url)),
-                Err(e) => errors.push(format!("upstream[{i}].url: {e}")),
-            }
+        }
+        let f = &self.failover;
+        if f.check_interval < Duration::from_millis(10) {
+            errors.push("failover.check_interval: must be at least 10ms".into());
+        }
+        if f.check_timeout.is_zero() {
+            errors.push("failover.check_timeout: must be greater than 0".into());
         }
         let l = &self.limits;
         if l.max_bulk.0 == 0 {
@@ -371,6 +456,111 @@ impl Config {
             }),
             _ => Err(ConfigErrors(errors)),
         }
+    }
+}
+
+fn validate_upstream(
+    i: usize,
+    u: &UpstreamConfig,
+    listen: Option<SocketAddr>,
+    before: &[UpstreamConfig],
+    errors: &mut Vec<String>,
+) -> Option<EndpointSpec> {
+    let n = errors.len();
+    if u.name.is_empty() {
+        errors.push(format!("upstream[{i}].name: must not be empty"));
+    } else if !u
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        // Names appear in admin URLs and metric labels.
+        errors.push(format!(
+            "upstream[{i}].name: {:?} may only contain letters, digits, '-', '_' and '.'",
+            u.name
+        ));
+    }
+    if before.iter().any(|o| o.name == u.name) {
+        errors.push(format!("upstream[{i}].name: {:?} is used twice", u.name));
+    }
+    let target = match Target::parse(&u.url) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(format!("upstream[{i}].url: {e}"));
+            None
+        }
+    };
+    if let (Some(Target::Direct(url)), Some(l)) = (&target, listen)
+        && url.port == l.port()
+        && is_own_host(&url.host, &l)
+    {
+        // REDIS_URL=redis://127.0.0.1:6380 is what the app is given; if the
+        // sidecar inherits it, it would proxy to itself.
+        errors.push(format!(
+            "upstream[{i}].url: {url} is this sidecar's own listen address"
+        ));
+    }
+    let is_tls = matches!(&target, Some(Target::Direct(u)) if u.tls);
+    if !is_tls && (u.tls_ca_file.is_some() || u.tls_server_name.is_some()) {
+        errors.push(format!(
+            "upstream[{i}]: tls_ca_file and tls_server_name need a rediss:// URL"
+        ));
+    }
+    let tls = if is_tls {
+        match crate::upstream::tls::TlsSettings::new(
+            u.tls_ca_file.as_deref(),
+            u.tls_server_name.as_deref(),
+        ) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(format!("upstream[{i}]: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let is_sentinel = matches!(target, Some(Target::Sentinel(_)));
+    if !is_sentinel && (u.sentinel_user.is_some() || u.sentinel_password.is_some()) {
+        errors.push(format!(
+            "upstream[{i}]: sentinel_user and sentinel_password need a redis-sentinel:// URL"
+        ));
+    }
+    let sentinel_auth = u
+        .sentinel_password
+        .as_ref()
+        .map(|p| (u.sentinel_user.clone(), Secret::new(p.clone())));
+    match target {
+        Some(target) if errors.len() == n => Some(EndpointSpec {
+            name: u.name.clone(),
+            target,
+            tls,
+            sentinel_auth,
+        }),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Settings that differ from `new` and only take effect on a restart
+    /// (everything but `[[upstream]]`, `[failover]` and `admin_token`).
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let checks: [(&'static str, bool); 7] = [
+            ("listen", self.listen == new.listen),
+            ("admin_listen", self.admin_listen == new.admin_listen),
+            ("threads", self.threads == new.threads),
+            ("limits", self.limits == new.limits),
+            ("timeouts", self.timeouts == new.timeouts),
+            ("pool", self.pool == new.pool),
+            ("log", self.log == new.log),
+        ];
+        for (name, same) in checks {
+            if !same {
+                out.push(name);
+            }
+        }
+        out
     }
 }
 
@@ -457,7 +647,7 @@ mod tests {
         assert_eq!(c.timeouts.command, Duration::from_millis(250));
         assert_eq!(c.limits.max_bulk, ByteSize(1 << 20));
         let v = c.validate().unwrap();
-        assert_eq!(v.upstreams[0].1.db, 2);
+        assert_eq!(v.upstreams[0].target.db(), 2);
         assert_eq!(v.listen.port(), 6380);
     }
 
@@ -478,6 +668,16 @@ mod tests {
         .unwrap();
         let e = own.validate().unwrap_err();
         assert!(e.to_string().contains("own listen address"), "{e}");
+        let two = Config::from_toml(
+            "[[upstream]]\nname = \"a\"\nurl = \"redis://h:1\"\n[[upstream]]\nname = \"a b\"\nurl = \"redis://h:2\"\ntls_ca_file = \"/x\"\n[[upstream]]\nname = \"a\"\nurl = \"rediss://h:3\"\ntls_ca_file = \"/does/not/exist.pem\"\n",
+            &env,
+        )
+        .unwrap();
+        let e = two.validate().unwrap_err().to_string();
+        assert!(e.contains("may only contain"), "{e}");
+        assert!(e.contains("need a rediss:// URL"), "{e}");
+        assert!(e.contains("used twice"), "{e}");
+        assert!(e.contains("/does/not/exist.pem"), "{e}");
         let e = Config::from_toml("bogus = 1\n", &env).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = Config::from_toml("[[upstream]]\nname=\"a\"\nurl=\"${NOPE}\"\n", &env).unwrap_err();

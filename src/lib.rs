@@ -19,13 +19,16 @@
 //!    matched to requests in FIFO order ([`upstream::conn`]).
 //! 6. Replies flow back through the session's queue, in request order.
 //!
-//! Around it: [`config`] (TOML, `${ENV}`, validation), [`metrics`]
-//! (Prometheus registry) and [`admin`] (`/metrics`, `/healthz`, `/readyz`).
+//! Around it: [`config`] (TOML, `${ENV}`, validation), [`control`]
+//! (reload), [`metrics`] (Prometheus registry) and [`admin`] (`/metrics`,
+//! `/healthz`, `/readyz`, `/upstreams`, `/reload`). Which endpoint is
+//! active, and failover between them, is [`upstream::failover`].
 //! [`Sidecar::start`] wires it all together; tests use it on port 0.
 
 pub mod admin;
 pub mod command;
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
@@ -41,10 +44,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Validated;
+use crate::control::{Control, Loader};
 use crate::metrics::Metrics;
 use crate::policy::Chain;
 use crate::server::{SessionLimits, Shared};
 use crate::upstream::conn::ConnSettings;
+use crate::upstream::failover::Upstreams;
 use crate::upstream::pool::Pool;
 
 /// A running sidecar.
@@ -55,6 +60,8 @@ pub struct Sidecar {
     pub admin_addr: Option<SocketAddr>,
     pub metrics: Metrics,
     pub pool: Arc<Pool>,
+    /// Reload and the endpoints' state.
+    pub control: Arc<Control>,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
     grace: Duration,
@@ -63,17 +70,21 @@ pub struct Sidecar {
 impl Sidecar {
     /// Bind the listeners and start serving. `chain` holds the policy stages.
     pub async fn start(v: Validated, chain: Chain) -> anyhow::Result<Sidecar> {
+        Sidecar::start_with(v, chain, None).await
+    }
+
+    /// [`Sidecar::start`], with where a reload gets its configuration.
+    pub async fn start_with(
+        v: Validated,
+        chain: Chain,
+        loader: Option<Loader>,
+    ) -> anyhow::Result<Sidecar> {
         let c = &v.config;
         let listener = TcpListener::bind(v.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", v.listen))?;
         let addr = listener.local_addr()?;
         let metrics = Metrics::new();
-        let (name, url) = v
-            .upstreams
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no upstream configured"))?;
         let settings = ConnSettings {
             connect_timeout: c.timeouts.connect,
             command_timeout: c.timeouts.command,
@@ -82,15 +93,23 @@ impl Sidecar {
             // bulk larger than proto-max-bulk-len.
             max_reply_bulk: (512usize << 20).max(c.limits.max_bulk.as_usize()),
         };
+        let shutdown = CancellationToken::new();
+        let ups = Upstreams::start(
+            v.upstreams.clone(),
+            c.failover.clone(),
+            settings.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let control = Control::new(ups.clone(), metrics.clone(), c.clone(), loader);
         let pool = Pool::new(
-            name,
-            url,
+            ups,
             settings,
             c.pool.shared_connections.get(),
             c.pool.max_identities.get(),
             metrics.clone(),
         );
-        let shutdown = CancellationToken::new();
         let admin_addr = match v.admin_listen {
             Some(a) => {
                 let l = TcpListener::bind(a)
@@ -100,6 +119,7 @@ impl Sidecar {
                 tokio::spawn(admin::serve(
                     l,
                     pool.clone(),
+                    control.clone(),
                     metrics.clone(),
                     shutdown.clone(),
                 ));
@@ -107,11 +127,7 @@ impl Sidecar {
             }
             None => None,
         };
-        tokio::spawn(learn_commands(
-            pool.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(learn_commands(pool.clone(), shutdown.clone()));
         let limits = SessionLimits {
             frame: protocol::Limits {
                 max_bulk: c.limits.max_bulk.as_usize(),
@@ -129,12 +145,14 @@ impl Sidecar {
             c.limits.max_clients.get(),
             shutdown.clone(),
         ));
-        tracing::info!(%addr, admin = ?admin_addr, upstream = %pool.url(), "redis-sidecar listening");
+        let active = pool.ups.active().endpoint;
+        tracing::info!(%addr, admin = ?admin_addr, upstream = %active.name(), url = %active.spec.target, "redis-sidecar listening");
         Ok(Sidecar {
             addr,
             admin_addr,
             metrics,
             pool,
+            control,
             shutdown,
             server,
             grace: c.timeouts.shutdown_grace,
@@ -168,25 +186,39 @@ impl Sidecar {
     }
 }
 
-/// Learn the command table; retry in the background until it works.
-async fn learn_commands(pool: Arc<Pool>, metrics: Metrics, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
+/// Learn the command table, retrying in the background until it works,
+/// and again whenever the active endpoint changes (it may run another
+/// Redis version).
+async fn learn_commands(pool: Arc<Pool>, shutdown: CancellationToken) {
+    let mut changes = pool.ups.subscribe();
     loop {
-        match pool.learn_commands().await {
-            Ok(n) => {
-                metrics.upstream_up(&pool.name, true);
-                tracing::info!(commands = n, version = %pool.server_version(), "learned the command table from the upstream");
-                return;
+        let mut delay = Duration::from_millis(200);
+        let endpoint = changes.borrow_and_update().endpoint.clone();
+        loop {
+            match pool.learn_commands().await {
+                Ok(n) => {
+                    tracing::info!(upstream = %endpoint.name(), commands = n, version = %pool.server_version(), "learned the command table from the upstream");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %endpoint.name(), error = %e, "cannot learn the command table yet; using the one we have");
+                }
             }
-            Err(e) => {
-                metrics.upstream_up(&pool.name, false);
-                tracing::warn!(upstream = %pool.name, error = %e, "cannot learn the command table yet; using the built-in one");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        // Wait for a different endpoint (a sentinel refresh keeps the same).
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            if !Arc::ptr_eq(&changes.borrow_and_update().endpoint, &endpoint) {
+                break;
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

@@ -10,7 +10,7 @@ use redis_sidecar::config::{Config, LogFormat, UpstreamConfig, process_env};
 use redis_sidecar::policy::Chain;
 
 /// A Redis-protocol sidecar proxy.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Cli {
     /// TOML configuration file (see config/redis-sidecar.example.toml).
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         let ups: Vec<String> = validated
             .upstreams
             .iter()
-            .map(|(n, u)| format!("{n}={u}"))
+            .map(|u| format!("{}={}", u.name, u.target))
             .collect();
         println!(
             "configuration OK: listen {}, upstream {}",
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(validated)) {
+    match rt.block_on(run(validated, cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -124,6 +124,7 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
             .map(|(i, u)| UpstreamConfig {
                 name: format!("upstream{i}"),
                 url: u.clone(),
+                ..UpstreamConfig::default()
             })
             .collect();
     }
@@ -132,6 +133,7 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         config.upstream.push(UpstreamConfig {
             name: "default".into(),
             url,
+            ..UpstreamConfig::default()
         });
     }
     Ok(config)
@@ -151,12 +153,15 @@ fn init_logging(level: &str, json: bool) {
     }
 }
 
-/// Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP is
-/// logged and ignored (config reload is not built yet) rather than killing
-/// the process, which is SIGHUP's default.
-async fn run(v: redis_sidecar::config::Validated) -> anyhow::Result<()> {
+/// Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP
+/// reloads the configuration (the file, with the same command-line
+/// overrides); a configuration that fails validation is refused and the
+/// running one stays.
+async fn run(v: redis_sidecar::config::Validated, cli: Cli) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let sidecar = Sidecar::start(v, Chain::default()).await?;
+    let loader: redis_sidecar::control::Loader = std::sync::Arc::new(move || load(&cli));
+    let sidecar = Sidecar::start_with(v, Chain::default(), Some(loader)).await?;
+    let control = sidecar.control.clone();
     let token = sidecar.shutdown_token();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -168,7 +173,10 @@ async fn run(v: redis_sidecar::config::Validated) -> anyhow::Result<()> {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP: configuration reload is not supported in this version; ignored");
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Reading a file blocks; keep it off the runtime thread.
+                    let c = control.clone();
+                    let _ = tokio::task::spawn_blocking(move || c.reload()).await;
                     continue;
                 }
             }

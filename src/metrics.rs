@@ -25,6 +25,10 @@ struct Inner {
     clients_rejected: IntCounterVec,
     upstream_connections: IntGaugeVec,
     upstream_up: IntGaugeVec,
+    upstream_active: IntGaugeVec,
+    failovers: IntCounterVec,
+    config_reloads: IntCounterVec,
+    check_duration: HistogramVec,
     protocol_errors: IntCounterVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
@@ -83,8 +87,38 @@ impl Metrics {
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 "upstream_up",
-                "1 when the last connect to the upstream succeeded",
+                "1 when the endpoint's health checks say it is up",
             ),
+            &["upstream"],
+        )
+        .expect("static metric");
+        let upstream_active = IntGaugeVec::new(
+            Opts::new("upstream_active", "1 for the endpoint new requests go to"),
+            &["upstream"],
+        )
+        .expect("static metric");
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "failovers_total",
+                "Switches of the active endpoint, by reason (down|failback|manual|reload|sentinel_switch_master)",
+            ),
+            &["from", "to", "reason"],
+        )
+        .expect("static metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Configuration reloads (SIGHUP, POST /reload), by result (ok|error)",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
+        let check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_check_duration_seconds",
+                "Health check (PING and ROLE) time, failed checks included",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("static buckets")),
             &["upstream"],
         )
         .expect("static metric");
@@ -103,6 +137,10 @@ impl Metrics {
             Box::new(clients_rejected.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(upstream_up.clone()),
+            Box::new(upstream_active.clone()),
+            Box::new(failovers.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(check_duration.clone()),
             Box::new(protocol_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -115,6 +153,10 @@ impl Metrics {
             clients_rejected,
             upstream_connections,
             upstream_up,
+            upstream_active,
+            failovers,
+            config_reloads,
+            check_duration,
             protocol_errors,
             by_command: Mutex::new(HashMap::new()),
         }))
@@ -157,6 +199,41 @@ impl Metrics {
             .upstream_up
             .with_label_values(&[upstream])
             .set(i64::from(up));
+    }
+
+    pub fn upstream_active(&self, upstream: &str, active: bool) {
+        self.0
+            .upstream_active
+            .with_label_values(&[upstream])
+            .set(i64::from(active));
+    }
+
+    pub fn failover(&self, from: &str, to: &str, reason: &str) {
+        self.0
+            .failovers
+            .with_label_values(&[from, to, reason])
+            .inc();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        self.0
+            .config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub fn check_duration(&self, upstream: &str, took: std::time::Duration) {
+        self.0
+            .check_duration
+            .with_label_values(&[upstream])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Drop the per-endpoint gauges of an endpoint a reload removed.
+    pub fn forget_upstream(&self, upstream: &str) {
+        let _ = self.0.upstream_up.remove_label_values(&[upstream]);
+        let _ = self.0.upstream_active.remove_label_values(&[upstream]);
+        let _ = self.0.check_duration.remove_label_values(&[upstream]);
     }
 
     pub fn protocol_error(&self, kind: &str) {

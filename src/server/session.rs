@@ -30,7 +30,7 @@ use crate::policy::{Ctx, Outgoing, Verdict};
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
 use crate::upstream::{
-    Auth, ClientShared, Identity, Job, JobKind, Oob, OobMsg, Plan, Reply, UpstreamError,
+    Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, OobMsg, Plan, Reply, UpstreamError,
 };
 
 /// Pushed frames queued for a client. A subscriber that falls this far
@@ -175,7 +175,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
         written: progress.clone(),
         queued: 0,
         proto: Proto::Resp2,
-        db: 0,
+        db: DEFAULT_DB,
         auth: None,
         name: None,
         shared_set: None,
@@ -725,7 +725,7 @@ impl Session {
                 self.dedicated = None;
                 self.shared_set = None;
                 self.proto = Proto::Resp2;
-                self.db = 0;
+                self.db = DEFAULT_DB;
                 self.auth = None;
                 self.name = None;
                 self.in_multi = false;
@@ -1119,10 +1119,22 @@ mod tests {
             queue_timeout: std::time::Duration::from_secs(1),
             max_reply_bulk: 1 << 20,
         };
-        let url = crate::upstream::url::UpstreamUrl::parse("redis://127.0.0.1:1").unwrap();
+        let spec = crate::config::EndpointSpec {
+            name: "t".into(),
+            target: crate::upstream::url::Target::parse("redis://127.0.0.1:1").unwrap(),
+            tls: None,
+            sentinel_auth: None,
+        };
         let metrics = crate::metrics::Metrics::new();
-        let pool =
-            crate::upstream::pool::Pool::new("t".into(), url, settings, 1, 1, metrics.clone());
+        let ups = crate::upstream::failover::Upstreams::start(
+            vec![spec],
+            Default::default(),
+            settings.clone(),
+            metrics.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let pool = crate::upstream::pool::Pool::new(ups, settings, 1, 1, metrics.clone());
         let limits = super::super::SessionLimits {
             frame: crate::protocol::Limits::default(),
             max_inflight: 16,

@@ -1,5 +1,5 @@
-//! One upstream connection: connect and handshake (HELLO, AUTH, SELECT,
-//! CLIENT SETNAME), then [`serve`]: a writer that batches queued jobs into
+//! One upstream connection: connect and handshake (AUTH, HELLO, SELECT,
+//! CLIENT SETNAME, ROLE), then [`serve`]: a writer that batches queued jobs into
 //! few writes (auto-pipelining) and a reader that matches replies to jobs in
 //! FIFO order.
 //!
@@ -10,20 +10,20 @@
 //! queued for the next connection.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::OwnedFrame as Frame3;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use super::url::UpstreamUrl;
-use super::{ClientShared, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError};
+use super::endpoint::{Endpoint, Stream, role_of, roundtrip};
+use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError};
 use crate::metrics::Metrics;
-use crate::protocol::{ReplyScanner, encode_command, scan};
+use crate::protocol::{ReplyScanner, scan};
 
 /// Writes are batched up to this many bytes: enough to amortise a syscall
 /// over hundreds of small commands without holding a large buffer per
@@ -45,96 +45,96 @@ pub struct ConnSettings {
 /// A connection that passed its handshake.
 #[derive(Debug)]
 pub struct Connected {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     /// `version` from the upstream's HELLO reply.
     pub server_version: String,
+    /// `host:port` reached (a sentinel endpoint's current master).
+    pub addr: String,
 }
 
 impl Connected {
     /// The socket and any bytes already read past the handshake.
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    pub fn into_parts(self) -> (Stream, BytesMut) {
         (self.stream, self.rbuf)
     }
 }
 
-/// Connect and run the handshake for `ident`. Errors never contain the
-/// password: the address is host and port only.
+/// Connect to `endpoint` and run the handshake for `ident`. Errors never
+/// contain the password: the address is host and port only.
 pub async fn connect(
-    url: &UpstreamUrl,
+    endpoint: &Endpoint,
     ident: &Identity,
     client_name: Option<&Bytes>,
     settings: &ConnSettings,
 ) -> Result<Connected, UpstreamError> {
-    let addr = url.addr();
     let fut = async {
-        let mut stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|e| UpstreamError::Unavailable(format!("connect to {addr}: {e}")))?;
-        stream.set_nodelay(true).ok();
+        let (mut stream, addr) = endpoint.open(settings.connect_timeout).await?;
         // AUTH goes first, exactly as the client gave it (one argument when
         // it gave no user: Redis answers that form differently), then HELLO
-        // for the protocol, then SELECT and CLIENT SETNAME.
+        // for the protocol, then SELECT, CLIENT SETNAME and ROLE.
         let creds: Option<(Option<Bytes>, Bytes)> = match &ident.auth {
             Some(a) => Some((a.user.clone(), a.password.clone())),
-            None => url.password.as_ref().map(|p| {
-                (
-                    url.user.clone().map(Bytes::from),
-                    Bytes::copy_from_slice(p.expose().as_bytes()),
-                )
-            }),
+            None => endpoint.credentials(),
         };
         let has_creds = creds.is_some();
-        let mut out = BytesMut::new();
-        let mut expected = 1;
+        let mut cmds: Vec<Vec<Bytes>> = Vec::with_capacity(5);
         if let Some((user, pass)) = creds {
             let mut auth = vec![Bytes::from_static(b"AUTH")];
             auth.extend(user);
             auth.push(pass);
-            out.extend_from_slice(&encode_command(&auth));
-            expected += 1;
+            cmds.push(auth);
         }
-        out.extend_from_slice(&encode_command(&[
-            &b"HELLO"[..],
-            ident.proto.number().to_string().as_bytes(),
-        ]));
-        let hello_at = expected - 1;
-        if ident.db != 0 {
-            out.extend_from_slice(&encode_command(&[
-                &b"SELECT"[..],
-                ident.db.to_string().as_bytes(),
-            ]));
-            expected += 1;
+        let hello_at = cmds.len();
+        cmds.push(vec![
+            Bytes::from_static(b"HELLO"),
+            Bytes::from(ident.proto.number().to_string()),
+        ]);
+        let db = if ident.db == DEFAULT_DB {
+            endpoint.db()
+        } else {
+            ident.db
+        };
+        if db != 0 {
+            cmds.push(vec![
+                Bytes::from_static(b"SELECT"),
+                Bytes::from(db.to_string()),
+            ]);
         }
         if let Some(name) = client_name {
-            out.extend_from_slice(&encode_command(&[&b"CLIENT"[..], b"SETNAME", name]));
-            expected += 1;
+            cmds.push(vec![
+                Bytes::from_static(b"CLIENT"),
+                Bytes::from_static(b"SETNAME"),
+                name.clone(),
+            ]);
         }
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|e| UpstreamError::Unavailable(format!("handshake with {addr}: {e}")))?;
-        let mut rbuf = BytesMut::with_capacity(4096);
-        let mut scanner = ReplyScanner::new(settings.max_reply_bulk);
-        let mut replies = Vec::new();
-        while replies.len() < expected {
-            match scanner.next(&mut rbuf) {
-                Ok(Some(f)) => replies.push(f),
-                Ok(None) => {
-                    let n = stream.read_buf(&mut rbuf).await.map_err(|e| {
-                        UpstreamError::Unavailable(format!("handshake with {addr}: {e}"))
-                    })?;
-                    if n == 0 {
-                        return Err(UpstreamError::Unavailable(format!(
-                            "{addr} closed the connection during the handshake"
-                        )));
-                    }
-                }
-                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-            }
-        }
+        let role_at = cmds.len();
+        cmds.push(vec![Bytes::from_static(b"ROLE")]);
+        let replies = roundtrip(
+            &mut stream,
+            BytesMut::with_capacity(4096),
+            &cmds,
+            settings.max_reply_bulk,
+        )
+        .await
+        .map_err(|e| match e {
+            UpstreamError::ConnectionLost => UpstreamError::Unavailable(format!(
+                "{addr} closed the connection during the handshake"
+            )),
+            other => other,
+        })?;
         let mut server_version = String::new();
         for (i, r) in replies.iter().enumerate() {
+            if i == role_at {
+                // A replica is not a writable primary. An error (ROLE not
+                // allowed or not supported) leaves the role unknown.
+                if let Some(role) = role_of(r).filter(|r| r != "master") {
+                    return Err(UpstreamError::Unavailable(format!(
+                        "{addr} is a {role}, not a primary"
+                    )));
+                }
+                continue;
+            }
             if crate::protocol::is_error(r) {
                 let msg = error_text(r);
                 // Without credentials, a NOAUTH to HELLO leaves a usable
@@ -151,13 +151,16 @@ pub async fn connect(
         }
         Ok(Connected {
             stream,
-            rbuf,
+            rbuf: BytesMut::with_capacity(4096),
             server_version,
+            addr,
         })
     };
     tokio::time::timeout(settings.connect_timeout, fut)
         .await
-        .map_err(|_| UpstreamError::Unavailable(format!("connect to {addr}: timed out")))?
+        .map_err(|_| {
+            UpstreamError::Unavailable(format!("connect to {}: timed out", endpoint.name()))
+        })?
 }
 
 /// The text of an error reply, without its type byte and CRLF.
@@ -227,13 +230,21 @@ fn lock(f: &Fifo) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
 pub enum End {
     /// Every job sender is gone: nothing more will come.
     Closed,
+    /// Retired (endpoint switch): no new job was taken after the signal and
+    /// every job written got its reply. Jobs not taken stay queued.
+    Retired,
     /// The connection failed; in-flight jobs got this error.
     Failed(UpstreamError),
 }
 
-/// Run one connection until it fails or the job channel closes. `backlog`
-/// holds jobs taken off the channel while no connection existed; they are
-/// written first.
+/// Run one connection until it fails, the job channel closes, or `retire`
+/// is cancelled. `backlog` holds jobs taken off the channel while no
+/// connection existed; they are written first.
+///
+/// On `retire`, no further job is written; the replies of those written
+/// are awaited (at most the command timeout) and then `End::Retired` is
+/// returned with the connection still open until here, so Redis never sees
+/// a half-closed socket with replies pending.
 pub async fn serve(
     conn: Connected,
     backlog: &mut VecDeque<Job>,
@@ -241,17 +252,54 @@ pub async fn serve(
     settings: &ConnSettings,
     oob: Option<&Oob>,
     metrics: &Metrics,
+    retire: &CancellationToken,
 ) -> End {
     let Connected { stream, rbuf, .. } = conn;
-    let (r, w) = stream.into_split();
+    match stream {
+        Stream::Tcp(s) => {
+            let (r, mut w) = s.into_split();
+            serve_io(r, &mut w, rbuf, backlog, rx, settings, oob, metrics, retire).await
+        }
+        Stream::Tls(s) => {
+            let (r, mut w) = tokio::io::split(*s);
+            serve_io(r, &mut w, rbuf, backlog, rx, settings, oob, metrics, retire).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: R,
+    w: &mut W,
+    rbuf: BytesMut,
+    backlog: &mut VecDeque<Job>,
+    rx: &mut mpsc::Receiver<Job>,
+    settings: &ConnSettings,
+    oob: Option<&Oob>,
+    metrics: &Metrics,
+    retire: &CancellationToken,
+) -> End {
     let fifo: Fifo = Arc::new(Mutex::new(VecDeque::new()));
-    let end = tokio::select! {
-        e = write_loop(w, backlog, rx, &fifo, settings) => e,
-        e = read_loop(r, rbuf, &fifo, settings, oob, metrics) => End::Failed(e),
+    let draining = AtomicBool::new(false);
+    let read = read_loop(r, rbuf, &fifo, settings, oob, metrics, &draining);
+    tokio::pin!(read);
+    let mut end = tokio::select! {
+        e = write_loop(w, backlog, rx, &fifo, settings, retire) => e,
+        e = &mut read => End::Failed(e.err().unwrap_or(UpstreamError::ConnectionLost)),
     };
+    if end == End::Retired {
+        draining.store(true, Ordering::Release);
+        if !lock(&fifo).is_empty() {
+            end = match tokio::time::timeout(settings.command_timeout, &mut read).await {
+                Ok(Ok(())) => End::Retired,
+                Ok(Err(e)) => End::Failed(e),
+                Err(_) => End::Failed(UpstreamError::ConnectionLost),
+            };
+        }
+    }
     let err = match &end {
         End::Failed(e) => e.clone(),
-        End::Closed => UpstreamError::ConnectionLost,
+        End::Closed | End::Retired => UpstreamError::ConnectionLost,
     };
     let pending: Vec<Pending> = lock(&fifo).drain(..).collect();
     for p in pending {
@@ -260,22 +308,30 @@ pub async fn serve(
     end
 }
 
-async fn write_loop(
-    mut w: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    w: &mut W,
     backlog: &mut VecDeque<Job>,
     rx: &mut mpsc::Receiver<Job>,
     fifo: &Fifo,
     settings: &ConnSettings,
+    retire: &CancellationToken,
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(WRITE_BATCH);
     loop {
+        if retire.is_cancelled() {
+            return End::Retired;
+        }
         let job = match backlog.pop_front() {
             Some(j) => j,
-            None => match rx.recv().await {
-                Some(j) => j,
-                // Senders are dropped only once nobody waits for a reply
-                // (the session ended, or the pool shut down after draining).
-                None => return End::Closed,
+            None => tokio::select! {
+                biased;
+                _ = retire.cancelled() => return End::Retired,
+                j = rx.recv() => match j {
+                    Some(j) => j,
+                    // Senders are dropped only once nobody waits for a
+                    // reply (the session ended, or the pool shut down).
+                    None => return End::Closed,
+                },
             },
         };
         // Let the other ready tasks (sessions with requests already read)
@@ -300,7 +356,7 @@ async fn write_loop(
             } else {
                 wbuf.extend_from_slice(&payload);
             }
-            if wbuf.len() < WRITE_BATCH {
+            if wbuf.len() < WRITE_BATCH && !retire.is_cancelled() {
                 next = backlog.pop_front().or_else(|| rx.try_recv().ok());
             }
         }
@@ -347,14 +403,17 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
     job.payload
 }
 
-async fn read_loop(
-    mut r: OwnedReadHalf,
+/// Read and dispatch replies until the connection fails (`Err`) or, once
+/// `draining` is set, every written job has its reply (`Ok`).
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut r: R,
     mut rbuf: BytesMut,
     fifo: &Fifo,
     settings: &ConnSettings,
     oob: Option<&Oob>,
     metrics: &Metrics,
-) -> UpstreamError {
+    draining: &AtomicBool,
+) -> Result<(), UpstreamError> {
     let mut scanner = ReplyScanner::new(settings.max_reply_bulk);
     let mut streaming = false;
     // Deadlines are checked on a tick rather than per request: one timer
@@ -367,31 +426,32 @@ async fn read_loop(
         loop {
             match scanner.next(&mut rbuf) {
                 Ok(Some(frame)) => {
-                    if let Err(e) = dispatch(frame, fifo, &mut streaming, oob, metrics, settings) {
-                        return e;
-                    }
+                    dispatch(frame, fifo, &mut streaming, oob, metrics, settings)?;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     metrics.protocol_error(e.kind());
-                    return UpstreamError::Protocol(e.to_string());
+                    return Err(UpstreamError::Protocol(e.to_string()));
                 }
             }
         }
+        if draining.load(Ordering::Acquire) && lock(fifo).is_empty() {
+            return Ok(());
+        }
         tokio::select! {
             n = r.read_buf(&mut rbuf) => match n {
-                Ok(0) => return UpstreamError::ConnectionLost,
+                Ok(0) => return Err(UpstreamError::ConnectionLost),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream read failed");
-                    return UpstreamError::ConnectionLost;
+                    return Err(UpstreamError::ConnectionLost);
                 }
             },
             _ = tick.tick() => {
                 let late = lock(fifo).front().and_then(|p| p.deadline).is_some_and(|d| d <= Instant::now());
                 if late {
                     tracing::warn!(timeout = ?settings.command_timeout, "upstream reply timed out, closing the connection");
-                    return UpstreamError::Timeout;
+                    return Err(UpstreamError::Timeout);
                 }
             }
         }

@@ -1,6 +1,8 @@
-//! Upstream side: endpoint URLs ([`url`]), one connection with its
-//! handshake and its reply matching ([`conn`]), and the pool of shared,
-//! multiplexed connections keyed by client identity ([`pool`]).
+//! Upstream side: endpoint URLs ([`url`]), endpoints with their transport
+//! (TCP, [`tls`], Sentinel) and health ([`endpoint`]), the choice of the
+//! active endpoint ([`failover`]), one connection with its handshake and
+//! its reply matching ([`conn`]), and the pool of shared, multiplexed
+//! connections keyed by client identity ([`pool`]).
 //!
 //! Every request crosses to an upstream connection as a [`Job`]: the bytes
 //! of one or more commands, a [`Plan`] saying which of their replies the
@@ -10,7 +12,10 @@
 //! caused it" hold by construction.
 
 pub mod conn;
+pub mod endpoint;
+pub mod failover;
 pub mod pool;
+pub mod tls;
 pub mod url;
 
 use std::fmt;
@@ -43,11 +48,16 @@ impl fmt::Debug for Auth {
     }
 }
 
+/// `Identity::db` of a client that never selected a database: the
+/// endpoint URL's `/db` (0 when it has none). RESET returns to it.
+pub const DEFAULT_DB: i64 = -1;
+
 /// The connection state a shared upstream connection is set up with. Shared
 /// connections are keyed by it, so no client sees another's state.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub proto: Proto,
+    /// The client's database, or [`DEFAULT_DB`].
     pub db: i64,
     /// `None`: the credentials of the upstream URL.
     pub auth: Option<Auth>,

@@ -3,9 +3,12 @@
 //! upstream.
 //!
 //! Each shared connection is a manager task owning a bounded job channel.
-//! The manager connects (with backoff), serves until the connection fails,
-//! and reconnects; jobs that arrive while no connection exists wait at most
-//! the queue timeout and then fail as never sent.
+//! The manager connects to the active endpoint (with backoff), serves until
+//! the connection fails or the active endpoint changes, and reconnects;
+//! jobs that arrive while no connection exists wait at most the queue
+//! timeout and then fail as never sent. On a switch the connection retires:
+//! it writes no new job, lets the replies of those written arrive, closes,
+//! and the jobs still queued go to the new endpoint.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,14 +16,15 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, ConnSettings, Connected, End};
-use super::url::UpstreamUrl;
-use super::{Identity, Job, JobKind, Oob, UpstreamError};
+use super::failover::{Active, Upstreams};
+use super::{DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
 use crate::command::Table;
 use crate::metrics::Metrics;
-use crate::protocol::{Proto, ReplyScanner, encode_command};
+use crate::protocol::Proto;
 
 /// Jobs queued per shared connection. Past this, clients wait for room
 /// (their sockets stop being read) instead of growing memory: 4096 commands
@@ -29,10 +33,9 @@ const SHARED_QUEUE: usize = 4096;
 /// Jobs queued on one dedicated connection (one client's pipeline).
 const DEDICATED_QUEUE: usize = 1024;
 
-/// Connections to one upstream endpoint.
+/// Connections to the active upstream endpoint.
 pub struct Pool {
-    pub name: String,
-    url: UpstreamUrl,
+    pub ups: Arc<Upstreams>,
     settings: ConnSettings,
     per_identity: usize,
     max_identities: usize,
@@ -73,16 +76,14 @@ impl Dedicated {
 
 impl Pool {
     pub fn new(
-        name: String,
-        url: UpstreamUrl,
+        ups: Arc<Upstreams>,
         settings: ConnSettings,
         per_identity: usize,
         max_identities: usize,
         metrics: Metrics,
     ) -> Arc<Pool> {
         Arc::new(Pool {
-            name,
-            url,
+            ups,
             settings,
             per_identity,
             max_identities,
@@ -115,11 +116,6 @@ impl Pool {
             .clone()
     }
 
-    /// Redacted URL for logs.
-    pub fn url(&self) -> &UpstreamUrl {
-        &self.url
-    }
-
     /// Shared connections for `ident`, created (lazily connecting) if new.
     pub fn shared(self: &Arc<Self>, ident: &Identity) -> Result<Arc<SharedSet>, UpstreamError> {
         self.shared_with(ident, None)
@@ -146,7 +142,7 @@ impl Pool {
     fn shared_with(
         self: &Arc<Self>,
         ident: &Identity,
-        mut first: Option<Connected>,
+        mut first: Option<(Connected, Active)>,
     ) -> Result<Arc<SharedSet>, UpstreamError> {
         let mut map = self.lock_shared();
         if let Some(set) = map.get(ident) {
@@ -169,32 +165,80 @@ impl Pool {
         Ok(set)
     }
 
+    /// Connect to the active endpoint; the result carries the choice it was
+    /// made for, so the connection retires when that changes.
     async fn connect(
         &self,
         ident: &Identity,
         name: Option<&Bytes>,
-    ) -> Result<Connected, UpstreamError> {
-        let c = conn::connect(&self.url, ident, name, &self.settings).await?;
+    ) -> Result<(Connected, Active), UpstreamError> {
+        let active = self.ups.active();
+        let c = conn::connect(&active.endpoint, ident, name, &self.settings)
+            .await
+            .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
         if !c.server_version.is_empty() {
             *self
                 .server_version
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = c.server_version.clone();
         }
-        Ok(c)
+        Ok((c, active))
+    }
+
+    /// Serve `conn` until it ends; it retires when the active choice moves
+    /// past the one it was made for.
+    async fn serve(
+        &self,
+        conn: Connected,
+        made_for: &Active,
+        kind: &str,
+        backlog: &mut VecDeque<Job>,
+        rx: &mut mpsc::Receiver<Job>,
+        oob: Option<&Oob>,
+    ) -> End {
+        let mut changes = self.ups.subscribe();
+        let retire = CancellationToken::new();
+        let gauge = self
+            .metrics
+            .upstream_connections(made_for.endpoint.name(), kind);
+        gauge.inc();
+        let served = conn::serve(
+            conn,
+            backlog,
+            rx,
+            &self.settings,
+            oob,
+            &self.metrics,
+            &retire,
+        );
+        tokio::pin!(served);
+        let end = loop {
+            tokio::select! {
+                end = &mut served => break end,
+                _ = moved_past(&mut changes, made_for.generation), if !retire.is_cancelled() => {
+                    retire.cancel();
+                }
+            }
+        };
+        gauge.dec();
+        if let End::Failed(e) = &end {
+            tracing::warn!(upstream = %made_for.endpoint.name(), kind, error = %e, "upstream connection failed");
+            self.ups.nudge(&made_for.endpoint);
+        }
+        end
     }
 
     /// A shared connection's life: connect, serve, reconnect with backoff.
     async fn manage(
         self: Arc<Self>,
         ident: Identity,
-        mut first: Option<Connected>,
+        mut first: Option<(Connected, Active)>,
         mut rx: mpsc::Receiver<Job>,
     ) {
         let mut backlog: VecDeque<Job> = VecDeque::new();
         let mut backoff = Duration::from_millis(50);
         loop {
-            let conn = match first.take() {
+            let (conn, made_for) = match first.take() {
                 Some(c) => c,
                 None => match self
                     .reconnect(&ident, &mut rx, &mut backlog, &mut backoff)
@@ -205,36 +249,29 @@ impl Pool {
                 },
             };
             backoff = Duration::from_millis(50);
-            let gauge = self.metrics.upstream_connections(&self.name, "shared");
-            gauge.inc();
-            let end = conn::serve(
-                conn,
-                &mut backlog,
-                &mut rx,
-                &self.settings,
-                None,
-                &self.metrics,
-            )
-            .await;
-            gauge.dec();
-            match end {
+            match self
+                .serve(conn, &made_for, "shared", &mut backlog, &mut rx, None)
+                .await
+            {
                 End::Closed => return,
-                End::Failed(e) => {
-                    tracing::warn!(upstream = %self.name, url = %self.url, error = %e, "shared upstream connection failed, reconnecting");
+                End::Retired => {
+                    tracing::debug!(from = %made_for.endpoint.name(), "shared connection retired after a switch");
                 }
+                End::Failed(_) => {}
             }
         }
     }
 
     /// Try to connect until it works, meanwhile holding jobs up to the queue
-    /// timeout (then failing them as never sent). `None`: channel closed.
+    /// timeout (then failing them as never sent). A switch of the active
+    /// endpoint cuts the backoff short. `None`: channel closed.
     async fn reconnect(
         &self,
         ident: &Identity,
         rx: &mut mpsc::Receiver<Job>,
         backlog: &mut VecDeque<Job>,
         backoff: &mut Duration,
-    ) -> Option<Connected> {
+    ) -> Option<(Connected, Active)> {
         let mut held = Held {
             rx,
             backlog,
@@ -242,20 +279,29 @@ impl Pool {
             reason: String::from("connecting"),
             timeout: self.settings.queue_timeout,
         };
+        let mut changes = self.ups.subscribe();
         loop {
+            let tried = self.ups.active().generation;
             match held.run(self.connect(ident, None)).await? {
-                Ok(c) => {
-                    self.metrics.upstream_up(&self.name, true);
-                    return Some(c);
-                }
+                Ok(c) => return Some(c),
                 Err(e) => {
-                    self.metrics.upstream_up(&self.name, false);
-                    tracing::debug!(upstream = %self.name, error = %e, "upstream connect failed");
+                    tracing::debug!(error = %e, "upstream connect failed");
                     held.reason = e.to_string();
                 }
             }
-            held.run(tokio::time::sleep(*backoff)).await?;
-            *backoff = (*backoff * 2).min(Duration::from_secs(2));
+            let moved = held
+                .run(async {
+                    tokio::select! {
+                        _ = tokio::time::sleep(*backoff) => false,
+                        _ = moved_past(&mut changes, tried) => true,
+                    }
+                })
+                .await?;
+            *backoff = if moved {
+                Duration::from_millis(50)
+            } else {
+                (*backoff * 2).min(Duration::from_secs(1))
+            };
         }
     }
 
@@ -267,40 +313,42 @@ impl Pool {
         name: Option<&Bytes>,
         oob: Oob,
     ) -> Result<Dedicated, UpstreamError> {
-        let conn = self.connect(ident, name).await?;
+        let (conn, made_for) = self.connect(ident, name).await?;
         let (tx, mut rx) = mpsc::channel(DEDICATED_QUEUE);
         let holds_state = Arc::new(AtomicBool::new(false));
         let alive = Arc::new(AtomicBool::new(true));
         let (hs, al, pool) = (holds_state.clone(), alive.clone(), self.clone());
         tokio::spawn(async move {
-            let gauge = pool.metrics.upstream_connections(&pool.name, "dedicated");
-            gauge.inc();
             let mut backlog = VecDeque::new();
-            let end = conn::serve(
-                conn,
-                &mut backlog,
-                &mut rx,
-                &pool.settings,
-                Some(&oob),
-                &pool.metrics,
-            )
-            .await;
-            gauge.dec();
+            let end = pool
+                .serve(
+                    conn,
+                    &made_for,
+                    "dedicated",
+                    &mut backlog,
+                    &mut rx,
+                    Some(&oob),
+                )
+                .await;
             al.store(false, Ordering::Release);
             // Jobs queued but never written fail as never sent.
             rx.close();
-            while let Ok(job) = rx.try_recv() {
+            let unsent = UpstreamError::Unavailable(
+                "the upstream connection closed before the request was sent".into(),
+            );
+            for job in backlog
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
                 if let JobKind::Request { tx, .. } = job.kind {
-                    let _ = tx.send(Err(UpstreamError::ConnectionLost));
+                    let _ = tx.send(Err(unsent.clone()));
                 }
             }
-            if let End::Failed(e) = end {
-                tracing::info!(upstream = %pool.name, error = %e, "dedicated upstream connection ended");
-                if hs.load(Ordering::Acquire) {
-                    // MULTI, WATCH or subscriptions were lost with the
-                    // connection: the client must learn it, as with Redis.
-                    oob.close();
-                }
+            if end != End::Closed && hs.load(Ordering::Acquire) {
+                // MULTI, WATCH or subscriptions were lost with the
+                // connection (it failed, or the endpoint was switched): the
+                // client must learn it, as with Redis, and reconnect.
+                oob.close();
             }
         });
         Ok(Dedicated {
@@ -318,7 +366,7 @@ impl Pool {
             db: 0,
             auth: None,
         };
-        let reply = self.one_command(&ident, &[b"COMMAND"]).await?;
+        let reply = self.one_command(&ident, b"COMMAND").await?;
         let frame = redis_protocol::resp2::decode::decode(&reply)
             .ok()
             .flatten()
@@ -332,15 +380,15 @@ impl Pool {
         Ok(n)
     }
 
-    /// Is the upstream reachable and answering? (`/readyz`)
+    /// Is the active upstream reachable and answering? (`/readyz`)
     pub async fn probe(&self) -> Result<Duration, UpstreamError> {
         let start = Instant::now();
         let ident = Identity {
             proto: Proto::Resp2,
-            db: 0,
+            db: DEFAULT_DB,
             auth: None,
         };
-        let reply = self.one_command(&ident, &[b"PING"]).await?;
+        let reply = self.one_command(&ident, b"PING").await?;
         if crate::protocol::is_error(&reply) {
             return Err(UpstreamError::Refused(conn::error_text(&reply)));
         }
@@ -348,35 +396,20 @@ impl Pool {
     }
 
     /// One command on a fresh connection (control path, not the hot path).
-    async fn one_command(&self, ident: &Identity, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
-        let conn = self.connect(ident, None).await?;
-        let fut = async move {
-            let (mut stream, mut rbuf) = conn.into_parts();
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            stream
-                .write_all(&encode_command(args))
-                .await
-                .map_err(|_| UpstreamError::ConnectionLost)?;
-            let mut scanner = ReplyScanner::new(self.settings.max_reply_bulk);
-            loop {
-                match scanner.next(&mut rbuf) {
-                    Ok(Some(f)) => return Ok(f),
-                    Ok(None) => {}
-                    Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-                }
-                if stream
-                    .read_buf(&mut rbuf)
-                    .await
-                    .map_err(|_| UpstreamError::ConnectionLost)?
-                    == 0
-                {
-                    return Err(UpstreamError::ConnectionLost);
-                }
-            }
-        };
-        tokio::time::timeout(self.settings.command_timeout, fut)
+    async fn one_command(
+        &self,
+        ident: &Identity,
+        cmd: &'static [u8],
+    ) -> Result<Bytes, UpstreamError> {
+        let (conn, _) = self.connect(ident, None).await?;
+        let (mut stream, rbuf) = conn.into_parts();
+        let cmds = [vec![Bytes::from_static(cmd)]];
+        let fut =
+            super::endpoint::roundtrip(&mut stream, rbuf, &cmds, self.settings.max_reply_bulk);
+        let mut replies = tokio::time::timeout(self.settings.command_timeout, fut)
             .await
-            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(|_| UpstreamError::Timeout)??;
+        replies.pop().ok_or(UpstreamError::ConnectionLost)
     }
 
     /// How many shared connection sets exist (one per identity).
@@ -431,6 +464,19 @@ fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
             && let JobKind::Request { tx, .. } = job.kind
         {
             let _ = tx.send(Err(UpstreamError::Unavailable(reason.to_string())));
+        }
+    }
+}
+
+/// Resolves once the active choice is newer than `generation`.
+async fn moved_past(changes: &mut watch::Receiver<Active>, generation: u64) {
+    loop {
+        if changes.borrow_and_update().generation != generation {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            // The sender lives as long as the pool: never in practice.
+            std::future::pending::<()>().await;
         }
     }
 }

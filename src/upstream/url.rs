@@ -1,4 +1,6 @@
-//! Upstream endpoint URLs: `redis://[user:password@]host:port[/db]`.
+//! Upstream endpoint URLs: `redis://` and `rediss://`
+//! `[user:password@]host:port[/db]`, and
+//! `redis-sentinel://[user:password@]host:port[,host:port]/master[/db]`.
 //!
 //! User and password are percent-decoded. The password lives in a
 //! [`Secret`], whose `Debug` and `Display` print `***`; [`UpstreamUrl`]'s
@@ -25,9 +27,11 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A parsed upstream URL.
+/// A parsed `redis://` or `rediss://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamUrl {
+    /// `rediss://`: TLS.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub user: Option<String>,
@@ -35,16 +39,43 @@ pub struct UpstreamUrl {
     pub db: i64,
 }
 
+/// A parsed `redis-sentinel://[user:password@]host:port[,host:port]/master[/db]`.
+/// The credentials and db are the master's; sentinels are asked without
+/// them (see `sentinel_password` in the config for sentinels that need one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelUrl {
+    pub sentinels: Vec<(String, u16)>,
+    pub master: String,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub db: i64,
+}
+
+/// What an `[[upstream]]` URL points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Direct(UpstreamUrl),
+    Sentinel(SentinelUrl),
+}
+
+fn write_userinfo(
+    f: &mut fmt::Formatter<'_>,
+    user: &Option<String>,
+    password: &Option<Secret>,
+) -> fmt::Result {
+    match (user, password) {
+        (Some(u), Some(_)) => write!(f, "{u}:***@"),
+        (None, Some(_)) => write!(f, ":***@"),
+        (Some(u), None) => write!(f, "{u}@"),
+        (None, None) => Ok(()),
+    }
+}
+
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://")?;
-        match (&self.user, &self.password) {
-            (Some(u), Some(_)) => write!(f, "{u}:***@")?,
-            (None, Some(_)) => write!(f, ":***@")?,
-            (Some(u), None) => write!(f, "{u}@")?,
-            (None, None) => {}
-        }
-        write!(f, "{}:{}", self.host, self.port)?;
+        write!(f, "{}://", if self.tls { "rediss" } else { "redis" })?;
+        write_userinfo(f, &self.user, &self.password)?;
+        write!(f, "{}", host_port(&self.host, self.port))?;
         if self.db != 0 {
             write!(f, "/{}", self.db)?;
         }
@@ -52,86 +83,177 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
-impl UpstreamUrl {
-    /// Parse; the error never contains the password.
-    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
-        let rest = if let Some(r) = s.strip_prefix("redis://") {
-            r
-        } else if s.starts_with("rediss://") {
-            return Err("rediss:// (TLS) upstreams are not supported yet".into());
-        } else {
-            return Err("must start with redis://".into());
-        };
-        let (auth, hostpart) = match rest.rfind('@') {
-            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-            None => (None, rest),
-        };
-        let (hostport, path) = match hostpart.find('/') {
-            Some(i) => (&hostpart[..i], &hostpart[i + 1..]),
-            None => (hostpart, ""),
-        };
-        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-            // [ipv6]:port
-            let end = h.find(']').ok_or("unclosed [ in host")?;
-            let port = h[end + 1..].strip_prefix(':').unwrap_or("");
-            (&h[..end], port)
-        } else {
-            match hostport.rfind(':') {
-                Some(i) => (&hostport[..i], &hostport[i + 1..]),
-                None => (hostport, ""),
-            }
-        };
-        if host.is_empty() {
-            return Err("missing host".into());
+impl fmt::Display for SentinelUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis-sentinel://")?;
+        write_userinfo(f, &self.user, &self.password)?;
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(h, p)| host_port(h, *p))
+            .collect();
+        write!(f, "{}/{}", hosts.join(","), self.master)?;
+        if self.db != 0 {
+            write!(f, "/{}", self.db)?;
         }
-        let port = if port.is_empty() {
-            6379
-        } else {
-            port.parse::<u16>()
-                .map_err(|_| "invalid port".to_string())?
-        };
-        let path = path.split(['?', '#']).next().unwrap_or("");
-        let db = if path.is_empty() {
-            0
-        } else {
-            path.parse::<i64>()
-                .ok()
-                .filter(|d| *d >= 0)
-                .ok_or("invalid database number")?
-        };
-        let (user, password) = match auth {
-            None => (None, None),
-            Some(a) => {
-                let (u, p) = match a.find(':') {
-                    Some(i) => (&a[..i], Some(&a[i + 1..])),
-                    None => (a, None),
-                };
-                let u = percent_decode(u).ok_or("invalid percent-encoding in user")?;
-                let p = match p {
-                    Some(p) => Some(Secret(
-                        percent_decode(p).ok_or("invalid percent-encoding in password")?,
-                    )),
-                    None => None,
-                };
-                ((!u.is_empty()).then_some(u), p.filter(|p| !p.0.is_empty()))
+        Ok(())
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Direct(u) => u.fmt(f),
+            Target::Sentinel(s) => s.fmt(f),
+        }
+    }
+}
+
+impl Target {
+    /// Parse any supported URL; the error never contains the password.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        if let Some(rest) = s.strip_prefix("redis-sentinel://") {
+            let (user, password, hosts, path) = split_url(rest)?;
+            let mut sentinels = Vec::new();
+            for h in hosts.split(',') {
+                sentinels.push(parse_host_port(h, 26379)?);
             }
+            let mut parts = path.splitn(2, '/');
+            let master = parts.next().unwrap_or("");
+            if master.is_empty() {
+                return Err("missing master name (redis-sentinel://host:port/master_name)".into());
+            }
+            Ok(Target::Sentinel(SentinelUrl {
+                sentinels,
+                master: master.to_string(),
+                user,
+                password,
+                db: parse_db(parts.next().unwrap_or(""))?,
+            }))
+        } else {
+            UpstreamUrl::parse(s).map(Target::Direct)
+        }
+    }
+
+    /// The database the endpoint's URL selects.
+    pub fn db(&self) -> i64 {
+        match self {
+            Target::Direct(u) => u.db,
+            Target::Sentinel(s) => s.db,
+        }
+    }
+
+    /// User and password for the data node, if the URL has a password.
+    pub fn credentials(&self) -> Option<(Option<&str>, &Secret)> {
+        let (user, password) = match self {
+            Target::Direct(u) => (&u.user, &u.password),
+            Target::Sentinel(s) => (&s.user, &s.password),
         };
+        password.as_ref().map(|p| (user.as_deref(), p))
+    }
+}
+
+/// `(user, password, hosts, path)` of `[user:password@]hosts[/path]`.
+type UrlParts<'a> = (Option<String>, Option<Secret>, &'a str, &'a str);
+
+fn split_url(rest: &str) -> Result<UrlParts<'_>, String> {
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (auth, hostpart) = match rest.rfind('@') {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    };
+    let (hosts, path) = match hostpart.find('/') {
+        Some(i) => (&hostpart[..i], &hostpart[i + 1..]),
+        None => (hostpart, ""),
+    };
+    let (user, password) = match auth {
+        None => (None, None),
+        Some(a) => {
+            let (u, p) = match a.find(':') {
+                Some(i) => (&a[..i], Some(&a[i + 1..])),
+                None => (a, None),
+            };
+            let u = percent_decode(u).ok_or("invalid percent-encoding in user")?;
+            let p = match p {
+                Some(p) => Some(Secret(
+                    percent_decode(p).ok_or("invalid percent-encoding in password")?,
+                )),
+                None => None,
+            };
+            ((!u.is_empty()).then_some(u), p.filter(|p| !p.0.is_empty()))
+        }
+    };
+    Ok((user, password, hosts, path))
+}
+
+fn parse_host_port(hostport: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        // [ipv6]:port
+        let end = h.find(']').ok_or("unclosed [ in host")?;
+        let port = h[end + 1..].strip_prefix(':').unwrap_or("");
+        (&h[..end], port)
+    } else {
+        match hostport.rfind(':') {
+            Some(i) => (&hostport[..i], &hostport[i + 1..]),
+            None => (hostport, ""),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    let port = if port.is_empty() {
+        default_port
+    } else {
+        port.parse::<u16>()
+            .map_err(|_| "invalid port".to_string())?
+    };
+    Ok((host.to_string(), port))
+}
+
+fn parse_db(path: &str) -> Result<i64, String> {
+    if path.is_empty() {
+        return Ok(0);
+    }
+    path.parse::<i64>()
+        .ok()
+        .filter(|d| *d >= 0)
+        .ok_or_else(|| "invalid database number".to_string())
+}
+
+/// `host:port`, with brackets around an IPv6 address.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl UpstreamUrl {
+    /// Parse `redis://` or `rediss://`; the error never contains the password.
+    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("redis://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("rediss://") {
+            (true, r)
+        } else {
+            return Err("must start with redis://, rediss:// or redis-sentinel://".into());
+        };
+        let (user, password, hostport, path) = split_url(rest)?;
+        let (host, port) = parse_host_port(hostport, 6379)?;
         Ok(UpstreamUrl {
-            host: host.to_string(),
+            tls,
+            host,
             port,
             user,
             password,
-            db,
+            db: parse_db(path)?,
         })
     }
 
     /// `host:port` for connecting (resolved on every connect).
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        host_port(&self.host, self.port)
     }
 }
 
@@ -172,6 +294,24 @@ mod tests {
                 .find("pw")
                 .is_none()
         );
-        assert!(UpstreamUrl::parse("rediss://h").is_err());
+        let t = UpstreamUrl::parse("rediss://default:pw@h:7000").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.to_string(), "rediss://default:***@h:7000");
+        assert!(UpstreamUrl::parse("http://h").is_err());
+        let Target::Sentinel(s) =
+            Target::parse("redis-sentinel://:pw@10.0.0.1:5000,[::1]/mymaster/3").unwrap()
+        else {
+            panic!("not a sentinel URL")
+        };
+        assert_eq!(
+            s.sentinels,
+            vec![("10.0.0.1".to_string(), 5000), ("::1".to_string(), 26379)]
+        );
+        assert_eq!((s.master.as_str(), s.db), ("mymaster", 3));
+        assert_eq!(
+            s.to_string(),
+            "redis-sentinel://:***@10.0.0.1:5000,[::1]:26379/mymaster/3"
+        );
+        assert!(Target::parse("redis-sentinel://h:1").is_err());
     }
 }

@@ -148,6 +148,7 @@ pub fn config(upstream: &str) -> Config {
         upstream: vec![UpstreamConfig {
             name: "test".into(),
             url: upstream.into(),
+            ..UpstreamConfig::default()
         }],
         ..Config::default()
     }

@@ -1,0 +1,82 @@
+//! Live changes: configuration reload (SIGHUP and `POST /reload`) and the
+//! admin token. A reload re-reads the configuration, validates all of it,
+//! and applies it only if everything passed; otherwise the running
+//! configuration stays and the error is returned, logged and counted.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::upstream::failover::Upstreams;
+
+/// Produces the configuration to reload (the binary re-reads its file and
+/// applies its command-line overrides).
+pub type Loader = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
+pub struct Control {
+    pub ups: Arc<Upstreams>,
+    metrics: Metrics,
+    current: Mutex<Config>,
+    loader: Option<Loader>,
+}
+
+impl Control {
+    pub fn new(
+        ups: Arc<Upstreams>,
+        metrics: Metrics,
+        config: Config,
+        loader: Option<Loader>,
+    ) -> Arc<Control> {
+        Arc::new(Control {
+            ups,
+            metrics,
+            current: Mutex::new(config),
+            loader,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Config> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The token state-changing admin requests need ("" = none).
+    pub fn admin_token(&self) -> String {
+        self.lock().admin_token.clone()
+    }
+
+    /// Reload; `Ok` says what changed, `Err` why nothing did.
+    pub fn reload(&self) -> Result<String, String> {
+        let result = self.try_reload();
+        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(msg) => tracing::info!(%msg, "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let loader = self
+            .loader
+            .as_ref()
+            .ok_or("no configuration source to reload (started without --config)")?;
+        let config = loader().map_err(|e| format!("{e:#}"))?;
+        let v = config.validate().map_err(|e| e.to_string())?;
+        let mut current = self.lock();
+        let fixed = current.restart_needed(&v.config);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "these settings cannot change without a restart: {}",
+                fixed.join(", ")
+            ));
+        }
+        let names: Vec<&str> = v.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let msg = format!("upstreams in priority order: {}", names.join(", "));
+        self.ups
+            .reconfigure(v.upstreams.clone(), v.config.failover.clone());
+        *current = v.config;
+        Ok(msg)
+    }
+}

@@ -1,0 +1,374 @@
+//! One upstream endpoint: where it is (a direct URL, resolved on every
+//! connect, or the master a set of sentinels names), how to reach it (TCP or
+//! TLS) and its health as the checker sees it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use super::UpstreamError;
+use super::url::{Target, host_port};
+use crate::config::EndpointSpec;
+use crate::protocol::{ReplyScanner, encode_command};
+
+/// A byte stream to an upstream: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What the health checker knows about an endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub state: HealthState,
+    pub ok_streak: usize,
+    pub fail_streak: usize,
+    /// Round trip of the last good check.
+    pub latency: Option<Duration>,
+    /// Why the last check failed (host and port, never a password).
+    pub last_error: Option<String>,
+    /// When the endpoint last became up.
+    pub up_since: Option<Instant>,
+    /// The address the last check reached (a sentinel endpoint's master).
+    pub address: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthState {
+    /// Not checked yet.
+    #[default]
+    Unknown,
+    Up,
+    Down,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Unknown => "unknown",
+            HealthState::Up => "up",
+            HealthState::Down => "down",
+        }
+    }
+}
+
+/// One `[[upstream]]` at run time.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub spec: EndpointSpec,
+    /// Sentinels in the order to ask them; the one that answers moves to
+    /// the front (Sentinel client spec).
+    sentinel_order: Mutex<Vec<(String, u16)>>,
+    pub health: Mutex<Health>,
+    /// Cancelled when a reload removes the endpoint: its checker stops.
+    pub stop: CancellationToken,
+    /// Wakes the checker early (a connection to the endpoint failed).
+    pub nudge: Notify,
+}
+
+impl Endpoint {
+    pub fn new(spec: EndpointSpec) -> Endpoint {
+        let order = match &spec.target {
+            Target::Sentinel(s) => s.sentinels.clone(),
+            Target::Direct(_) => Vec::new(),
+        };
+        Endpoint {
+            spec,
+            sentinel_order: Mutex::new(order),
+            health: Mutex::new(Health::default()),
+            stop: CancellationToken::new(),
+            nudge: Notify::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn health(&self) -> Health {
+        self.lock_health().clone()
+    }
+
+    pub fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The data node's database from the URL.
+    pub fn db(&self) -> i64 {
+        self.spec.target.db()
+    }
+
+    /// User and password from the URL, for the handshake.
+    pub fn credentials(&self) -> Option<(Option<Bytes>, Bytes)> {
+        self.spec.target.credentials().map(|(u, p)| {
+            (
+                u.map(|u| Bytes::copy_from_slice(u.as_bytes())),
+                Bytes::copy_from_slice(p.expose().as_bytes()),
+            )
+        })
+    }
+
+    /// Resolve the endpoint (DNS, or ask the sentinels) and open a transport
+    /// to it. Returns the stream and the `host:port` reached, for messages.
+    pub async fn open(&self, timeout: Duration) -> Result<(Stream, String), UpstreamError> {
+        let (host, port, tls) = match &self.spec.target {
+            Target::Direct(u) => (u.host.clone(), u.port, self.spec.tls.as_ref()),
+            Target::Sentinel(s) => {
+                let (h, p) = self.ask_sentinels(&s.master, timeout).await?;
+                (h, p, None)
+            }
+        };
+        let addr = host_port(&host, port);
+        // `TcpStream::connect` with a host name resolves it now: an
+        // endpoint whose address changes is followed on the next connect.
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("connect to {addr}: {e}")))?;
+        tcp.set_nodelay(true).ok();
+        let stream = match tls {
+            None => Stream::Tcp(tcp),
+            Some(t) => Stream::Tls(Box::new(
+                t.connect(&host, tcp)
+                    .await
+                    .map_err(|e| UpstreamError::Unavailable(format!("{addr}: {e}")))?,
+            )),
+        };
+        Ok((stream, addr))
+    }
+
+    /// Ask each sentinel in turn for the master's address; the first that
+    /// names one moves to the front of the list.
+    async fn ask_sentinels(
+        &self,
+        master: &str,
+        timeout: Duration,
+    ) -> Result<(String, u16), UpstreamError> {
+        let order = self
+            .sentinel_order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut errors = Vec::new();
+        for (i, (host, port)) in order.iter().enumerate() {
+            let addr = host_port(host, *port);
+            let mut cmds = Vec::new();
+            if let Some((user, pass)) = &self.spec.sentinel_auth {
+                let mut auth = vec![Bytes::from_static(b"AUTH")];
+                auth.extend(user.as_ref().map(|u| Bytes::copy_from_slice(u.as_bytes())));
+                auth.push(Bytes::copy_from_slice(pass.expose().as_bytes()));
+                cmds.push(auth);
+            }
+            cmds.push(vec![
+                Bytes::from_static(b"SENTINEL"),
+                Bytes::from_static(b"get-master-addr-by-name"),
+                Bytes::copy_from_slice(master.as_bytes()),
+            ]);
+            let asked = tokio::time::timeout(timeout, async {
+                let tcp = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+                let mut s = Stream::Tcp(tcp);
+                roundtrip(&mut s, BytesMut::new(), &cmds, 1 << 20)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            let replies = match asked {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    errors.push(format!("{addr}: timed out"));
+                    continue;
+                }
+            };
+            match replies.last().map(|r| parse_master_addr(r)) {
+                Some(Ok(found)) => {
+                    if i > 0 {
+                        let mut o = self
+                            .sentinel_order
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if let Some(pos) = o.iter().position(|s| s == &order[i]) {
+                            let s = o.remove(pos);
+                            o.insert(0, s);
+                        }
+                    }
+                    return Ok(found);
+                }
+                Some(Err(e)) => errors.push(format!("{addr}: {e}")),
+                None => errors.push(format!("{addr}: no reply")),
+            }
+        }
+        Err(UpstreamError::Unavailable(format!(
+            "no sentinel named a master for {master:?} ({})",
+            errors.join("; ")
+        )))
+    }
+
+    /// The sentinels' addresses (for the `+switch-master` listener).
+    pub fn sentinels(&self) -> Vec<(String, u16)> {
+        self.sentinel_order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// `[ip, port]` from `SENTINEL get-master-addr-by-name`.
+fn parse_master_addr(reply: &[u8]) -> Result<(String, u16), String> {
+    use redis_protocol::resp2::types::OwnedFrame;
+    let frame = redis_protocol::resp2::decode::decode(&Bytes::copy_from_slice(reply))
+        .ok()
+        .flatten()
+        .map(|(f, _)| f)
+        .ok_or("unreadable reply")?;
+    match frame {
+        OwnedFrame::Array(items) if items.len() == 2 => {
+            let text = |f: &OwnedFrame| match f {
+                OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+                    Some(String::from_utf8_lossy(b).into_owned())
+                }
+                _ => None,
+            };
+            let host = text(&items[0]).ok_or("bad address")?;
+            let port = text(&items[1])
+                .and_then(|p| p.parse::<u16>().ok())
+                .ok_or("bad port")?;
+            Ok((host, port))
+        }
+        OwnedFrame::Null => Err("does not know this master".into()),
+        OwnedFrame::Error(e) => Err(e.to_string()),
+        _ => Err("unexpected reply".into()),
+    }
+}
+
+/// Send `cmds` in one write and read one reply each (control path: the
+/// handshake, health checks, sentinels, `COMMAND`). `rbuf` may hold bytes
+/// already read. Replies are returned as they arrived, errors included.
+pub async fn roundtrip(
+    stream: &mut Stream,
+    mut rbuf: BytesMut,
+    cmds: &[Vec<Bytes>],
+    max_bulk: usize,
+) -> Result<Vec<Bytes>, UpstreamError> {
+    let mut out = BytesMut::new();
+    for c in cmds {
+        out.extend_from_slice(&encode_command(c));
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|_| UpstreamError::ConnectionLost)?;
+    let mut scanner = ReplyScanner::new(max_bulk);
+    let mut replies = Vec::with_capacity(cmds.len());
+    while replies.len() < cmds.len() {
+        match scanner.next(&mut rbuf) {
+            Ok(Some(f)) => replies.push(f),
+            Ok(None) => {
+                if stream
+                    .read_buf(&mut rbuf)
+                    .await
+                    .map_err(|_| UpstreamError::ConnectionLost)?
+                    == 0
+                {
+                    return Err(UpstreamError::ConnectionLost);
+                }
+            }
+            Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+        }
+    }
+    Ok(replies)
+}
+
+/// The first element of a `ROLE` reply (`master`, `slave`, `sentinel`), or
+/// `None` when the reply is an error (ROLE not allowed for this user, or
+/// not supported by a managed service): the role is then unknown.
+pub fn role_of(reply: &[u8]) -> Option<String> {
+    let (frame, _) = redis_protocol::resp3::decode::complete::decode(reply).ok()??;
+    use redis_protocol::resp3::types::OwnedFrame as F;
+    match frame {
+        F::Array { data, .. } => match data.first() {
+            Some(F::BlobString { data, .. } | F::SimpleString { data, .. }) => {
+                Some(String::from_utf8_lossy(data).into_owned())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sentinel_and_role_replies() {
+        assert_eq!(
+            parse_master_addr(b"*2\r\n$9\r\n127.0.0.1\r\n$4\r\n6379\r\n"),
+            Ok(("127.0.0.1".to_string(), 6379))
+        );
+        assert!(parse_master_addr(b"*-1\r\n").is_err());
+        assert!(parse_master_addr(b"-ERR no such master\r\n").is_err());
+        assert_eq!(
+            role_of(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n").as_deref(),
+            Some("master")
+        );
+        assert_eq!(
+            role_of(b"*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:1\r\n$9\r\nconnected\r\n:1\r\n")
+                .as_deref(),
+            Some("slave")
+        );
+        assert_eq!(role_of(b"-NOPERM no\r\n"), None);
+    }
+}

@@ -1,0 +1,537 @@
+//! Which endpoint is active, and when that changes.
+//!
+//! Every endpoint has a checker task (PING and ROLE on its own connection,
+//! every `check_interval`); its health moves to down after
+//! `failures_before_down` failed checks and back to up after
+//! `successes_before_up` good ones. A supervisor task picks the active
+//! endpoint: when the active one is down, the first healthy endpoint in
+//! priority order; with `failback = "auto"`, a higher-priority endpoint
+//! once it has been up for `failback_after`. Operators switch with
+//! [`Upstreams::activate`] and reload with [`Upstreams::reconfigure`].
+//!
+//! The choice is published on a watch channel as an [`Active`] with a
+//! generation. Upstream connections compare generations: a connection made
+//! for an older one retires (stops writing, lets its replies arrive, closes)
+//! and the next connection goes to the new endpoint.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{self, ConnSettings};
+use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
+use super::url::Target;
+use super::{DEFAULT_DB, Identity, UpstreamError};
+use crate::config::{EndpointSpec, Failback, FailoverConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{Proto, ReplyScanner};
+
+/// The active endpoint and the generation of that choice.
+#[derive(Clone, Debug)]
+pub struct Active {
+    pub endpoint: Arc<Endpoint>,
+    /// Bumped on every switch, and when a sentinel reports a new master.
+    pub generation: u64,
+}
+
+/// The last change of the active endpoint.
+#[derive(Clone, Debug)]
+pub struct Switch {
+    pub at: SystemTime,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+struct State {
+    endpoints: Vec<Arc<Endpoint>>,
+    active: Active,
+    last_switch: Option<Switch>,
+    /// The active endpoint was chosen by hand: automatic failback leaves it
+    /// alone (only its failure moves the sidecar away).
+    manual: bool,
+    failover: FailoverConfig,
+}
+
+/// The endpoints, their health and the active choice.
+pub struct Upstreams {
+    state: Mutex<State>,
+    active_tx: watch::Sender<Active>,
+    settings: ConnSettings,
+    metrics: Metrics,
+    /// Wakes the supervisor when some endpoint's health changed.
+    changed: Notify,
+    shutdown: CancellationToken,
+}
+
+/// Why a switch happened (the `reason` label of `failovers_total`).
+pub mod reason {
+    pub const DOWN: &str = "down";
+    pub const FAILBACK: &str = "failback";
+    pub const MANUAL: &str = "manual";
+    pub const RELOAD: &str = "reload";
+    pub const SENTINEL: &str = "sentinel_switch_master";
+}
+
+impl Upstreams {
+    /// Start checking `specs` (priority order; the first is active).
+    pub fn start(
+        specs: Vec<EndpointSpec>,
+        failover: FailoverConfig,
+        settings: ConnSettings,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Upstreams>, String> {
+        let endpoints: Vec<Arc<Endpoint>> = specs
+            .into_iter()
+            .map(|s| Arc::new(Endpoint::new(s)))
+            .collect();
+        let first = endpoints.first().cloned().ok_or("no upstream configured")?;
+        let active = Active {
+            endpoint: first,
+            generation: 1,
+        };
+        let (active_tx, _) = watch::channel(active.clone());
+        let ups = Arc::new(Upstreams {
+            state: Mutex::new(State {
+                endpoints: endpoints.clone(),
+                active,
+                last_switch: None,
+                manual: false,
+                failover,
+            }),
+            active_tx,
+            settings,
+            metrics,
+            changed: Notify::new(),
+            shutdown,
+        });
+        for e in &endpoints {
+            ups.spawn_endpoint_tasks(e);
+        }
+        ups.publish_active_metric();
+        tokio::spawn(ups.clone().supervise());
+        Ok(ups)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current choice.
+    pub fn active(&self) -> Active {
+        self.active_tx.borrow().clone()
+    }
+
+    /// Follow the choice.
+    pub fn subscribe(&self) -> watch::Receiver<Active> {
+        self.active_tx.subscribe()
+    }
+
+    /// Ask `endpoint`'s checker to check now (a connection to it failed).
+    pub fn nudge(&self, endpoint: &Endpoint) {
+        endpoint.nudge.notify_one();
+    }
+
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.lock().endpoints.clone()
+    }
+
+    pub fn last_switch(&self) -> Option<Switch> {
+        self.lock().last_switch.clone()
+    }
+
+    fn spawn_endpoint_tasks(self: &Arc<Self>, e: &Arc<Endpoint>) {
+        tokio::spawn(self.clone().check_loop(e.clone()));
+        if matches!(e.spec.target, Target::Sentinel(_)) {
+            tokio::spawn(self.clone().watch_sentinels(e.clone()));
+        }
+    }
+
+    /// Make `to` active (the caller holds the state lock).
+    fn switch_locked(&self, st: &mut State, to: Arc<Endpoint>, why: &str) {
+        let from = st.active.endpoint.name().to_string();
+        st.active = Active {
+            endpoint: to.clone(),
+            generation: st.active.generation + 1,
+        };
+        st.last_switch = Some(Switch {
+            at: SystemTime::now(),
+            from: from.clone(),
+            to: to.name().to_string(),
+            reason: why.to_string(),
+        });
+        self.metrics.failover(&from, to.name(), why);
+        tracing::warn!(from = %from, to = %to.name(), url = %to.spec.target, reason = why, "switching the active upstream");
+        self.active_tx.send_replace(st.active.clone());
+    }
+
+    fn publish_active_metric(&self) {
+        let st = self.lock();
+        for e in &st.endpoints {
+            self.metrics
+                .upstream_active(e.name(), Arc::ptr_eq(e, &st.active.endpoint));
+        }
+    }
+
+    /// Switch to `name` now (operator's `POST /upstreams/{name}/activate`).
+    /// A down endpoint is refused; automatic failback then leaves the
+    /// choice alone until the chosen endpoint fails.
+    pub fn activate(&self, name: &str) -> Result<String, ActivateError> {
+        let mut st = self.lock();
+        let Some(to) = st.endpoints.iter().find(|e| e.name() == name).cloned() else {
+            return Err(ActivateError::NotFound(name.to_string()));
+        };
+        let h = to.health();
+        if h.state == HealthState::Down {
+            return Err(ActivateError::Down(
+                name.to_string(),
+                h.last_error.unwrap_or_default(),
+            ));
+        }
+        st.manual = true;
+        if Arc::ptr_eq(&to, &st.active.endpoint) {
+            return Ok(format!("{name} is already active"));
+        }
+        self.switch_locked(&mut st, to, reason::MANUAL);
+        drop(st);
+        self.publish_active_metric();
+        Ok(format!("{name} is now active"))
+    }
+
+    /// Bump the generation of the active endpoint (its connections move to
+    /// where the endpoint now resolves, e.g. a new sentinel master).
+    fn refresh(&self, endpoint: &Arc<Endpoint>, why: &str) {
+        let mut st = self.lock();
+        if Arc::ptr_eq(endpoint, &st.active.endpoint) {
+            self.switch_locked(&mut st, endpoint.clone(), why);
+        }
+    }
+
+    /// Apply a reloaded endpoint list and failover settings. Endpoints that
+    /// did not change keep their health; the active one stays active if it
+    /// is still listed, else the first healthy one (or the first) is chosen.
+    pub fn reconfigure(self: &Arc<Self>, specs: Vec<EndpointSpec>, failover: FailoverConfig) {
+        let mut st = self.lock();
+        let old = std::mem::take(&mut st.endpoints);
+        let mut kept = Vec::with_capacity(specs.len());
+        for spec in specs {
+            match old.iter().find(|e| e.spec.same_as(&spec)) {
+                Some(e) => kept.push(e.clone()),
+                None => {
+                    let e = Arc::new(Endpoint::new(spec));
+                    self.spawn_endpoint_tasks(&e);
+                    kept.push(e);
+                }
+            }
+        }
+        for e in &old {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, e)) {
+                e.stop.cancel();
+                self.metrics.forget_upstream(e.name());
+            }
+        }
+        st.endpoints = kept;
+        st.failover = failover;
+        if !st
+            .endpoints
+            .iter()
+            .any(|e| Arc::ptr_eq(e, &st.active.endpoint))
+        {
+            let to = st
+                .endpoints
+                .iter()
+                .find(|e| e.health().state == HealthState::Up)
+                .or(st.endpoints.first())
+                .cloned();
+            if let Some(to) = to {
+                st.manual = false;
+                self.switch_locked(&mut st, to, reason::RELOAD);
+            }
+        }
+        drop(st);
+        self.publish_active_metric();
+        self.changed.notify_one();
+    }
+
+    /// Choose the active endpoint whenever health changes, and once a
+    /// second for failback timing.
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            self.decide();
+        }
+    }
+
+    /// One decision (see the module docs).
+    fn decide(&self) {
+        let mut st = self.lock();
+        let active = st.active.endpoint.clone();
+        let up = |e: &Arc<Endpoint>| e.health().state == HealthState::Up;
+        let target = if active.health().state == HealthState::Down {
+            st.endpoints
+                .iter()
+                .find(|e| !Arc::ptr_eq(e, &active) && up(e))
+                .cloned()
+                .map(|t| (t, reason::DOWN))
+        } else if st.failover.failback == Failback::Auto && !st.manual {
+            let idx = st
+                .endpoints
+                .iter()
+                .position(|e| Arc::ptr_eq(e, &active))
+                .unwrap_or(st.endpoints.len());
+            let after = st.failover.failback_after;
+            st.endpoints[..idx]
+                .iter()
+                .find(|e| {
+                    let h = e.health();
+                    h.state == HealthState::Up && h.up_since.is_some_and(|t| t.elapsed() >= after)
+                })
+                .cloned()
+                .map(|t| (t, reason::FAILBACK))
+        } else {
+            None
+        };
+        if let Some((to, why)) = target {
+            if why == reason::DOWN {
+                st.manual = false;
+            }
+            self.switch_locked(&mut st, to, why);
+            drop(st);
+            self.publish_active_metric();
+        }
+    }
+
+    fn failover_config(&self) -> FailoverConfig {
+        self.lock().failover.clone()
+    }
+
+    /// Check `e` every interval (or when nudged) until it is removed.
+    async fn check_loop(self: Arc<Self>, e: Arc<Endpoint>) {
+        let mut conn: Option<(Stream, BytesMut)> = None;
+        let mut last = Instant::now() - Duration::from_secs(3600);
+        loop {
+            let cfg = self.failover_config();
+            let since = last.elapsed();
+            if since < cfg.check_interval {
+                tokio::select! {
+                    _ = tokio::time::sleep(cfg.check_interval - since) => {}
+                    // A nudge checks at once, but at most every 50ms.
+                    _ = e.nudge.notified() => {
+                        let floor = Duration::from_millis(50);
+                        if last.elapsed() < floor {
+                            tokio::time::sleep(floor - last.elapsed()).await;
+                        }
+                    }
+                    _ = e.stop.cancelled() => return,
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+            last = Instant::now();
+            let result = tokio::time::timeout(cfg.check_timeout, self.check(&e, &mut conn))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::Unavailable(format!(
+                        "health check timed out after {:?}",
+                        cfg.check_timeout
+                    )))
+                });
+            let took = last.elapsed();
+            if result.is_err() {
+                conn = None;
+            }
+            if self.record(&e, &cfg, result, took) {
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// PING and ROLE on the checker's connection (made if needed, with the
+    /// URL's credentials). `Ok`: the address reached.
+    async fn check(
+        &self,
+        e: &Endpoint,
+        conn: &mut Option<(Stream, BytesMut)>,
+    ) -> Result<String, UpstreamError> {
+        if conn.is_none() {
+            let ident = Identity {
+                proto: Proto::Resp2,
+                db: DEFAULT_DB,
+                auth: None,
+            };
+            let c = conn::connect(e, &ident, None, &self.settings).await?;
+            let addr = c.addr.clone();
+            let (s, b) = c.into_parts();
+            *conn = Some((s, b));
+            e.lock_health().address = Some(addr);
+        }
+        let Some((stream, rbuf)) = conn.as_mut() else {
+            return Err(UpstreamError::ConnectionLost);
+        };
+        let cmds = [
+            vec![Bytes::from_static(b"PING")],
+            vec![Bytes::from_static(b"ROLE")],
+        ];
+        let replies = roundtrip(
+            stream,
+            std::mem::take(rbuf),
+            &cmds,
+            self.settings.max_reply_bulk,
+        )
+        .await?;
+        if crate::protocol::is_error(&replies[0]) {
+            return Err(UpstreamError::Refused(conn::error_text(&replies[0])));
+        }
+        if let Some(role) = role_of(&replies[1]).filter(|r| r != "master") {
+            return Err(UpstreamError::Unavailable(format!(
+                "is a {role}, not a primary"
+            )));
+        }
+        Ok(e.lock_health().address.clone().unwrap_or_default())
+    }
+
+    /// Update `e`'s health with one check result; `true` if its state
+    /// changed.
+    fn record(
+        &self,
+        e: &Endpoint,
+        cfg: &FailoverConfig,
+        result: Result<String, UpstreamError>,
+        took: Duration,
+    ) -> bool {
+        self.metrics.check_duration(e.name(), took);
+        let mut h = e.lock_health();
+        let before = h.state;
+        match result {
+            Ok(_) => {
+                h.ok_streak += 1;
+                h.fail_streak = 0;
+                h.latency = Some(took);
+                h.last_error = None;
+                let up = match h.state {
+                    HealthState::Unknown => true,
+                    HealthState::Down => h.ok_streak >= cfg.successes_before_up.get(),
+                    HealthState::Up => false,
+                };
+                if up {
+                    h.state = HealthState::Up;
+                    h.up_since = Some(Instant::now());
+                }
+            }
+            Err(err) => {
+                h.fail_streak += 1;
+                h.ok_streak = 0;
+                h.last_error = Some(err.to_string());
+                if h.state != HealthState::Down && h.fail_streak >= cfg.failures_before_down.get() {
+                    h.state = HealthState::Down;
+                    h.up_since = None;
+                }
+            }
+        }
+        let after = h.state;
+        drop(h);
+        self.metrics.upstream_up(e.name(), after == HealthState::Up);
+        if before != after {
+            tracing::info!(upstream = %e.name(), from = before.as_str(), to = after.as_str(), "upstream health changed");
+        }
+        before != after
+    }
+
+    /// Listen on the sentinels for `+switch-master` of this endpoint's
+    /// master: connections then move to the new master at once instead of
+    /// after the old one fails. Messages can be lost, so this only speeds
+    /// up what the checks and reconnects find anyway.
+    async fn watch_sentinels(self: Arc<Self>, e: Arc<Endpoint>) {
+        let Target::Sentinel(s) = &e.spec.target else {
+            return;
+        };
+        let master = s.master.clone();
+        loop {
+            for (host, port) in e.sentinels() {
+                let addr = super::url::host_port(&host, port);
+                let listened = tokio::select! {
+                    r = self.listen_one(&e, &addr, &master) => r,
+                    _ = e.stop.cancelled() => return,
+                    _ = self.shutdown.cancelled() => return,
+                };
+                if let Err(err) = listened {
+                    tracing::debug!(sentinel = %addr, error = %err, "sentinel subscription ended");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = e.stop.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn listen_one(&self, e: &Arc<Endpoint>, addr: &str, master: &str) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::time::timeout(
+            self.settings.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|err| err.to_string())?;
+        let mut cmds = Vec::new();
+        if let Some((user, pass)) = &e.spec.sentinel_auth {
+            let mut auth = vec![Bytes::from_static(b"AUTH")];
+            auth.extend(user.as_ref().map(|u| Bytes::copy_from_slice(u.as_bytes())));
+            auth.push(Bytes::copy_from_slice(pass.expose().as_bytes()));
+            cmds.push(auth);
+        }
+        cmds.push(vec![
+            Bytes::from_static(b"SUBSCRIBE"),
+            Bytes::from_static(b"+switch-master"),
+        ]);
+        let mut out = BytesMut::new();
+        for c in &cmds {
+            out.extend_from_slice(&crate::protocol::encode_command(c));
+        }
+        tcp.write_all(&out).await.map_err(|err| err.to_string())?;
+        let mut rbuf = BytesMut::new();
+        let mut scanner = ReplyScanner::new(1 << 20);
+        let prefix = format!("{master} ");
+        loop {
+            while let Some(frame) = scanner.next(&mut rbuf).map_err(|err| err.to_string())? {
+                if crate::protocol::is_error(&frame) {
+                    return Err(conn::error_text(&frame));
+                }
+                // ["message", "+switch-master", "<name> <old-ip> <old-port> <new-ip> <new-port>"]
+                if memchr::memmem::find(&frame, prefix.as_bytes()).is_some()
+                    && memchr::memmem::find(&frame, b"message").is_some()
+                {
+                    tracing::info!(upstream = %e.name(), master, "sentinel reported +switch-master");
+                    self.nudge(e);
+                    self.refresh(e, reason::SENTINEL);
+                }
+            }
+            if tcp
+                .read_buf(&mut rbuf)
+                .await
+                .map_err(|err| err.to_string())?
+                == 0
+            {
+                return Err("sentinel closed the connection".into());
+            }
+        }
+    }
+}
+
+/// Why an activation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("no upstream named {0:?}")]
+    NotFound(String),
+    #[error("upstream {0:?} is down ({1}); not switching to it")]
+    Down(String, String),
+}
