@@ -375,8 +375,17 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        Config::deserialize(toml::Value::Table(value))
-            .map_err(|e| ConfigErrors(vec![e.message().to_string()]))
+        // The field path ("failover.check_interval: invalid duration ...")
+        // tells the operator where to look; values are never echoed.
+        serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = e.into_inner().message().to_string();
+            ConfigErrors(vec![if path == "." {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            }])
+        })
     }
 
     /// Check everything, report every error at once.

@@ -316,25 +316,28 @@ impl Upstreams {
     /// Check `e` every interval (or when nudged) until it is removed.
     async fn check_loop(self: Arc<Self>, e: Arc<Endpoint>) {
         let mut conn: Option<(Stream, BytesMut)> = None;
-        let mut last = Instant::now() - Duration::from_secs(3600);
+        let mut last: Option<Instant> = None;
         loop {
             let cfg = self.failover_config();
-            let since = last.elapsed();
-            if since < cfg.check_interval {
+            if let Some(at) = last {
+                let due = at + cfg.check_interval;
                 tokio::select! {
-                    _ = tokio::time::sleep(cfg.check_interval - since) => {}
-                    // A nudge checks at once, but at most every 50ms.
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    // A connection to the endpoint failed: check at once,
+                    // if this is the first sign of trouble. Confirming
+                    // checks keep the interval, so `failures_before_down`
+                    // still spans (N-1) intervals.
                     _ = e.nudge.notified() => {
-                        let floor = Duration::from_millis(50);
-                        if last.elapsed() < floor {
-                            tokio::time::sleep(floor - last.elapsed()).await;
+                        if e.lock_health().fail_streak > 0 || at.elapsed() < Duration::from_millis(50) {
+                            continue;
                         }
                     }
                     _ = e.stop.cancelled() => return,
                     _ = self.shutdown.cancelled() => return,
                 }
             }
-            last = Instant::now();
+            let started = Instant::now();
+            last = Some(started);
             let result = tokio::time::timeout(cfg.check_timeout, self.check(&e, &mut conn))
                 .await
                 .unwrap_or_else(|_| {
@@ -343,7 +346,7 @@ impl Upstreams {
                         cfg.check_timeout
                     )))
                 });
-            let took = last.elapsed();
+            let took = started.elapsed();
             if result.is_err() {
                 conn = None;
             }

@@ -74,6 +74,44 @@ impl RedisServer {
         server.wait_ready().then_some(server)
     }
 
+    /// A Sentinel on a free port watching the master on `master_port` as
+    /// `mymaster` (quorum 2, down after 1 s).
+    pub fn start_sentinel(master_port: u16) -> RedisServer {
+        let bin = which("redis-server").unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("redis-sidecar-test-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {master_port} 2\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\nsentinel parallel-syncs mymaster 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(&bin)
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut server = RedisServer {
+                port,
+                child,
+                password: None,
+                dir,
+            };
+            if server.wait_ready() {
+                return server;
+            }
+        }
+        panic!("could not start a sentinel");
+    }
+
     pub fn start() -> RedisServer {
         Self::start_with(&[])
     }
@@ -152,6 +190,34 @@ pub fn config(upstream: &str) -> Config {
         }],
         ..Config::default()
     }
+}
+
+/// A config for the sidecar on port 0 in front of `(name, url)` endpoints
+/// in priority order.
+pub fn config_multi(upstreams: &[(&str, String)]) -> Config {
+    Config {
+        upstream: upstreams
+            .iter()
+            .map(|(name, url)| UpstreamConfig {
+                name: name.to_string(),
+                url: url.clone(),
+                ..UpstreamConfig::default()
+            })
+            .collect(),
+        ..config("redis://unused")
+    }
+}
+
+/// `GET /upstreams`, parsed.
+pub async fn upstreams(s: &Sidecar) -> serde_json::Value {
+    let (status, body) = http_get(s.admin_addr.unwrap(), "/upstreams").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The name of the active endpoint, from `GET /upstreams`.
+pub async fn active(s: &Sidecar) -> String {
+    upstreams(s).await["active"].as_str().unwrap().to_string()
 }
 
 /// Start the sidecar in front of `redis` with default settings.
@@ -269,10 +335,26 @@ where
 
 /// GET a path from the admin listener; (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, None).await
+}
+
+/// An admin request, with a bearer token if given; (status, body).
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).to_string();

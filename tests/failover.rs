@@ -1,0 +1,397 @@
+//! Failover between upstream endpoints, with real redis-server processes:
+//! kill -9 of the active endpoint under write load, failback (automatic and
+//! manual), live switching with `activate` and reloads under load.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis_sidecar::config::{Config, Failback};
+use redis_sidecar::policy::Chain;
+use support::*;
+
+/// What one writer saw for one command.
+struct Outcome {
+    at: Instant,
+    key: String,
+    ok: bool,
+}
+
+/// Write `fo:{id}:{i}` = `v{i}` through the sidecar until `stop`, each write
+/// followed by an ECHO whose reply must be its own argument (a misrouted
+/// reply fails the test at once).
+async fn writer(s: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<Outcome> {
+    let mut conn = redis::Client::open(format!("redis://{s}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("fo:{id}:{i}");
+        let r: redis::RedisResult<String> = conn.set(&key, format!("v{i}")).await;
+        if let Ok(v) = &r {
+            assert_eq!(v, "OK", "SET {key} got {v:?}");
+        }
+        out.push(Outcome {
+            at: Instant::now(),
+            key,
+            ok: r.is_ok(),
+        });
+        let tag = format!("echo-{id}-{i}");
+        let e: redis::RedisResult<String> =
+            redis::cmd("ECHO").arg(&tag).query_async(&mut conn).await;
+        if let Ok(v) = e {
+            assert_eq!(v, tag, "a reply reached the wrong request");
+        }
+        i += 1;
+        if r.is_err() {
+            // Do not spin while the sidecar reports no upstream.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    out
+}
+
+async fn dbsize(c: &mut redis::aio::MultiplexedConnection) -> usize {
+    redis::cmd("DBSIZE").query_async(c).await.unwrap()
+}
+
+fn fast_failover(cfg: &mut Config) {
+    cfg.failover.check_interval = Duration::from_millis(100);
+    cfg.failover.check_timeout = Duration::from_millis(200);
+    cfg.failover.failures_before_down = std::num::NonZeroUsize::new(2).unwrap();
+}
+
+/// Kill -9 the active endpoint while 6 clients write; returns the time from
+/// the kill to the first write acknowledged by the next endpoint.
+async fn kill_active_under_writes(tune: fn(&mut Config)) -> Duration {
+    // AOF with fsync always: writes A acknowledged survive the kill, so
+    // they can be checked after a restart.
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut a = RedisServer::start_with(&aof);
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    tune(&mut cfg);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..6)
+        .map(|id| tokio::spawn(writer(s.addr, id, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed_at = Instant::now();
+    a.kill();
+    // Let the writers run on B for a while after the switch.
+    let mut bconn = b.direct().await;
+    assert!(
+        eventually(|| {
+            let mut c = bconn.clone();
+            async move {
+                let n: usize = dbsize(&mut c).await;
+                n > 0
+            }
+        })
+        .await,
+        "no write reached the second endpoint"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in writers {
+        all.push(w.await.unwrap());
+    }
+    // Restart A from its AOF to see what it acknowledged.
+    let a2 = RedisServer::start_on(a.port, &aof).unwrap();
+    let mut aconn = a2.direct().await;
+    let mut first_on_b: Option<Instant> = None;
+    for outcomes in &all {
+        assert!(outcomes.iter().any(|o| o.ok && o.at < killed_at));
+        let mut seen_ok_on_b = false;
+        for o in outcomes {
+            if !o.ok {
+                // An error after this writer's first success on B means a
+                // client saw a failure once the next endpoint served.
+                assert!(
+                    !seen_ok_on_b,
+                    "{} failed after writes were already served by the next endpoint",
+                    o.key
+                );
+                continue;
+            }
+            let on_a: bool = aconn.exists(&o.key).await.unwrap();
+            let on_b: bool = bconn.exists(&o.key).await.unwrap();
+            assert!(
+                on_a ^ on_b,
+                "acknowledged write {} is on a: {on_a}, on b: {on_b}",
+                o.key
+            );
+            if on_b {
+                assert!(o.at > killed_at, "{} on b before the kill", o.key);
+                seen_ok_on_b = true;
+                first_on_b = Some(first_on_b.map_or(o.at, |f| f.min(o.at)));
+            } else {
+                assert!(!seen_ok_on_b, "{} acknowledged by a after b served", o.key);
+            }
+        }
+        assert!(seen_ok_on_b, "a writer never reached the next endpoint");
+    }
+    assert_eq!(active(&s).await, "b");
+    let metrics = http_get(s.admin_addr.unwrap(), "/metrics").await.1;
+    assert!(
+        metrics.contains(r#"redis_sidecar_failovers_total{from="a",reason="down",to="b"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"redis_sidecar_upstream_active{upstream="b"} 1"#));
+    s.shutdown().await;
+    first_on_b.unwrap() - killed_at
+}
+
+#[tokio::test]
+async fn kill_active_with_default_settings_fails_over_within_3s() {
+    let took = kill_active_under_writes(|_| {}).await;
+    println!(
+        "default settings: kill -9 -> first write acknowledged by the next endpoint: {took:?}"
+    );
+    assert!(took <= Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn kill_active_with_fast_checks_fails_over_within_1s() {
+    let took = kill_active_under_writes(fast_failover).await;
+    println!(
+        "check_interval 100ms, check_timeout 200ms, failures_before_down 2: kill -9 -> first write acknowledged by the next endpoint: {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+async fn set_through(s: &redis_sidecar::Sidecar, key: &str) {
+    let mut c = client(s).await;
+    let _: () = c.set(key, "x").await.unwrap();
+}
+
+#[tokio::test]
+async fn automatic_failback_after_the_configured_time() {
+    let mut a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    fast_failover(&mut cfg);
+    cfg.failover.failback_after = Duration::from_secs(1);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    set_through(&s, "k1").await;
+    let port = a.port;
+    a.kill();
+    assert!(eventually(|| async { active(&s).await == "b" }).await);
+    set_through(&s, "k2").await;
+    let mut bconn = b.direct().await;
+    assert!(bconn.exists::<_, bool>("k2").await.unwrap());
+    let a2 = RedisServer::start_on(port, &[]).unwrap();
+    let back = Instant::now();
+    assert!(eventually(|| async { active(&s).await == "a" }).await);
+    // Up after 2 good checks, then 1 s of failback_after.
+    assert!(back.elapsed() >= Duration::from_secs(1));
+    set_through(&s, "k3").await;
+    let mut aconn = a2.direct().await;
+    assert!(aconn.exists::<_, bool>("k3").await.unwrap());
+    let u = upstreams(&s).await;
+    assert_eq!(u["last_switch"]["reason"], "failback");
+    assert_eq!(u["last_switch"]["from"], "b");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn manual_failback_waits_for_activate() {
+    let mut a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    fast_failover(&mut cfg);
+    cfg.failover.failback = Failback::Manual;
+    cfg.failover.failback_after = Duration::from_millis(200);
+    cfg.admin_token = "t0ken".into();
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let admin = s.admin_addr.unwrap();
+    let port = a.port;
+    a.kill();
+    assert!(eventually(|| async { active(&s).await == "b" }).await);
+    let a2 = RedisServer::start_on(port, &[]).unwrap();
+    assert!(eventually(|| async { upstreams(&s).await["upstreams"][0]["health"] == "up" }).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(active(&s).await, "b", "manual failback moved by itself");
+    // Changing state needs the token.
+    let (st, body) = http(admin, "POST", "/upstreams/a/activate", None).await;
+    assert_eq!(st, 401, "{body}");
+    let (st, _) = http(admin, "POST", "/upstreams/a/activate", Some("wrong")).await;
+    assert_eq!(st, 401);
+    let (st, body) = http(admin, "POST", "/upstreams/nope/activate", Some("t0ken")).await;
+    assert_eq!(st, 404, "{body}");
+    let (st, body) = http(admin, "POST", "/upstreams/a/activate", Some("t0ken")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(active(&s).await, "a");
+    set_through(&s, "after-activate").await;
+    let mut aconn = a2.direct().await;
+    assert!(aconn.exists::<_, bool>("after-activate").await.unwrap());
+    assert_eq!(upstreams(&s).await["last_switch"]["reason"], "manual");
+    s.shutdown().await;
+}
+
+/// Writers that must never see an error or lose their connection.
+async fn steady_writer(s: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> usize {
+    let outcomes = writer(s, id, stop).await;
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.ok)
+        .map(|o| o.key.as_str())
+        .collect();
+    assert!(failed.is_empty(), "writer {id}: errors for {failed:?}");
+    outcomes.len()
+}
+
+#[tokio::test]
+async fn activate_and_reload_under_load_drop_nothing() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("sidecar-reload-{}-{}", a.port, b.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    let write_config = |order: &[(&str, &RedisServer)], extra: &str| {
+        let mut text = String::from(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"${RELOAD_TEST_TOKEN}\"\n",
+        );
+        text.push_str(extra);
+        for (name, r) in order {
+            text.push_str(&format!(
+                "[[upstream]]\nname = \"{name}\"\nurl = \"{}\"\n",
+                r.url()
+            ));
+        }
+        std::fs::write(&file, text).unwrap();
+    };
+    write_config(&[("a", &a), ("b", &b)], "");
+    let env = |n: &str| (n == "RELOAD_TEST_TOKEN").then(|| "tok".to_string());
+    let load = {
+        let file = file.clone();
+        move || -> anyhow::Result<Config> {
+            let text = std::fs::read_to_string(&file)?;
+            Ok(Config::from_toml(&text, &env)?)
+        }
+    };
+    let v = load().unwrap().validate().unwrap();
+    let s = redis_sidecar::Sidecar::start_with(v, Chain::default(), Some(Arc::new(load)))
+        .await
+        .unwrap();
+    let admin = s.admin_addr.unwrap();
+    // A pinned client: a subscriber holds state on the old endpoint.
+    let mut sub = Raw::connect(s.addr).await;
+    sub.call(&[b"SUBSCRIBE", b"news"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|id| tokio::spawn(steady_writer(s.addr, id, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Switch by hand: in-flight requests finish on a, the rest go to b.
+    let (st, body) = http(admin, "POST", "/upstreams/b/activate", Some("tok")).await;
+    assert_eq!(st, 200, "{body}");
+    // The subscriber was pinned to a: it is disconnected, as documented.
+    assert!(
+        sub.closed().await,
+        "pinned subscriber kept its old connection"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut bconn = b.direct().await;
+    let on_b: usize = dbsize(&mut bconn).await;
+    assert!(on_b > 0, "no write reached b after activate");
+
+    // Reload with b removed: the sidecar moves to a (reason "reload").
+    write_config(&[("a", &a)], "");
+    let (st, body) = http(admin, "POST", "/reload", Some("tok")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(active(&s).await, "a");
+    let mut aconn = a.direct().await;
+    let before: usize = dbsize(&mut aconn).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after: usize = dbsize(&mut aconn).await;
+    assert!(after > before, "writes did not move to a after the reload");
+
+    // A broken config is refused as a whole; a keeps serving.
+    write_config(
+        &[("a", &a), ("b", &b)],
+        "[failover]\ncheck_interval = \"soon\"\n",
+    );
+    let (st, body) = http(admin, "POST", "/reload", Some("tok")).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("check_interval"), "{body}");
+    write_config(&[("a", &a), ("b", &b)], "threads = 2\n");
+    let (st, body) = http(admin, "POST", "/reload", Some("tok")).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("without a restart: threads"), "{body}");
+    let u = upstreams(&s).await;
+    assert_eq!(u["upstreams"].as_array().unwrap().len(), 1);
+    assert_eq!(u["active"], "a");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    assert!(total > 100, "only {total} writes");
+    let metrics = http_get(admin, "/metrics").await.1;
+    assert!(
+        metrics.contains(r#"redis_sidecar_config_reloads_total{result="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"redis_sidecar_config_reloads_total{result="error"} 2"#));
+    assert!(
+        metrics.contains(r#"redis_sidecar_failovers_total{from="a",reason="manual",to="b"} 1"#)
+    );
+    assert!(
+        metrics.contains(r#"redis_sidecar_failovers_total{from="b",reason="reload",to="a"} 1"#)
+    );
+    s.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn hostname_endpoint_and_url_db_and_redaction() {
+    let r = RedisServer::start_with(&["--requirepass", "sekrit-pw"]);
+    let b = RedisServer::start();
+    let url = format!("redis://:sekrit-pw@localhost:{}/3", r.port);
+    let s = sidecar_with(
+        config_multi(&[("main", url), ("spare", b.url())]),
+        Chain::default(),
+    )
+    .await;
+    let mut c = client(&s).await;
+    let _: () = c.set("in-db-3", "1").await.unwrap();
+    let mut d = r.direct().await;
+    let _: () = redis::cmd("SELECT")
+        .arg(3)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert!(d.exists::<_, bool>("in-db-3").await.unwrap());
+    // An explicit SELECT 0 means db 0, not the URL's db.
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(&raw.call(&[b"SELECT", b"0"]).await[..], b"+OK\r\n");
+    assert_eq!(&raw.call(&[b"SET", b"in-db-0", b"1"]).await[..], b"+OK\r\n");
+    let _: () = redis::cmd("SELECT")
+        .arg(0)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert!(d.exists::<_, bool>("in-db-0").await.unwrap());
+    // The password is nowhere in the admin output.
+    assert!(eventually(|| async { upstreams(&s).await["upstreams"][1]["health"] == "up" }).await);
+    let (_, body) = http_get(s.admin_addr.unwrap(), "/upstreams").await;
+    assert!(body.contains("redis://:***@localhost:"), "{body}");
+    let (_, metrics) = http_get(s.admin_addr.unwrap(), "/metrics").await;
+    for text in [&body, &metrics] {
+        assert!(!text.contains("sekrit"), "{text}");
+    }
+    s.shutdown().await;
+}
