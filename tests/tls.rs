@@ -1,0 +1,279 @@
+//! `rediss://` upstreams against a redis-server with `--tls-port` and
+//! certificates generated here with the `openssl` command: the right CA
+//! and name work (ACL user and requirepass), a wrong CA or name fails with
+//! a clear error that carries no password.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis_sidecar::config::UpstreamConfig;
+use redis_sidecar::policy::Chain;
+use support::*;
+
+const PASSWORD: &str = "tls-default-pw-51";
+const ACL_PASSWORD: &str = "p:ss-acl-93";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is not installed: run ./scripts/test.sh, which installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`), a server certificate it signed for `localhost` and
+/// 127.0.0.1 (`server.pem`, `server.key`), and an unrelated CA
+/// (`other-ca.pem`).
+fn make_certs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, pem, cn) in [
+        ("ca.key", "ca.pem", "sidecar test CA"),
+        ("other-ca.key", "other-ca.pem", "another CA"),
+    ] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                pem,
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+    }
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+struct TlsRedis {
+    server: RedisServer,
+    tls_port: u16,
+    dir: PathBuf,
+}
+
+fn start_tls_redis() -> TlsRedis {
+    let dir = std::env::temp_dir().join(format!(
+        "sidecar-tls-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    make_certs(&dir);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let tls_port_s = tls_port.to_string();
+    let acl_pw = format!(">{ACL_PASSWORD}");
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port_s,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        PASSWORD,
+        "--user",
+        "app@svc",
+        "on",
+        &acl_pw,
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    TlsRedis {
+        server,
+        tls_port,
+        dir,
+    }
+}
+
+fn tls_upstream(url: String, ca: Option<PathBuf>, name: Option<&str>) -> UpstreamConfig {
+    UpstreamConfig {
+        name: "tls".into(),
+        url,
+        tls_ca_file: ca.map(|c| c.to_str().unwrap().to_string()),
+        tls_server_name: name.map(str::to_string),
+        ..UpstreamConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn tls_upstream_with_acl_user_and_with_requirepass() {
+    let r = start_tls_redis();
+    let ca = r.dir.join("ca.pem");
+    // An ACL user whose name and password need percent-encoding.
+    let acl = format!(
+        "rediss://app%40svc:{}@localhost:{}",
+        ACL_PASSWORD.replace(':', "%3A"),
+        r.tls_port
+    );
+    // requirepass (user "default"), by IP, verified against the name.
+    let default = format!("rediss://:{PASSWORD}@127.0.0.1:{}/2", r.tls_port);
+    for (up, whoami, db) in [
+        (tls_upstream(acl, Some(ca.clone()), None), "app@svc", 0),
+        (
+            tls_upstream(default, Some(ca.clone()), Some("localhost")),
+            "default",
+            2,
+        ),
+    ] {
+        let mut cfg = config("redis://unused");
+        cfg.upstream = vec![up];
+        let s = sidecar_with(cfg, Chain::default()).await;
+        let mut c = client(&s).await;
+        let key = format!("tls-key-{whoami}");
+        let _: () = c.set(&key, "over tls").await.unwrap();
+        let v: String = c.get(&key).await.unwrap();
+        assert_eq!(v, "over tls");
+        let who: String = redis::cmd("ACL")
+            .arg("WHOAMI")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(who, whoami);
+        // The write landed on that server, in the URL's db.
+        let mut d = r.server.direct().await;
+        let _: () = redis::cmd("SELECT")
+            .arg(db)
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        assert!(d.exists::<_, bool>(&key).await.unwrap());
+        let u = upstreams(&s).await;
+        assert!(
+            u["upstreams"][0]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("rediss://")
+        );
+        assert!(!u.to_string().contains(PASSWORD) && !u.to_string().contains("p:ss"));
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_ca_or_name_is_refused_with_a_clear_error() {
+    let r = start_tls_redis();
+    let url = format!("rediss://:{PASSWORD}@localhost:{}", r.tls_port);
+    for (up, expect) in [
+        (
+            tls_upstream(url.clone(), Some(r.dir.join("other-ca.pem")), None),
+            "invalid peer certificate",
+        ),
+        (
+            tls_upstream(
+                url.clone(),
+                Some(r.dir.join("ca.pem")),
+                Some("wrong.example"),
+            ),
+            "not valid for name",
+        ),
+        // A plain client against the TLS port fails too.
+        (
+            UpstreamConfig {
+                name: "tls".into(),
+                url: format!("redis://:{PASSWORD}@localhost:{}", r.tls_port),
+                ..UpstreamConfig::default()
+            },
+            "upstream unavailable",
+        ),
+    ] {
+        let mut cfg = config("redis://unused");
+        cfg.upstream = vec![up];
+        cfg.timeouts.queue = Duration::from_millis(300);
+        let s = sidecar_with(cfg, Chain::default()).await;
+        let mut raw = Raw::connect(s.addr).await;
+        let reply = raw.call(&[b"SET", b"k", b"v"]).await;
+        let text = String::from_utf8_lossy(&reply).to_string();
+        assert!(text.starts_with("-ERR upstream unavailable"), "{text}");
+        assert!(text.contains(expect), "{text}");
+        assert!(!text.contains(PASSWORD), "{text}");
+        let (status, body) = http_get(s.admin_addr.unwrap(), "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(!body.contains(PASSWORD));
+        s.shutdown().await;
+    }
+    // Nothing was written through a refused connection.
+    let mut d = r.server.direct().await;
+    assert!(!d.exists::<_, bool>("k").await.unwrap());
+}
+
+#[tokio::test]
+async fn bad_tls_settings_are_config_errors() {
+    let mut cfg = config("redis://unused");
+    cfg.upstream = vec![tls_upstream(
+        "rediss://h:1".into(),
+        Some(PathBuf::from("/nonexistent/ca.pem")),
+        None,
+    )];
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+    let mut cfg = config("redis://unused");
+    cfg.upstream = vec![tls_upstream("redis://h:1".into(), None, Some("x"))];
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("need a rediss:// URL"), "{e}");
+}
