@@ -95,7 +95,7 @@ async fn sigterm_drains_and_exits_zero_second_signal_exits_at_once() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = Raw::connect(addr).await;
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
-    // SIGHUP must not kill it (reload is not built; it is logged).
+    // SIGHUP reloads (the same flags here) and must not kill it.
     signal(&child, "HUP");
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
     // A request in flight when SIGTERM arrives is answered, then exit 0.
@@ -124,4 +124,80 @@ async fn sigterm_drains_and_exits_zero_second_signal_exits_at_once() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_endpoints_and_refuses_a_broken_config() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("sidecar-hup-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    let write = |ups: &[(&str, &RedisServer)], extra: &str| {
+        let mut t = format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{extra}"
+        );
+        for (n, r) in ups {
+            t.push_str(&format!(
+                "[[upstream]]\nname = \"{n}\"\nurl = \"{}\"\n",
+                r.url()
+            ));
+        }
+        std::fs::write(&file, t).unwrap();
+    };
+    write(&[("a", &a), ("b", &b)], "");
+    let mut child = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert!(eventually(|| async { std::net::TcpStream::connect(admin).is_ok() }).await);
+    let mut c = Raw::connect(addr).await;
+    assert_eq!(&c.call(&[b"SET", b"k1", b"a"]).await[..], b"+OK\r\n");
+    let active = || async {
+        let (_, body) = http_get(admin, "/upstreams").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["active"].as_str().unwrap().to_string()
+    };
+    assert_eq!(active().await, "a");
+
+    // Swap the order and drop a: SIGHUP moves the sidecar to b, and the
+    // client's connection stays.
+    write(&[("b", &b)], "");
+    signal(&child, "HUP");
+    assert!(eventually(|| async { active().await == "b" }).await);
+    assert_eq!(&c.call(&[b"SET", b"k2", b"b"]).await[..], b"+OK\r\n");
+    let mut bconn = b.direct().await;
+    let v: Option<String> = redis::cmd("GET")
+        .arg("k2")
+        .query_async(&mut bconn)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("b"));
+
+    // A broken file is refused; b keeps serving and the error is counted.
+    write(&[("b", &b)], "[failover]\nfailback = \"sometimes\"\n");
+    signal(&child, "HUP");
+    assert!(
+        eventually(|| async {
+            http_get(admin, "/metrics")
+                .await
+                .1
+                .contains(r#"redis_sidecar_config_reloads_total{result="error"} 1"#)
+        })
+        .await
+    );
+    assert_eq!(active().await, "b");
+    assert_eq!(&c.call(&[b"SET", b"k3", b"b"]).await[..], b"+OK\r\n");
+    assert!(child.try_wait().unwrap().is_none());
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
