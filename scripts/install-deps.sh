@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests and the run script need, where it is missing:
-# redis-server and redis-tools (Debian), the Node packages of the
+# redis-server, redis-tools and openssl (Debian), the Node packages of the
 # compatibility suite (npm ci) and redis-py (a venv). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,8 @@ apt_install() {
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+# The TLS tests generate their certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${WITH_BENCH_DEPS:-0}" = 1 ]; then
   command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
 fi
