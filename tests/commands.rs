@@ -248,6 +248,9 @@ async fn auth_against_requirepass_upstream() {
         &third.call(&[b"CLIENT", b"GETNAME"]).await[..],
         b"$2\r\nn3\r\n"
     );
+    // The health checker has no password either: NOAUTH still proves the
+    // endpoint answers, so it counts as up.
+    assert!(eventually(|| async { upstreams(&s).await["upstreams"][0]["health"] == "up" }).await);
 
     // With the password in the upstream URL, clients need no AUTH, and the
     // password never shows in /metrics or /readyz.

@@ -390,7 +390,13 @@ impl Upstreams {
         )
         .await?;
         if crate::protocol::is_error(&replies[0]) {
-            return Err(UpstreamError::Refused(conn::error_text(&replies[0])));
+            let msg = conn::error_text(&replies[0]);
+            // NOAUTH: the URL has no credentials and clients authenticate
+            // themselves. The server answered, so it is up (its role is
+            // then unknown).
+            if !msg.starts_with("NOAUTH") {
+                return Err(UpstreamError::Refused(msg));
+            }
         }
         if let Some(role) = role_of(&replies[1]).filter(|r| r != "master") {
             return Err(UpstreamError::Unavailable(format!(
