@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::endpoint::{Endpoint, Stream, role_of, roundtrip};
+use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
 use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError};
 use crate::metrics::Metrics;
 use crate::protocol::{ReplyScanner, scan};
@@ -80,10 +80,7 @@ pub async fn connect(
         let has_creds = creds.is_some();
         let mut cmds: Vec<Vec<Bytes>> = Vec::with_capacity(5);
         if let Some((user, pass)) = creds {
-            let mut auth = vec![Bytes::from_static(b"AUTH")];
-            auth.extend(user);
-            auth.push(pass);
-            cmds.push(auth);
+            cmds.push(auth_command(user, pass));
         }
         let hello_at = cmds.len();
         cmds.push(vec![

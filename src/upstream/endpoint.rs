@@ -201,13 +201,7 @@ impl Endpoint {
         let mut errors = Vec::new();
         for (i, (host, port)) in order.iter().enumerate() {
             let addr = host_port(host, *port);
-            let mut cmds = Vec::new();
-            if let Some((user, pass)) = &self.spec.sentinel_auth {
-                let mut auth = vec![Bytes::from_static(b"AUTH")];
-                auth.extend(user.as_ref().map(|u| Bytes::copy_from_slice(u.as_bytes())));
-                auth.push(Bytes::copy_from_slice(pass.expose().as_bytes()));
-                cmds.push(auth);
-            }
+            let mut cmds: Vec<Vec<Bytes>> = self.sentinel_auth().into_iter().collect();
             cmds.push(vec![
                 Bytes::from_static(b"SENTINEL"),
                 Bytes::from_static(b"get-master-addr-by-name"),
@@ -256,6 +250,16 @@ impl Endpoint {
         )))
     }
 
+    /// `AUTH` for the sentinels, if they have credentials.
+    pub fn sentinel_auth(&self) -> Option<Vec<Bytes>> {
+        self.spec.sentinel_auth.as_ref().map(|(user, pass)| {
+            auth_command(
+                user.as_ref().map(|u| Bytes::copy_from_slice(u.as_bytes())),
+                Bytes::copy_from_slice(pass.expose().as_bytes()),
+            )
+        })
+    }
+
     /// The sentinels' addresses (for the `+switch-master` listener).
     pub fn sentinels(&self) -> Vec<(String, u16)> {
         self.sentinel_order
@@ -263,6 +267,15 @@ impl Endpoint {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// `AUTH [user] password`: one argument when there is no user, as the
+/// client gave it (Redis answers that form differently).
+pub fn auth_command(user: Option<Bytes>, password: Bytes) -> Vec<Bytes> {
+    let mut auth = vec![Bytes::from_static(b"AUTH")];
+    auth.extend(user);
+    auth.push(password);
+    auth
 }
 
 /// `[ip, port]` from `SENTINEL get-master-addr-by-name`.

@@ -491,13 +491,7 @@ impl Upstreams {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|err| err.to_string())?;
-        let mut cmds = Vec::new();
-        if let Some((user, pass)) = &e.spec.sentinel_auth {
-            let mut auth = vec![Bytes::from_static(b"AUTH")];
-            auth.extend(user.as_ref().map(|u| Bytes::copy_from_slice(u.as_bytes())));
-            auth.push(Bytes::copy_from_slice(pass.expose().as_bytes()));
-            cmds.push(auth);
-        }
+        let mut cmds: Vec<Vec<Bytes>> = e.sentinel_auth().into_iter().collect();
         cmds.push(vec![
             Bytes::from_static(b"SUBSCRIBE"),
             Bytes::from_static(b"+switch-master"),
