@@ -315,20 +315,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(WRITE_BATCH);
     loop {
+        // Checked once per batch (it takes a lock): a batch begun before
+        // the signal is written and drained like any other.
         if retire.is_cancelled() {
             return End::Retired;
         }
         let job = match backlog.pop_front() {
             Some(j) => j,
+            // The channel first: while jobs are ready the retire future is
+            // never polled, so the hot path pays nothing for it.
             None => tokio::select! {
                 biased;
-                _ = retire.cancelled() => return End::Retired,
                 j = rx.recv() => match j {
                     Some(j) => j,
                     // Senders are dropped only once nobody waits for a
                     // reply (the session ended, or the pool shut down).
                     None => return End::Closed,
                 },
+                _ = retire.cancelled() => return End::Retired,
             },
         };
         // Let the other ready tasks (sessions with requests already read)
@@ -353,7 +357,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             } else {
                 wbuf.extend_from_slice(&payload);
             }
-            if wbuf.len() < WRITE_BATCH && !retire.is_cancelled() {
+            if wbuf.len() < WRITE_BATCH {
                 next = backlog.pop_front().or_else(|| rx.try_recv().ok());
             }
         }
