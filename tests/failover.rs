@@ -395,3 +395,59 @@ async fn hostname_endpoint_and_url_db_and_redaction() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn dead_first_endpoint_at_start_and_a_replica_are_skipped() {
+    // "a" is dead from the start; "r" is a replica (ROLE says so); "m" is
+    // the primary. A request sent at once waits for the failover (defaults:
+    // about 1 s) instead of failing, and lands on m.
+    let mut dead = RedisServer::start();
+    let dead_url = dead.url();
+    dead.kill();
+    let m = RedisServer::start();
+    let mport = m.port.to_string();
+    let r = RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]);
+    let cfg = config_multi(&[("a", dead_url), ("r", r.url()), ("m", m.url())]);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let started = Instant::now();
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(&raw.call(&[b"SET", b"first", b"1"]).await[..], b"+OK\r\n");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+    let mut mconn = m.direct().await;
+    assert!(mconn.exists::<_, bool>("first").await.unwrap());
+    let u = upstreams(&s).await;
+    assert_eq!(u["active"], "m");
+    assert_eq!(u["upstreams"][1]["health"], "down");
+    let why = u["upstreams"][1]["last_error"].as_str().unwrap();
+    assert!(why.contains("slave"), "{why}");
+    // Activating a down endpoint is refused.
+    let admin = s.admin_addr.unwrap();
+    let (st, body) = http(admin, "POST", "/upstreams/r/activate", None).await;
+    assert_eq!(st, 409, "{body}");
+    assert_eq!(active(&s).await, "m");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_reachable_endpoint_fails_requests_clearly_after_the_queue_timeout() {
+    let mut a = RedisServer::start();
+    let url = a.url();
+    a.kill();
+    let mut cfg = config_multi(&[("a", url)]);
+    cfg.timeouts.queue = Duration::from_millis(300);
+    let s = sidecar_with(cfg, Chain::default()).await;
+    let mut raw = Raw::connect(s.addr).await;
+    let started = Instant::now();
+    let reply = raw.call(&[b"SET", b"k", b"v"]).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("-ERR upstream unavailable: "), "{text}");
+    assert!(text.contains("connect to 127.0.0.1:"), "{text}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // The client keeps its connection.
+    let reply = raw.call(&[b"PING"]).await;
+    assert!(reply.starts_with(b"-ERR upstream unavailable"), "{reply:?}");
+    let (status, _) = http_get(s.admin_addr.unwrap(), "/readyz").await;
+    assert_eq!(status, 503);
+    s.shutdown().await;
+}
