@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -274,9 +275,16 @@ impl Session {
                     // Through AsyncRead, not try_read: tokio then knows a
                     // short read drained the socket and skips the EAGAIN
                     // read that would otherwise follow every request.
-                    match r.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
+                    // Polled once: a new socket is reported readable before
+                    // any byte arrives, and waiting here would hold the
+                    // chunk just reserved for every idle client (16 KiB of
+                    // address space and a page or two of RSS each). On
+                    // `Pending` the loop drops the empty buffer and waits
+                    // for readiness again.
+                    let mut read = std::pin::pin!(r.read_buf(&mut buf));
+                    match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                        Poll::Ready(Ok(0) | Err(_)) => return,
+                        Poll::Ready(Ok(_)) | Poll::Pending => {}
                     }
                 },
                 _ = shutdown.cancelled() => return,
