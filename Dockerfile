@@ -18,6 +18,9 @@ COPY config ./config
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin redis-sidecar
 
 FROM debian:bookworm-slim
+# System roots for rediss:// endpoints (Redis Cloud, ElastiCache, Upstash).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
 COPY --from=build /src/target/release/redis-sidecar /usr/local/bin/redis-sidecar
 COPY config/redis-sidecar.example.toml /etc/redis-sidecar/redis-sidecar.example.toml
