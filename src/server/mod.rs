@@ -8,8 +8,9 @@
 
 pub mod session;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::policy::Chain;
 use crate::protocol::Limits;
+use crate::upstream::ClientShared;
 use crate::upstream::pool::Pool;
 
 /// Per-client limits, from `[limits]`.
@@ -58,6 +60,12 @@ impl Shared {
     }
 }
 
+type Live = Arc<Mutex<HashMap<u64, Arc<ClientShared>>>>;
+
+fn lock(live: &Live) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientShared>>> {
+    live.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Accept clients until `shutdown`, then wait for every session to end.
 pub async fn serve(
     listener: TcpListener,
@@ -67,6 +75,9 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(max_clients));
     let tracker = TaskTracker::new();
+    // Live sessions, to tell them to stop on shutdown (a signal each, not
+    // one token they all poll on every wake-up).
+    let live: Live = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -92,18 +103,25 @@ pub async fn serve(
             continue;
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let client = ClientShared::new(shared.limits.max_output);
+        lock(&live).insert(id, client.clone());
         let shared = shared.clone();
-        let token = shutdown.clone();
+        let live = live.clone();
         tracker.spawn(async move {
             let gauge = shared.metrics.client_connections().clone();
             gauge.inc();
             tracing::trace!(client = id, %peer, "client connected");
-            session::run(stream, shared, id, token).await;
+            session::run(stream, shared, id, client).await;
+            lock(&live).remove(&id);
             gauge.dec();
             drop(permit);
         });
     }
     drop(listener);
+    // Every session stops reading; each answers what it read, then ends.
+    for client in lock(&live).values() {
+        client.stop.cancel();
+    }
     tracker.close();
     tracker.wait().await;
 }

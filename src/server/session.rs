@@ -22,7 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::command::{Class, Local, Pin, classify};
@@ -159,11 +158,11 @@ struct Session {
     table: (u64, Arc<crate::command::Table>),
 }
 
-/// Serve one client until it disconnects, errs, is killed, or shutdown.
-pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: CancellationToken) {
+/// Serve one client until it disconnects, errs, is killed
+/// (`client.kill`), or shutdown (`client.stop`).
+pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<ClientShared>) {
     stream.set_nodelay(true).ok();
     let (r, w) = stream.into_split();
-    let client = ClientShared::new(shared.limits.max_output);
     let (start_tx, start_rx) = oneshot::channel();
     let progress = Arc::new(Progress::default());
     let mut session = Session {
@@ -192,9 +191,9 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
         metrics_cache: HashMap::new(),
         table: (shared.pool.table_generation(), shared.pool.table()),
     };
-    let kill = client.kill.clone();
+    let kill = client.clone();
     let reader = async {
-        session.read_loop(r, &shutdown).await;
+        session.read_loop(r).await;
         // Close the output queue (the writer ends once every queued reply
         // is written) but keep the session, and so its dedicated upstream
         // connection, until then: replies still in flight need it.
@@ -220,12 +219,13 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, shutdown: Canc
     };
     tokio::select! {
         _ = async { tokio::join!(reader, writer) } => {}
-        _ = kill.cancelled() => {}
+        _ = kill.kill.cancelled() => {}
     }
 }
 
 impl Session {
-    async fn read_loop(&mut self, mut r: OwnedReadHalf, shutdown: &CancellationToken) {
+    async fn read_loop(&mut self, mut r: OwnedReadHalf) {
+        let client = self.client.clone();
         let mut scanner = RequestScanner::new(self.shared.limits.frame);
         // Allocated when bytes arrive, and dropped when drained: 10,000
         // idle clients must not hold 10,000 read buffers.
@@ -287,7 +287,7 @@ impl Session {
                         Poll::Ready(Ok(_)) | Poll::Pending => {}
                     }
                 },
-                _ = shutdown.cancelled() => return,
+                _ = client.stop.cancelled() => return,
                 _ = async { if let Some(s) = idle_sleep.as_mut() { s.await } }, if idle_applies => {
                     tracing::debug!(client = self.id, "idle timeout");
                     self.shared.metrics.client_rejected("idle_timeout");
@@ -1139,7 +1139,7 @@ mod tests {
             Default::default(),
             settings.clone(),
             metrics.clone(),
-            CancellationToken::new(),
+            tokio_util::sync::CancellationToken::new(),
         )
         .unwrap();
         let pool = crate::upstream::pool::Pool::new(ups, settings, 1, 1, metrics.clone());
@@ -1150,7 +1150,7 @@ mod tests {
             idle_timeout: std::time::Duration::ZERO,
         };
         let shared = super::super::Shared::new(pool, Default::default(), metrics, limits);
-        let fut = run(stream, shared, 1, CancellationToken::new());
+        let fut = run(stream, shared, 1, ClientShared::new(1 << 20));
         let size = std::mem::size_of_val(&fut);
         println!("session future: {size} bytes");
         // 3024 bytes when written; 10,000 idle clients x this is most of

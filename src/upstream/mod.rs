@@ -20,12 +20,13 @@ pub mod url;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::protocol::Proto;
 
@@ -121,14 +122,54 @@ impl Plan {
     }
 }
 
+/// A one-way signal that one task awaits. Unlike a `CancellationToken`
+/// (a mutex on every check and every poll), checking and waiting are
+/// lock-free: a session polls its signals on every wake-up, once or twice
+/// per request.
+#[derive(Debug, Default)]
+pub struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    pub fn cancel(&self) {
+        if !self.set.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Resolves once cancelled. Only one task may wait at a time (the last
+    /// one to poll is the one woken).
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_cancelled() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.is_cancelled() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
 /// What a connection needs to reach the client a job came from.
 #[derive(Debug)]
 pub struct ClientShared {
     /// Reply bytes delivered but not yet written to the client socket.
     out_bytes: AtomicUsize,
     limit: usize,
-    /// Cancelled to disconnect the client (output buffer limit, lost state).
-    pub kill: CancellationToken,
+    /// Disconnect the client (output buffer limit, lost state).
+    pub kill: Signal,
+    /// Shutdown: stop reading requests, answer those read, close.
+    pub stop: Signal,
 }
 
 impl ClientShared {
@@ -136,7 +177,8 @@ impl ClientShared {
         Arc::new(ClientShared {
             out_bytes: AtomicUsize::new(0),
             limit,
-            kill: CancellationToken::new(),
+            kill: Signal::default(),
+            stop: Signal::default(),
         })
     }
 
