@@ -9,11 +9,12 @@
 //! answers unknown commands and wrong arity with its own errors.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
+use crate::metrics::CommandMetrics;
 use crate::protocol::scan::parse_int;
 
 /// Command flags we act on (a subset of Redis's).
@@ -70,6 +71,9 @@ pub struct CommandInfo {
     /// built-in table.
     pub acl_categories: Vec<String>,
     key_specs: Vec<KeySpec>,
+    /// This command's metric handles, resolved on first use (one atomic
+    /// load per request after that).
+    pub metrics: OnceLock<Arc<CommandMetrics>>,
 }
 
 /// A key argument of one command.
@@ -364,6 +368,7 @@ impl Table {
                     flags,
                     acl_categories: Vec::new(),
                     key_specs,
+                    metrics: OnceLock::new(),
                 }),
             );
         }
@@ -540,6 +545,7 @@ fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
             flags,
             acl_categories,
             key_specs,
+            metrics: OnceLock::new(),
         }),
     );
 }

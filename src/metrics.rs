@@ -10,11 +10,17 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Handles for one command label, resolved once and cached per session.
+/// Handles for one command label, resolved once per command table entry.
 pub struct CommandMetrics {
     pub ok: IntCounter,
     pub err: IntCounter,
     pub duration: Histogram,
+}
+
+impl std::fmt::Debug for CommandMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommandMetrics")
+    }
 }
 
 struct Inner {

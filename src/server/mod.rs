@@ -40,6 +40,8 @@ pub struct Shared {
     pub chain: Chain,
     pub metrics: Metrics,
     pub limits: SessionLimits,
+    /// Metric handles for commands the table does not know.
+    pub other_metrics: Arc<crate::metrics::CommandMetrics>,
     next_id: AtomicU64,
 }
 
@@ -53,6 +55,7 @@ impl Shared {
         Arc::new(Shared {
             pool,
             chain,
+            other_metrics: metrics.command("other"),
             metrics,
             limits,
             next_id: AtomicU64::new(1),

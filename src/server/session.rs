@@ -11,7 +11,6 @@
 //! the reader first waits until every earlier reply was written (a barrier),
 //! so its commands also *run* upstream in the order it sent them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
@@ -153,7 +152,6 @@ struct Session {
     /// State the sidecar does not track (CLIENT TRACKING, SELECT inside
     /// MULTI ...): stay on the dedicated connection for good.
     sticky: bool,
-    metrics_cache: HashMap<Bytes, Arc<CommandMetrics>>,
     /// The command table and its generation, refreshed when it changes.
     table: (u64, Arc<crate::command::Table>),
 }
@@ -188,7 +186,6 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<Cl
         watching: false,
         streaming: false,
         sticky: false,
-        metrics_cache: HashMap::new(),
         table: (shared.pool.table_generation(), shared.pool.table()),
     };
     let kill = client.clone();
@@ -345,18 +342,20 @@ impl Session {
         .await;
     }
 
-    fn command_metrics(&mut self, args: &[Bytes], known: Option<&str>) -> Arc<CommandMetrics> {
-        let name = args.first().cloned().unwrap_or_default();
-        if let Some(m) = self.metrics_cache.get(&name) {
-            return m.clone();
+    /// The command's metric handles: resolved once per table entry, and
+    /// `other` for names the table does not know (so clients cannot invent
+    /// labels).
+    fn command_metrics(&self, info: Option<&crate::command::CommandInfo>) -> Arc<CommandMetrics> {
+        match info {
+            Some(i) => i
+                .metrics
+                .get_or_init(|| {
+                    let label = i.name.split('|').next().unwrap_or("other");
+                    self.shared.metrics.command(label)
+                })
+                .clone(),
+            None => self.shared.other_metrics.clone(),
         }
-        let label = known.and_then(|k| k.split('|').next()).unwrap_or("other");
-        let m = self.shared.metrics.command(label);
-        // The cache is bounded: names a client invents all map to `other`.
-        if self.metrics_cache.len() < 512 {
-            self.metrics_cache.insert(name, m.clone());
-        }
-        m
     }
 
     async fn handle(&mut self, req: Request) -> Flow {
@@ -365,7 +364,7 @@ impl Session {
             self.table = (generation, self.shared.pool.table());
         }
         let info = self.table.1.lookup(&req.args).cloned();
-        let metrics = self.command_metrics(&req.args, info.as_ref().map(|i| i.name.as_str()));
+        let metrics = self.command_metrics(info.as_deref());
         let class = classify(&req.args, info.as_deref());
         if self.streaming && class != Class::Local(Local::Quit) {
             // The dedicated connection streams: forward as it is, in order.
