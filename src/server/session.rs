@@ -11,13 +11,14 @@
 //! the reader first waits until every earlier reply was written (a barrier),
 //! so its commands also *run* upstream in the order it sent them.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -266,22 +267,43 @@ impl Session {
                     if ready.is_err() {
                         return;
                     }
-                    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                    // Through AsyncRead, not try_read: tokio then knows a
-                    // short read drained the socket and skips the EAGAIN
-                    // read that would otherwise follow every request.
-                    // Polled once: a new socket is reported readable before
-                    // any byte arrives, and waiting here would hold the
-                    // chunk just reserved for every idle client (16 KiB of
-                    // address space and a page or two of RSS each). On
-                    // `Pending` the loop drops the empty buffer and waits
-                    // for readiness again.
-                    let mut read = std::pin::pin!(r.read_buf(&mut buf));
-                    match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                        Poll::Ready(Ok(0) | Err(_)) => return,
-                        Poll::Ready(Ok(_)) | Poll::Pending => {}
+                    // Polled once, through AsyncRead (not try_read: tokio
+                    // then knows a short read drained the socket and skips
+                    // the EAGAIN read that would otherwise follow every
+                    // request). `None`: nothing to read after all (a new
+                    // socket is reported readable before any byte arrives);
+                    // the loop waits for readiness again, holding no buffer.
+                    let got = if buf.is_empty() {
+                        // Most reads are whole requests: read on the stack
+                        // and keep only the bytes that came (no 16 KiB
+                        // allocation and free per request).
+                        std::future::poll_fn(|cx| {
+                            let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_CHUNK];
+                            let mut rb = ReadBuf::uninit(&mut stack);
+                            Poll::Ready(match std::pin::Pin::new(&mut r).poll_read(cx, &mut rb) {
+                                Poll::Ready(Ok(())) => {
+                                    buf.extend_from_slice(rb.filled());
+                                    Some(Ok(rb.filled().len()))
+                                }
+                                Poll::Ready(Err(e)) => Some(Err(e)),
+                                Poll::Pending => None,
+                            })
+                        })
+                        .await
+                    } else {
+                        // The rest of a large request: read into its buffer.
+                        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+                            buf.reserve(READ_CHUNK);
+                        }
+                        let mut read = std::pin::pin!(r.read_buf(&mut buf));
+                        std::future::poll_fn(|cx| Poll::Ready(match read.as_mut().poll(cx) {
+                            Poll::Ready(x) => Some(x),
+                            Poll::Pending => None,
+                        }))
+                        .await
+                    };
+                    if let Some(Ok(0) | Err(_)) = got {
+                        return;
                     }
                 },
                 _ = client.stop.cancelled() => return,
