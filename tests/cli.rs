@@ -135,16 +135,10 @@ async fn sighup_reloads_endpoints_and_refuses_a_broken_config() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("sidecar.toml");
     let write = |ups: &[(&str, &RedisServer)], extra: &str| {
-        let mut t = format!(
+        let head = format!(
             "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{extra}"
         );
-        for (n, r) in ups {
-            t.push_str(&format!(
-                "[[upstream]]\nname = \"{n}\"\nurl = \"{}\"\n",
-                r.url()
-            ));
-        }
-        std::fs::write(&file, t).unwrap();
+        write_config(&file, &head, ups);
     };
     write(&[("a", &a), ("b", &b)], "");
     let mut child = Command::new(BIN)

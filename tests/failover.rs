@@ -258,17 +258,10 @@ async fn activate_and_reload_under_load_drop_nothing() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("sidecar.toml");
     let write_config = |order: &[(&str, &RedisServer)], extra: &str| {
-        let mut text = String::from(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"${RELOAD_TEST_TOKEN}\"\n",
+        let head = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"${{RELOAD_TEST_TOKEN}}\"\n{extra}"
         );
-        text.push_str(extra);
-        for (name, r) in order {
-            text.push_str(&format!(
-                "[[upstream]]\nname = \"{name}\"\nurl = \"{}\"\n",
-                r.url()
-            ));
-        }
-        std::fs::write(&file, text).unwrap();
+        write_config(&file, &head, order);
     };
     write_config(&[("a", &a), ("b", &b)], "");
     let env = |n: &str| (n == "RELOAD_TEST_TOKEN").then(|| "tok".to_string());

@@ -208,6 +208,20 @@ pub fn config_multi(upstreams: &[(&str, String)]) -> Config {
     }
 }
 
+/// Write a sidecar TOML file: `head` (top-level settings and tables that
+/// come before the endpoints), then one `[[upstream]]` per `(name, server)`
+/// in priority order.
+pub fn write_config(file: &std::path::Path, head: &str, upstreams: &[(&str, &RedisServer)]) {
+    let mut text = head.to_string();
+    for (name, r) in upstreams {
+        text.push_str(&format!(
+            "[[upstream]]\nname = \"{name}\"\nurl = \"{}\"\n",
+            r.url()
+        ));
+    }
+    std::fs::write(file, text).unwrap();
+}
+
 /// `GET /upstreams`, parsed.
 pub async fn upstreams(s: &Sidecar) -> serde_json::Value {
     let (status, body) = http_get(s.admin_addr.unwrap(), "/upstreams").await;
