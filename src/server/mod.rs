@@ -1,9 +1,10 @@
 //! The client side: the listener with its connection cap, and one
 //! [`session`] task per client.
 //!
-//! Shutdown paths: the shutdown token stops the accept loop and makes every
-//! session stop reading new requests; each session then writes the replies
-//! of what it already read and closes. [`serve`] returns when every session
+//! Shutdown paths: the shutdown token stops the accept loop, which then
+//! signals every live session (its `stop` signal) to stop reading new
+//! requests; each session writes the replies of what it already read and
+//! closes. [`serve`] returns when every session
 //! has ended; the caller bounds that wait with the drain deadline.
 
 pub mod session;
