@@ -200,6 +200,11 @@ async fn automatic_failback_after_the_configured_time() {
     let u = upstreams(&s).await;
     assert_eq!(u["last_switch"]["reason"], "failback");
     assert_eq!(u["last_switch"]["from"], "b");
+    // An operator's choice holds against automatic failback.
+    let (st, body) = http(s.admin_addr.unwrap(), "POST", "/upstreams/b/activate", None).await;
+    assert_eq!(st, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(active(&s).await, "b", "failback undid a manual activate");
     s.shutdown().await;
 }
 

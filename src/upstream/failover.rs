@@ -214,6 +214,7 @@ impl Upstreams {
     /// Apply a reloaded endpoint list and failover settings. Endpoints that
     /// did not change keep their health; the active one stays active if it
     /// is still listed, else the first healthy one (or the first) is chosen.
+    /// A pin from `activate` is dropped (automatic failback applies again).
     pub fn reconfigure(self: &Arc<Self>, specs: Vec<EndpointSpec>, failover: FailoverConfig) {
         let mut st = self.lock();
         let old = std::mem::take(&mut st.endpoints);
@@ -236,6 +237,9 @@ impl Upstreams {
         }
         st.endpoints = kept;
         st.failover = failover;
+        // A reload applies the file as written: a choice made by hand no
+        // longer holds off automatic failback.
+        st.manual = false;
         if !st
             .endpoints
             .iter()
@@ -248,7 +252,6 @@ impl Upstreams {
                 .or(st.endpoints.first())
                 .cloned();
             if let Some(to) = to {
-                st.manual = false;
                 self.switch_locked(&mut st, to, reason::RELOAD);
             }
         }
