@@ -108,6 +108,15 @@ async fn kill_active_under_writes(tune: fn(&mut Config)) -> Duration {
     // Restart A from its AOF to see what it acknowledged.
     let a2 = RedisServer::start_on(a.port, &aof).unwrap();
     let mut aconn = a2.direct().await;
+    // Redis answers -LOADING while it replays its AOF.
+    assert!(
+        eventually(|| {
+            let mut c = aconn.clone();
+            async move { c.exists::<_, bool>("x").await.is_ok() }
+        })
+        .await,
+        "the restarted endpoint never finished loading"
+    );
     let mut first_on_b: Option<Instant> = None;
     for outcomes in &all {
         assert!(outcomes.iter().any(|o| o.ok && o.at < killed_at));

@@ -189,7 +189,20 @@ async fn dead_upstream_gives_errors_then_recovers() {
     // and it held state on a dedicated connection.
     let r = blocked.read().await;
     assert_eq!(&r[..], b"-ERR upstream connection lost\r\n");
-    // New requests wait the queue timeout, then fail as never sent.
+    // Once the shared connection has seen the close too (a request written
+    // before that would get "connection lost", rightly: its fate is
+    // unknown), new requests wait the queue timeout, then fail as never
+    // sent.
+    let admin = s.admin_addr.unwrap();
+    assert!(
+        eventually(|| async {
+            http_get(admin, "/metrics")
+                .await
+                .1
+                .contains(r#"redis_sidecar_upstream_connections{kind="shared",upstream="test"} 0"#)
+        })
+        .await
+    );
     let start = Instant::now();
     let r = raw.call(&[b"GET", b"k"]).await;
     assert!(r.starts_with(b"-ERR upstream unavailable"), "{r:?}");
