@@ -35,6 +35,9 @@ pub struct Active {
     pub endpoint: Arc<Endpoint>,
     /// Bumped on every switch, and when a sentinel reports a new master.
     pub generation: u64,
+    /// Cancelled when this choice is replaced: connections made for it
+    /// retire (checked once per write batch, not on every wake-up).
+    pub retired: CancellationToken,
 }
 
 /// The last change of the active endpoint.
@@ -93,6 +96,7 @@ impl Upstreams {
         let active = Active {
             endpoint: first,
             generation: 1,
+            retired: CancellationToken::new(),
         };
         let (active_tx, _) = watch::channel(active.clone());
         let ups = Arc::new(Upstreams {
@@ -154,9 +158,11 @@ impl Upstreams {
     /// Make `to` active (the caller holds the state lock).
     fn switch_locked(&self, st: &mut State, to: Arc<Endpoint>, why: &str) {
         let from = st.active.endpoint.name().to_string();
+        st.active.retired.cancel();
         st.active = Active {
             endpoint: to.clone(),
             generation: st.active.generation + 1,
+            retired: CancellationToken::new(),
         };
         st.last_switch = Some(Switch {
             at: SystemTime::now(),

@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 
 use super::conn::{self, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
@@ -185,8 +184,8 @@ impl Pool {
         Ok((c, active))
     }
 
-    /// Serve `conn` until it ends; it retires when the active choice moves
-    /// past the one it was made for.
+    /// Serve `conn` until it ends; it retires when the choice it was made
+    /// for is replaced.
     async fn serve(
         &self,
         conn: Connected,
@@ -196,30 +195,20 @@ impl Pool {
         rx: &mut mpsc::Receiver<Job>,
         oob: Option<&Oob>,
     ) -> End {
-        let mut changes = self.ups.subscribe();
-        let retire = CancellationToken::new();
         let gauge = self
             .metrics
             .upstream_connections(made_for.endpoint.name(), kind);
         gauge.inc();
-        let served = conn::serve(
+        let end = conn::serve(
             conn,
             backlog,
             rx,
             &self.settings,
             oob,
             &self.metrics,
-            &retire,
-        );
-        tokio::pin!(served);
-        let end = loop {
-            tokio::select! {
-                end = &mut served => break end,
-                _ = moved_past(&mut changes, made_for.generation), if !retire.is_cancelled() => {
-                    retire.cancel();
-                }
-            }
-        };
+            &made_for.retired,
+        )
+        .await;
         gauge.dec();
         if let End::Failed(e) = &end {
             tracing::warn!(upstream = %made_for.endpoint.name(), kind, error = %e, "upstream connection failed");
@@ -279,9 +268,8 @@ impl Pool {
             reason: String::from("connecting"),
             timeout: self.settings.queue_timeout,
         };
-        let mut changes = self.ups.subscribe();
         loop {
-            let tried = self.ups.active().generation;
+            let tried = self.ups.active();
             match held.run(self.connect(ident, None)).await? {
                 Ok(c) => return Some(c),
                 Err(e) => {
@@ -293,7 +281,7 @@ impl Pool {
                 .run(async {
                     tokio::select! {
                         _ = tokio::time::sleep(*backoff) => false,
-                        _ = moved_past(&mut changes, tried) => true,
+                        _ = tried.retired.cancelled() => true,
                     }
                 })
                 .await?;
@@ -464,19 +452,6 @@ fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
             && let JobKind::Request { tx, .. } = job.kind
         {
             let _ = tx.send(Err(UpstreamError::Unavailable(reason.to_string())));
-        }
-    }
-}
-
-/// Resolves once the active choice is newer than `generation`.
-async fn moved_past(changes: &mut watch::Receiver<Active>, generation: u64) {
-    loop {
-        if changes.borrow_and_update().generation != generation {
-            return;
-        }
-        if changes.changed().await.is_err() {
-            // The sender lives as long as the pool: never in practice.
-            std::future::pending::<()>().await;
         }
     }
 }
