@@ -107,19 +107,15 @@ pub async fn connect(
         }
         let role_at = cmds.len();
         cmds.push(vec![Bytes::from_static(b"ROLE")]);
-        let replies = roundtrip(
-            &mut stream,
-            BytesMut::with_capacity(4096),
-            &cmds,
-            settings.max_reply_bulk,
-        )
-        .await
-        .map_err(|e| match e {
-            UpstreamError::ConnectionLost => UpstreamError::Unavailable(format!(
-                "{addr} closed the connection during the handshake"
-            )),
-            other => other,
-        })?;
+        let mut rbuf = BytesMut::with_capacity(4096);
+        let replies = roundtrip(&mut stream, &mut rbuf, &cmds, settings.max_reply_bulk)
+            .await
+            .map_err(|e| match e {
+                UpstreamError::ConnectionLost => UpstreamError::Unavailable(format!(
+                    "{addr} closed the connection during the handshake"
+                )),
+                other => other,
+            })?;
         let mut server_version = String::new();
         for (i, r) in replies.iter().enumerate() {
             if i == role_at {
@@ -148,7 +144,7 @@ pub async fn connect(
         }
         Ok(Connected {
             stream,
-            rbuf: BytesMut::with_capacity(4096),
+            rbuf,
             server_version,
             addr,
         })

@@ -210,7 +210,7 @@ impl Endpoint {
             let asked = tokio::time::timeout(timeout, async {
                 let tcp = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
                 let mut s = Stream::Tcp(tcp);
-                roundtrip(&mut s, BytesMut::new(), &cmds, 1 << 20)
+                roundtrip(&mut s, &mut BytesMut::new(), &cmds, 1 << 20)
                     .await
                     .map_err(|e| e.to_string())
             })
@@ -308,10 +308,11 @@ fn parse_master_addr(reply: &[u8]) -> Result<(String, u16), String> {
 
 /// Send `cmds` in one write and read one reply each (control path: the
 /// handshake, health checks, sentinels, `COMMAND`). `rbuf` may hold bytes
-/// already read. Replies are returned as they arrived, errors included.
+/// already read, and keeps what arrives past the last reply. Replies are
+/// returned as they arrived, errors included.
 pub async fn roundtrip(
     stream: &mut Stream,
-    mut rbuf: BytesMut,
+    rbuf: &mut BytesMut,
     cmds: &[Vec<Bytes>],
     max_bulk: usize,
 ) -> Result<Vec<Bytes>, UpstreamError> {
@@ -326,11 +327,11 @@ pub async fn roundtrip(
     let mut scanner = ReplyScanner::new(max_bulk);
     let mut replies = Vec::with_capacity(cmds.len());
     while replies.len() < cmds.len() {
-        match scanner.next(&mut rbuf) {
+        match scanner.next(rbuf) {
             Ok(Some(f)) => replies.push(f),
             Ok(None) => {
                 if stream
-                    .read_buf(&mut rbuf)
+                    .read_buf(rbuf)
                     .await
                     .map_err(|_| UpstreamError::ConnectionLost)?
                     == 0

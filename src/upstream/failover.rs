@@ -391,13 +391,7 @@ impl Upstreams {
             vec![Bytes::from_static(b"PING")],
             vec![Bytes::from_static(b"ROLE")],
         ];
-        let replies = roundtrip(
-            stream,
-            std::mem::take(rbuf),
-            &cmds,
-            self.settings.max_reply_bulk,
-        )
-        .await?;
+        let replies = roundtrip(stream, rbuf, &cmds, self.settings.max_reply_bulk).await?;
         if crate::protocol::is_error(&replies[0]) {
             let msg = conn::error_text(&replies[0]);
             // NOAUTH: the URL has no credentials and clients authenticate
@@ -492,32 +486,31 @@ impl Upstreams {
     }
 
     async fn listen_one(&self, e: &Arc<Endpoint>, addr: &str, master: &str) -> Result<(), String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::time::timeout(
+        use tokio::io::AsyncReadExt;
+        let tcp = tokio::time::timeout(
             self.settings.connect_timeout,
             tokio::net::TcpStream::connect(addr),
         )
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|err| err.to_string())?;
+        let mut stream = Stream::Tcp(tcp);
         let mut cmds: Vec<Vec<Bytes>> = e.sentinel_auth().into_iter().collect();
         cmds.push(vec![
             Bytes::from_static(b"SUBSCRIBE"),
             Bytes::from_static(b"+switch-master"),
         ]);
-        let mut out = BytesMut::new();
-        for c in &cmds {
-            out.extend_from_slice(&crate::protocol::encode_command(c));
-        }
-        tcp.write_all(&out).await.map_err(|err| err.to_string())?;
         let mut rbuf = BytesMut::new();
+        let replies = roundtrip(&mut stream, &mut rbuf, &cmds, 1 << 20)
+            .await
+            .map_err(|err| err.to_string())?;
+        if let Some(err) = replies.iter().find(|r| crate::protocol::is_error(r)) {
+            return Err(conn::error_text(err));
+        }
         let mut scanner = ReplyScanner::new(1 << 20);
         let prefix = format!("{master} ");
         loop {
             while let Some(frame) = scanner.next(&mut rbuf).map_err(|err| err.to_string())? {
-                if crate::protocol::is_error(&frame) {
-                    return Err(conn::error_text(&frame));
-                }
                 // ["message", "+switch-master", "<name> <old-ip> <old-port> <new-ip> <new-port>"]
                 if memchr::memmem::find(&frame, prefix.as_bytes()).is_some()
                     && memchr::memmem::find(&frame, b"message").is_some()
@@ -527,7 +520,7 @@ impl Upstreams {
                     self.refresh(e, reason::SENTINEL);
                 }
             }
-            if tcp
+            if stream
                 .read_buf(&mut rbuf)
                 .await
                 .map_err(|err| err.to_string())?

@@ -390,10 +390,10 @@ impl Pool {
         cmd: &'static [u8],
     ) -> Result<Bytes, UpstreamError> {
         let (conn, _) = self.connect(ident, None).await?;
-        let (mut stream, rbuf) = conn.into_parts();
+        let (mut stream, mut rbuf) = conn.into_parts();
         let cmds = [vec![Bytes::from_static(cmd)]];
         let fut =
-            super::endpoint::roundtrip(&mut stream, rbuf, &cmds, self.settings.max_reply_bulk);
+            super::endpoint::roundtrip(&mut stream, &mut rbuf, &cmds, self.settings.max_reply_bulk);
         let mut replies = tokio::time::timeout(self.settings.command_timeout, fut)
             .await
             .map_err(|_| UpstreamError::Timeout)??;
