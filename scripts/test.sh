@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test -- --include-ignored
+cargo test --no-fail-fast -- --include-ignored

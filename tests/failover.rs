@@ -6,7 +6,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -23,8 +23,14 @@ struct Outcome {
 
 /// Write `fo:{id}:{i}` = `v{i}` through the sidecar until `stop`, each write
 /// followed by an ECHO whose reply must be its own argument (a misrouted
-/// reply fails the test at once).
-async fn writer(s: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<Outcome> {
+/// reply fails the test at once). `acked` counts the writers that have had
+/// a write acknowledged.
+async fn writer(
+    s: std::net::SocketAddr,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+) -> Vec<Outcome> {
     let mut conn = redis::Client::open(format!("redis://{s}"))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -37,6 +43,9 @@ async fn writer(s: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Ve
         let r: redis::RedisResult<String> = conn.set(&key, format!("v{i}")).await;
         if let Ok(v) = &r {
             assert_eq!(v, "OK", "SET {key} got {v:?}");
+            if !out.iter().any(|o: &Outcome| o.ok) {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
         }
         out.push(Outcome {
             at: Instant::now(),
@@ -80,10 +89,17 @@ async fn kill_active_under_writes(tune: fn(&mut Config)) -> Duration {
     tune(&mut cfg);
     let s = sidecar_with(cfg, Chain::default()).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = (0..6)
-        .map(|id| tokio::spawn(writer(s.addr, id, stop.clone())))
+        .map(|id| tokio::spawn(writer(s.addr, id, stop.clone(), acked.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every writer has had a write acknowledged by A (with fsync always on
+    // a busy machine that can take a while), then a little more load.
+    assert!(
+        eventually(|| async { acked.load(Ordering::Relaxed) == 6 }).await,
+        "the writers never got a write through to the first endpoint"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let killed_at = Instant::now();
     a.kill();
     // Let the writers run on B for a while after the switch.
@@ -254,7 +270,7 @@ async fn manual_failback_waits_for_activate() {
 
 /// Writers that must never see an error or lose their connection.
 async fn steady_writer(s: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> usize {
-    let outcomes = writer(s, id, stop).await;
+    let outcomes = writer(s, id, stop, Arc::default()).await;
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| !o.ok)
