@@ -5,7 +5,7 @@
 //!
 //! 1. [`server`] accepts clients (connection cap) and runs one
 //!    [`server::session`] per client: its connection state (protocol, db,
-//!    user, name, transaction, subscriptions) and its ordered reply queue.
+//!    user, name, transaction, subscriptions).
 //! 2. [`protocol::scan`] frames requests with a resumable scanner that keeps
 //!    the bytes that arrived; limits are checked before anything is buffered.
 //! 3. [`command`] classifies each command (keys, write flag, blocking,
@@ -17,7 +17,10 @@
 //!    connections keyed by (protocol, db, user) ([`upstream::pool`]); a
 //!    client holding state to its own dedicated connection. Replies are
 //!    matched to requests in FIFO order ([`upstream::conn`]).
-//! 6. Replies flow back through the session's queue, in request order.
+//! 6. Replies complete their entries in the client's output queue
+//!    ([`output`]) and are written, in request order, by whichever side
+//!    completed them: usually the upstream connection that read them, once
+//!    per read, without a hop through the session's task.
 //!
 //! Around it: [`config`] (TOML, `${ENV}`, validation), [`control`]
 //! (reload), [`metrics`] (Prometheus registry) and [`admin`] (`/metrics`,
@@ -30,6 +33,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod output;
 pub mod policy;
 pub mod protocol;
 pub mod server;

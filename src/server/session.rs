@@ -3,25 +3,25 @@
 //! requests into jobs, and the writer that sends replies back in order.
 //!
 //! Ordering: for every request the reader puts an entry in the client's
-//! output queue *before* the job leaves for an upstream connection, and the
-//! writer takes entries strictly in queue order, waiting for each reply. So
-//! a client's replies come back in the order of its requests whichever
+//! output queue ([`crate::output`]) *before* the job leaves for an upstream
+//! connection, and entries are written strictly in queue order. So a
+//! client's replies come back in the order of its requests whichever
 //! connections served them. When a client moves between upstream
 //! connections (shared to dedicated, or to another db's shared connection),
-//! the reader first waits until every earlier reply was written (a barrier),
-//! so its commands also *run* upstream in the order it sent them.
+//! the reader first waits until every earlier reply is complete (a
+//! barrier), so its commands also *run* upstream in the order it sent them.
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
 
 use super::Shared;
 use crate::command::{Class, Local, Pin, classify};
@@ -30,77 +30,11 @@ use crate::policy::{Ctx, Outgoing, Verdict};
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
 use crate::upstream::{
-    Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, OobMsg, Plan, Reply, UpstreamError,
+    Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, UpstreamError,
 };
 
-/// Pushed frames queued for a client. A subscriber that falls this far
-/// behind is disconnected (Redis does the same past its pub/sub output
-/// buffer limit); the byte limit usually triggers first.
-const OOB_QUEUE: usize = 16 * 1024;
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
-/// Replies are gathered up to this size before a write to the client.
-const WRITE_BATCH: usize = 64 * 1024;
-
-/// How many output entries the writer has finished; the reader waits on it
-/// at an ordering barrier. Cheaper than a watch channel: the writer only
-/// notifies when the reader is actually waiting.
-#[derive(Default)]
-struct Progress {
-    done: AtomicU64,
-    waiting: AtomicBool,
-    notify: Notify,
-}
-
-impl Progress {
-    fn advance(&self, done: u64) {
-        self.done.store(done, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) {
-            self.notify.notify_waiters();
-        }
-    }
-
-    async fn wait_for(&self, want: u64) {
-        /// Clears the flag however the wait ends (done, or dropped by a
-        /// `select!`), so the writer stops notifying nobody.
-        struct Waiting<'a>(&'a AtomicBool);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
-            }
-        }
-        let _guard = Waiting(&self.waiting);
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            self.waiting.store(true, Ordering::SeqCst);
-            if self.done.load(Ordering::SeqCst) >= want {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// An entry of the client's output queue.
-enum Out {
-    /// A reply still to come from an upstream connection.
-    Wait {
-        rx: oneshot::Receiver<Reply>,
-        start: Instant,
-        metrics: Arc<CommandMetrics>,
-    },
-    /// A reply the sidecar made itself.
-    Now {
-        reply: Bytes,
-        metrics: Option<Arc<CommandMetrics>>,
-    },
-    /// Write what is queued, then close (QUIT, protocol error).
-    Close,
-    /// From here on also write the frames of this out-of-band queue.
-    AttachOob(mpsc::Receiver<OobMsg>),
-}
 
 /// Where a request goes.
 enum Target {
@@ -118,18 +52,10 @@ enum Flow {
 struct Session {
     shared: Arc<Shared>,
     id: u64,
+    /// Its output queue and socket, shared with upstream connections.
     client: Arc<ClientShared>,
-    /// The output queue, created with the first reply: a client that
-    /// never sends a command does not pay for it.
-    out: Option<mpsc::Sender<Out>>,
-    /// Hands the output queue's receiver to the writer when it is created.
-    start_writer: Option<oneshot::Sender<mpsc::Receiver<Out>>>,
-    /// Created with the first dedicated connection (idle clients that
-    /// never need one do not pay for its queue).
-    oob: Option<Oob>,
-    /// Count of output entries the writer finished.
-    written: Arc<Progress>,
-    /// Count of output entries queued.
+    /// Count of output entries queued (`client.progress` counts those
+    /// complete).
     queued: u64,
     proto: Proto,
     db: i64,
@@ -162,16 +88,11 @@ struct Session {
 pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<ClientShared>) {
     stream.set_nodelay(true).ok();
     let (r, w) = stream.into_split();
-    let (start_tx, start_rx) = oneshot::channel();
-    let progress = Arc::new(Progress::default());
+    client.attach(w);
     let mut session = Session {
         shared: shared.clone(),
         id,
         client: client.clone(),
-        out: None,
-        start_writer: Some(start_tx),
-        oob: None,
-        written: progress.clone(),
         queued: 0,
         proto: Proto::Resp2,
         db: DEFAULT_DB,
@@ -189,36 +110,19 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<Cl
         sticky: false,
         table: (shared.pool.table_generation(), shared.pool.table()),
     };
-    let kill = client.clone();
     let reader = async {
         session.read_loop(r).await;
-        // Close the output queue (the writer ends once every queued reply
-        // is written) but keep the session, and so its dedicated upstream
-        // connection, until then: replies still in flight need it.
-        session.out = None;
-        session.start_writer = None;
+        // The writer ends once every queued reply is written; the session,
+        // and so its dedicated upstream connection, lives until then:
+        // replies still in flight need it.
+        session.client.finish();
         session
     };
-    let writer = async {
-        match start_rx.await {
-            Ok(out_rx) => {
-                write_loop(
-                    w,
-                    out_rx,
-                    client.clone(),
-                    progress,
-                    shared.limits.max_output,
-                )
-                .await
-            }
-            // The client never sent a command.
-            Err(_) => drop(w),
-        }
-    };
     tokio::select! {
-        _ = async { tokio::join!(reader, writer) } => {}
-        _ = kill.kill.cancelled() => {}
+        _ = async { tokio::join!(reader, client.write_loop()) } => {}
+        _ = client.kill.cancelled() => {}
     }
+    client.shut();
 }
 
 impl Session {
@@ -243,22 +147,24 @@ impl Session {
                     Err(e) => return Box::pin(self.protocol_error(e)).await,
                 }
             }
+            // Replies the session made itself for this read, in one write.
+            self.client.flush();
             if buf.is_empty() && buf.capacity() > 0 {
                 buf = BytesMut::new();
             }
             // A client waiting for a reply (a blocking pop, say) is not
             // idle, nor is one holding state: Redis does not close those.
-            let waiting = self.written.done.load(Ordering::SeqCst) < self.queued;
+            let waiting = self.client.progress.done() < self.queued;
             // Boxed, and only when it applies: a timer inline would enlarge
             // every session.
             let mut idle_sleep = (!idle.is_zero() && !self.holds_state() && !waiting)
                 .then(|| Box::pin(tokio::time::sleep(idle)));
             let idle_applies = idle_sleep.is_some();
-            // While replies are owed, wake when they are written, to start
+            // While replies are owed, wake when they are complete, to start
             // the idle clock then.
             let mut progress = (waiting && !idle.is_zero() && !self.holds_state()).then(|| {
-                let (p, want) = (self.written.clone(), self.queued);
-                Box::pin(async move { p.wait_for(want).await })
+                let (c, want) = (self.client.clone(), self.queued);
+                Box::pin(async move { c.progress.wait_for(want).await })
             });
             let watch_progress = progress.is_some();
             tokio::select! {
@@ -320,12 +226,8 @@ impl Session {
     async fn protocol_error(&mut self, e: crate::protocol::ProtocolError) {
         self.shared.metrics.protocol_error(e.kind());
         tracing::debug!(client = self.id, error = %e, "protocol error from client");
-        self.push(Out::Now {
-            reply: e.to_reply(),
-            metrics: None,
-        })
-        .await;
-        self.push(Out::Close).await;
+        self.now(e.to_reply(), None).await;
+        self.close().await;
     }
 
     fn holds_state(&self) -> bool {
@@ -340,28 +242,34 @@ impl Session {
         }
     }
 
-    async fn push(&mut self, out: Out) {
+    /// Wait while the client has too many requests in flight (a client
+    /// that pipelines without end is held back, not buffered without end).
+    async fn room(&mut self) {
+        let max = self.shared.limits.max_inflight.max(1) as u64;
+        if self.queued >= self.client.progress.done() + max {
+            self.client.flush();
+            let want = self.queued + 1 - max;
+            self.client.progress.wait_for(want).await;
+        }
         self.queued += 1;
-        // Fails only when the writer is gone, i.e. the client is closing.
-        if self.out.is_none() {
-            let (tx, rx) = mpsc::channel(self.shared.limits.max_inflight);
-            if let Some(start) = self.start_writer.take() {
-                let _ = start.send(rx);
-            }
-            self.out = Some(tx);
-        }
-        if let Some(tx) = &self.out {
-            let _ = tx.send(out).await;
-        }
+    }
+
+    /// Queue a reply the sidecar made itself.
+    async fn now(&mut self, reply: Bytes, metrics: Option<&CommandMetrics>) {
+        self.room().await;
+        self.client.reply(reply, metrics);
+    }
+
+    /// Close the client once everything queued is written.
+    async fn close(&mut self) {
+        self.room().await;
+        self.client.close();
+        self.client.flush();
     }
 
     async fn reply(&mut self, v: Value, metrics: &Arc<CommandMetrics>) {
         let reply = v.encode(self.proto);
-        self.push(Out::Now {
-            reply,
-            metrics: Some(metrics.clone()),
-        })
-        .await;
+        self.now(reply, Some(metrics)).await;
     }
 
     /// The command's metric handles: resolved once per table entry, and
@@ -521,11 +429,7 @@ impl Session {
                     // Redis aborts a transaction with a refused command.
                     self.multi_dirty = true;
                 }
-                self.push(Out::Now {
-                    reply: r,
-                    metrics: Some(metrics.clone()),
-                })
-                .await;
+                self.now(r, Some(metrics)).await;
                 return Flow::Go;
             }
         }
@@ -547,13 +451,12 @@ impl Session {
 
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
     async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
-        let (tx, _rx) = oneshot::channel();
         if let Some(d) = &self.dedicated {
             let job = Job {
                 payload: crate::protocol::encode_command(&[&b"DISCARD"[..]]),
                 kind: JobKind::Request {
                     plan: Plan::single(),
-                    tx,
+                    slot: None,
                     blocking: false,
                 },
                 client: self.client.clone(),
@@ -576,23 +479,6 @@ impl Session {
         }
     }
 
-    /// The out-of-band path to this client's writer, created on first use:
-    /// its receiver travels to the writer through the output queue, so
-    /// frames sent on it are written after every reply queued before.
-    async fn oob_sender(&mut self) -> Oob {
-        if let Some(o) = &self.oob {
-            return o.clone();
-        }
-        let (tx, rx) = mpsc::channel(OOB_QUEUE);
-        self.push(Out::AttachOob(rx)).await;
-        let oob = Oob {
-            tx,
-            client: self.client.clone(),
-        };
-        self.oob = Some(oob.clone());
-        oob
-    }
-
     async fn ensure_dedicated(&mut self) -> Result<(), UpstreamError> {
         if let Some(d) = &self.dedicated {
             if d.is_alive() {
@@ -605,7 +491,7 @@ impl Session {
             }
             self.dedicated = None;
         }
-        let oob = self.oob_sender().await;
+        let oob = Oob(self.client.clone());
         let pool = self.shared.pool.clone();
         let d = Box::pin(pool.dedicated(&self.identity(), self.name.as_ref(), oob)).await?;
         self.dedicated = Some(d);
@@ -643,7 +529,8 @@ impl Session {
         let same = self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx));
         if !same {
             let want = self.queued;
-            self.written.wait_for(want).await;
+            self.client.flush();
+            self.client.progress.wait_for(want).await;
             self.last_tx = Some(tx.clone());
         }
     }
@@ -661,30 +548,24 @@ impl Session {
             Err(e) => return self.upstream_error(e, metrics).await,
         };
         self.barrier(&tx).await;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.push(Out::Wait {
-            rx: reply_rx,
-            start: Instant::now(),
-            metrics: metrics.clone(),
-        })
-        .await;
+        self.room().await;
+        let now = Instant::now();
+        let seq = self.client.expect(now, metrics.clone());
         let job = Job {
             payload,
             kind: JobKind::Request {
                 plan,
-                tx: reply_tx,
+                slot: Some(seq),
                 blocking,
             },
             client: self.client.clone(),
-            enqueued: Instant::now(),
+            enqueued: now,
         };
-        if let Err(mpsc::error::SendError(job)) = tx.send(job).await
-            && let JobKind::Request { tx, .. } = job.kind
-        {
+        if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
             // The connection is gone and the job was never sent.
-            let _ = tx.send(Err(UpstreamError::Unavailable(
+            job.fail(UpstreamError::Unavailable(
                 "upstream connection closed".into(),
-            )));
+            ));
         }
         Flow::Go
     }
@@ -716,11 +597,7 @@ impl Session {
     }
 
     async fn upstream_error(&mut self, e: UpstreamError, metrics: &Arc<CommandMetrics>) -> Flow {
-        self.push(Out::Now {
-            reply: e.to_reply(),
-            metrics: Some(metrics.clone()),
-        })
-        .await;
+        self.now(e.to_reply(), Some(metrics)).await;
         if self.client.kill.is_cancelled() {
             Flow::Stop
         } else {
@@ -745,7 +622,7 @@ impl Session {
         match local {
             Local::Quit => {
                 self.reply(Value::Simple("OK"), metrics).await;
-                self.push(Out::Close).await;
+                self.close().await;
                 Flow::Stop
             }
             Local::Reset => {
@@ -945,190 +822,6 @@ impl Session {
         self.reply(v, metrics).await;
         Flow::Go
     }
-}
-
-/// Write replies in queue order. Replies are gathered while the socket
-/// is busy (up to the output buffer limit, so a client that writes a long
-/// pipeline before reading cannot deadlock against us) and written in
-/// batches of up to [`WRITE_BATCH`] when more replies are ready.
-///
-/// Every byte in the buffer was charged to the client's output budget once
-/// (upstream replies and pushes when delivered, the rest here) and is
-/// released when written.
-async fn write_loop(
-    mut w: OwnedWriteHalf,
-    mut out: mpsc::Receiver<Out>,
-    client: Arc<ClientShared>,
-    written: Arc<Progress>,
-    max_output: usize,
-) {
-    let mut buf = BytesMut::new();
-    let mut done = 0u64;
-    // Attached when the session makes its first dedicated connection.
-    let mut oob: Option<mpsc::Receiver<OobMsg>> = None;
-    let mut out_open = true;
-    // The reply the writer waits for (queue order), with its bookkeeping.
-    let mut head: Option<(oneshot::Receiver<Reply>, Instant, Arc<CommandMetrics>)> = None;
-    loop {
-        if !out_open && head.is_none() {
-            // The reader is gone: write what is left and end.
-            let _ = write_all(&mut w, &mut buf, &client).await;
-            break;
-        }
-        let accept = head.is_none() && buf.len() < max_output;
-        let has_head = head.is_some();
-        let head_reply = async {
-            match head.as_mut() {
-                Some((rx, _, _)) => rx.await.unwrap_or(Err(UpstreamError::ConnectionLost)),
-                None => std::future::pending().await,
-            }
-        };
-        let ev = if buf.len() >= WRITE_BATCH {
-            // Enough gathered: writing comes first.
-            tokio::select! {
-                biased;
-                n = w.write(&buf) => Ev::Wrote(n),
-                r = head_reply, if has_head => Ev::Reply(r),
-                o = out.recv(), if accept => Ev::Out(o),
-                b = recv_oob(&mut oob), if accept && oob.is_some() => Ev::Oob(b),
-            }
-        } else {
-            // Gather what is ready first, write when nothing more is.
-            tokio::select! {
-                biased;
-                r = head_reply, if has_head => Ev::Reply(r),
-                o = out.recv(), if accept => Ev::Out(o),
-                b = recv_oob(&mut oob), if accept && oob.is_some() => Ev::Oob(b),
-                n = w.write(&buf), if !buf.is_empty() => Ev::Wrote(n),
-            }
-        };
-        match ev {
-            Ev::Wrote(Ok(n)) if n > 0 => {
-                let _ = buf.split_to(n);
-                client.release(n);
-                if buf.is_empty() {
-                    // Idle clients hold no output buffer.
-                    buf = BytesMut::new();
-                }
-            }
-            Ev::Wrote(_) => {
-                client.kill.cancel();
-                return;
-            }
-            Ev::Reply(result) => {
-                if let Some((_, start, metrics)) = head.take() {
-                    metrics.duration.observe(start.elapsed().as_secs_f64());
-                    append_reply(&mut buf, &client, result, &metrics);
-                }
-                done += 1;
-                written.advance(done);
-            }
-            Ev::Out(None) => out_open = false,
-            Ev::Out(Some(Out::Now { reply, metrics })) => {
-                if let Some(m) = metrics {
-                    if crate::protocol::is_error(&reply) {
-                        m.err.inc()
-                    } else {
-                        m.ok.inc()
-                    }
-                }
-                client.charge(reply.len());
-                buf.extend_from_slice(&reply);
-                done += 1;
-                written.advance(done);
-            }
-            Ev::Out(Some(Out::Wait {
-                mut rx,
-                start,
-                metrics,
-            })) => match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => head = Some((rx, start, metrics)),
-                ready => {
-                    metrics.duration.observe(start.elapsed().as_secs_f64());
-                    append_reply(
-                        &mut buf,
-                        &client,
-                        ready.unwrap_or(Err(UpstreamError::ConnectionLost)),
-                        &metrics,
-                    );
-                    done += 1;
-                    written.advance(done);
-                }
-            },
-            Ev::Out(Some(Out::Close)) => {
-                // Everything queued before Close is in the buffer already.
-                let _ = write_all(&mut w, &mut buf, &client).await;
-                let _ = w.shutdown().await;
-                client.kill.cancel();
-                return;
-            }
-            Ev::Oob(None) => oob = None,
-            Ev::Out(Some(Out::AttachOob(rx))) => {
-                oob = Some(rx);
-                done += 1;
-                written.advance(done);
-            }
-            Ev::Oob(Some(OobMsg::Frame(b))) => buf.extend_from_slice(&b),
-            Ev::Oob(Some(OobMsg::Close)) => {
-                let _ = write_all(&mut w, &mut buf, &client).await;
-                let _ = w.shutdown().await;
-                client.kill.cancel();
-                return;
-            }
-        }
-    }
-    let _ = w.shutdown().await;
-}
-
-async fn recv_oob(oob: &mut Option<mpsc::Receiver<OobMsg>>) -> Option<OobMsg> {
-    match oob {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-enum Ev {
-    Wrote(std::io::Result<usize>),
-    Reply(Reply),
-    Out(Option<Out>),
-    Oob(Option<OobMsg>),
-}
-
-fn append_reply(
-    buf: &mut BytesMut,
-    client: &ClientShared,
-    result: Reply,
-    metrics: &CommandMetrics,
-) {
-    match result {
-        // Upstream replies were charged when delivered.
-        Ok(reply) => {
-            if crate::protocol::is_error(&reply) {
-                metrics.err.inc()
-            } else {
-                metrics.ok.inc()
-            }
-            buf.extend_from_slice(&reply);
-        }
-        Err(e) => {
-            metrics.err.inc();
-            let reply = e.to_reply();
-            client.charge(reply.len());
-            buf.extend_from_slice(&reply);
-        }
-    }
-}
-
-async fn write_all(
-    w: &mut OwnedWriteHalf,
-    buf: &mut BytesMut,
-    client: &ClientShared,
-) -> std::io::Result<()> {
-    let n = buf.len();
-    let res = w.write_all(buf).await;
-    buf.clear();
-    client.release(n);
-    res
 }
 
 #[cfg(test)]

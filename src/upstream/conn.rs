@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::OwnedFrame as Frame3;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
-use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, Reply, UpstreamError};
+use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, UpstreamError};
 use crate::metrics::Metrics;
 use crate::protocol::{ReplyScanner, scan};
 
@@ -194,7 +194,8 @@ struct Pending {
     plan: Plan,
     got: u32,
     keep: Option<Bytes>,
-    tx: Option<oneshot::Sender<Reply>>,
+    /// The client's output entry this job completes.
+    slot: Option<u64>,
     client: Arc<ClientShared>,
     /// Reply deadline; `None` for blocking commands.
     deadline: Option<Instant>,
@@ -203,9 +204,10 @@ struct Pending {
 }
 
 impl Pending {
-    fn fail(mut self, err: &UpstreamError) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(err.clone()));
+    fn fail(self, err: &UpstreamError) {
+        if let Some(seq) = self.slot {
+            self.client.deliver(seq, Err(err.clone()));
+            self.client.flush();
         }
     }
 }
@@ -374,11 +376,15 @@ fn write_error(e: std::io::Error) -> UpstreamError {
 /// Record a job in the FIFO (before its bytes are written) and return them.
 fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
     let pending = match job.kind {
-        JobKind::Request { plan, tx, blocking } => Some(Pending {
+        JobKind::Request {
+            plan,
+            slot,
+            blocking,
+        } => Some(Pending {
             plan,
             got: 0,
             keep: None,
-            tx: Some(tx),
+            slot,
             client: job.client,
             deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
             start_stream: false,
@@ -387,7 +393,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
             plan: Plan::single(),
             got: 0,
             keep: None,
-            tx: None,
+            slot: None,
             client: job.client,
             deadline: None,
             start_stream: true,
@@ -419,19 +425,39 @@ async fn read_loop<R: AsyncRead + Unpin>(
         (settings.command_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Clients that got replies from this read: each is written to once,
+    // after the whole read is dispatched.
+    let mut touched: Vec<Arc<ClientShared>> = Vec::new();
     loop {
+        let mut result = Ok(());
         loop {
             match scanner.next(&mut rbuf) {
                 Ok(Some(frame)) => {
-                    dispatch(frame, fifo, &mut streaming, oob, metrics, settings)?;
+                    match dispatch(frame, fifo, &mut streaming, oob, metrics, settings) {
+                        Ok(Some(c)) => {
+                            if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
+                                touched.push(c);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     metrics.protocol_error(e.kind());
-                    return Err(UpstreamError::Protocol(e.to_string()));
+                    result = Err(UpstreamError::Protocol(e.to_string()));
+                    break;
                 }
             }
         }
+        for c in touched.drain(..) {
+            c.flush();
+        }
+        result?;
         if draining.load(Ordering::Acquire) && lock(fifo).is_empty() {
             return Ok(());
         }
@@ -456,7 +482,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 /// Route one reply frame: to the job at the front of the FIFO, or to the
-/// client directly when it is a push or the connection streams.
+/// client directly when it is a push or the connection streams. Returns
+/// the client whose output got it, to be flushed after the read.
 fn dispatch(
     frame: Bytes,
     fifo: &Fifo,
@@ -464,7 +491,7 @@ fn dispatch(
     oob: Option<&Oob>,
     metrics: &Metrics,
     settings: &ConnSettings,
-) -> Result<(), UpstreamError> {
+) -> Result<Option<Arc<ClientShared>>, UpstreamError> {
     let mut q = lock(fifo);
     while !*streaming && q.front().is_some_and(|p| p.start_stream) {
         q.pop_front();
@@ -472,13 +499,18 @@ fn dispatch(
     }
     if *streaming || frame.first() == Some(&b'>') {
         drop(q);
-        match oob {
-            Some(o) => o.send(frame),
+        return Ok(match oob {
+            Some(o) => {
+                o.send(frame);
+                Some(o.0.clone())
+            }
             // A push on a shared connection has no owner (shared connections
             // never subscribe or track); it is dropped and counted.
-            None => metrics.protocol_error("unexpected_push"),
-        }
-        return Ok(());
+            None => {
+                metrics.protocol_error("unexpected_push");
+                None
+            }
+        });
     }
     let Some(front) = q.front_mut() else {
         metrics.protocol_error("unsolicited_reply");
@@ -491,10 +523,10 @@ fn dispatch(
     }
     front.got += 1;
     if front.got < front.plan.replies {
-        return Ok(());
+        return Ok(None);
     }
     let Some(mut done) = q.pop_front() else {
-        return Ok(());
+        return Ok(None);
     };
     if let Some(next) = q.front_mut()
         && let Some(d) = next.deadline.as_mut()
@@ -510,12 +542,14 @@ fn dispatch(
     } else {
         strip_exec(&reply, &done.plan.strip_exec)
     };
-    done.client.charge(reply.len());
-    if let Some(tx) = done.tx.take() {
-        // The client may be gone; its reply is then dropped.
-        let _ = tx.send(Ok(reply));
+    match done.slot {
+        Some(seq) => {
+            // The client may be gone; its reply is then dropped.
+            done.client.deliver(seq, Ok(reply));
+            Ok(Some(done.client))
+        }
+        None => Ok(None),
     }
-    Ok(())
 }
 
 /// Remove the replies of injected commands from an EXEC array. A null or

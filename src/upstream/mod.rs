@@ -6,7 +6,8 @@
 //!
 //! Every request crosses to an upstream connection as a [`Job`]: the bytes
 //! of one or more commands, a [`Plan`] saying which of their replies the
-//! client sees, and a oneshot for that reply. The connection keeps jobs in a
+//! client sees, and the entry of the client's output queue
+//! ([`crate::output`]) that reply completes. The connection keeps jobs in a
 //! FIFO in the order their bytes were written and matches replies to them in
 //! that order; this is what makes "a reply always reaches the request that
 //! caused it" hold by construction.
@@ -20,13 +21,12 @@ pub mod url;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::Proto;
 
@@ -160,91 +160,36 @@ impl Signal {
     }
 }
 
-/// What a connection needs to reach the client a job came from.
-#[derive(Debug)]
-pub struct ClientShared {
-    /// Reply bytes delivered but not yet written to the client socket.
-    out_bytes: AtomicUsize,
-    limit: usize,
-    /// Disconnect the client (output buffer limit, lost state).
-    pub kill: Signal,
-    /// Shutdown: stop reading requests, answer those read, close.
-    pub stop: Signal,
-}
+pub use crate::output::ClientShared;
 
-impl ClientShared {
-    pub fn new(limit: usize) -> Arc<ClientShared> {
-        Arc::new(ClientShared {
-            out_bytes: AtomicUsize::new(0),
-            limit,
-            kill: Signal::default(),
-            stop: Signal::default(),
-        })
-    }
-
-    /// Count bytes handed to the client's writer; a client that does not
-    /// read is disconnected once they pass the output buffer limit.
-    pub fn charge(&self, n: usize) {
-        let now = self.out_bytes.fetch_add(n, Ordering::Relaxed) + n;
-        if now > self.limit && !self.kill.is_cancelled() {
-            tracing::warn!(
-                buffered = now,
-                limit = self.limit,
-                "client output buffer limit reached, disconnecting"
-            );
-            self.kill.cancel();
-        }
-    }
-
-    /// Bytes written to the client socket.
-    pub fn release(&self, n: usize) {
-        self.out_bytes.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-/// Frames for the client that are not replies to a job: RESP3 pushes, and
+/// The path for frames that are not replies to a job: RESP3 pushes, and
 /// everything once a dedicated connection streams (SUBSCRIBE, MONITOR).
+/// They go to the client after everything queued before them.
 #[derive(Clone, Debug)]
-pub struct Oob {
-    pub tx: mpsc::Sender<OobMsg>,
-    pub client: Arc<ClientShared>,
-}
-
-/// A message on the out-of-band path to a client's writer.
-#[derive(Debug)]
-pub enum OobMsg {
-    Frame(Bytes),
-    /// The dedicated connection holding the client's state is gone: write
-    /// what arrived before, then close the client (as Redis would).
-    Close,
-}
+pub struct Oob(pub Arc<ClientShared>);
 
 impl Oob {
-    /// Hand a frame to the client's writer without waiting: a full queue
-    /// means the client is not reading, which costs it its connection.
+    /// Queue a frame for the client; written at the end of the batch.
     pub fn send(&self, frame: Bytes) {
-        self.client.charge(frame.len());
-        if self.tx.try_send(OobMsg::Frame(frame)).is_err() && !self.client.kill.is_cancelled() {
-            tracing::warn!("client is not reading its pushed messages, disconnecting");
-            self.client.kill.cancel();
-        }
+        self.0.push_frame(frame);
     }
 
-    /// Close the client once the frames already sent are written.
+    /// The dedicated connection holding the client's state is gone: close
+    /// the client once what arrived before is written (as Redis would).
     pub fn close(&self) {
-        if self.tx.try_send(OobMsg::Close).is_err() {
-            self.client.kill.cancel();
-        }
+        self.0.close();
+        self.0.flush();
     }
 }
 
 /// What a job asks of the connection.
 #[derive(Debug)]
 pub enum JobKind {
-    /// Commands whose replies follow the plan; the chosen reply goes to `tx`.
+    /// Commands whose replies follow the plan; the chosen reply completes
+    /// entry `slot` of the client's output queue (`None`: nobody waits).
     Request {
         plan: Plan,
-        tx: oneshot::Sender<Reply>,
+        slot: Option<u64>,
         /// Blocking commands have no command timeout.
         blocking: bool,
     },
@@ -262,4 +207,17 @@ pub struct Job {
     pub kind: JobKind,
     pub client: Arc<ClientShared>,
     pub enqueued: Instant,
+}
+
+impl Job {
+    /// The job will never be sent: its entry gets `err`.
+    pub fn fail(self, err: UpstreamError) {
+        if let JobKind::Request {
+            slot: Some(seq), ..
+        } = self.kind
+        {
+            self.client.deliver(seq, Err(err));
+            self.client.flush();
+        }
+    }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::conn::{self, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
-use super::{DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
+use super::{DEFAULT_DB, Identity, Job, Oob, UpstreamError};
 use crate::command::Table;
 use crate::metrics::Metrics;
 use crate::protocol::Proto;
@@ -328,9 +328,7 @@ impl Pool {
                 .into_iter()
                 .chain(std::iter::from_fn(|| rx.try_recv().ok()))
             {
-                if let JobKind::Request { tx, .. } = job.kind {
-                    let _ = tx.send(Err(unsent.clone()));
-                }
+                job.fail(unsent.clone());
             }
             if end != End::Closed && hs.load(Ordering::Acquire) {
                 // MULTI, WATCH or subscriptions were lost with the
@@ -448,10 +446,8 @@ fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
         .front()
         .is_some_and(|j| j.enqueued.elapsed() >= timeout)
     {
-        if let Some(job) = backlog.pop_front()
-            && let JobKind::Request { tx, .. } = job.kind
-        {
-            let _ = tx.send(Err(UpstreamError::Unavailable(reason.to_string())));
+        if let Some(job) = backlog.pop_front() {
+            job.fail(UpstreamError::Unavailable(reason.to_string()));
         }
     }
 }

@@ -1,0 +1,426 @@
+//! A client's output: the ordered queue of its replies and the socket they
+//! are written to, shared by its session and the upstream connections that
+//! serve it ([`ClientShared`]).
+//!
+//! For every request it reads, the session puts an entry at the back of the
+//! queue *before* the request leaves for an upstream connection. Whoever
+//! completes an entry (the session for a reply it makes itself, an upstream
+//! connection for a reply it read) moves the ready entries at the front into
+//! the output buffer, in queue order, and writes the buffer to the socket
+//! at the end of its batch: an upstream connection once per read, for every
+//! client that read served. So a client's replies come back in the order of
+//! its requests whichever connections served them, and a reply reaches the
+//! client without a hop through the session's task (one wake-up of the
+//! session per request instead of two, and no channel or oneshot per
+//! request).
+//!
+//! When the socket is full, the session's writer takes it over until it is
+//! writable again; meanwhile replies accumulate in the buffer, up to the
+//! client's output limit, past which the client is disconnected (as Redis
+//! does with a client that does not read).
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+use crate::metrics::CommandMetrics;
+use crate::upstream::{Reply, Signal};
+
+/// An empty output buffer up to this size is kept between replies (no
+/// allocation per reply); a larger one is freed, so idle clients hold
+/// little.
+const KEEP_BUF: usize = 1024;
+
+/// How many queue entries are complete; the session waits on it at an
+/// ordering barrier and when too many requests are in flight. The
+/// completing side only notifies when the session is actually waiting.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    waiting: AtomicBool,
+    notify: Notify,
+}
+
+impl Progress {
+    fn advance(&self, done: u64) {
+        self.done.store(done, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Entries complete so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Wait until `want` entries are complete.
+    pub async fn wait_for(&self, want: u64) {
+        /// Clears the flag however the wait ends (done, or dropped by a
+        /// `select!`), so nobody is notified for nothing.
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _guard = Waiting(&self.waiting);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            if self.done() >= want {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One entry of the queue.
+enum Entry {
+    /// A reply still to come from an upstream connection.
+    Wait {
+        start: Instant,
+        metrics: Arc<CommandMetrics>,
+    },
+    /// Bytes ready to go. `counted`: a request's entry (out-of-band frames
+    /// are not).
+    Ready { bytes: Bytes, counted: bool },
+    /// Write what is before, then close the client (QUIT, protocol error,
+    /// a dedicated connection lost with the client's state).
+    Close,
+}
+
+/// Where the socket is.
+enum Sock {
+    /// Before the session attached it.
+    Detached,
+    /// Replies are written as they complete.
+    Open(OwnedWriteHalf),
+    /// Full: the session's writer waits until it is writable. `Some` until
+    /// the writer takes it.
+    Blocked(Option<OwnedWriteHalf>),
+    /// Closed, or failed: output is dropped.
+    Gone,
+}
+
+struct Out {
+    sock: Sock,
+    /// Sequence number of `entries[0]`.
+    base: u64,
+    entries: VecDeque<Entry>,
+    /// Bytes in queue order, not yet written.
+    buf: BytesMut,
+    /// Bytes in `buf` and in ready entries: the client's output buffer.
+    buffered: usize,
+    /// Requests' entries moved to `buf` (and `Close`).
+    done: u64,
+    /// A `Close` entry was reached: once `buf` is written, close.
+    closing: bool,
+    /// The session stopped reading requests; its writer ends once
+    /// everything is written.
+    finished: bool,
+}
+
+/// What a session shares with the upstream connections serving it: its
+/// output queue and socket, its signals, and its progress.
+pub struct ClientShared {
+    /// Output buffer limit (bytes): past it the client is disconnected.
+    limit: usize,
+    out: Mutex<Out>,
+    /// Wakes the session's writer: the socket is full, or the output is
+    /// finished.
+    writer: Notify,
+    pub progress: Progress,
+    /// Disconnect the client (output buffer limit, lost state).
+    pub kill: Signal,
+    /// Shutdown: stop reading requests, answer those read, close.
+    pub stop: Signal,
+}
+
+impl std::fmt::Debug for ClientShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientShared")
+    }
+}
+
+/// What the session's writer does next.
+enum Step {
+    /// Nothing until it is woken again.
+    Idle,
+    /// Wait until this socket is writable, then hand it back.
+    Wait(OwnedWriteHalf),
+    /// Everything is written (or the socket is gone): the session ends.
+    End,
+}
+
+impl ClientShared {
+    pub fn new(limit: usize) -> Arc<ClientShared> {
+        Arc::new(ClientShared {
+            limit,
+            out: Mutex::new(Out {
+                sock: Sock::Detached,
+                base: 0,
+                entries: VecDeque::new(),
+                buf: BytesMut::new(),
+                buffered: 0,
+                done: 0,
+                closing: false,
+                finished: false,
+            }),
+            writer: Notify::new(),
+            progress: Progress::default(),
+            kill: Signal::default(),
+            stop: Signal::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Out> {
+        // Every operation leaves the queue consistent before anything that
+        // could panic, so poisoning is ignored.
+        self.out.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The socket replies are written to.
+    pub fn attach(&self, w: OwnedWriteHalf) {
+        let mut o = self.lock();
+        if matches!(o.sock, Sock::Detached) {
+            o.sock = Sock::Open(w);
+        }
+    }
+
+    /// An entry for a reply an upstream connection will deliver; returns
+    /// its sequence number for [`ClientShared::deliver`].
+    pub fn expect(&self, start: Instant, metrics: Arc<CommandMetrics>) -> u64 {
+        let mut o = self.lock();
+        o.entries.push_back(Entry::Wait { start, metrics });
+        o.base + o.entries.len() as u64 - 1
+    }
+
+    /// A reply the session made itself, counted in `metrics`.
+    pub fn reply(&self, bytes: Bytes, metrics: Option<&CommandMetrics>) {
+        if let Some(m) = metrics {
+            count(m, &bytes);
+        }
+        let mut o = self.lock();
+        self.push_ready(&mut o, bytes, true);
+    }
+
+    /// Close the client once everything queued before is written.
+    pub fn close(&self) {
+        let mut o = self.lock();
+        o.entries.push_back(Entry::Close);
+        self.advance(&mut o);
+    }
+
+    /// A frame that is not a reply to a request (a RESP3 push, or anything
+    /// a streaming connection sends): it goes after everything queued.
+    pub fn push_frame(&self, bytes: Bytes) {
+        let mut o = self.lock();
+        self.push_ready(&mut o, bytes, false);
+    }
+
+    fn push_ready(&self, o: &mut Out, bytes: Bytes, counted: bool) {
+        if matches!(o.sock, Sock::Gone) {
+            return;
+        }
+        self.charge(o, bytes.len());
+        o.entries.push_back(Entry::Ready { bytes, counted });
+        self.advance(o);
+    }
+
+    /// Complete entry `seq` with an upstream's reply (or the error that
+    /// took its place), counting it in the entry's metrics.
+    pub fn deliver(&self, seq: u64, reply: Reply) {
+        let mut o = self.lock();
+        if matches!(o.sock, Sock::Gone) {
+            return;
+        }
+        let Some(i) = seq.checked_sub(o.base) else {
+            return;
+        };
+        let Some(entry) = o.entries.get_mut(i as usize) else {
+            return;
+        };
+        let Entry::Wait { start, metrics } = entry else {
+            return;
+        };
+        metrics.duration.observe(start.elapsed().as_secs_f64());
+        let bytes = match reply {
+            Ok(b) => {
+                count(metrics, &b);
+                b
+            }
+            Err(e) => {
+                metrics.err.inc();
+                e.to_reply()
+            }
+        };
+        let n = bytes.len();
+        *entry = Entry::Ready {
+            bytes,
+            counted: true,
+        };
+        self.charge(&mut o, n);
+        if i == 0 {
+            self.advance(&mut o);
+        }
+    }
+
+    fn charge(&self, o: &mut Out, n: usize) {
+        o.buffered += n;
+        if o.buffered > self.limit && !self.kill.is_cancelled() {
+            tracing::warn!(
+                buffered = o.buffered,
+                limit = self.limit,
+                "client output buffer limit reached, disconnecting"
+            );
+            self.kill.cancel();
+        }
+    }
+
+    /// Move the ready entries at the front into the buffer.
+    fn advance(&self, o: &mut Out) {
+        let before = o.done;
+        while !o.closing {
+            match o.entries.front() {
+                None | Some(Entry::Wait { .. }) => break,
+                Some(Entry::Ready { .. }) => {
+                    if let Some(Entry::Ready { bytes, counted }) = o.entries.pop_front() {
+                        o.buf.extend_from_slice(&bytes);
+                        o.done += u64::from(counted);
+                    }
+                }
+                Some(Entry::Close) => {
+                    o.entries.pop_front();
+                    o.done += 1;
+                    o.closing = true;
+                }
+            }
+            o.base += 1;
+        }
+        if o.done != before {
+            self.progress.advance(o.done);
+        }
+    }
+
+    /// Write the buffer to the socket, as far as it takes it.
+    pub fn flush(&self) {
+        let mut o = self.lock();
+        self.flush_locked(&mut o);
+    }
+
+    fn flush_locked(&self, o: &mut Out) {
+        let Sock::Open(w) = &o.sock else {
+            return;
+        };
+        while !o.buf.is_empty() {
+            match w.try_write(&o.buf) {
+                Ok(n) if n > 0 => {
+                    o.buf.advance(n);
+                    o.buffered -= n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Sock::Open(w) = std::mem::replace(&mut o.sock, Sock::Gone) {
+                        o.sock = Sock::Blocked(Some(w));
+                    }
+                    self.writer.notify_one();
+                    return;
+                }
+                _ => {
+                    // The client is gone.
+                    o.sock = Sock::Gone;
+                    self.kill.cancel();
+                    return;
+                }
+            }
+        }
+        if o.buf.capacity() > KEEP_BUF {
+            o.buf = BytesMut::new();
+        }
+        if o.closing {
+            // Dropping the write half sends FIN after what was written.
+            o.sock = Sock::Gone;
+            self.kill.cancel();
+        } else if o.finished && o.entries.is_empty() {
+            self.writer.notify_one();
+        }
+    }
+
+    /// The session read its last request: its writer ends once every
+    /// reply is written.
+    pub fn finish(&self) {
+        let mut o = self.lock();
+        o.finished = true;
+        self.flush_locked(&mut o);
+        self.writer.notify_one();
+    }
+
+    /// Close the socket now, dropping what is not written.
+    pub fn shut(&self) {
+        self.lock().sock = Sock::Gone;
+    }
+
+    fn step(&self) -> Step {
+        let mut o = self.lock();
+        match &mut o.sock {
+            Sock::Gone => Step::End,
+            Sock::Blocked(w) => match w.take() {
+                Some(w) => Step::Wait(w),
+                None => Step::Idle,
+            },
+            Sock::Open(_) | Sock::Detached => {
+                if o.finished && o.entries.is_empty() && o.buf.is_empty() {
+                    Step::End
+                } else {
+                    Step::Idle
+                }
+            }
+        }
+    }
+
+    /// The writable socket back from the writer: write what accumulated.
+    fn give_back(&self, w: OwnedWriteHalf) {
+        let mut o = self.lock();
+        if let Sock::Blocked(None) = o.sock {
+            o.sock = Sock::Open(w);
+            self.flush_locked(&mut o);
+        }
+    }
+
+    /// The session's writer: writes while the socket is full, and returns
+    /// once the session finished and everything is written, or the socket
+    /// is gone.
+    pub async fn write_loop(&self) {
+        loop {
+            match self.step() {
+                Step::Idle => self.writer.notified().await,
+                Step::End => return,
+                Step::Wait(w) => {
+                    if w.writable().await.is_err() {
+                        self.shut();
+                        self.kill.cancel();
+                        return;
+                    }
+                    self.give_back(w);
+                }
+            }
+        }
+    }
+}
+
+fn count(m: &CommandMetrics, reply: &[u8]) {
+    if crate::protocol::is_error(reply) {
+        m.err.inc()
+    } else {
+        m.ok.inc()
+    }
+}
