@@ -424,3 +424,84 @@ fn count(m: &CommandMetrics, reply: &[u8]) {
         m.ok.inc()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (Arc<ClientShared>, TcpStream, tokio::net::tcp::OwnedReadHalf) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        let (r, w) = ours.into_split();
+        let c = ClientShared::new(1 << 20);
+        c.attach(w);
+        (c, peer, r)
+    }
+
+    fn m() -> Arc<CommandMetrics> {
+        crate::metrics::Metrics::new().command("get")
+    }
+
+    #[tokio::test]
+    async fn replies_are_written_in_queue_order_whatever_order_they_complete_in() {
+        let (c, mut peer, _r) = pair().await;
+        let a = c.expect(Instant::now(), m());
+        let b = c.expect(Instant::now(), m());
+        c.reply(Bytes::from_static(b"+local\r\n"), None);
+        let d = c.expect(Instant::now(), m());
+        c.deliver(d, Ok(Bytes::from_static(b":3\r\n")));
+        c.deliver(b, Ok(Bytes::from_static(b":2\r\n")));
+        c.flush();
+        assert_eq!(c.progress.done(), 0, "nothing is complete before a");
+        c.deliver(a, Err(crate::upstream::UpstreamError::Timeout));
+        c.flush();
+        assert_eq!(c.progress.done(), 4);
+        let want = b"-ERR upstream timeout\r\n:2\r\n+local\r\n:3\r\n";
+        let mut got = vec![0u8; want.len()];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &want[..]);
+    }
+
+    #[tokio::test]
+    async fn close_writes_what_came_before_then_closes() {
+        let (c, mut peer, _r) = pair().await;
+        let a = c.expect(Instant::now(), m());
+        c.close();
+        c.reply(Bytes::from_static(b"+after\r\n"), None);
+        c.flush();
+        assert!(!c.kill.is_cancelled());
+        c.deliver(a, Ok(Bytes::from_static(b"+OK\r\n")));
+        c.flush();
+        assert!(c.kill.is_cancelled());
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(&got[..], b"+OK\r\n", "nothing after Close is written");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_cut_off_at_the_limit() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        let (_r, w) = ours.into_split();
+        let c = ClientShared::new(64 * 1024);
+        c.attach(w);
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        // The socket buffers take a few MiB first; then the output buffer
+        // fills up to the limit.
+        for _ in 0..4096 {
+            c.push_frame(chunk.clone());
+            c.flush();
+            if c.kill.is_cancelled() {
+                break;
+            }
+        }
+        assert!(c.kill.is_cancelled());
+        let o = c.lock();
+        assert!(matches!(o.sock, Sock::Blocked(_)));
+        assert!(o.buffered <= 64 * 1024 + chunk.len());
+    }
+}
