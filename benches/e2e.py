@@ -133,7 +133,10 @@ def main():
         results = {}  # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op)
         for rnd in range(args.rounds):
             for name, c, p, d in SCENARIOS:
-                for tname, port, pid in targets:
+                # The order rotates from round to round, so no target always
+                # runs first (or right after another) in a scenario.
+                k = rnd % len(targets)
+                for tname, port, pid in targets[k:] + targets[:k]:
                     cpu0 = cpu_seconds(pid)
                     rows = bench(port, c, p, d, args.requests)
                     cpu = cpu_seconds(pid) - cpu0
@@ -165,6 +168,18 @@ def main():
 
                 print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
                       f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} |")
+        # Against the targets: per round, the sidecar's throughput and CPU
+        # per op over twemproxy's in that round; medians of those ratios.
+        print("\nsidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1)\n")
+        print("| scenario | test | rps | CPU per op |")
+        print("|---|---|---|---|")
+        for name, *_ in SCENARIOS:
+            for test in ("SET", "GET"):
+                s_vals = results.get((name, "sidecar", test), [])
+                t_vals = results.get((name, "twemproxy", test), [])
+                rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, t_vals))
+                cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, t_vals))
+                print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
               f"twemproxy {rss['twemproxy']:.1f} MiB")
     finally:
