@@ -1,6 +1,8 @@
 //! One client connection: its state (protocol, db, user, name, pinned
-//! connection, transaction and subscription state), the reader that turns
-//! requests into jobs, and the writer that sends replies back in order.
+//! connection, transaction and subscription state), and the reader that
+//! turns requests into jobs and output-queue entries. Replies are written by
+//! whoever completes them ([`crate::output`]); the session's writer only
+//! takes the socket over while it is full.
 //!
 //! Ordering: for every request the reader puts an entry in the client's
 //! output queue ([`crate::output`]) *before* the job leaves for an upstream
