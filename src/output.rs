@@ -275,6 +275,13 @@ impl ClientShared {
         }
     }
 
+    /// Complete entry `seq` with an error now (its request failed or was
+    /// never sent), and write it.
+    pub fn fail(&self, seq: u64, err: crate::upstream::UpstreamError) {
+        self.deliver(seq, Err(err));
+        self.flush();
+    }
+
     fn charge(&self, o: &mut Out, n: usize) {
         o.buffered += n;
         if o.buffered > self.limit && !self.kill.is_cancelled() {

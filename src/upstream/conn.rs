@@ -206,8 +206,7 @@ struct Pending {
 impl Pending {
     fn fail(self, err: &UpstreamError) {
         if let Some(seq) = self.slot {
-            self.client.deliver(seq, Err(err.clone()));
-            self.client.flush();
+            self.client.fail(seq, err.clone());
         }
     }
 }

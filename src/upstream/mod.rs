@@ -216,8 +216,7 @@ impl Job {
             slot: Some(seq), ..
         } = self.kind
         {
-            self.client.deliver(seq, Err(err));
-            self.client.flush();
+            self.client.fail(seq, err);
         }
     }
 }
