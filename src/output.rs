@@ -214,11 +214,13 @@ impl ClientShared {
         self.push_ready(&mut o, bytes, true);
     }
 
-    /// Close the client once everything queued before is written.
+    /// Close the client once everything queued before is written (at
+    /// once when that is everything).
     pub fn close(&self) {
         let mut o = self.lock();
         o.entries.push_back(Entry::Close);
         self.advance(&mut o);
+        self.flush_locked(&mut o);
     }
 
     /// A frame that is not a reply to a request (a RESP3 push, or anything

@@ -266,7 +266,6 @@ impl Session {
     async fn close(&mut self) {
         self.room().await;
         self.client.close();
-        self.client.flush();
     }
 
     async fn reply(&mut self, v: Value, metrics: &Arc<CommandMetrics>) {

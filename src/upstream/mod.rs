@@ -178,7 +178,6 @@ impl Oob {
     /// the client once what arrived before is written (as Redis would).
     pub fn close(&self) {
         self.0.close();
-        self.0.flush();
     }
 }
 
