@@ -308,3 +308,56 @@ async fn quit_while_subscribed_replies_then_closes() {
         }
     }
 }
+
+/// `blocked_clients` of the upstream's `INFO clients`, read directly.
+async fn blocked_clients(redis: &RedisServer) -> i64 {
+    let mut d = redis.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that disconnects while its blocking command waits must leave
+/// nothing blocked upstream: an orphan would pop the next element pushed
+/// (and the app would lose that job), whatever the blocking command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_blocked_leaves_nothing_blocked_upstream() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let blocking: [&[&[u8]]; 7] = [
+        &[b"BRPOP", b"q", b"0"],
+        &[b"BLPOP", b"q", b"other", b"0"],
+        &[b"BLMOVE", b"q", b"dst", b"LEFT", b"RIGHT", b"0"],
+        &[b"BLMPOP", b"0", b"1", b"q", b"LEFT"],
+        &[b"BZPOPMIN", b"z", b"0"],
+        &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"x", b"$"],
+        &[b"WAIT", b"1", b"0"],
+    ];
+    for cmd in blocking {
+        let mut a = Raw::connect(s.addr).await;
+        // Something on a shared connection first, as an app would.
+        assert_eq!(&a.call(&[b"PING"]).await[..], b"+PONG\r\n");
+        a.cmd(cmd).await;
+        assert!(
+            eventually(|| async { blocked_clients(&redis).await == 1 }).await,
+            "{cmd:?} never blocked upstream"
+        );
+        drop(a);
+        assert!(
+            eventually(|| async { blocked_clients(&redis).await == 0 }).await,
+            "{cmd:?}: the upstream connection is still blocked after its client left"
+        );
+    }
+    // The scenario of the bug report: nothing pops the job pushed after
+    // the blocked client left.
+    let mut b = client(&s).await;
+    let _: () = b.lpush("q", "job-1").await.unwrap();
+    let n: i64 = b.llen("q").await.unwrap();
+    assert_eq!(n, 1);
+}

@@ -67,6 +67,10 @@ struct Session {
     dedicated: Option<Dedicated>,
     /// The job channel used last, for the ordering barrier.
     last_tx: Option<mpsc::Sender<Job>>,
+    /// Output entries queued up to and including the last blocking
+    /// command: while fewer are complete, the dedicated connection waits
+    /// in Redis on this client's behalf.
+    blocked_until: u64,
     in_multi: bool,
     /// A stage answered a command inside MULTI: EXEC must abort.
     multi_dirty: bool,
@@ -103,6 +107,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<Cl
         shared_set: None,
         dedicated: None,
         last_tx: None,
+        blocked_until: 0,
         in_multi: false,
         multi_dirty: false,
         multi_count: 0,
@@ -173,7 +178,7 @@ impl Session {
                 _ = async { if let Some(p) = progress.as_mut() { p.await } }, if watch_progress => {}
                 ready = r.readable() => {
                     if ready.is_err() {
-                        return;
+                        return self.client_left();
                     }
                     // Polled once, through AsyncRead (not try_read: tokio
                     // then knows a short read drained the socket and skips
@@ -211,7 +216,7 @@ impl Session {
                         .await
                     };
                     if let Some(Ok(0) | Err(_)) = got {
-                        return;
+                        return self.client_left();
                     }
                 },
                 _ = client.stop.cancelled() => return,
@@ -221,6 +226,24 @@ impl Session {
                     return;
                 }
             }
+        }
+    }
+
+    /// The client closed its socket. Replies it is owed are still written
+    /// (a half-closed client reads them), but a blocking command it waits
+    /// on must stop waiting in Redis at once, as Redis frees a blocked
+    /// client that disconnects: otherwise the orphaned connection would pop
+    /// the next element pushed and that element would be lost. Dropping
+    /// every sender of the dedicated connection closes it once the jobs
+    /// already queued are written, and Redis unblocks a closed client.
+    fn client_left(&mut self) {
+        if self.client.progress.done() < self.blocked_until {
+            tracing::debug!(
+                client = self.id,
+                "client left while blocked: closing its upstream connection"
+            );
+            self.dedicated = None;
+            self.last_tx = None;
         }
     }
 
@@ -550,6 +573,9 @@ impl Session {
         };
         self.barrier(&tx).await;
         self.room().await;
+        if blocking {
+            self.blocked_until = self.queued;
+        }
         let now = Instant::now();
         let seq = self.client.expect(now, metrics.clone());
         let job = Job {
