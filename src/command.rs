@@ -196,6 +196,10 @@ pub enum Local {
     ClientSetName,
     ClientGetName,
     ClientSetInfo,
+    ClientList,
+    ClientInfo,
+    ClientKill,
+    ClientUnblock,
 }
 
 /// Classify a command by its arguments (`args[0]` is the name).
@@ -239,6 +243,10 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
             Some(b"setname") => Class::Local(Local::ClientSetName),
             Some(b"getname") => Class::Local(Local::ClientGetName),
             Some(b"setinfo") => Class::Local(Local::ClientSetInfo),
+            Some(b"list") => Class::Local(Local::ClientList),
+            Some(b"info") => Class::Local(Local::ClientInfo),
+            Some(b"kill") => Class::Local(Local::ClientKill),
+            Some(b"unblock") => Class::Local(Local::ClientUnblock),
             Some(b"reply") => Class::Pin(Pin::Stream),
             Some(b"tracking") | Some(b"caching") | Some(b"no-evict") | Some(b"no-touch") => {
                 Class::Pin(Pin::Sticky)

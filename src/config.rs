@@ -37,6 +37,21 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     pub pool: PoolConfig,
     pub log: LogConfig,
+    /// Commands refused to clients (a policy stage; reloads live).
+    pub access: AccessConfig,
+}
+
+/// `[access]`: commands and ACL categories clients may not run, refused
+/// with Redis's `-NOPERM` wording before anything is sent upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Command names (`KEYS`, `CONFIG|SET`) or ACL categories
+    /// (`@dangerous`) that are refused.
+    pub deny: Vec<String>,
+    /// When not empty, only these commands and categories are allowed
+    /// (`deny` still applies on top).
+    pub allow: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Eq, Default, Deserialize)]
@@ -198,6 +213,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             pool: PoolConfig::default(),
+            access: AccessConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -450,6 +466,9 @@ impl Config {
                 errors.push(format!("timeouts.{name}: must be greater than 0"));
             }
         }
+        if let Err(e) = crate::policy::Builder::check(&self) {
+            errors.extend(e.0);
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             errors.push(format!(
                 "log.level: {:?} is not a valid filter",
@@ -552,7 +571,8 @@ fn validate_upstream(
 
 impl Config {
     /// Settings that differ from `new` and only take effect on a restart
-    /// (everything but `[[upstream]]`, `[failover]` and `admin_token`).
+    /// (everything but `[[upstream]]`, `[failover]`, `admin_token` and the
+    /// policy sections).
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let mut out = Vec::new();
         let checks: [(&'static str, bool); 7] = [

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::upstream::failover::Upstreams;
 
 /// Produces the configuration to reload (the binary re-reads its file and
@@ -15,6 +16,7 @@ pub type Loader = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
 pub struct Control {
     pub ups: Arc<Upstreams>,
+    pub policies: Arc<Policies>,
     metrics: Metrics,
     current: Mutex<Config>,
     loader: Option<Loader>,
@@ -23,12 +25,14 @@ pub struct Control {
 impl Control {
     pub fn new(
         ups: Arc<Upstreams>,
+        policies: Arc<Policies>,
         metrics: Metrics,
         config: Config,
         loader: Option<Loader>,
     ) -> Arc<Control> {
         Arc::new(Control {
             ups,
+            policies,
             metrics,
             current: Mutex::new(config),
             loader,
@@ -72,8 +76,19 @@ impl Control {
                 fixed.join(", ")
             ));
         }
+        // Policies first: their errors refuse the reload before anything
+        // changed.
+        let stages = self.policies.apply(&v.config).map_err(|e| e.to_string())?;
         let names: Vec<&str> = v.upstreams.iter().map(|u| u.name.as_str()).collect();
-        let msg = format!("upstreams in priority order: {}", names.join(", "));
+        let msg = format!(
+            "upstreams in priority order: {}; policy stages: {}",
+            names.join(", "),
+            if stages.is_empty() {
+                "none".to_string()
+            } else {
+                stages.join(", ")
+            }
+        );
         self.ups
             .reconfigure(v.upstreams.clone(), v.config.failover.clone());
         *current = v.config;

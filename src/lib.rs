@@ -32,6 +32,7 @@ pub mod admin;
 pub mod command;
 pub mod config;
 pub mod control;
+pub mod exchange;
 pub mod metrics;
 pub mod output;
 pub mod policy;
@@ -50,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Validated;
 use crate::control::{Control, Loader};
 use crate::metrics::Metrics;
-use crate::policy::Chain;
+use crate::policy::{Builder, Policies};
 use crate::server::{SessionLimits, Shared};
 use crate::upstream::conn::ConnSettings;
 use crate::upstream::failover::Upstreams;
@@ -72,15 +73,16 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Bind the listeners and start serving. `chain` holds the policy stages.
-    pub async fn start(v: Validated, chain: Chain) -> anyhow::Result<Sidecar> {
-        Sidecar::start_with(v, chain, None).await
+    /// Bind the listeners and start serving. `builder` builds the policy
+    /// stages from the configuration (and adds an embedder's own).
+    pub async fn start(v: Validated, builder: Builder) -> anyhow::Result<Sidecar> {
+        Sidecar::start_with(v, builder, None).await
     }
 
     /// [`Sidecar::start`], with where a reload gets its configuration.
     pub async fn start_with(
         v: Validated,
-        chain: Chain,
+        builder: Builder,
         loader: Option<Loader>,
     ) -> anyhow::Result<Sidecar> {
         let c = &v.config;
@@ -106,7 +108,14 @@ impl Sidecar {
             shutdown.clone(),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
-        let control = Control::new(ups.clone(), metrics.clone(), c.clone(), loader);
+        let policies = Policies::new(builder, c)?;
+        let control = Control::new(
+            ups.clone(),
+            policies.clone(),
+            metrics.clone(),
+            c.clone(),
+            loader,
+        );
         let pool = Pool::new(
             ups,
             settings,
@@ -142,7 +151,7 @@ impl Sidecar {
             max_output: c.limits.max_output_buffer.as_usize(),
             idle_timeout: c.limits.idle_timeout,
         };
-        let shared = Shared::new(pool.clone(), chain, metrics.clone(), limits);
+        let shared = Shared::new(pool.clone(), policies, metrics.clone(), limits);
         let server = tokio::spawn(server::serve(
             listener,
             shared,

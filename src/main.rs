@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use redis_sidecar::Sidecar;
 use redis_sidecar::config::{Config, LogFormat, UpstreamConfig, process_env};
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 
 /// A Redis-protocol sidecar proxy.
 #[derive(Parser, Debug, Clone)]
@@ -160,7 +160,7 @@ fn init_logging(level: &str, json: bool) {
 async fn run(v: redis_sidecar::config::Validated, cli: Cli) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let loader: redis_sidecar::control::Loader = std::sync::Arc::new(move || load(&cli));
-    let sidecar = Sidecar::start_with(v, Chain::default(), Some(loader)).await?;
+    let sidecar = Sidecar::start_with(v, Builder::default(), Some(loader)).await?;
     let control = sidecar.control.clone();
     let token = sidecar.shutdown_token();
     let mut term = signal(SignalKind::terminate())?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis_sidecar::config::{Config, Failback};
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 use support::*;
 
 /// What one writer saw for one command.
@@ -87,7 +87,7 @@ async fn kill_active_under_writes(tune: fn(&mut Config)) -> Duration {
     let b = RedisServer::start();
     let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
     tune(&mut cfg);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = (0..6)
@@ -206,7 +206,7 @@ async fn automatic_failback_after_the_configured_time() {
     let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
     fast_failover(&mut cfg);
     cfg.failover.failback_after = Duration::from_secs(1);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     set_through(&s, "k1").await;
     let port = a.port;
     a.kill();
@@ -242,7 +242,7 @@ async fn manual_failback_waits_for_activate() {
     cfg.failover.failback = Failback::Manual;
     cfg.failover.failback_after = Duration::from_millis(200);
     cfg.admin_token = "t0ken".into();
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let admin = s.admin_addr.unwrap();
     let port = a.port;
     a.kill();
@@ -303,7 +303,7 @@ async fn activate_and_reload_under_load_drop_nothing() {
         }
     };
     let v = load().unwrap().validate().unwrap();
-    let s = redis_sidecar::Sidecar::start_with(v, Chain::default(), Some(Arc::new(load)))
+    let s = redis_sidecar::Sidecar::start_with(v, Builder::default(), Some(Arc::new(load)))
         .await
         .unwrap();
     let admin = s.admin_addr.unwrap();
@@ -386,7 +386,7 @@ async fn hostname_endpoint_and_url_db_and_redaction() {
     let url = format!("redis://:sekrit-pw@localhost:{}/3", r.port);
     let s = sidecar_with(
         config_multi(&[("main", url), ("spare", b.url())]),
-        Chain::default(),
+        Builder::default(),
     )
     .await;
     let mut c = client(&s).await;
@@ -431,7 +431,7 @@ async fn dead_first_endpoint_at_start_and_a_replica_are_skipped() {
     let mport = m.port.to_string();
     let r = RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]);
     let cfg = config_multi(&[("a", dead_url), ("r", r.url()), ("m", m.url())]);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let started = Instant::now();
     let mut raw = Raw::connect(s.addr).await;
     assert_eq!(&raw.call(&[b"SET", b"first", b"1"]).await[..], b"+OK\r\n");
@@ -459,7 +459,7 @@ async fn no_reachable_endpoint_fails_requests_clearly_after_the_queue_timeout() 
     a.kill();
     let mut cfg = config_multi(&[("a", url)]);
     cfg.timeouts.queue = Duration::from_millis(300);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut raw = Raw::connect(s.addr).await;
     let started = Instant::now();
     let reply = raw.call(&[b"SET", b"k", b"v"]).await;

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis_sidecar::config::ByteSize;
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,7 +15,7 @@ async fn malformed_resp_gets_protocol_error_and_close() {
     let mut cfg = config(&redis.url());
     cfg.limits.max_bulk = ByteSize(1024);
     cfg.limits.max_inline = ByteSize(1024);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let cases: &[(&[u8], &str)] = &[
         (b"*x\r\n", "-ERR Protocol error: invalid multibulk length"),
         (
@@ -78,7 +78,7 @@ async fn max_clients_and_idle_timeout() {
     let mut cfg = config(&redis.url());
     cfg.limits.max_clients = std::num::NonZeroUsize::new(2).unwrap();
     cfg.limits.idle_timeout = Duration::from_millis(300);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut a = Raw::connect(s.addr).await;
     let mut b = Raw::connect(s.addr).await;
     assert_eq!(&a.call(&[b"PING"]).await[..], b"+PONG\r\n");
@@ -112,7 +112,7 @@ async fn client_that_does_not_read_is_disconnected() {
     let redis = RedisServer::start();
     let mut cfg = config(&redis.url());
     cfg.limits.max_output_buffer = ByteSize(256 * 1024);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut direct = redis.direct().await;
     let _: () = redis::AsyncCommands::set(&mut direct, "blob", vec![7u8; 64 * 1024])
         .await
@@ -144,7 +144,7 @@ async fn command_timeout_fails_in_flight_and_recovers() {
     let mut cfg = config(&redis.url());
     cfg.timeouts.command = Duration::from_millis(300);
     cfg.pool.shared_connections = std::num::NonZeroUsize::new(1).unwrap();
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut slow = Raw::connect(s.addr).await;
     let mut other = Raw::connect(s.addr).await;
     // DEBUG SLEEP holds the shared connection past the timeout; the GET
@@ -178,7 +178,7 @@ async fn dead_upstream_gives_errors_then_recovers() {
     let mut cfg = config(&redis.url());
     cfg.timeouts.queue = Duration::from_millis(300);
     cfg.timeouts.connect = Duration::from_millis(200);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut raw = Raw::connect(s.addr).await;
     assert_eq!(&raw.call(&[b"SET", b"k", b"v"]).await[..], b"+OK\r\n");
     let mut blocked = Raw::connect(s.addr).await;

@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 use support::*;
 
 async fn sentinel_conn(port: u16) -> redis::aio::MultiplexedConnection {
@@ -72,7 +72,7 @@ async fn follows_the_master_sentinel_promotes() {
     let url = format!("redis-sentinel://{}/mymaster", hosts.join(","));
     let mut cfg = config_multi(&[("sentinel", url)]);
     cfg.failover.check_interval = Duration::from_millis(200);
-    let s = sidecar_with(cfg, Chain::default()).await;
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut c = client(&s).await;
     let _: () = c.set("before", "1").await.unwrap();
     let mut m = master.direct().await;

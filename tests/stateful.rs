@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use redis_sidecar::policy::{Chain, Ctx, Outgoing, Stage, Verdict};
+use redis_sidecar::policy::{Builder, Ctx, Exchange, Stage, Verdict};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +197,7 @@ impl Stage for Synthetic {
     fn name(&self) -> &'static str {
         "synthetic"
     }
-    fn on_request(&self, _ctx: &Ctx<'_>, cmd: &mut Outgoing) -> Verdict {
+    fn on_command(&self, _ctx: &Ctx<'_>, cmd: &mut Exchange) -> Verdict {
         let args = cmd.args().to_vec();
         if args.len() >= 3 && args[0].eq_ignore_ascii_case(b"set") && args[1].starts_with(b"synth:")
         {
@@ -210,7 +210,7 @@ impl Stage for Synthetic {
             ]);
         }
         if args.len() == 2 && args[0].eq_ignore_ascii_case(b"get") && &args[1][..] == b"denied" {
-            return Verdict::Reply(Bytes::from_static(b"-ERR denied by synthetic stage\r\n"));
+            return Verdict::Refuse(Bytes::from_static(b"-ERR denied by synthetic stage\r\n"));
         }
         Verdict::Continue
     }
@@ -219,8 +219,8 @@ impl Stage for Synthetic {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_injected_commands_are_consumed_in_order() {
     let redis = RedisServer::start();
-    let chain = Chain::new(vec![Arc::new(Synthetic)]);
-    let s = sidecar_with(config(&redis.url()), chain).await;
+    let builder = Builder::default().with_stage(Arc::new(Synthetic));
+    let s = sidecar_with(config(&redis.url()), builder).await;
     let mut raw = Raw::connect(s.addr).await;
     // Pipelined: each SET has an injected PEXPIRE; replies stay one per
     // request, in order.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis_sidecar::config::UpstreamConfig;
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 use support::*;
 
 const PASSWORD: &str = "tls-default-pw-51";
@@ -183,7 +183,7 @@ async fn tls_upstream_with_acl_user_and_with_requirepass() {
     ] {
         let mut cfg = config("redis://unused");
         cfg.upstream = vec![up];
-        let s = sidecar_with(cfg, Chain::default()).await;
+        let s = sidecar_with(cfg, Builder::default()).await;
         let mut c = client(&s).await;
         let key = format!("tls-key-{whoami}");
         let _: () = c.set(&key, "over tls").await.unwrap();
@@ -245,7 +245,7 @@ async fn wrong_ca_or_name_is_refused_with_a_clear_error() {
         let mut cfg = config("redis://unused");
         cfg.upstream = vec![up];
         cfg.timeouts.queue = Duration::from_millis(300);
-        let s = sidecar_with(cfg, Chain::default()).await;
+        let s = sidecar_with(cfg, Builder::default()).await;
         let mut raw = Raw::connect(s.addr).await;
         let reply = raw.call(&[b"SET", b"k", b"v"]).await;
         let text = String::from_utf8_lossy(&reply).to_string();

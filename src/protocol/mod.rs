@@ -32,6 +32,9 @@ pub enum Value {
     Error(String),
     Int(i64),
     Bulk(Bytes),
+    /// Text (`CLIENT LIST`): a bulk string in RESP2, a `txt` verbatim
+    /// string in RESP3, as Redis sends it.
+    Text(String),
     Null,
     Array(Vec<Value>),
     /// A RESP3 map; a flat array in RESP2. Order is kept.
@@ -108,6 +111,13 @@ impl Value {
                     attributes: None,
                 },
             ),
+            (Value::Text(t), Proto::Resp2) => r2(out, F2::BulkString(t.as_bytes())),
+            (Value::Text(t), Proto::Resp3) => {
+                scan::push_header(out, b'=', t.len() + 4);
+                out.extend_from_slice(b"txt:");
+                out.extend_from_slice(t.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
             (Value::Null, Proto::Resp2) => r2(out, F2::Null),
             (Value::Null, Proto::Resp3) => r3(out, F3::Null),
             (Value::Array(items), _) => {

@@ -7,11 +7,11 @@
 //! closes. [`serve`] returns when every session
 //! has ended; the caller bounds that wait with the drain deadline.
 
+pub mod clients;
 pub mod session;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::policy::Chain;
+use crate::policy::Policies;
 use crate::protocol::Limits;
 use crate::upstream::ClientShared;
 use crate::upstream::pool::Pool;
+use clients::{ClientEntry, Registry};
 
 /// Per-client limits, from `[limits]`.
 #[derive(Clone, Debug)]
@@ -38,7 +39,10 @@ pub struct SessionLimits {
 /// What every session shares (built once, cloned as `Arc`).
 pub struct Shared {
     pub pool: Arc<Pool>,
-    pub chain: Chain,
+    /// The live policy chain (swapped on reload).
+    pub policies: Arc<Policies>,
+    /// Live clients, for the CLIENT family and shutdown.
+    pub clients: Registry,
     pub metrics: Metrics,
     pub limits: SessionLimits,
     /// Metric handles for commands the table does not know.
@@ -49,25 +53,20 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         pool: Arc<Pool>,
-        chain: Chain,
+        policies: Arc<Policies>,
         metrics: Metrics,
         limits: SessionLimits,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             pool,
-            chain,
+            policies,
+            clients: Registry::default(),
             other_metrics: metrics.command("other"),
             metrics,
             limits,
             next_id: AtomicU64::new(1),
         })
     }
-}
-
-type Live = Arc<Mutex<HashMap<u64, Arc<ClientShared>>>>;
-
-fn lock(live: &Live) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientShared>>> {
-    live.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Accept clients until `shutdown`, then wait for every session to end.
@@ -79,9 +78,6 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(max_clients));
     let tracker = TaskTracker::new();
-    // Live sessions, to tell them to stop on shutdown (a signal each, not
-    // one token they all poll on every wake-up).
-    let live: Live = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -108,23 +104,27 @@ pub async fn serve(
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let client = ClientShared::new(shared.limits.max_output);
-        lock(&live).insert(id, client.clone());
+        let local = stream.local_addr().unwrap_or(peer);
+        let fd = i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream));
+        // Live sessions, for the CLIENT family and to tell them to stop on
+        // shutdown (a signal each, not one token they all poll).
+        let entry = Arc::new(ClientEntry::new(id, peer, local, fd, client));
+        shared.clients.insert(entry.clone());
         let shared = shared.clone();
-        let live = live.clone();
         tracker.spawn(async move {
             let gauge = shared.metrics.client_connections().clone();
             gauge.inc();
             tracing::trace!(client = id, %peer, "client connected");
-            session::run(stream, shared, id, client).await;
-            lock(&live).remove(&id);
+            session::run(stream, shared.clone(), entry).await;
+            shared.clients.remove(id);
             gauge.dec();
             drop(permit);
         });
     }
     drop(listener);
     // Every session stops reading; each answers what it read, then ends.
-    for client in lock(&live).values() {
-        client.stop.cancel();
+    for entry in shared.clients.all() {
+        entry.client.stop.cancel();
     }
     tracker.close();
     tracker.wait().await;

@@ -13,6 +13,7 @@
 //! the reader first waits until every earlier reply is complete (a
 //! barrier), so its commands also *run* upstream in the order it sent them.
 
+use std::collections::HashSet;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,14 +27,15 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 
 use super::Shared;
-use crate::command::{Class, Local, Pin, classify};
+use super::clients::{self, ClientEntry};
+use crate::command::{Class, CommandInfo, Local, Pin, classify};
+use crate::exchange::{Exchange, TxItem};
 use crate::metrics::CommandMetrics;
-use crate::policy::{Ctx, Outgoing, Verdict};
+use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
+use crate::protocol::scan::parse_int;
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
-use crate::upstream::{
-    Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, UpstreamError,
-};
+use crate::upstream::{Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -51,8 +53,130 @@ enum Flow {
     Stop,
 }
 
+/// What the client holds. Transitions happen only in [`Mode::after`].
+#[derive(Default)]
+enum Mode {
+    /// Nothing: commands go to shared connections.
+    #[default]
+    Normal,
+    /// Per-connection state the sidecar does not mirror (CLIENT TRACKING,
+    /// NO-EVICT, NO-TOUCH): on the dedicated connection for good.
+    Pinned,
+    /// WATCH is active on the dedicated connection.
+    Watching { pinned: bool },
+    /// Inside MULTI on the dedicated connection.
+    Transaction(Box<Tx>),
+    /// Subscribed, MONITOR or CLIENT REPLY: the dedicated connection
+    /// streams to the client until RESET or QUIT.
+    Streaming(Box<Subs>),
+}
+
+/// An open transaction.
+#[derive(Default)]
+struct Tx {
+    /// Back to [`Mode::Pinned`] after EXEC/DISCARD.
+    pinned: bool,
+    /// The commands queued, as the client sees them.
+    items: Vec<TxItem>,
+    /// A command was refused at queue time: EXEC answers EXECABORT.
+    refused: bool,
+    /// Some item needs the EXEC array rebuilt.
+    rebuild: bool,
+    /// Connection-state commands queued, by item index: applied to the
+    /// session when their EXEC element says they ran.
+    changes: Vec<(usize, Change)>,
+}
+
+/// Subscriptions of a streaming client (for `CLIENT LIST`).
+#[derive(Default)]
+struct Subs {
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard: HashSet<Bytes>,
+    monitor: bool,
+}
+
+/// A connection-state change queued in a transaction.
+enum Change {
+    Select(i64),
+    Auth(Auth),
+    Hello(Hello),
+    SetName(Option<Bytes>),
+}
+
+/// A parsed `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+struct Hello {
+    proto: Option<Proto>,
+    auth: Option<Auth>,
+    name: Option<Bytes>,
+}
+
+/// What moves the client between modes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Event {
+    Multi,
+    Watch,
+    /// EXEC or DISCARD.
+    EndTransaction,
+    Unwatch,
+    Stream,
+    Pin,
+    Reset,
+}
+
+impl Mode {
+    /// The one place mode transitions happen (as Redis: WATCH inside
+    /// MULTI and nested MULTI are errors that change nothing; EXEC and
+    /// DISCARD without MULTI keep WATCH; only RESET and QUIT end
+    /// streaming).
+    fn after(self, ev: Event) -> Mode {
+        let base = |pinned: bool| if pinned { Mode::Pinned } else { Mode::Normal };
+        match (self, ev) {
+            (_, Event::Reset) => Mode::Normal,
+            (m @ Mode::Streaming(_), _) => m,
+            (Mode::Transaction(tx), Event::EndTransaction) => base(tx.pinned),
+            (Mode::Transaction(mut tx), Event::Pin) => {
+                tx.pinned = true;
+                Mode::Transaction(tx)
+            }
+            (m @ Mode::Transaction(_), _) => m,
+            (m, Event::Multi) => Mode::Transaction(Box::new(Tx {
+                pinned: m.pinned(),
+                ..Tx::default()
+            })),
+            (m, Event::Watch) => Mode::Watching { pinned: m.pinned() },
+            (Mode::Watching { pinned }, Event::Unwatch) => base(pinned),
+            (_, Event::Stream) => Mode::Streaming(Box::default()),
+            (Mode::Watching { .. }, Event::Pin) => Mode::Watching { pinned: true },
+            (_, Event::Pin) => Mode::Pinned,
+            (m, Event::EndTransaction | Event::Unwatch) => m,
+        }
+    }
+
+    fn pinned(&self) -> bool {
+        match self {
+            Mode::Normal => false,
+            Mode::Pinned | Mode::Streaming(_) => true,
+            Mode::Watching { pinned } => *pinned,
+            Mode::Transaction(tx) => tx.pinned,
+        }
+    }
+
+    fn kind(&self) -> PolicyMode {
+        match self {
+            Mode::Normal => PolicyMode::Normal,
+            Mode::Pinned => PolicyMode::Pinned,
+            Mode::Watching { .. } => PolicyMode::Watching,
+            Mode::Transaction(_) => PolicyMode::Transaction,
+            Mode::Streaming(_) => PolicyMode::Streaming,
+        }
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
+    /// This client in the registry (what CLIENT LIST shows of it).
+    entry: Arc<ClientEntry>,
     id: u64,
     /// Its output queue and socket, shared with upstream connections.
     client: Arc<ClientShared>,
@@ -63,6 +187,7 @@ struct Session {
     db: i64,
     auth: Option<Auth>,
     name: Option<Bytes>,
+    mode: Mode,
     shared_set: Option<Arc<SharedSet>>,
     dedicated: Option<Dedicated>,
     /// The job channel used last, for the ordering barrier.
@@ -71,53 +196,44 @@ struct Session {
     /// command: while fewer are complete, the dedicated connection waits
     /// in Redis on this client's behalf.
     blocked_until: u64,
-    in_multi: bool,
-    /// A stage answered a command inside MULTI: EXEC must abort.
-    multi_dirty: bool,
-    /// Commands queued in the current MULTI (including injected ones).
-    multi_count: u32,
-    /// Positions of injected commands in the current MULTI.
-    multi_strip: Vec<u32>,
-    watching: bool,
-    /// SUBSCRIBE, MONITOR or CLIENT REPLY: the dedicated connection streams
-    /// and everything is forwarded as it is.
-    streaming: bool,
-    /// State the sidecar does not track (CLIENT TRACKING, SELECT inside
-    /// MULTI ...): stay on the dedicated connection for good.
-    sticky: bool,
     /// The command table and its generation, refreshed when it changes.
     table: (u64, Arc<crate::command::Table>),
+    /// The policy chain and its generation, refreshed when it changes.
+    chain: (u64, Arc<Chain>),
+    /// CLIENT KILL named this client: close after its reply.
+    kill_self: bool,
 }
 
 /// Serve one client until it disconnects, errs, is killed
 /// (`client.kill`), or shutdown (`client.stop`).
-pub async fn run(stream: TcpStream, shared: Arc<Shared>, id: u64, client: Arc<ClientShared>) {
+pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>) {
     stream.set_nodelay(true).ok();
     let (r, w) = stream.into_split();
+    let client = entry.client.clone();
     client.attach(w);
     let mut session = Session {
         shared: shared.clone(),
-        id,
+        id: entry.id,
+        entry,
         client: client.clone(),
         queued: 0,
         proto: Proto::Resp2,
         db: DEFAULT_DB,
         auth: None,
         name: None,
+        mode: Mode::Normal,
         shared_set: None,
         dedicated: None,
         last_tx: None,
         blocked_until: 0,
-        in_multi: false,
-        multi_dirty: false,
-        multi_count: 0,
-        multi_strip: Vec::new(),
-        watching: false,
-        streaming: false,
-        sticky: false,
         table: (shared.pool.table_generation(), shared.pool.table()),
+        chain: (shared.policies.generation(), shared.policies.current()),
+        kill_self: false,
     };
     let reader = async {
+        // Here, not before: the session then lives in one place of this
+        // future, not two.
+        session.publish();
         session.read_loop(r).await;
         // The writer ends once every queued reply is written; the session,
         // and so its dedicated upstream connection, lives until then:
@@ -242,8 +358,7 @@ impl Session {
                 client = self.id,
                 "client left while blocked: closing its upstream connection"
             );
-            self.dedicated = None;
-            self.last_tx = None;
+            self.drop_dedicated();
         }
     }
 
@@ -256,7 +371,7 @@ impl Session {
     }
 
     fn holds_state(&self) -> bool {
-        self.in_multi || self.watching || self.streaming || self.sticky
+        !matches!(self.mode, Mode::Normal)
     }
 
     fn identity(&self) -> Identity {
@@ -312,174 +427,448 @@ impl Session {
         }
     }
 
+    /// Ctx for the policy stages.
+    fn ctx<'a>(&'a self, info: Option<&'a CommandInfo>) -> Ctx<'a> {
+        Ctx {
+            client_id: self.id,
+            peer: self.entry.peer,
+            user: self
+                .auth
+                .as_ref()
+                .map(|a| a.user.as_deref().unwrap_or(b"default")),
+            name: self.name.as_deref(),
+            db: self.db,
+            proto: self.proto,
+            mode: self.mode.kind(),
+            info,
+        }
+    }
+
     async fn handle(&mut self, req: Request) -> Flow {
         let generation = self.shared.pool.table_generation();
         if generation != self.table.0 {
             self.table = (generation, self.shared.pool.table());
         }
+        let generation = self.shared.policies.generation();
+        if generation != self.chain.0 {
+            self.chain = (generation, self.shared.policies.current());
+        }
         let info = self.table.1.lookup(&req.args).cloned();
         let metrics = self.command_metrics(info.as_deref());
         let class = classify(&req.args, info.as_deref());
-        if self.streaming && class != Class::Local(Local::Quit) {
-            // The dedicated connection streams: forward as it is, in order.
-            return self.send_stream(req.raw, JobKind::Stream, &metrics).await;
+        self.entry.touch(info.clone());
+        let mut ex = Exchange::new(req.raw, req.args);
+        if !self.chain.1.is_empty()
+            && let Some(flow) =
+                Box::pin(self.run_chain(&mut ex, class, info.as_deref(), &metrics)).await
+        {
+            return flow;
         }
-        let Request { raw, args } = req;
-        // Where the command goes; arms that answer or send it themselves
-        // return early.
-        let (target, blocking) = match class {
-            Class::Local(local) => {
-                if self.in_multi
-                    || (self.sticky
-                        && !matches!(local, Local::Quit | Local::ClientId | Local::Reset))
-                {
-                    // Queued inside MULTI, or on a connection whose state we
-                    // no longer mirror: Redis must see it, and we stop
-                    // tracking that connection's state.
-                    if !matches!(local, Local::ClientId | Local::ClientGetName) {
-                        self.sticky = true;
-                    }
-                    (Target::Dedicated, false)
+        let flow = match (&self.mode, class) {
+            (Mode::Streaming(_), _) => self.route_streaming(ex, class, &metrics).await,
+            (Mode::Transaction(_), _) => Box::pin(self.route_tx(ex, class, &metrics)).await,
+            (_, Class::Forward) => {
+                let target = match self.mode {
+                    Mode::Normal => Target::Shared,
+                    _ => Target::Dedicated,
+                };
+                return self.send_job(target, ex, false, &metrics).await;
+            }
+            _ => Box::pin(self.route(ex, class, &metrics)).await,
+        };
+        self.publish();
+        flow
+    }
+
+    /// Run the policy stages; `Some` when one of them answered, refused
+    /// (the reply is queued) or the client went away while delayed.
+    async fn run_chain(
+        &mut self,
+        ex: &mut Exchange,
+        class: Class,
+        info: Option<&CommandInfo>,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Option<Flow> {
+        let chain = self.chain.1.clone();
+        let mut next = 0;
+        loop {
+            let verdict = chain.run(&self.ctx(info), ex, &mut next);
+            let (reply, refused) = match verdict {
+                Verdict::Continue => return None,
+                Verdict::Delay(until) => {
+                    // This client's later commands wait behind this one
+                    // (the reader is here); what it is owed goes out now.
+                    self.client.flush();
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+                Verdict::Answer(r) => (r, false),
+                Verdict::Refuse(r) => (r, true),
+            };
+            if let Mode::Transaction(tx) = &mut self.mode
+                && queued_in_tx(class)
+            {
+                if refused {
+                    // As Redis with a command refused at queue time.
+                    tx.refused = true;
                 } else {
-                    // Boxed: connection-state commands are rare, and their
-                    // futures (handshakes) would enlarge every idle session.
-                    return Box::pin(self.local(local, &args, &metrics)).await;
+                    tx.items.push(TxItem::Answered(reply));
+                    tx.rebuild = true;
+                    self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                        .await;
+                    self.publish();
+                    return Some(Flow::Go);
                 }
             }
+            self.now(reply, Some(metrics)).await;
+            return Some(Flow::Go);
+        }
+    }
+
+    /// Normal, pinned or watching: anything but a plain forward.
+    async fn route(
+        &mut self,
+        mut ex: Exchange,
+        class: Class,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        match class {
+            Class::Local(local) => self.local(local, ex, metrics).await,
             Class::Pin(Pin::Multi) => {
-                if !self.in_multi {
-                    self.in_multi = true;
-                    self.multi_dirty = false;
-                    self.multi_count = 0;
-                    self.multi_strip.clear();
-                    // MULTI itself is not a queued command: no stages, not
-                    // counted.
-                    return self
-                        .send_job(Target::Dedicated, raw, Plan::single(), false, &metrics)
-                        .await;
-                }
-                (Target::Dedicated, false)
+                self.transition(Event::Multi);
+                self.send_job(Target::Dedicated, ex, false, metrics).await
             }
             Class::Pin(Pin::Watch) => {
-                if !self.in_multi {
-                    self.watching = true;
-                }
-                (Target::Dedicated, false)
+                self.transition(Event::Watch);
+                self.send_job(Target::Dedicated, ex, false, metrics).await
             }
             Class::Pin(Pin::EndTransaction) => {
-                let name = args
+                // EXEC/DISCARD without MULTI: Redis's own error, and WATCH
+                // stays; UNWATCH ends it.
+                let unwatch = ex
+                    .args()
+                    .first()
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"unwatch"));
+                let target = if matches!(self.mode, Mode::Normal) {
+                    Target::Shared
+                } else {
+                    Target::Dedicated
+                };
+                let flow = self.send_job(target, ex, false, metrics).await;
+                if unwatch {
+                    self.transition(Event::Unwatch);
+                }
+                flow
+            }
+            Class::Pin(Pin::Blocking) => self.send_job(Target::Dedicated, ex, true, metrics).await,
+            Class::Pin(Pin::Stream) => {
+                if let Err(e) = self.ensure_dedicated().await {
+                    return self.upstream_error(e, metrics).await;
+                }
+                self.transition(Event::Stream);
+                self.note_subscriptions(ex.args());
+                let payload = ex.take_command();
+                self.send_stream(payload, JobKind::StartStream, metrics)
+                    .await
+            }
+            Class::Pin(Pin::Sticky) => {
+                let mut ex = ex;
+                if let Err(e) = self.map_redirect(&mut ex) {
+                    self.now(e, Some(metrics)).await;
+                    return Flow::Go;
+                }
+                self.transition(Event::Pin);
+                self.send_job(Target::Dedicated, ex, false, metrics).await
+            }
+            Class::Forward => self.send_job(Target::Dedicated, ex, false, metrics).await,
+        }
+    }
+
+    /// Inside MULTI: commands are queued on the dedicated connection;
+    /// those the sidecar answers are answered into the EXEC array.
+    async fn route_tx(
+        &mut self,
+        mut ex: Exchange,
+        class: Class,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        let change = match class {
+            Class::Local(Local::Quit | Local::Reset) => {
+                // Run at once, as on Redis (RESET discards the transaction).
+                let Class::Local(l) = class else {
+                    return Flow::Go;
+                };
+                return self.local(l, ex, metrics).await;
+            }
+            Class::Local(
+                l @ (Local::ClientId
+                | Local::ClientGetName
+                | Local::ClientList
+                | Local::ClientInfo
+                | Local::ClientSetInfo
+                | Local::ClientKill
+                | Local::ClientUnblock),
+            ) => {
+                // Answered by the sidecar at queue time; the answer takes
+                // its place in the EXEC array.
+                let v = self.client_command(l, ex.args()).await;
+                let answer = match v {
+                    Answer::Now(v) => v.encode(self.proto),
+                    Answer::Upstream(_) => Value::Int(0).encode(self.proto),
+                };
+                if let Mode::Transaction(tx) = &mut self.mode {
+                    tx.items.push(TxItem::Answered(answer));
+                    tx.rebuild = true;
+                }
+                self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                    .await;
+                return Flow::Go;
+            }
+            Class::Local(Local::Select) => ex
+                .args()
+                .get(1)
+                .and_then(|a| parse_int(a))
+                .filter(|_| ex.args().len() == 2)
+                .map(Change::Select),
+            Class::Local(Local::Auth) => parse_auth(ex.args()).ok().map(Change::Auth),
+            Class::Local(Local::Hello) => parse_hello(ex.args()).ok().map(Change::Hello),
+            Class::Local(Local::ClientSetName) => match ex.args() {
+                [_, _, n] => Some(Change::SetName((!n.is_empty()).then(|| n.clone()))),
+                _ => None,
+            },
+            Class::Pin(Pin::Multi | Pin::Watch) => {
+                // Redis's error; nothing is queued.
+                return self.send_job(Target::Dedicated, ex, false, metrics).await;
+            }
+            Class::Pin(Pin::EndTransaction) => {
+                let name = ex
+                    .args()
                     .first()
                     .map(|a| a.to_ascii_lowercase())
                     .unwrap_or_default();
-                if !(self.in_multi || self.watching) {
-                    // EXEC/DISCARD without MULTI: Redis's own error, from
-                    // any connection.
-                    (Target::Shared, false)
-                } else if name == b"unwatch" && self.in_multi {
-                    (Target::Dedicated, false)
-                } else {
-                    let exec = name == b"exec";
-                    let strip = if exec {
-                        std::mem::take(&mut self.multi_strip)
-                    } else {
-                        Vec::new()
-                    };
-                    let abort = exec && self.multi_dirty;
-                    self.in_multi = false;
-                    self.watching = false;
-                    self.multi_dirty = false;
-                    if abort {
-                        return Box::pin(self.abort_exec(&metrics)).await;
-                    }
-                    let plan = Plan {
-                        strip_exec: strip,
-                        ..Plan::single()
-                    };
-                    let flow = self
-                        .send_job(Target::Dedicated, raw, plan, false, &metrics)
-                        .await;
-                    self.update_holds_state();
-                    return flow;
+                if name == b"exec" {
+                    return self.exec(ex, metrics).await;
+                }
+                if name == b"discard" {
+                    self.transition(Event::EndTransaction);
+                    return self.send_job(Target::Dedicated, ex, false, metrics).await;
+                }
+                None
+            }
+            Class::Pin(Pin::Sticky) => {
+                if let Err(e) = self.map_redirect(&mut ex) {
+                    self.now(e, Some(metrics)).await;
+                    return Flow::Go;
+                }
+                self.transition(Event::Pin);
+                None
+            }
+            Class::Pin(Pin::Stream | Pin::Blocking) | Class::Forward => None,
+        };
+        let item = ex.tx_item();
+        if let Mode::Transaction(tx) = &mut self.mode {
+            if let TxItem::Queued {
+                appended, action, ..
+            } = &item
+                && (*appended > 0 || action.is_some())
+            {
+                tx.rebuild = true;
+            }
+            if let Some(c) = change {
+                tx.changes.push((tx.items.len(), c));
+            }
+            tx.items.push(item);
+        }
+        self.send_job(Target::Dedicated, ex, false, metrics).await
+    }
+
+    /// EXEC: EXECABORT after a refusal; otherwise sent with the
+    /// transaction's items (when the array needs rebuilding), and the
+    /// connection-state commands that ran are applied to the session.
+    async fn exec(&mut self, mut ex: Exchange, metrics: &Arc<CommandMetrics>) -> Flow {
+        let mode = std::mem::take(&mut self.mode);
+        let Mode::Transaction(tx) = mode else {
+            self.mode = mode;
+            return self.send_job(Target::Dedicated, ex, false, metrics).await;
+        };
+        let Tx {
+            pinned,
+            items,
+            refused,
+            rebuild,
+            changes,
+        } = *tx;
+        self.mode = if pinned { Mode::Pinned } else { Mode::Normal };
+        self.update_holds_state();
+        if refused {
+            return self.abort_exec(metrics).await;
+        }
+        if rebuild {
+            ex.set_exec(items);
+        }
+        let tee = (!changes.is_empty()).then(|| ex.tee());
+        let flow = self.send_job(Target::Dedicated, ex, false, metrics).await;
+        if let Some(rx) = tee
+            && let Ok(Ok(reply)) = rx.await
+            && let Some(ranges) = crate::protocol::scan::split_array(&reply)
+        {
+            for (i, change) in changes {
+                let ran = ranges
+                    .get(i)
+                    .is_some_and(|&(s, _)| !crate::protocol::is_error(&reply[s..]));
+                if ran {
+                    self.apply(change);
                 }
             }
-            // Inside MULTI a blocking command is just queued.
-            Class::Pin(Pin::Blocking) => (Target::Dedicated, !self.in_multi),
-            Class::Pin(Pin::Stream) => {
-                if self.in_multi {
-                    (Target::Dedicated, false)
-                } else {
-                    if let Err(e) = self.ensure_dedicated().await {
-                        return self.upstream_error(e, &metrics).await;
-                    }
-                    self.streaming = true;
-                    self.update_holds_state();
-                    return self.send_stream(raw, JobKind::StartStream, &metrics).await;
+        }
+        flow
+    }
+
+    /// A connection-state change that ran on the dedicated connection.
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Select(db) => self.db = db,
+            Change::Auth(a) => self.auth = Some(a),
+            Change::Hello(h) => {
+                if let Some(p) = h.proto {
+                    self.proto = p;
+                }
+                if h.auth.is_some() {
+                    self.auth = h.auth;
+                }
+                if let Some(n) = h.name {
+                    self.name = (!n.is_empty()).then_some(n);
+                }
+            }
+            Change::SetName(n) => self.name = n,
+        }
+        self.identity_changed();
+    }
+
+    /// Subscribed (or MONITOR, CLIENT REPLY): forwarded as it is, replies
+    /// and messages stream to the client. Stages may answer, refuse or
+    /// delay; commands they append are not sent (no reply could be told
+    /// from a message).
+    async fn route_streaming(
+        &mut self,
+        mut ex: Exchange,
+        class: Class,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        match class {
+            Class::Local(l @ (Local::Quit | Local::Reset)) => {
+                return self.local(l, ex, metrics).await;
+            }
+            // In RESP2 Redis refuses these while subscribed (its own error
+            // comes back); in RESP3 they are answered, and describe the
+            // sidecar's client, never the upstream connection.
+            Class::Local(
+                l @ (Local::ClientId
+                | Local::ClientGetName
+                | Local::ClientList
+                | Local::ClientInfo
+                | Local::ClientKill
+                | Local::ClientUnblock
+                | Local::ClientSetInfo),
+            ) if self.proto == Proto::Resp3 => return self.local(l, ex, metrics).await,
+            Class::Local(Local::Select) => {
+                if let Some(db) = ex.args().get(1).and_then(|a| parse_int(a)) {
+                    self.db = db;
+                }
+            }
+            Class::Local(Local::ClientSetName) => {
+                if let [_, _, n] = ex.args() {
+                    self.name = (!n.is_empty()).then(|| n.clone());
                 }
             }
             Class::Pin(Pin::Sticky) => {
-                self.sticky = true;
-                (Target::Dedicated, false)
+                if let Err(e) = self.map_redirect(&mut ex) {
+                    self.now(e, Some(metrics)).await;
+                    return Flow::Go;
+                }
             }
-            Class::Forward if self.in_multi || self.watching || self.sticky => {
-                (Target::Dedicated, false)
-            }
-            Class::Forward => (Target::Shared, false),
-        };
-        self.forward(raw, args, target, blocking, &metrics, info.as_deref())
-            .await
+            _ => {}
+        }
+        self.note_subscriptions(ex.args());
+        if ex.appended() > 0 {
+            tracing::debug!(
+                client = self.id,
+                "commands appended by a stage are not sent on a streaming connection"
+            );
+        }
+        let payload = ex.take_command();
+        self.send_stream(payload, JobKind::Stream, metrics).await
     }
 
-    /// Policy stages, then send; counts the command in an open MULTI.
-    async fn forward(
-        &mut self,
-        raw: Bytes,
-        args: Vec<Bytes>,
-        target: Target,
-        blocking: bool,
-        metrics: &Arc<CommandMetrics>,
-        info: Option<&crate::command::CommandInfo>,
-    ) -> Flow {
-        let mut cmd = Outgoing::new(raw, args);
-        if !self.shared.chain.is_empty() {
-            let ctx = Ctx {
-                client_id: self.id,
-                proto: self.proto,
-                db: self.db,
-                in_multi: self.in_multi,
-                info,
-            };
-            if let Verdict::Reply(r) = self.shared.chain.run(&ctx, &mut cmd) {
-                if self.in_multi {
-                    // Redis aborts a transaction with a refused command.
-                    self.multi_dirty = true;
-                }
-                self.now(r, Some(metrics)).await;
-                return Flow::Go;
-            }
-        }
-        let extra = cmd.extra_count() as u32;
-        if self.in_multi {
-            for i in 0..extra {
-                self.multi_strip.push(self.multi_count + 1 + i);
-            }
-            self.multi_count += 1 + extra;
-        }
-        let plan = Plan {
-            replies: 1 + extra,
-            forward: 0,
-            strip_exec: Vec::new(),
+    /// Keep the subscription counts `CLIENT LIST` shows.
+    fn note_subscriptions(&mut self, args: &[Bytes]) {
+        let Mode::Streaming(subs) = &mut self.mode else {
+            return;
         };
-        self.send_job(target, cmd.payload(), plan, blocking, metrics)
-            .await
+        let Some(name) = args.first().map(|a| a.to_ascii_lowercase()) else {
+            return;
+        };
+        let (set, add) = match &name[..] {
+            b"subscribe" => (&mut subs.channels, true),
+            b"unsubscribe" => (&mut subs.channels, false),
+            b"psubscribe" => (&mut subs.patterns, true),
+            b"punsubscribe" => (&mut subs.patterns, false),
+            b"ssubscribe" => (&mut subs.shard, true),
+            b"sunsubscribe" => (&mut subs.shard, false),
+            b"monitor" => {
+                subs.monitor = true;
+                return;
+            }
+            _ => return,
+        };
+        if add {
+            set.extend(args[1..].iter().cloned());
+        } else if args.len() == 1 {
+            set.clear();
+        } else {
+            for a in &args[1..] {
+                set.remove(a);
+            }
+        }
+    }
+
+    fn transition(&mut self, ev: Event) {
+        self.mode = std::mem::take(&mut self.mode).after(ev);
+        self.update_holds_state();
+    }
+
+    /// What CLIENT LIST shows of this client.
+    fn publish(&self) {
+        let mut p = self.entry.published();
+        p.name = self.name.clone();
+        p.db = if self.db == DEFAULT_DB {
+            self.shared.pool.ups.active().endpoint.db()
+        } else {
+            self.db
+        };
+        p.user = self.auth.as_ref().map(|a| {
+            a.user
+                .clone()
+                .unwrap_or_else(|| Bytes::from_static(b"default"))
+        });
+        p.resp = self.proto.number();
+        (p.flags, p.multi, p.sub, p.psub, p.ssub) = match &self.mode {
+            Mode::Transaction(tx) => ("x", tx.items.len() as i64, 0, 0, 0),
+            Mode::Streaming(s) if s.monitor => ("O", -1, 0, 0, 0),
+            Mode::Streaming(s) => ("P", -1, s.channels.len(), s.patterns.len(), s.shard.len()),
+            _ => ("N", -1, 0, 0, 0),
+        };
+        self.entry.publish(p);
     }
 
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
     async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
         if let Some(d) = &self.dedicated {
+            let mut ex = Exchange::command(&[&b"DISCARD"[..]]);
             let job = Job {
-                payload: crate::protocol::encode_command(&[&b"DISCARD"[..]]),
+                payload: ex.take_payload(),
                 kind: JobKind::Request {
-                    plan: Plan::single(),
+                    exchange: ex,
                     slot: None,
                     blocking: false,
                 },
@@ -488,7 +877,6 @@ impl Session {
             };
             let _ = d.tx.send(job).await;
         }
-        self.update_holds_state();
         self.reply(
             Value::error("EXECABORT Transaction discarded because of previous errors."),
             metrics,
@@ -503,6 +891,12 @@ impl Session {
         }
     }
 
+    fn drop_dedicated(&mut self) {
+        self.dedicated = None;
+        self.last_tx = None;
+        self.entry.upstream_id.store(-1, Ordering::Release);
+    }
+
     async fn ensure_dedicated(&mut self) -> Result<(), UpstreamError> {
         if let Some(d) = &self.dedicated {
             if d.is_alive() {
@@ -513,11 +907,14 @@ impl Session {
                 self.client.kill.cancel();
                 return Err(UpstreamError::ConnectionLost);
             }
-            self.dedicated = None;
+            self.drop_dedicated();
         }
         let oob = Oob(self.client.clone());
         let pool = self.shared.pool.clone();
         let d = Box::pin(pool.dedicated(&self.identity(), self.name.as_ref(), oob)).await?;
+        self.entry
+            .upstream_id
+            .store(d.upstream_id.unwrap_or(-1), Ordering::Release);
         self.dedicated = Some(d);
         Ok(())
     }
@@ -562,26 +959,31 @@ impl Session {
     async fn send_job(
         &mut self,
         target: Target,
-        payload: Bytes,
-        plan: Plan,
+        mut exchange: Exchange,
         blocking: bool,
         metrics: &Arc<CommandMetrics>,
     ) -> Flow {
         let tx = match self.channel(target).await {
             Ok(tx) => tx,
-            Err(e) => return self.upstream_error(e, metrics).await,
+            Err(e) => {
+                exchange.fail(&e);
+                return self.upstream_error(e, metrics).await;
+            }
         };
         self.barrier(&tx).await;
         self.room().await;
         if blocking {
             self.blocked_until = self.queued;
+            self.entry
+                .blocked_until
+                .store(self.queued, Ordering::Release);
         }
         let now = Instant::now();
         let seq = self.client.expect(now, metrics.clone());
         let job = Job {
-            payload,
+            payload: exchange.take_payload(),
             kind: JobKind::Request {
-                plan,
+                exchange,
                 slot: Some(seq),
                 blocking,
             },
@@ -595,6 +997,51 @@ impl Session {
             ));
         }
         Flow::Go
+    }
+
+    /// Run a command on the dedicated connection for the session's own
+    /// use (its reply does not go to the client): a connection-state
+    /// command the sidecar answers, applied where the client holds state.
+    async fn on_dedicated(&mut self, args: Vec<Bytes>) -> Result<Bytes, UpstreamError> {
+        let mut ex = Exchange::command(&args);
+        let rx = ex.tee();
+        let tx = self.channel(Target::Dedicated).await?;
+        self.barrier(&tx).await;
+        let job = Job {
+            payload: ex.take_payload(),
+            kind: JobKind::Request {
+                exchange: ex,
+                slot: None,
+                blocking: false,
+            },
+            client: self.client.clone(),
+            enqueued: Instant::now(),
+        };
+        if tx.send(job).await.is_err() {
+            return Err(UpstreamError::ConnectionLost);
+        }
+        rx.await.unwrap_or(Err(UpstreamError::ConnectionLost))
+    }
+
+    /// Whether a connection-state command must also run on the dedicated
+    /// connection (the client holds state there that Redis keeps per
+    /// connection: WATCH, tracking).
+    fn state_on_dedicated(&self) -> bool {
+        matches!(self.mode, Mode::Pinned | Mode::Watching { .. }) && self.dedicated.is_some()
+    }
+
+    /// Apply a state command on the dedicated connection when the client
+    /// holds state there. `Ok(true)`: done there; `Ok(false)`: not needed;
+    /// `Err`: the error reply the client gets.
+    async fn apply_on_dedicated(&mut self, args: Vec<Bytes>) -> Result<bool, Bytes> {
+        if !self.state_on_dedicated() {
+            return Ok(false);
+        }
+        match self.on_dedicated(args).await {
+            Ok(r) if crate::protocol::is_error(&r) => Err(r),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.to_reply()),
+        }
     }
 
     /// Send on a streaming dedicated connection; replies arrive as pushes.
@@ -632,15 +1079,187 @@ impl Session {
         }
     }
 
-    /// Drop an idle dedicated connection after the identity changed.
+    /// The identity changed: other shared connections, and an idle
+    /// dedicated connection is replaced on next use.
     fn identity_changed(&mut self) {
         self.shared_set = None;
         if !self.holds_state() {
-            self.dedicated = None;
+            self.drop_dedicated();
         }
     }
 
-    async fn local(&mut self, local: Local, args: &[Bytes], metrics: &Arc<CommandMetrics>) -> Flow {
+    /// `CLIENT TRACKING ... REDIRECT <id>`: the id is one of the sidecar's
+    /// clients; Redis must get that client's dedicated connection's id.
+    fn map_redirect(&self, ex: &mut Exchange) -> Result<(), Bytes> {
+        let args = ex.args();
+        if !args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"tracking"))
+        {
+            return Ok(());
+        }
+        let Some(at) = args
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(b"redirect"))
+            .map(|i| i + 1)
+            .filter(|&i| i < args.len())
+        else {
+            return Ok(());
+        };
+        let missing =
+            || Bytes::from_static(b"-ERR The client ID you want redirect to does not exist\r\n");
+        let Some(id) = parse_int(&args[at]) else {
+            return Err(Bytes::from_static(
+                b"-ERR value is not an integer or out of range\r\n",
+            ));
+        };
+        let target = u64::try_from(id)
+            .ok()
+            .and_then(|id| self.shared.clients.get(id))
+            .and_then(|e| e.upstream_id())
+            .ok_or_else(missing)?;
+        let mut new = args.to_vec();
+        new[at] = Bytes::from(target.to_string());
+        ex.rewrite(new);
+        Ok(())
+    }
+
+    /// CLIENT ID / GETNAME / LIST / INFO / SETINFO / KILL / UNBLOCK: about
+    /// the sidecar's clients.
+    async fn client_command(&mut self, local: Local, args: &[Bytes]) -> Answer {
+        let syntax = || Answer::Now(Value::error("ERR syntax error"));
+        match local {
+            Local::ClientId => Answer::Now(Value::Int(self.id as i64)),
+            Local::ClientGetName => {
+                Answer::Now(self.name.clone().map(Value::Bulk).unwrap_or(Value::Null))
+            }
+            Local::ClientInfo if args.len() == 2 => Answer::Now(Value::Text(self.entry.line())),
+            Local::ClientList => {
+                let filters = match clients::parse_filters(&args[2..], false) {
+                    Ok(f) => f,
+                    Err(e) => return Answer::Now(Value::error(e)),
+                };
+                let text: String = self
+                    .shared
+                    .clients
+                    .all()
+                    .iter()
+                    .filter(|e| filters.iter().all(|f| f.matches(e, self.id)))
+                    .map(|e| e.line())
+                    .collect();
+                Answer::Now(Value::Text(text))
+            }
+            Local::ClientSetInfo => {
+                let [_, _, attr, value] = args else {
+                    return Answer::Now(Value::error(
+                        "ERR wrong number of arguments for 'client|setinfo' command",
+                    ));
+                };
+                if value.iter().any(|&c| c <= b' ' || c > b'~') {
+                    return Answer::Now(Value::error(format!(
+                        "ERR {} cannot contain spaces, newlines or special characters.",
+                        String::from_utf8_lossy(attr).to_ascii_lowercase()
+                    )));
+                }
+                let mut p = self.entry.published();
+                let v = (!value.is_empty()).then(|| value.clone());
+                match &attr.to_ascii_lowercase()[..] {
+                    b"lib-name" => p.lib_name = v,
+                    b"lib-ver" => p.lib_ver = v,
+                    _ => {
+                        return Answer::Now(Value::error(format!(
+                            "ERR Unrecognized option '{}'",
+                            String::from_utf8_lossy(attr)
+                        )));
+                    }
+                }
+                self.entry.publish(p);
+                Answer::Now(Value::Simple("OK"))
+            }
+            Local::ClientKill => {
+                let targets: Vec<Arc<ClientEntry>> = if args.len() == 3 {
+                    // Old form: CLIENT KILL addr:port.
+                    let found: Vec<_> = self
+                        .shared
+                        .clients
+                        .all()
+                        .into_iter()
+                        .filter(|e| e.peer.to_string().as_bytes() == &args[2][..])
+                        .collect();
+                    if found.is_empty() {
+                        return Answer::Now(Value::error("ERR No such client"));
+                    }
+                    found
+                } else {
+                    let filters = match clients::parse_filters(&args[2..], true) {
+                        Ok(f) if !f.is_empty() => f,
+                        Ok(_) => return syntax(),
+                        Err(e) => return Answer::Now(Value::error(e)),
+                    };
+                    let skipme = !filters.contains(&clients::Filter::SkipMe(false));
+                    self.shared
+                        .clients
+                        .all()
+                        .into_iter()
+                        .filter(|e| !(skipme && e.id == self.id))
+                        .filter(|e| filters.iter().all(|f| f.matches(e, self.id)))
+                        .collect()
+                };
+                for e in &targets {
+                    if e.id == self.id {
+                        // After this reply is written, as Redis does.
+                        self.kill_self = true;
+                    } else {
+                        e.client.kill.cancel();
+                    }
+                }
+                if args.len() == 3 {
+                    Answer::Now(Value::Simple("OK"))
+                } else {
+                    Answer::Now(Value::Int(targets.len() as i64))
+                }
+            }
+            Local::ClientUnblock => {
+                if !(3..=4).contains(&args.len()) {
+                    return Answer::Now(Value::error(
+                        "ERR wrong number of arguments for 'client|unblock' command",
+                    ));
+                }
+                let Some(id) = parse_int(&args[2]) else {
+                    return Answer::Now(Value::error(
+                        "ERR value is not an integer or out of range",
+                    ));
+                };
+                if let Some(how) = args.get(3)
+                    && !how.eq_ignore_ascii_case(b"timeout")
+                    && !how.eq_ignore_ascii_case(b"error")
+                {
+                    return Answer::Now(Value::error(
+                        "ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR",
+                    ));
+                }
+                let upstream = u64::try_from(id)
+                    .ok()
+                    .and_then(|id| self.shared.clients.get(id))
+                    .filter(|e| e.is_blocked())
+                    .and_then(|e| e.upstream_id());
+                match upstream {
+                    // Redis unblocks that client's dedicated connection and
+                    // answers for it.
+                    Some(uid) => {
+                        let mut new = args.to_vec();
+                        new[2] = Bytes::from(uid.to_string());
+                        Answer::Upstream(new)
+                    }
+                    None => Answer::Now(Value::Int(0)),
+                }
+            }
+            _ => syntax(),
+        }
+    }
+
+    async fn local(&mut self, local: Local, ex: Exchange, metrics: &Arc<CommandMetrics>) -> Flow {
+        let args = ex.args();
         let arity_err = |name: &str| {
             Value::error(format!(
                 "ERR wrong number of arguments for '{name}' command"
@@ -653,56 +1272,74 @@ impl Session {
                 Flow::Stop
             }
             Local::Reset => {
-                // Closing the dedicated connection resets MULTI, WATCH and
-                // subscriptions upstream; the rest is ours.
-                self.dedicated = None;
+                // Closing the dedicated connection ends MULTI, WATCH,
+                // subscriptions and tracking upstream; the rest is ours.
+                self.drop_dedicated();
                 self.shared_set = None;
                 self.proto = Proto::Resp2;
                 self.db = DEFAULT_DB;
                 self.auth = None;
                 self.name = None;
-                self.in_multi = false;
-                self.watching = false;
-                self.sticky = false;
-                self.multi_strip.clear();
+                self.transition(Event::Reset);
                 self.reply(Value::Simple("RESET"), metrics).await;
                 Flow::Go
             }
-            Local::ClientId => {
-                self.reply(Value::Int(self.id as i64), metrics).await;
-                Flow::Go
-            }
-            Local::ClientGetName => {
-                let v = self.name.clone().map(Value::Bulk).unwrap_or(Value::Null);
-                self.reply(v, metrics).await;
-                Flow::Go
-            }
             Local::ClientSetName => {
-                let v = match args.get(2) {
-                    Some(n) if args.len() == 3 => {
-                        if n.iter().any(|&c| c <= b' ' || c > b'~') {
-                            Value::error(
-                                "ERR Client names cannot contain spaces, newlines or special characters.",
-                            )
-                        } else {
-                            self.name = (!n.is_empty()).then(|| n.clone());
-                            Value::Simple("OK")
-                        }
+                let name = match args {
+                    [_, _, n] if n.iter().any(|&c| c <= b' ' || c > b'~') => {
+                        let v = Value::error(
+                            "ERR Client names cannot contain spaces, newlines or special characters.",
+                        );
+                        self.reply(v, metrics).await;
+                        return Flow::Go;
                     }
-                    _ => Value::error("ERR syntax error"),
+                    [_, _, n] => n.clone(),
+                    _ => {
+                        self.reply(arity_err("client|setname"), metrics).await;
+                        return Flow::Go;
+                    }
                 };
-                self.reply(v, metrics).await;
+                let upstream = vec![
+                    Bytes::from_static(b"CLIENT"),
+                    Bytes::from_static(b"SETNAME"),
+                    name.clone(),
+                ];
+                if let Err(e) = self.apply_on_dedicated(upstream).await {
+                    self.now(e, Some(metrics)).await;
+                    return Flow::Go;
+                }
+                self.name = (!name.is_empty()).then_some(name);
+                if !self.holds_state() {
+                    // A new dedicated connection takes the new name.
+                    self.drop_dedicated();
+                }
+                self.reply(Value::Simple("OK"), metrics).await;
                 Flow::Go
             }
-            Local::ClientSetInfo => {
-                // Library name/version describe this client, not the shared
-                // upstream connections; accepted and kept local.
-                let v = if args.len() == 4 {
-                    Value::Simple("OK")
-                } else {
-                    Value::error("ERR syntax error")
-                };
-                self.reply(v, metrics).await;
+            Local::ClientId
+            | Local::ClientGetName
+            | Local::ClientList
+            | Local::ClientInfo
+            | Local::ClientSetInfo
+            | Local::ClientKill
+            | Local::ClientUnblock => {
+                let args = args.to_vec();
+                match self.client_command(local, &args).await {
+                    Answer::Now(v) => self.reply(v, metrics).await,
+                    Answer::Upstream(args) => {
+                        let mut ex = ex;
+                        ex.rewrite(args);
+                        let target = match self.mode {
+                            Mode::Normal => Target::Shared,
+                            _ => Target::Dedicated,
+                        };
+                        return self.send_job(target, ex, false, metrics).await;
+                    }
+                }
+                if std::mem::take(&mut self.kill_self) {
+                    self.close().await;
+                    return Flow::Stop;
+                }
                 Flow::Go
             }
             Local::Select => {
@@ -710,7 +1347,7 @@ impl Session {
                     self.reply(arity_err("select"), metrics).await;
                     return Flow::Go;
                 };
-                let Some(db) = crate::protocol::scan::parse_int(db) else {
+                let Some(db) = parse_int(db) else {
                     self.reply(
                         Value::error("ERR value is not an integer or out of range"),
                         metrics,
@@ -718,137 +1355,171 @@ impl Session {
                     .await;
                     return Flow::Go;
                 };
-                let ident = Identity {
-                    db,
-                    ..self.identity()
-                };
-                match self.shared.pool.verify(&ident).await {
-                    Ok(_) => {
-                        self.db = db;
-                        self.identity_changed();
-                        self.reply(Value::Simple("OK"), metrics).await;
-                    }
-                    Err(e) => {
-                        self.upstream_error(e, metrics).await;
-                    }
+                if db < 0 || db > i64::from(i32::MAX) {
+                    self.reply(Value::error("ERR DB index is out of range"), metrics)
+                        .await;
+                    return Flow::Go;
                 }
-                Flow::Go
+                let upstream = vec![Bytes::from_static(b"SELECT"), Bytes::from(db.to_string())];
+                self.change_identity(Change::Select(db), upstream, None, metrics)
+                    .await
             }
-            Local::Auth => {
-                let auth = match args.len() {
-                    2 => Auth {
-                        user: None,
-                        password: args[1].clone(),
-                    },
-                    3 => Auth {
-                        user: Some(args[1].clone()),
-                        password: args[2].clone(),
-                    },
-                    _ => {
-                        self.reply(arity_err("auth"), metrics).await;
-                        return Flow::Go;
-                    }
-                };
-                let ident = Identity {
-                    auth: Some(auth.clone()),
-                    ..self.identity()
-                };
-                match self.shared.pool.verify(&ident).await {
-                    Ok(_) => {
-                        self.auth = Some(auth);
-                        self.identity_changed();
-                        self.reply(Value::Simple("OK"), metrics).await;
-                    }
-                    Err(e) => {
-                        self.upstream_error(e, metrics).await;
-                    }
+            Local::Auth => match parse_auth(args) {
+                Ok(auth) => {
+                    let upstream = args.to_vec();
+                    self.change_identity(Change::Auth(auth), upstream, None, metrics)
+                        .await
                 }
-                Flow::Go
-            }
-            Local::Hello => self.hello(args, metrics).await,
+                Err(()) => {
+                    self.reply(arity_err("auth"), metrics).await;
+                    Flow::Go
+                }
+            },
+            Local::Hello => match parse_hello(args) {
+                Ok(h) => {
+                    let upstream = args.to_vec();
+                    let proto = h.proto.unwrap_or(self.proto);
+                    self.change_identity(Change::Hello(h), upstream, Some(proto), metrics)
+                        .await
+                }
+                Err(v) => {
+                    self.reply(v, metrics).await;
+                    Flow::Go
+                }
+            },
         }
     }
 
-    /// HELLO [protover [AUTH user pass] [SETNAME name]]
-    async fn hello(&mut self, args: &[Bytes], metrics: &Arc<CommandMetrics>) -> Flow {
-        let mut proto = self.proto;
-        let mut auth = None;
-        let mut name = None;
-        if let Some(v) = args.get(1) {
-            proto = match crate::protocol::scan::parse_int(v) {
-                Some(2) => Proto::Resp2,
-                Some(3) => Proto::Resp3,
-                Some(_) => {
-                    self.reply(
-                        Value::error("NOPROTO unsupported protocol version"),
-                        metrics,
-                    )
-                    .await;
-                    return Flow::Go;
+    /// SELECT, AUTH, HELLO outside MULTI: checked against the upstream
+    /// (on the dedicated connection when the client holds state there,
+    /// else with a real handshake for the new identity), then applied.
+    /// `hello`: answer with the HELLO map in this protocol.
+    async fn change_identity(
+        &mut self,
+        change: Change,
+        upstream: Vec<Bytes>,
+        hello: Option<Proto>,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        let applied = match self.apply_on_dedicated(upstream).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                self.now(e, Some(metrics)).await;
+                return Flow::Go;
+            }
+        };
+        if !applied {
+            let mut ident = self.identity();
+            match &change {
+                Change::Select(db) => ident.db = *db,
+                Change::Auth(a) => ident.auth = Some(a.clone()),
+                Change::Hello(h) => {
+                    ident.proto = h.proto.unwrap_or(ident.proto);
+                    if h.auth.is_some() {
+                        ident.auth = h.auth.clone();
+                    }
                 }
-                None => {
-                    self.reply(
-                        Value::error("ERR Protocol version is not an integer or out of range"),
-                        metrics,
-                    )
-                    .await;
-                    return Flow::Go;
-                }
-            };
-            let mut i = 2;
-            while i < args.len() {
-                let opt = args[i].to_ascii_lowercase();
-                if opt == b"auth" && i + 2 < args.len() {
-                    auth = Some(Auth {
-                        user: Some(args[i + 1].clone()),
-                        password: args[i + 2].clone(),
-                    });
-                    i += 3;
-                } else if opt == b"setname" && i + 1 < args.len() {
-                    name = Some(args[i + 1].clone());
-                    i += 2;
-                } else {
-                    let msg = format!(
-                        "ERR Syntax error in HELLO option '{}'",
-                        String::from_utf8_lossy(&args[i])
-                    );
-                    self.reply(Value::error(msg), metrics).await;
-                    return Flow::Go;
-                }
+                Change::SetName(_) => {}
+            }
+            if ident != self.identity()
+                && let Err(e) = self.shared.pool.verify(&ident).await
+            {
+                return self.upstream_error(e, metrics).await;
             }
         }
-        let ident = Identity {
-            proto,
-            db: self.db,
-            auth: auth.clone().or_else(|| self.auth.clone()),
-        };
-        if let Err(e) = self.shared.pool.verify(&ident).await {
-            return self.upstream_error(e, metrics).await;
+        self.apply(change);
+        match hello {
+            Some(proto) => {
+                let version = self.shared.pool.server_version();
+                let v = Value::Map(vec![
+                    (Value::bulk("server"), Value::bulk("redis")),
+                    (Value::bulk("version"), Value::bulk(version)),
+                    (Value::bulk("proto"), Value::Int(proto.number())),
+                    (Value::bulk("id"), Value::Int(self.id as i64)),
+                    (Value::bulk("mode"), Value::bulk("standalone")),
+                    (Value::bulk("role"), Value::bulk("master")),
+                    (Value::bulk("modules"), Value::Array(Vec::new())),
+                ]);
+                self.reply(v, metrics).await;
+            }
+            None => self.reply(Value::Simple("OK"), metrics).await,
         }
-        let changed = ident != self.identity();
-        self.proto = proto;
-        if auth.is_some() {
-            self.auth = auth;
-        }
-        if let Some(n) = name {
-            self.name = (!n.is_empty()).then_some(n);
-        }
-        if changed {
-            self.identity_changed();
-        }
-        let version = self.shared.pool.server_version();
-        let v = Value::Map(vec![
-            (Value::bulk("server"), Value::bulk("redis")),
-            (Value::bulk("version"), Value::bulk(version)),
-            (Value::bulk("proto"), Value::Int(proto.number())),
-            (Value::bulk("id"), Value::Int(self.id as i64)),
-            (Value::bulk("mode"), Value::bulk("standalone")),
-            (Value::bulk("role"), Value::bulk("master")),
-            (Value::bulk("modules"), Value::Array(Vec::new())),
-        ]);
-        self.reply(v, metrics).await;
         Flow::Go
     }
+}
+
+/// What a CLIENT command the sidecar owns comes to.
+enum Answer {
+    /// The sidecar's reply.
+    Now(Value),
+    /// Send this upstream instead (an id mapped to an upstream id).
+    Upstream(Vec<Bytes>),
+}
+
+/// Commands that are queued inside MULTI (the others run at once).
+fn queued_in_tx(class: Class) -> bool {
+    !matches!(
+        class,
+        Class::Local(Local::Quit | Local::Reset)
+            | Class::Pin(Pin::Multi | Pin::Watch | Pin::EndTransaction)
+    )
+}
+
+/// AUTH [user] password.
+fn parse_auth(args: &[Bytes]) -> Result<Auth, ()> {
+    match args {
+        [_, p] => Ok(Auth {
+            user: None,
+            password: p.clone(),
+        }),
+        [_, u, p] => Ok(Auth {
+            user: Some(u.clone()),
+            password: p.clone(),
+        }),
+        _ => Err(()),
+    }
+}
+
+/// HELLO [protover [AUTH user pass] [SETNAME name]], with Redis's errors.
+fn parse_hello(args: &[Bytes]) -> Result<Hello, Value> {
+    let mut h = Hello {
+        proto: None,
+        auth: None,
+        name: None,
+    };
+    let Some(v) = args.get(1) else {
+        return Ok(h);
+    };
+    h.proto = Some(match parse_int(v) {
+        Some(2) => Proto::Resp2,
+        Some(3) => Proto::Resp3,
+        Some(_) => return Err(Value::error("NOPROTO unsupported protocol version")),
+        None => {
+            return Err(Value::error(
+                "ERR Protocol version is not an integer or out of range",
+            ));
+        }
+    });
+    let mut i = 2;
+    while i < args.len() {
+        let opt = args[i].to_ascii_lowercase();
+        if opt == b"auth" && i + 2 < args.len() {
+            h.auth = Some(Auth {
+                user: Some(args[i + 1].clone()),
+                password: args[i + 2].clone(),
+            });
+            i += 3;
+        } else if opt == b"setname" && i + 1 < args.len() {
+            h.name = Some(args[i + 1].clone());
+            i += 2;
+        } else {
+            return Err(Value::error(format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(&args[i])
+            )));
+        }
+    }
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -890,10 +1561,28 @@ mod tests {
             max_output: 1 << 20,
             idle_timeout: std::time::Duration::ZERO,
         };
-        let shared = super::super::Shared::new(pool, Default::default(), metrics, limits);
-        let fut = run(stream, shared, 1, ClientShared::new(1 << 20));
+        let policies = crate::policy::Policies::new(
+            crate::policy::Builder::default(),
+            &crate::config::Config::default(),
+        )
+        .unwrap();
+        let shared = super::super::Shared::new(pool, policies, metrics, limits);
+        let addr = stream.local_addr().unwrap();
+        let entry = Arc::new(ClientEntry::new(
+            1,
+            addr,
+            addr,
+            0,
+            ClientShared::new(1 << 20),
+        ));
+        let fut = run(stream, shared, entry);
         let size = std::mem::size_of_val(&fut);
-        println!("session future: {size} bytes");
+        println!(
+            "session future: {size} bytes; Session {}, Mode {}, Dedicated {}",
+            std::mem::size_of::<Session>(),
+            std::mem::size_of::<Mode>(),
+            std::mem::size_of::<Dedicated>()
+        );
         // 3024 bytes when written, 2712 with the writer in the session,
         // 1960 now; 10,000 idle clients x this is most of the idle RSS
         // (README, Performance).

@@ -1,5 +1,5 @@
 //! One upstream connection: connect and handshake (AUTH, HELLO, SELECT,
-//! CLIENT SETNAME, ROLE), then [`serve`]: a writer that batches queued jobs into
+//! CLIENT SETNAME, ROLE, CLIENT ID), then [`serve`]: a writer that batches queued jobs into
 //! few writes (auto-pipelining) and a reader that matches replies to jobs in
 //! FIFO order.
 //!
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
-use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, Plan, UpstreamError};
+use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
+use crate::exchange::Exchange;
 use crate::metrics::Metrics;
 use crate::protocol::{ReplyScanner, scan};
 
@@ -51,6 +52,9 @@ pub struct Connected {
     pub server_version: String,
     /// `host:port` reached (a sentinel endpoint's current master).
     pub addr: String,
+    /// The upstream's `CLIENT ID` for this connection (`None` if refused),
+    /// to name it in `CLIENT UNBLOCK` and `CLIENT TRACKING ... REDIRECT`.
+    pub client_id: Option<i64>,
 }
 
 impl Connected {
@@ -107,6 +111,11 @@ pub async fn connect(
         }
         let role_at = cmds.len();
         cmds.push(vec![Bytes::from_static(b"ROLE")]);
+        let id_at = cmds.len();
+        cmds.push(vec![
+            Bytes::from_static(b"CLIENT"),
+            Bytes::from_static(b"ID"),
+        ]);
         let mut rbuf = BytesMut::with_capacity(4096);
         let replies = roundtrip(&mut stream, &mut rbuf, &cmds, settings.max_reply_bulk)
             .await
@@ -117,7 +126,15 @@ pub async fn connect(
                 other => other,
             })?;
         let mut server_version = String::new();
+        let mut client_id = None;
         for (i, r) in replies.iter().enumerate() {
+            if i == id_at {
+                // Refused (NOAUTH until the client authenticates): unknown.
+                client_id = r
+                    .strip_prefix(b":")
+                    .and_then(|n| scan::parse_int(n.strip_suffix(b"\r\n")?));
+                continue;
+            }
             if i == role_at {
                 // A replica is not a writable primary. An error (ROLE not
                 // allowed or not supported) leaves the role unknown.
@@ -147,6 +164,7 @@ pub async fn connect(
             rbuf,
             server_version,
             addr,
+            client_id,
         })
     };
     tokio::time::timeout(settings.connect_timeout, fut)
@@ -191,7 +209,8 @@ fn hello_field(reply: &[u8], key: &str) -> Option<String> {
 
 /// A job whose bytes were handed to the socket, waiting for its replies.
 struct Pending {
-    plan: Plan,
+    /// What becomes of the replies (`None`: a stream marker).
+    exchange: Option<Exchange>,
     got: u32,
     keep: Option<Bytes>,
     /// The client's output entry this job completes.
@@ -204,7 +223,10 @@ struct Pending {
 }
 
 impl Pending {
-    fn fail(self, err: &UpstreamError) {
+    fn fail(mut self, err: &UpstreamError) {
+        if let Some(x) = self.exchange.as_mut() {
+            x.fail(err);
+        }
         if let Some(seq) = self.slot {
             self.client.fail(seq, err.clone());
         }
@@ -376,11 +398,11 @@ fn write_error(e: std::io::Error) -> UpstreamError {
 fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
     let pending = match job.kind {
         JobKind::Request {
-            plan,
+            exchange,
             slot,
             blocking,
         } => Some(Pending {
-            plan,
+            exchange: Some(exchange),
             got: 0,
             keep: None,
             slot,
@@ -389,7 +411,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
             start_stream: false,
         }),
         JobKind::StartStream => Some(Pending {
-            plan: Plan::single(),
+            exchange: None,
             got: 0,
             keep: None,
             slot: None,
@@ -515,13 +537,17 @@ fn dispatch(
         metrics.protocol_error("unsolicited_reply");
         return Err(UpstreamError::Protocol("reply without a request".into()));
     };
-    if front.got == front.plan.forward {
+    let expected = front.exchange.as_ref().map_or(1, Exchange::replies);
+    if let Some(x) = &front.exchange {
+        x.observe(front.got, &frame);
+    }
+    if front.got == 0 {
         front.keep = Some(frame);
     } else if crate::protocol::is_error(&frame) {
-        tracing::debug!(error = %error_text(&frame), "injected command failed");
+        tracing::debug!(error = %error_text(&frame), "appended command failed");
     }
     front.got += 1;
-    if front.got < front.plan.replies {
+    if front.got < expected {
         return Ok(None);
     }
     let Some(mut done) = q.pop_front() else {
@@ -535,12 +561,10 @@ fn dispatch(
         *d = (*d).max(Instant::now() + settings.command_timeout);
     }
     drop(q);
-    let reply = done.keep.take().unwrap_or_default();
-    let reply = if done.plan.strip_exec.is_empty() {
-        reply
-    } else {
-        strip_exec(&reply, &done.plan.strip_exec)
-    };
+    let mut reply = done.keep.take().unwrap_or_default();
+    if let Some(x) = done.exchange.as_mut() {
+        reply = x.finish(reply);
+    }
     match done.slot {
         Some(seq) => {
             // The client may be gone; its reply is then dropped.
@@ -551,36 +575,12 @@ fn dispatch(
     }
 }
 
-/// Remove the replies of injected commands from an EXEC array. A null or
-/// error EXEC reply (aborted transaction) passes unchanged.
-pub fn strip_exec(reply: &Bytes, drop: &[u32]) -> Bytes {
-    let Some(ranges) = scan::split_array(reply) else {
-        return reply.clone();
-    };
-    let kept: Vec<&(usize, usize)> = ranges
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !drop.contains(&(*i as u32)))
-        .map(|(_, r)| r)
-        .collect();
-    let mut out = BytesMut::with_capacity(reply.len());
-    scan::push_header(&mut out, b'*', kept.len());
-    for &&(s, e) in &kept {
-        out.extend_from_slice(&reply[s..e]);
-    }
-    out.freeze()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn strips_injected_exec_elements() {
-        let r = Bytes::from_static(b"*3\r\n+OK\r\n:1\r\n$1\r\nv\r\n");
-        assert_eq!(&strip_exec(&r, &[1])[..], b"*2\r\n+OK\r\n$1\r\nv\r\n");
-        let null = Bytes::from_static(b"*-1\r\n");
-        assert_eq!(strip_exec(&null, &[0]), null);
+    fn error_texts() {
         assert_eq!(error_text(b"-WRONGPASS bad\r\n"), "WRONGPASS bad");
         assert_eq!(error_text(b"!5\r\nERR x\r\n"), "ERR x");
     }

@@ -4,10 +4,10 @@
 //! its reply matching ([`conn`]), and the pool of shared, multiplexed
 //! connections keyed by client identity ([`pool`]).
 //!
-//! Every request crosses to an upstream connection as a [`Job`]: the bytes
-//! of one or more commands, a [`Plan`] saying which of their replies the
-//! client sees, and the entry of the client's output queue
-//! ([`crate::output`]) that reply completes. The connection keeps jobs in a
+//! Every request crosses to an upstream connection as a [`Job`]: its
+//! [`Exchange`] (the bytes of one or more commands and what becomes of
+//! their replies) and the entry of the client's output queue
+//! ([`crate::output`]) that its reply completes. The connection keeps jobs in a
 //! FIFO in the order their bytes were written and matches replies to them in
 //! that order; this is what makes "a reply always reaches the request that
 //! caused it" hold by construction.
@@ -28,6 +28,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
+use crate::exchange::Exchange;
 use crate::protocol::Proto;
 
 /// Credentials a client gave with AUTH or HELLO ... AUTH.
@@ -100,28 +101,6 @@ impl UpstreamError {
 /// What a connection delivers for one job.
 pub type Reply = Result<Bytes, UpstreamError>;
 
-/// Which upstream replies of a job the client sees.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Plan {
-    /// Replies the job's commands produce.
-    pub replies: u32,
-    /// The one forwarded to the client; the others are consumed here.
-    pub forward: u32,
-    /// For an EXEC whose transaction had injected commands: positions in
-    /// its array reply to remove.
-    pub strip_exec: Vec<u32>,
-}
-
-impl Plan {
-    pub fn single() -> Plan {
-        Plan {
-            replies: 1,
-            forward: 0,
-            strip_exec: Vec::new(),
-        }
-    }
-}
-
 /// A one-way signal that one task awaits. Unlike a `CancellationToken`
 /// (a mutex on every check and every poll), checking and waiting are
 /// lock-free: a session polls its signals on every wake-up, once or twice
@@ -184,10 +163,11 @@ impl Oob {
 /// What a job asks of the connection.
 #[derive(Debug)]
 pub enum JobKind {
-    /// Commands whose replies follow the plan; the chosen reply completes
-    /// entry `slot` of the client's output queue (`None`: nobody waits).
+    /// A client command (and what stages appended) whose replies follow
+    /// its exchange; the client's reply completes entry `slot` of its
+    /// output queue (`None`: nobody waits).
     Request {
-        plan: Plan,
+        exchange: Exchange,
         slot: Option<u64>,
         /// Blocking commands have no command timeout.
         blocking: bool,
@@ -212,10 +192,13 @@ impl Job {
     /// The job will never be sent: its entry gets `err`.
     pub fn fail(self, err: UpstreamError) {
         if let JobKind::Request {
-            slot: Some(seq), ..
+            mut exchange, slot, ..
         } = self.kind
         {
-            self.client.fail(seq, err);
+            exchange.fail(&err);
+            if let Some(seq) = slot {
+                self.client.fail(seq, err);
+            }
         }
     }
 }

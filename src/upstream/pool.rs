@@ -65,6 +65,8 @@ pub struct Dedicated {
     /// subscriptions): losing the connection then disconnects the client.
     pub holds_state: Arc<AtomicBool>,
     alive: Arc<AtomicBool>,
+    /// The upstream's id for this connection (`CLIENT ID`), if known.
+    pub upstream_id: Option<i64>,
 }
 
 impl Dedicated {
@@ -302,6 +304,7 @@ impl Pool {
         oob: Oob,
     ) -> Result<Dedicated, UpstreamError> {
         let (conn, made_for) = self.connect(ident, name).await?;
+        let upstream_id = conn.client_id;
         let (tx, mut rx) = mpsc::channel(DEDICATED_QUEUE);
         let holds_state = Arc::new(AtomicBool::new(false));
         let alive = Arc::new(AtomicBool::new(true));
@@ -341,6 +344,7 @@ impl Pool {
             tx,
             holds_state,
             alive,
+            upstream_id,
         })
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use redis_sidecar::Sidecar;
 use redis_sidecar::config::{Config, UpstreamConfig};
-use redis_sidecar::policy::Chain;
+use redis_sidecar::policy::Builder;
 use redis_sidecar::protocol::ReplyScanner;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -236,12 +236,12 @@ pub async fn active(s: &Sidecar) -> String {
 
 /// Start the sidecar in front of `redis` with default settings.
 pub async fn sidecar(redis: &RedisServer) -> Sidecar {
-    sidecar_with(config(&redis.url()), Chain::default()).await
+    sidecar_with(config(&redis.url()), Builder::default()).await
 }
 
-pub async fn sidecar_with(config: Config, chain: Chain) -> Sidecar {
+pub async fn sidecar_with(config: Config, builder: Builder) -> Sidecar {
     let v = config.validate().unwrap();
-    Sidecar::start(v, chain).await.unwrap()
+    Sidecar::start(v, builder).await.unwrap()
 }
 
 pub fn url(s: &Sidecar) -> String {

@@ -1,0 +1,275 @@
+//! The request record: one [`Exchange`] per client command that goes
+//! upstream. The session builds it (policy stages may rewrite the command,
+//! append commands and register a [`ReplyAction`]); it travels with the
+//! command to the upstream connection, which keeps it in its FIFO and
+//! applies it to the replies: how many upstream replies belong to it, which
+//! one the client gets (always the command's own, the first), which
+//! elements of an EXEC array are removed, answered by the sidecar or handed
+//! to a stage, and whether the session wants the reply too (a state change
+//! such as `SELECT` inside a transaction). Replies never pass back through
+//! the session for this: the connection completes the client's output entry
+//! itself.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::protocol::{encode_command, scan};
+use crate::upstream::Reply;
+
+/// A stage's hook on the replies of one exchange, run on the upstream
+/// connection that reads them (the L1 fill is one). It must be cheap and
+/// must not block: it runs on the reply path of every client of that
+/// connection.
+pub trait ReplyAction: Send + Sync {
+    /// One upstream reply of the exchange, in order: `index` 0 is the
+    /// reply to the client's command (the one the client gets), 1.. those
+    /// of the appended commands (consumed). Inside MULTI, the same with
+    /// the command's elements of the EXEC array; an aborted transaction
+    /// calls nothing.
+    fn on_reply(&self, index: u32, reply: &Bytes);
+}
+
+/// One command of an open transaction, in the order the client sent them.
+pub enum TxItem {
+    /// Queued upstream (the client got Redis's `+QUEUED`), followed by
+    /// `appended` commands of stages whose EXEC elements are removed.
+    Queued {
+        appended: u32,
+        action: Option<Arc<dyn ReplyAction>>,
+    },
+    /// Answered by the sidecar (a stage's answer, `CLIENT ID` ...): the
+    /// client got `+QUEUED`, and this element takes its place in the EXEC
+    /// array.
+    Answered(Bytes),
+}
+
+/// A client command on its way upstream, and what becomes of its replies.
+pub struct Exchange {
+    args: Vec<Bytes>,
+    /// The bytes to send for the command: as they arrived, or re-encoded
+    /// after a rewrite.
+    raw: Bytes,
+    appended: Vec<Bytes>,
+    /// Upstream replies that belong to the exchange (set when sent).
+    replies: u32,
+    action: Option<Arc<dyn ReplyAction>>,
+    /// For an EXEC: the transaction's items, to rebuild its array.
+    exec: Option<Vec<TxItem>>,
+    /// The session wants a copy of the client's reply.
+    tee: Option<oneshot::Sender<Reply>>,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("replies", &self.replies)
+            .field("appended", &self.appended.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    pub fn new(raw: Bytes, args: Vec<Bytes>) -> Exchange {
+        Exchange {
+            args,
+            raw,
+            appended: Vec::new(),
+            replies: 1,
+            action: None,
+            exec: None,
+            tee: None,
+        }
+    }
+
+    /// A command the sidecar makes itself (DISCARD, a state change).
+    pub fn command<A: AsRef<[u8]>>(args: &[A]) -> Exchange {
+        let raw = encode_command(args);
+        Exchange::new(
+            raw,
+            args.iter()
+                .map(|a| Bytes::copy_from_slice(a.as_ref()))
+                .collect(),
+        )
+    }
+
+    pub fn args(&self) -> &[Bytes] {
+        &self.args
+    }
+
+    /// Replace the command (it is re-encoded; untouched commands are
+    /// forwarded as the bytes that arrived).
+    pub fn rewrite(&mut self, args: Vec<Bytes>) {
+        self.raw = encode_command(&args);
+        self.args = args;
+    }
+
+    /// Send `args` right after the command, on the same connection; its
+    /// reply is consumed by the sidecar (inside MULTI: its `QUEUED` and
+    /// its EXEC element).
+    pub fn append<A: AsRef<[u8]>>(&mut self, args: &[A]) {
+        self.appended.push(encode_command(args));
+    }
+
+    pub fn appended(&self) -> usize {
+        self.appended.len()
+    }
+
+    /// Run `action` on the replies (see [`ReplyAction`]).
+    pub fn on_reply(&mut self, action: Arc<dyn ReplyAction>) {
+        self.action = Some(action);
+    }
+
+    /// This command's place in a transaction (its QUEUED reply goes to the
+    /// client, its appended commands' QUEUED replies are consumed).
+    pub fn tx_item(&mut self) -> TxItem {
+        TxItem::Queued {
+            appended: self.appended.len() as u32,
+            action: self.action.take(),
+        }
+    }
+
+    /// Rebuild the EXEC array from `items`.
+    pub fn set_exec(&mut self, items: Vec<TxItem>) {
+        self.exec = Some(items);
+    }
+
+    /// Send a copy of the client's reply (or its error) to the session.
+    pub fn tee(&mut self) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.tee = Some(tx);
+        rx
+    }
+
+    /// The bytes to write upstream (the command, then the appended ones);
+    /// the exchange keeps only what the replies need.
+    pub fn take_payload(&mut self) -> Bytes {
+        self.args = Vec::new();
+        let raw = std::mem::take(&mut self.raw);
+        self.replies = 1 + self.appended.len() as u32;
+        if self.appended.is_empty() {
+            return raw;
+        }
+        let appended = std::mem::take(&mut self.appended);
+        let mut out =
+            BytesMut::with_capacity(raw.len() + appended.iter().map(Bytes::len).sum::<usize>());
+        out.extend_from_slice(&raw);
+        for e in &appended {
+            out.extend_from_slice(e);
+        }
+        out.freeze()
+    }
+
+    /// Only the command's bytes, for a connection that streams (where no
+    /// reply of an appended command could be told from a message).
+    pub fn take_command(&mut self) -> Bytes {
+        self.appended.clear();
+        self.take_payload()
+    }
+
+    /// Upstream replies that belong to the exchange.
+    pub fn replies(&self) -> u32 {
+        self.replies
+    }
+
+    /// Upstream reply `index` arrived (see [`ReplyAction`]). Inside an
+    /// EXEC the items' actions run in [`Exchange::finish`] instead.
+    pub fn observe(&self, index: u32, reply: &Bytes) {
+        if let Some(a) = &self.action {
+            a.on_reply(index, reply);
+        }
+    }
+
+    /// The client's reply, from the command's own upstream reply: an EXEC
+    /// array rebuilt from the transaction's items; the session's copy sent.
+    pub fn finish(&mut self, reply: Bytes) -> Bytes {
+        let reply = match &self.exec {
+            Some(items) => rebuild_exec(&reply, items),
+            None => reply,
+        };
+        if let Some(t) = self.tee.take() {
+            let _ = t.send(Ok(reply.clone()));
+        }
+        reply
+    }
+
+    /// The exchange failed (never sent, or lost in flight).
+    pub fn fail(&mut self, err: &crate::upstream::UpstreamError) {
+        if let Some(t) = self.tee.take() {
+            let _ = t.send(Err(err.clone()));
+        }
+    }
+}
+
+/// The client's EXEC array from the upstream's: elements of appended
+/// commands removed (their actions run), the sidecar's answers put in
+/// place. A null or error EXEC reply (aborted transaction) passes
+/// unchanged; so does an array that does not match the items (never
+/// expected: then the upstream's own reply is the honest answer).
+pub fn rebuild_exec(reply: &Bytes, items: &[TxItem]) -> Bytes {
+    let Some(ranges) = scan::split_array(reply) else {
+        return reply.clone();
+    };
+    let queued: usize = items
+        .iter()
+        .map(|i| match i {
+            TxItem::Queued { appended, .. } => 1 + *appended as usize,
+            TxItem::Answered(_) => 0,
+        })
+        .sum();
+    if queued != ranges.len() {
+        return reply.clone();
+    }
+    let mut out = BytesMut::with_capacity(reply.len() + 16);
+    scan::push_header(&mut out, b'*', items.len());
+    let mut next = ranges.iter().map(|&(s, e)| reply.slice(s..e));
+    for item in items {
+        match item {
+            TxItem::Queued { appended, action } => {
+                for index in 0..=*appended {
+                    let Some(el) = next.next() else {
+                        return reply.clone();
+                    };
+                    if let Some(a) = action {
+                        a.on_reply(index, &el);
+                    }
+                    if index == 0 {
+                        out.extend_from_slice(&el);
+                    }
+                }
+            }
+            TxItem::Answered(b) => out.extend_from_slice(b),
+        }
+    }
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_array_rebuilt_from_the_items() {
+        let r = Bytes::from_static(b"*3\r\n+OK\r\n:1\r\n$1\r\nv\r\n");
+        let items = vec![
+            TxItem::Queued {
+                appended: 1,
+                action: None,
+            },
+            TxItem::Answered(Bytes::from_static(b":42\r\n")),
+            TxItem::Queued {
+                appended: 0,
+                action: None,
+            },
+        ];
+        assert_eq!(
+            &rebuild_exec(&r, &items)[..],
+            b"*3\r\n+OK\r\n:42\r\n$1\r\nv\r\n"
+        );
+        let null = Bytes::from_static(b"*-1\r\n");
+        assert_eq!(rebuild_exec(&null, &items), null);
+        // A mismatch passes the upstream's reply unchanged.
+        assert_eq!(rebuild_exec(&r, &items[1..]), r);
+    }
+}

@@ -1,0 +1,165 @@
+//! The access stage: commands and ACL categories that clients may not run
+//! (`[access] deny`, and `allow` when only some may run), refused with
+//! Redis's own ACL wording (`-NOPERM this user has no permissions to run
+//! the 'keys' command`) before anything is sent upstream.
+//!
+//! Categories come from the command table learned from the upstream's
+//! `COMMAND`; a command the table does not know matches by name only.
+
+use bytes::Bytes;
+
+use super::{Ctx, PolicyError, Stage, Verdict};
+use crate::config::AccessConfig;
+use crate::exchange::Exchange;
+
+/// Redis 7's ACL categories.
+const CATEGORIES: &[&str] = &[
+    "all",
+    "keyspace",
+    "read",
+    "write",
+    "set",
+    "sortedset",
+    "list",
+    "hash",
+    "string",
+    "bitmap",
+    "hyperloglog",
+    "geo",
+    "stream",
+    "pubsub",
+    "admin",
+    "fast",
+    "slow",
+    "blocking",
+    "dangerous",
+    "connection",
+    "transaction",
+    "scripting",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error("unknown ACL category")]
+    UnknownCategory,
+    #[error("not a command name (letters, digits, '-', '_', and '|' for a subcommand)")]
+    BadName,
+}
+
+/// One entry of a list: a command (or `container|sub`) or a category.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rule {
+    Command(String),
+    Category(String),
+}
+
+impl Rule {
+    fn parse(s: &str) -> Result<Rule, AccessError> {
+        let s = s.to_ascii_lowercase();
+        if let Some(cat) = s.strip_prefix('@') {
+            if CATEGORIES.contains(&cat) {
+                return Ok(Rule::Category(cat.to_string()));
+            }
+            return Err(AccessError::UnknownCategory);
+        }
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'|'));
+        if ok {
+            Ok(Rule::Command(s))
+        } else {
+            Err(AccessError::BadName)
+        }
+    }
+
+    /// `name` is the table's name (`config|set`) or the command's own.
+    fn matches(&self, name: &str, categories: &[String]) -> bool {
+        match self {
+            Rule::Command(c) => {
+                c == name
+                    || name
+                        .split('|')
+                        .next()
+                        .is_some_and(|container| c == container)
+            }
+            Rule::Category(c) => c == "all" || categories.iter().any(|x| x == c),
+        }
+    }
+}
+
+pub struct Access {
+    deny: Vec<Rule>,
+    allow: Vec<Rule>,
+}
+
+impl Access {
+    /// `None` when nothing is restricted (no stage at all).
+    pub fn from_config(c: &AccessConfig) -> Result<Option<Access>, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut parse = |field: &'static str, list: &[String]| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(index, s)| {
+                    Rule::parse(s)
+                        .map_err(|reason| {
+                            errors.push(PolicyError::Access {
+                                field,
+                                index,
+                                reason,
+                            })
+                        })
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        };
+        let deny = parse("deny", &c.deny);
+        let allow = parse("allow", &c.allow);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok((!deny.is_empty() || !allow.is_empty()).then_some(Access { deny, allow }))
+    }
+}
+
+impl Stage for Access {
+    fn name(&self) -> &'static str {
+        "access"
+    }
+
+    fn on_command(&self, ctx: &Ctx<'_>, ex: &mut Exchange) -> Verdict {
+        let name = match ctx.info {
+            Some(i) => i.name.clone(),
+            None => match ex.args().first() {
+                Some(n) => String::from_utf8_lossy(n).to_ascii_lowercase(),
+                None => return Verdict::Continue,
+            },
+        };
+        let cats: &[String] = ctx.info.map(|i| &i.acl_categories[..]).unwrap_or(&[]);
+        let allowed = self.allow.is_empty() || self.allow.iter().any(|r| r.matches(&name, cats));
+        let denied = self.deny.iter().any(|r| r.matches(&name, cats));
+        if allowed && !denied {
+            return Verdict::Continue;
+        }
+        Verdict::Refuse(Bytes::from(format!(
+            "-NOPERM this user has no permissions to run the '{name}' command\r\n"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_match() {
+        assert_eq!(Rule::parse("KEYS"), Ok(Rule::Command("keys".into())));
+        assert_eq!(Rule::parse("@nope"), Err(AccessError::UnknownCategory));
+        assert_eq!(Rule::parse("a b"), Err(AccessError::BadName));
+        let config = Rule::parse("config").unwrap_or(Rule::Category("x".into()));
+        assert!(config.matches("config|set", &[]));
+        assert!(!config.matches("configx", &[]));
+        let dangerous = Rule::Category("dangerous".into());
+        assert!(dangerous.matches("flushall", &["write".into(), "dangerous".into()]));
+        assert!(!dangerous.matches("get", &["read".into()]));
+    }
+}

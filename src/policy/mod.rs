@@ -1,0 +1,214 @@
+//! Policy stages: the chain every client command passes through, whatever
+//! path it then takes (answered by the sidecar, shared connection,
+//! dedicated connection, inside MULTI, while subscribed).
+//!
+//! A stage sees the command as an [`Exchange`] with a [`Ctx`] describing its
+//! client, and returns a [`Verdict`]: continue (after rewriting the
+//! command, appending commands whose replies the sidecar consumes, or
+//! registering a [`crate::exchange::ReplyAction`]), answer it (a cache hit:
+//! inside MULTI the client gets `+QUEUED` and the answer takes its place in
+//! the EXEC array), refuse it (inside MULTI, EXEC then answers EXECABORT as
+//! Redis does for a command refused at queue time), or delay it (the
+//! client's later commands wait behind it; other clients never do).
+//!
+//! The chain is built from the configuration by one [`Builder`] and held
+//! by [`Policies`], which swaps it atomically on reload. A session picks up
+//! the new chain at its next command; a command already past the chain
+//! finishes with the chain it started with. Stages are shared by every
+//! session, so they must be cheap and must not block.
+
+pub mod access;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use bytes::Bytes;
+
+use crate::command::CommandInfo;
+use crate::config::Config;
+pub use crate::exchange::{Exchange, ReplyAction};
+use crate::protocol::Proto;
+
+/// What the client holds, as a stage sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing: commands go to shared connections.
+    Normal,
+    /// CLIENT TRACKING (and similar): on its dedicated connection for good.
+    Pinned,
+    /// WATCH is active.
+    Watching,
+    /// Inside MULTI: commands are queued.
+    Transaction,
+    /// Subscribed, MONITOR or CLIENT REPLY: the dedicated connection
+    /// streams to the client.
+    Streaming,
+}
+
+/// What a stage knows about the command's client.
+pub struct Ctx<'a> {
+    pub client_id: u64,
+    pub peer: SocketAddr,
+    /// The user the client authenticated as (`None`: it did not, and the
+    /// upstream URL's credentials apply).
+    pub user: Option<&'a [u8]>,
+    pub name: Option<&'a [u8]>,
+    /// The client's database (`-1`: the endpoint URL's).
+    pub db: i64,
+    pub proto: Proto,
+    pub mode: Mode,
+    /// The command's table entry, when the table knows it.
+    pub info: Option<&'a CommandInfo>,
+}
+
+/// A stage's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on to the next stage, then where the command goes.
+    Continue,
+    /// Answer the client with this reply (encoded for `ctx.proto`);
+    /// nothing is sent upstream.
+    Answer(Bytes),
+    /// Refuse with this error reply; nothing is sent upstream.
+    Refuse(Bytes),
+    /// Hold the command (and the client's later ones) until then, then ask
+    /// the same stage again.
+    Delay(tokio::time::Instant),
+}
+
+/// One policy stage (access, rate limit, cache lookup, TTL rewrite).
+pub trait Stage: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn on_command(&self, ctx: &Ctx<'_>, ex: &mut Exchange) -> Verdict;
+}
+
+/// The stages in their order.
+#[derive(Clone, Default)]
+pub struct Chain {
+    stages: Vec<Arc<dyn Stage>>,
+}
+
+impl Chain {
+    pub fn new(stages: Vec<Arc<dyn Stage>>) -> Chain {
+        Chain { stages }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stages.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// Run the stages from `*next` on until one answers, refuses or
+    /// delays; after a delay, call again with the same `next` to ask that
+    /// stage again.
+    pub fn run(&self, ctx: &Ctx<'_>, ex: &mut Exchange, next: &mut usize) -> Verdict {
+        while let Some(stage) = self.stages.get(*next) {
+            match stage.on_command(ctx, ex) {
+                Verdict::Continue => *next += 1,
+                other => return other,
+            }
+        }
+        Verdict::Continue
+    }
+}
+
+/// A configuration's policy sections did not validate.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("access.{field}[{index}]: {reason}")]
+    Access {
+        field: &'static str,
+        index: usize,
+        reason: access::AccessError,
+    },
+}
+
+/// Every policy error of a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid policy configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+/// Builds the chain from the configuration, in the order of the request
+/// flow (access, then the stages an embedder adds: tests, later the rate
+/// limit, cache and TTL stages).
+#[derive(Clone, Default)]
+pub struct Builder {
+    extra: Vec<Arc<dyn Stage>>,
+}
+
+impl Builder {
+    /// Add a stage that is not configured by the file (tests, embedders);
+    /// it runs after the configured stages and survives reloads.
+    pub fn with_stage(mut self, stage: Arc<dyn Stage>) -> Builder {
+        self.extra.push(stage);
+        self
+    }
+
+    /// Validate the policy sections (every error).
+    pub fn check(c: &Config) -> Result<(), crate::config::ConfigErrors> {
+        Builder::default()
+            .build(c)
+            .map(|_| ())
+            .map_err(|e| crate::config::ConfigErrors(e.0.iter().map(ToString::to_string).collect()))
+    }
+
+    pub fn build(&self, c: &Config) -> Result<Chain, PolicyErrors> {
+        let mut errors = Vec::new();
+        let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
+        match access::Access::from_config(&c.access) {
+            Ok(Some(a)) => stages.push(Arc::new(a)),
+            Ok(None) => {}
+            Err(e) => errors.extend(e),
+        }
+        stages.extend(self.extra.iter().cloned());
+        if errors.is_empty() {
+            Ok(Chain::new(stages))
+        } else {
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+/// The live chain. Sessions cache it with its generation and check the
+/// generation (one atomic load) per command, as they do the command table.
+pub struct Policies {
+    builder: Builder,
+    current: RwLock<Arc<Chain>>,
+    generation: AtomicU64,
+}
+
+impl Policies {
+    pub fn new(builder: Builder, config: &Config) -> Result<Arc<Policies>, PolicyErrors> {
+        let chain = builder.build(config)?;
+        Ok(Arc::new(Policies {
+            builder,
+            current: RwLock::new(Arc::new(chain)),
+            generation: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> Arc<Chain> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Build the chain for `config` and swap it in; on error the running
+    /// chain stays.
+    pub fn apply(&self, config: &Config) -> Result<Vec<&'static str>, PolicyErrors> {
+        let chain = Arc::new(self.builder.build(config)?);
+        let names = chain.names();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = chain;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(names)
+    }
+}
