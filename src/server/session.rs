@@ -771,14 +771,29 @@ impl Session {
                 | Local::ClientUnblock
                 | Local::ClientSetInfo),
             ) if self.proto == Proto::Resp3 => return self.local(l, ex, metrics).await,
-            Class::Local(Local::Select) => {
+            // Mirrored for CLIENT LIST: in RESP3 Redis runs them (in RESP2
+            // it refuses them while subscribed).
+            Class::Local(Local::Select) if self.proto == Proto::Resp3 => {
                 if let Some(db) = ex.args().get(1).and_then(|a| parse_int(a)) {
                     self.db = db;
                 }
             }
-            Class::Local(Local::ClientSetName) => {
+            Class::Local(Local::ClientSetName) if self.proto == Proto::Resp3 => {
                 if let [_, _, n] = ex.args() {
                     self.name = (!n.is_empty()).then(|| n.clone());
+                }
+            }
+            Class::Local(Local::Auth) if self.proto == Proto::Resp3 => {
+                if let Ok(a) = parse_auth(ex.args()) {
+                    self.auth = Some(a);
+                }
+            }
+            Class::Local(Local::Hello) if self.proto == Proto::Resp3 => {
+                if let Ok(h) = parse_hello(ex.args()) {
+                    self.proto = h.proto.unwrap_or(self.proto);
+                    if h.auth.is_some() {
+                        self.auth = h.auth;
+                    }
                 }
             }
             Class::Pin(Pin::Sticky) => {

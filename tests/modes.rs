@@ -1,0 +1,436 @@
+//! Connection-state commands in every session mode, against Redis as the
+//! oracle: the same script is sent to a redis-server directly and through
+//! the sidecar (in front of a second, identical redis-server); the replies
+//! must be identical byte for byte, and so must both servers' keyspaces
+//! afterwards (which db each write went to). Also the bugs of the session
+//! rework: each test here failed before it.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::AsyncCommands;
+use support::*;
+
+/// The HELLO map carries the connection's id, which differs between the
+/// two runs: replace the number after `id`.
+fn normalize(reply: &Bytes) -> Vec<u8> {
+    let mut out = reply.to_vec();
+    let pat = b"$2\r\nid\r\n:";
+    let mut from = 0;
+    while let Some(at) = out[from..].windows(pat.len()).position(|w| w == pat) {
+        let start = from + at + pat.len();
+        let end = start + out[start..].iter().position(|&b| b == b'\r').unwrap();
+        out.splice(start..end, b"ID".iter().copied());
+        from = start;
+    }
+    out
+}
+
+/// Run `script` on a fresh connection to `addr`; one reply per command
+/// (each command here has exactly one).
+async fn run(addr: std::net::SocketAddr, script: &[Vec<&[u8]>]) -> Vec<Vec<u8>> {
+    let mut c = Raw::connect(addr).await;
+    let mut out = Vec::new();
+    for cmd in script {
+        out.push(normalize(&c.call(cmd).await));
+    }
+    out
+}
+
+/// Every key of dbs 0..4, with its db.
+async fn keyspace(r: &RedisServer) -> Vec<(i64, String)> {
+    let mut c = r.direct().await;
+    let mut out = Vec::new();
+    for db in 0..4 {
+        let _: () = redis::cmd("SELECT")
+            .arg(db)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = c.keys("*").await.unwrap();
+        keys.sort();
+        out.extend(keys.into_iter().map(|k| (db, k)));
+    }
+    let _: () = redis::cmd("SELECT")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    out
+}
+
+async fn reset(r: &RedisServer) {
+    let mut c = r.direct().await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_commands_in_every_mode_match_redis() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    for r in [&direct, &behind] {
+        let mut c = r.direct().await;
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "u", "on", ">p", "~*", "&*", "+@all"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let s = sidecar(&behind).await;
+    let states: [(&str, Vec<&[u8]>); 6] = [
+        ("select", vec![b"SELECT", b"2"]),
+        ("auth", vec![b"AUTH", b"u", b"p"]),
+        ("hello3", vec![b"HELLO", b"3"]),
+        ("hello2-auth", vec![b"HELLO", b"2", b"AUTH", b"u", b"p"]),
+        ("setname", vec![b"CLIENT", b"SETNAME", b"x"]),
+        ("reset", vec![b"RESET"]),
+    ];
+    type Script = Vec<Vec<&'static [u8]>>;
+    let modes: [(&str, Script, Script); 6] = [
+        ("normal", vec![], vec![]),
+        (
+            "watching",
+            vec![vec![b"WATCH", b"w"]],
+            vec![vec![b"MULTI"], vec![b"SET", b"in-tx", b"1"], vec![b"EXEC"]],
+        ),
+        ("multi", vec![vec![b"MULTI"]], vec![vec![b"EXEC"]]),
+        (
+            "watch-multi",
+            vec![vec![b"WATCH", b"w"], vec![b"MULTI"]],
+            vec![vec![b"SET", b"in-tx", b"1"], vec![b"EXEC"]],
+        ),
+        (
+            "tracking",
+            vec![vec![b"CLIENT", b"TRACKING", b"on"]],
+            vec![],
+        ),
+        (
+            "subscribed",
+            vec![vec![b"SUBSCRIBE", b"ch"]],
+            vec![vec![b"PING"]],
+        ),
+    ];
+    let probes: Script = vec![
+        vec![b"SET", b"probe", b"v"],
+        vec![b"HGETALL", b"nokey"],
+        vec![b"ACL", b"WHOAMI"],
+        vec![b"CLIENT", b"GETNAME"],
+        vec![b"ECHO", b"end"],
+    ];
+    let mut cases = 0;
+    for proto in [2, 3] {
+        for (mode, before, after) in &modes {
+            for (state, cmd) in &states {
+                let mut script: Script = Vec::new();
+                if proto == 3 {
+                    script.push(vec![b"HELLO", b"3"]);
+                }
+                script.extend(before.iter().cloned());
+                script.push(cmd.clone());
+                script.extend(after.iter().cloned());
+                script.extend(probes.iter().cloned());
+                reset(&direct).await;
+                reset(&behind).await;
+                let want = run(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], direct.port)),
+                    &script,
+                )
+                .await;
+                let got = run(s.addr, &script).await;
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert_eq!(
+                        String::from_utf8_lossy(g),
+                        String::from_utf8_lossy(w),
+                        "RESP{proto}, mode {mode}, {state}: reply {i} to {:?}",
+                        String::from_utf8_lossy(&script[i].concat())
+                    );
+                }
+                assert_eq!(
+                    keyspace(&behind).await,
+                    keyspace(&direct).await,
+                    "RESP{proto}, mode {mode}, {state}: keyspace"
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 72);
+}
+
+/// The bugs reported against the session: each of these failed before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_and_hello_while_watching_reach_the_dedicated_connection() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let mut a = Raw::connect(s.addr).await;
+    assert_eq!(&a.call(&[b"WATCH", b"k"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"SELECT", b"2"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"SET", b"k", b"v"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&a.call(&[b"EXEC"]).await[..], b"*1\r\n+OK\r\n");
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SELECT")
+        .arg(2)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let v: Option<String> = d.get("k").await.unwrap();
+    assert_eq!(v.as_deref(), Some("v"), "k must be written to db 2");
+
+    let mut b = Raw::connect(s.addr).await;
+    assert_eq!(&b.call(&[b"WATCH", b"k"]).await[..], b"+OK\r\n");
+    assert!(b.call(&[b"HELLO", b"3"]).await.starts_with(b"%7"));
+    assert_eq!(&b.call(&[b"HGETALL", b"nokey"]).await[..], b"%0\r\n");
+
+    // SELECT -1 as Redis answers it.
+    assert_eq!(
+        &b.call(&[b"SELECT", b"-1"]).await[..],
+        b"-ERR DB index is out of range\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_inside_multi_keeps_the_url_credentials_and_db() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let s = sidecar_with(config(&url), Default::default()).await;
+    let mut a = Raw::connect(s.addr).await;
+    assert_eq!(&a.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"SET", b"gone", b"1"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&a.call(&[b"RESET"]).await[..], b"+RESET\r\n");
+    assert!(
+        a.call(&[b"EXEC"])
+            .await
+            .starts_with(b"-ERR EXEC without MULTI")
+    );
+    assert_eq!(
+        &a.call(&[b"SET", b"after-reset", b"1"]).await[..],
+        b"+OK\r\n"
+    );
+    // AUTH while watching changes the user of the dedicated connection.
+    assert_eq!(&a.call(&[b"WATCH", b"w"]).await[..], b"+OK\r\n");
+    assert_eq!(
+        &a.call(&[b"ACL", b"SETUSER", b"u", b"on", b">p", b"~*", b"+@all"])
+            .await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(&a.call(&[b"AUTH", b"u", b"p"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.call(&[b"ACL", b"WHOAMI"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&a.call(&[b"EXEC"]).await[..], b"*1\r\n$1\r\nu\r\n");
+    let mut d = redis::Client::open(format!("{url}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let v: Option<String> = d.get("after-reset").await.unwrap();
+    assert_eq!(v.as_deref(), Some("1"), "written to the URL's db 3");
+    let gone: i64 = d.exists("gone").await.unwrap();
+    assert_eq!(gone, 0);
+}
+
+/// `CLIENT LIST` field `key` of the line whose id is `id`.
+fn field(list: &str, id: i64, key: &str) -> Option<String> {
+    let line = list.lines().find(|l| l.starts_with(&format!("id={id} ")))?;
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_family_describes_the_sidecars_clients() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    // `cmd=` names commands as the learned table does.
+    assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
+    let mut a = client(&s).await;
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["SETNAME", "x"])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(field(&list, id, "name").as_deref(), Some("x"), "{list}");
+    assert_eq!(field(&list, id, "db").as_deref(), Some("1"), "{list}");
+    assert_eq!(
+        field(&list, id, "laddr").as_deref(),
+        Some(s.addr.to_string().as_str())
+    );
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert!(info.starts_with(&format!("id={id} ")), "{info}");
+    assert_eq!(field(&info, id, "cmd").as_deref(), Some("client|info"));
+    let only: String = redis::cmd("CLIENT")
+        .arg(&["LIST", "ID"])
+        .arg(id)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(only.lines().count(), 1);
+
+    // KILL by id, by address (old and new form), SKIPME, USER, MAXAGE.
+    let mut victims = Vec::new();
+    for _ in 0..4 {
+        let mut v = Raw::connect(s.addr).await;
+        let vid = v.call(&[b"CLIENT", b"ID"]).await;
+        let vid: i64 = std::str::from_utf8(&vid[1..vid.len() - 2])
+            .unwrap()
+            .parse()
+            .unwrap();
+        victims.push((v, vid));
+    }
+    let n: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "ID"])
+        .arg(victims[0].1)
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(victims[0].0.closed().await);
+    let addr = victims[1].0.stream.local_addr().unwrap().to_string();
+    let ok: String = redis::cmd("CLIENT")
+        .arg(&["KILL", &addr])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(ok, "OK");
+    assert!(victims[1].0.closed().await);
+    let addr = victims[2].0.stream.local_addr().unwrap().to_string();
+    let n: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "ADDR", &addr, "SKIPME", "yes"])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(victims[2].0.closed().await);
+    let r: redis::RedisResult<String> = redis::cmd("CLIENT")
+        .arg(&["KILL", "127.0.0.1:1"])
+        .query_async(&mut a)
+        .await;
+    assert!(r.unwrap_err().to_string().contains("No such client"));
+    // USER (unauthenticated clients are `default`, as on Redis) and
+    // MAXAGE, skipping ourselves: the last victim.
+    let n: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "default", "MAXAGE", "0"])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(victims[3].0.closed().await);
+    let n: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "nobody"])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let mut last = Raw::connect(s.addr).await;
+    assert_eq!(&last.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let n: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "LADDR", &s.addr.to_string()])
+        .query_async(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(last.closed().await);
+    // We are still here.
+    let pong: String = redis::cmd("PING").query_async(&mut a).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_unblock_and_tracking_redirect_name_sidecar_clients() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let mut blocked = Raw::connect(s.addr).await;
+    let id = blocked.call(&[b"CLIENT", b"ID"]).await;
+    let id = &id[1..id.len() - 2];
+    blocked.cmd(&[b"BLPOP", b"never", b"0"]).await;
+    let mut a = Raw::connect(s.addr).await;
+    // Not blocked yet, or blocked: poll until Redis has it blocked.
+    assert!(
+        eventually(|| async {
+            let mut d = redis.direct().await;
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut d)
+                .await
+                .unwrap();
+            info.contains("blocked_clients:1")
+        })
+        .await
+    );
+    assert_eq!(&a.call(&[b"CLIENT", b"UNBLOCK", id]).await[..], b":1\r\n");
+    assert_eq!(&blocked.read().await[..], b"*-1\r\n");
+    // Not blocked any more.
+    assert_eq!(&a.call(&[b"CLIENT", b"UNBLOCK", id]).await[..], b":0\r\n");
+    blocked.cmd(&[b"BLPOP", b"never", b"0"]).await;
+    assert!(
+        eventually(|| async {
+            let mut d = redis.direct().await;
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut d)
+                .await
+                .unwrap();
+            info.contains("blocked_clients:1")
+        })
+        .await
+    );
+    assert_eq!(
+        &a.call(&[b"CLIENT", b"UNBLOCK", id, b"ERROR"]).await[..],
+        b":1\r\n"
+    );
+    assert!(blocked.read().await.starts_with(b"-UNBLOCKED"));
+
+    // TRACKING REDIRECT to another sidecar client that listens on
+    // __redis__:invalidate (RESP2).
+    let mut listener = Raw::connect(s.addr).await;
+    let lid = listener.call(&[b"CLIENT", b"ID"]).await;
+    let lid = lid[1..lid.len() - 2].to_vec();
+    listener.cmd(&[b"SUBSCRIBE", b"__redis__:invalidate"]).await;
+    assert!(listener.read().await.windows(9).any(|w| w == b"subscribe"));
+    let mut t = Raw::connect(s.addr).await;
+    assert_eq!(
+        &t.call(&[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", &lid])
+            .await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(&t.call(&[b"GET", b"tracked"]).await[..], b"$-1\r\n");
+    let mut w = client(&s).await;
+    let _: () = w.set("tracked", "new").await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), listener.read())
+        .await
+        .unwrap();
+    assert!(msg.windows(7).any(|x| x == b"tracked"), "{msg:?}");
+    // A client without an upstream connection of its own, or none at all:
+    // Redis's answer.
+    let mut plain = Raw::connect(s.addr).await;
+    let pid = plain.call(&[b"CLIENT", b"ID"]).await;
+    for target in [&pid[1..pid.len() - 2], &b"999999"[..]] {
+        assert_eq!(
+            &t.call(&[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", target])
+                .await[..],
+            b"-ERR The client ID you want redirect to does not exist\r\n"
+        );
+    }
+}
