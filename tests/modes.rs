@@ -221,7 +221,7 @@ async fn reset_inside_multi_keeps_the_url_credentials_and_db() {
     assert_eq!(&a.call(&[b"MULTI"]).await[..], b"+OK\r\n");
     assert_eq!(&a.call(&[b"ACL", b"WHOAMI"]).await[..], b"+QUEUED\r\n");
     assert_eq!(&a.call(&[b"EXEC"]).await[..], b"*1\r\n$1\r\nu\r\n");
-    let mut d = redis::Client::open(format!("{url}"))
+    let mut d = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
