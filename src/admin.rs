@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::control::Control;
 use crate::metrics::Metrics;
@@ -39,6 +40,7 @@ pub async fn serve(
     control: Arc<Control>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     loop {
@@ -56,7 +58,7 @@ pub async fn serve(
             continue;
         };
         let (pool, control, metrics) = (pool.clone(), control.clone(), metrics.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _ = handle(stream, &pool, &control, &metrics).await;
             drop(permit);
         });
@@ -172,7 +174,7 @@ async fn handle(
                 .await
                 {
                     Ok(Ok(msg)) => (200, true, msg),
-                    Ok(Err(e)) => (400, false, e),
+                    Ok(Err(e)) => (400, false, e.to_string()),
                     Err(_) => (500, false, "reload failed".to_string()),
                 },
             };

@@ -5,14 +5,30 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
-use crate::policy::Policies;
+use crate::policy::{Policies, PolicyErrors};
 use crate::upstream::failover::Upstreams;
 
 /// Produces the configuration to reload (the binary re-reads its file and
 /// applies its command-line overrides).
 pub type Loader = Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no configuration source to reload (started without --config)")]
+    NoSource,
+    /// The file could not be read or parsed.
+    #[error("{0:#}")]
+    Load(anyhow::Error),
+    #[error(transparent)]
+    Invalid(#[from] ConfigErrors),
+    #[error("these settings cannot change without a restart: {}", .0.join(", "))]
+    RestartNeeded(Vec<&'static str>),
+    #[error(transparent)]
+    Policy(#[from] PolicyErrors),
+}
 
 pub struct Control {
     pub ups: Arc<Upstreams>,
@@ -49,7 +65,7 @@ impl Control {
     }
 
     /// Reload; `Ok` says what changed, `Err` why nothing did.
-    pub fn reload(&self) -> Result<String, String> {
+    pub fn reload(&self) -> Result<String, ReloadError> {
         let result = self.try_reload();
         self.metrics.config_reload(result.is_ok());
         match &result {
@@ -61,24 +77,18 @@ impl Control {
         result
     }
 
-    fn try_reload(&self) -> Result<String, String> {
-        let loader = self
-            .loader
-            .as_ref()
-            .ok_or("no configuration source to reload (started without --config)")?;
-        let config = loader().map_err(|e| format!("{e:#}"))?;
-        let v = config.validate().map_err(|e| e.to_string())?;
+    fn try_reload(&self) -> Result<String, ReloadError> {
+        let loader = self.loader.as_ref().ok_or(ReloadError::NoSource)?;
+        let config = loader().map_err(ReloadError::Load)?;
+        let v = config.validate()?;
         let mut current = self.lock();
         let fixed = current.restart_needed(&v.config);
         if !fixed.is_empty() {
-            return Err(format!(
-                "these settings cannot change without a restart: {}",
-                fixed.join(", ")
-            ));
+            return Err(ReloadError::RestartNeeded(fixed));
         }
         // Policies first: their errors refuse the reload before anything
         // changed.
-        let stages = self.policies.apply(&v.config).map_err(|e| e.to_string())?;
+        let stages = self.policies.apply(&v.config)?;
         let names: Vec<&str> = v.upstreams.iter().map(|u| u.name.as_str()).collect();
         let msg = format!(
             "upstreams in priority order: {}; policy stages: {}",

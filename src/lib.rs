@@ -47,6 +47,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Validated;
 use crate::control::{Control, Loader};
@@ -69,6 +70,10 @@ pub struct Sidecar {
     pub control: Arc<Control>,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
+    /// Every task but the server's sessions (which the server tracks):
+    /// endpoint checkers, upstream connections, admin connections, the
+    /// command-table learner.
+    tasks: TaskTracker,
     grace: Duration,
 }
 
@@ -100,14 +105,15 @@ impl Sidecar {
             max_reply_bulk: (512usize << 20).max(c.limits.max_bulk.as_usize()),
         };
         let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
         let ups = Upstreams::start(
             v.upstreams.clone(),
             c.failover.clone(),
             settings.clone(),
             metrics.clone(),
             shutdown.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?;
+            tasks.clone(),
+        )?;
         let policies = Policies::new(builder, c)?;
         let control = Control::new(
             ups.clone(),
@@ -122,6 +128,7 @@ impl Sidecar {
             c.pool.shared_connections.get(),
             c.pool.max_identities.get(),
             metrics.clone(),
+            tasks.clone(),
         );
         let admin_addr = match v.admin_listen {
             Some(a) => {
@@ -129,18 +136,19 @@ impl Sidecar {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin): {e}"))?;
                 let admin_addr = l.local_addr()?;
-                tokio::spawn(admin::serve(
+                tasks.spawn(admin::serve(
                     l,
                     pool.clone(),
                     control.clone(),
                     metrics.clone(),
                     shutdown.clone(),
+                    tasks.clone(),
                 ));
                 Some(admin_addr)
             }
             None => None,
         };
-        tokio::spawn(learn_commands(pool.clone(), shutdown.clone()));
+        tasks.spawn(learn_commands(pool.clone(), shutdown.clone()));
         let limits = SessionLimits {
             frame: protocol::Limits {
                 max_bulk: c.limits.max_bulk.as_usize(),
@@ -168,6 +176,7 @@ impl Sidecar {
             control,
             shutdown,
             server,
+            tasks,
             grace: c.timeouts.shutdown_grace,
         })
     }
@@ -177,25 +186,49 @@ impl Sidecar {
         self.shutdown.clone()
     }
 
-    /// Stop accepting, let in-flight requests finish within the grace
-    /// period, and return `true` if every client session drained in time.
+    /// Stop: no new clients, in-flight requests finish within the grace
+    /// period, then every task ends; `true` if every client session
+    /// drained in time.
     pub async fn shutdown(self) -> bool {
         self.shutdown.cancel();
         self.wait().await
     }
 
     /// Wait for the sidecar to stop (after its token was cancelled).
+    ///
+    /// Shutdown paths: the token stops the accept loops (clients, admin),
+    /// the endpoint checkers and the command-table learner; the server
+    /// tells each session to stop reading, and each answers what it read
+    /// (its dedicated connection ends with it). Once the sessions are gone
+    /// (or the grace period is over and they are aborted), the shared
+    /// connections' channels are dropped, so their managers end; then every
+    /// tracked task is awaited, within what is left of the grace period.
     pub async fn wait(self) -> bool {
         self.shutdown.cancelled().await;
+        let deadline = tokio::time::Instant::now() + self.grace;
         let mut server = self.server;
-        match tokio::time::timeout(self.grace, &mut server).await {
+        let drained = match tokio::time::timeout_at(deadline, &mut server).await {
             Ok(_) => true,
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "shutdown grace period over, closing remaining clients");
                 server.abort();
+                let _ = server.await;
                 false
             }
+        };
+        self.pool.close();
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "tasks still running after the grace period"
+            );
+            return false;
         }
+        drained
     }
 }
 

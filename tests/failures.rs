@@ -235,6 +235,12 @@ async fn shutdown_drains_in_flight_requests() {
     slow.cmd(&[b"SET", b"drained", b"yes"]).await;
     let mut blocked = Raw::connect(addr).await;
     blocked.cmd(&[b"BLPOP", b"q", b"0.7"]).await;
+    // Clients holding dedicated connections.
+    let mut sub = Raw::connect(addr).await;
+    sub.cmd(&[b"SUBSCRIBE", b"ch"]).await;
+    sub.read().await;
+    let mut tx = Raw::connect(addr).await;
+    assert_eq!(&tx.call(&[b"MULTI"]).await[..], b"+OK\r\n");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let start = Instant::now();
     let stopper = tokio::spawn(s.shutdown());
@@ -252,6 +258,21 @@ async fn shutdown_drains_in_flight_requests() {
         .await
         .unwrap();
     assert_eq!(v, "yes");
+    // Every task ended: no upstream connection of the sidecar is left
+    // (shared, dedicated, health checks), only this direct one.
+    let mut left = String::new();
+    for _ in 0..250 {
+        left = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut direct)
+            .await
+            .unwrap();
+        if left.lines().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left.lines().count(), 1, "upstream connections left: {left}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

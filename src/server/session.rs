@@ -1567,9 +1567,17 @@ mod tests {
             settings.clone(),
             metrics.clone(),
             tokio_util::sync::CancellationToken::new(),
+            Default::default(),
         )
         .unwrap();
-        let pool = crate::upstream::pool::Pool::new(ups, settings, 1, 1, metrics.clone());
+        let pool = crate::upstream::pool::Pool::new(
+            ups,
+            settings,
+            1,
+            1,
+            metrics.clone(),
+            Default::default(),
+        );
         let limits = super::super::SessionLimits {
             frame: crate::protocol::Limits::default(),
             max_inflight: 16,

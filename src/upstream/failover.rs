@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::conn::{self, ConnSettings};
 use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
@@ -68,6 +69,8 @@ pub struct Upstreams {
     /// Wakes the supervisor when some endpoint's health changed.
     changed: Notify,
     shutdown: CancellationToken,
+    /// Every task of the endpoints (checkers, sentinel listeners).
+    tasks: TaskTracker,
 }
 
 /// Why a switch happened (the `reason` label of `failovers_total`).
@@ -79,6 +82,13 @@ pub mod reason {
     pub const SENTINEL: &str = "sentinel_switch_master";
 }
 
+/// Why the endpoints could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error("no upstream configured")]
+    NoEndpoint,
+}
+
 impl Upstreams {
     /// Start checking `specs` (priority order; the first is active).
     pub fn start(
@@ -87,12 +97,16 @@ impl Upstreams {
         settings: ConnSettings,
         metrics: Metrics,
         shutdown: CancellationToken,
-    ) -> Result<Arc<Upstreams>, String> {
+        tasks: TaskTracker,
+    ) -> Result<Arc<Upstreams>, FailoverError> {
         let endpoints: Vec<Arc<Endpoint>> = specs
             .into_iter()
             .map(|s| Arc::new(Endpoint::new(s)))
             .collect();
-        let first = endpoints.first().cloned().ok_or("no upstream configured")?;
+        let first = endpoints
+            .first()
+            .cloned()
+            .ok_or(FailoverError::NoEndpoint)?;
         let active = Active {
             endpoint: first,
             generation: 1,
@@ -112,12 +126,13 @@ impl Upstreams {
             metrics,
             changed: Notify::new(),
             shutdown,
+            tasks,
         });
         for e in &endpoints {
             ups.spawn_endpoint_tasks(e);
         }
         ups.publish_active_metric();
-        tokio::spawn(ups.clone().supervise());
+        ups.tasks.spawn(ups.clone().supervise());
         Ok(ups)
     }
 
@@ -149,9 +164,9 @@ impl Upstreams {
     }
 
     fn spawn_endpoint_tasks(self: &Arc<Self>, e: &Arc<Endpoint>) {
-        tokio::spawn(self.clone().check_loop(e.clone()));
+        self.tasks.spawn(self.clone().check_loop(e.clone()));
         if matches!(e.spec.target, Target::Sentinel(_)) {
-            tokio::spawn(self.clone().watch_sentinels(e.clone()));
+            self.tasks.spawn(self.clone().watch_sentinels(e.clone()));
         }
     }
 

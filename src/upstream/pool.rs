@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use super::conn::{self, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
@@ -44,6 +45,8 @@ pub struct Pool {
     table_generation: AtomicU64,
     server_version: Mutex<String>,
     metrics: Metrics,
+    /// Every connection task (shared managers, dedicated connections).
+    tasks: TaskTracker,
 }
 
 /// The shared connections of one identity; a client always uses the same
@@ -82,6 +85,7 @@ impl Pool {
         per_identity: usize,
         max_identities: usize,
         metrics: Metrics,
+        tasks: TaskTracker,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             ups,
@@ -93,6 +97,7 @@ impl Pool {
             table_generation: AtomicU64::new(0),
             server_version: Mutex::new(String::new()),
             metrics,
+            tasks,
         })
     }
 
@@ -158,7 +163,8 @@ impl Pool {
         let mut conns = Vec::with_capacity(self.per_identity);
         for _ in 0..self.per_identity {
             let (tx, rx) = mpsc::channel(SHARED_QUEUE);
-            tokio::spawn(self.clone().manage(ident.clone(), first.take(), rx));
+            self.tasks
+                .spawn(self.clone().manage(ident.clone(), first.take(), rx));
             conns.push(tx);
         }
         let set = Arc::new(SharedSet { conns });
@@ -309,7 +315,7 @@ impl Pool {
         let holds_state = Arc::new(AtomicBool::new(false));
         let alive = Arc::new(AtomicBool::new(true));
         let (hs, al, pool) = (holds_state.clone(), alive.clone(), self.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut backlog = VecDeque::new();
             let end = pool
                 .serve(
@@ -400,6 +406,12 @@ impl Pool {
             .await
             .map_err(|_| UpstreamError::Timeout)??;
         replies.pop().ok_or(UpstreamError::ConnectionLost)
+    }
+
+    /// Shutdown, once no session is left: drop every shared connection's
+    /// job channel, so each manager writes what it holds and ends.
+    pub fn close(&self) {
+        self.lock_shared().clear();
     }
 
     /// How many shared connection sets exist (one per identity).
