@@ -7,7 +7,11 @@ scenario, the median throughput and p50/p99 latency of each target as a
 ratio to direct Redis, plus the proxy's CPU time per operation (from
 /proc/<pid>/stat) and the RSS of each proxy holding 10,000 idle clients.
 
-Usage: benches/e2e.sh [--rounds N] [--requests N]   (installs what it needs)
+Usage: benches/e2e.sh [--rounds N] [--requests N] [--baseline BIN]   (installs what it needs)
+
+With --baseline, a second sidecar binary runs as a fourth target in the
+same rounds (A/B of a change: both against one Redis, interleaved), and
+the sidecar is reported against it as medians of per-round ratios.
 """
 
 import argparse
@@ -100,6 +104,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
+    ap.add_argument("--baseline", help="another redis-sidecar binary (e.g. built from an earlier "
+                    "commit), run in the same interleaved rounds: prints this sidecar against it")
     args = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
@@ -119,6 +125,15 @@ def main():
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "RUST_LOG": "warn"})
         procs.append(sidecar)
+        baseline = None
+        if args.baseline:
+            bport, baport = free_port(), free_port()
+            baseline = subprocess.Popen([args.baseline, "--listen", f"127.0.0.1:{bport}", "--admin-listen",
+                                         f"127.0.0.1:{baport}", "--upstream", f"redis://127.0.0.1:{rport}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "RUST_LOG": "warn"})
+            procs.append(baseline)
+            wait_port(bport)
         conf = os.path.join(tmp, "nutcracker.yml")
         with open(conf, "w") as f:
             f.write(f"bench:\n  listen: 127.0.0.1:{tport}\n  hash: fnv1a_64\n  distribution: ketama\n"
@@ -129,6 +144,8 @@ def main():
         wait_port(sport)
         wait_port(tport)
         targets = [("direct", rport, None), ("sidecar", sport, sidecar.pid), ("twemproxy", tport, twem.pid)]
+        if baseline:
+            targets.append(("baseline", bport, baseline.pid))
 
         results = {}  # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op)
         for rnd in range(args.rounds):
@@ -157,7 +174,7 @@ def main():
         for name, *_ in SCENARIOS:
             for test in ("SET", "GET"):
                 med = {}
-                for tname, *_ in targets:
+                for tname, *_ in targets[:3]:
                     vals = results.get((name, tname, test), [])
                     med[tname] = tuple(statistics.median(v[i] for v in vals) for i in range(4))
                 d, s, t = med["direct"], med["sidecar"], med["twemproxy"]
@@ -180,6 +197,17 @@ def main():
                 rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, t_vals))
                 cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, t_vals))
                 print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
+        if baseline:
+            print("\nsidecar / baseline, median of the per-round ratios (rps > 1: faster; CPU < 1: cheaper)\n")
+            print("| scenario | test | rps | CPU per op |")
+            print("|---|---|---|---|")
+            for name, *_ in SCENARIOS:
+                for test in ("SET", "GET"):
+                    s_vals = results.get((name, "sidecar", test), [])
+                    b_vals = results.get((name, "baseline", test), [])
+                    rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, b_vals))
+                    cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, b_vals))
+                    print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
               f"twemproxy {rss['twemproxy']:.1f} MiB")
     finally:

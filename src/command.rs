@@ -58,6 +58,9 @@ struct KeySpec {
     find: Find,
     /// RW, OW or RM: the key is written (or removed).
     write: bool,
+    /// OW, or RW with INSERT or UPDATE: the command may leave the key
+    /// holding what it wrote (not a key it only deletes or pops from).
+    stores: bool,
 }
 
 /// One entry of the table.
@@ -82,9 +85,18 @@ pub struct KeyRef {
     /// Index into the command's arguments (0 is the name).
     pub index: usize,
     pub write: bool,
+    /// The command may leave the key holding what it wrote (see
+    /// `KeySpec::stores`): the keys TTL policies apply to.
+    pub stores: bool,
 }
 
 impl CommandInfo {
+    /// Some key spec says the command may leave a key holding what it
+    /// wrote (EVAL's declared keys too, though EVAL is not flagged write).
+    pub fn may_store(&self) -> bool {
+        self.key_specs.iter().any(|s| s.stores)
+    }
+
     /// Keys of this invocation, from key specs. Specs Redis itself marks
     /// unknown (SORT BY/STORE, MIGRATE KEYS) yield nothing here.
     pub fn keys(&self, args: &[Bytes]) -> Vec<KeyRef> {
@@ -146,6 +158,7 @@ impl CommandInfo {
                 out.push(KeyRef {
                     index: i as usize,
                     write: spec.write,
+                    stores: spec.stores,
                 });
                 i += step as i64;
             }
@@ -260,6 +273,37 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
     }
 }
 
+/// Write commands that only delete or pop, for tables without Redis 7 key
+/// spec flags (the built-in one, Redis 6).
+const DELETE_ONLY: &[&str] = &[
+    "del",
+    "unlink",
+    "getdel",
+    "lpop",
+    "rpop",
+    "spop",
+    "srem",
+    "hdel",
+    "lrem",
+    "ltrim",
+    "zrem",
+    "zpopmin",
+    "zpopmax",
+    "zremrangebyscore",
+    "zremrangebyrank",
+    "zremrangebylex",
+    "xdel",
+    "xtrim",
+    "blpop",
+    "brpop",
+    "bzpopmin",
+    "bzpopmax",
+    "lmpop",
+    "blmpop",
+    "zmpop",
+    "bzmpop",
+];
+
 /// The command table: learned entries plus the built-in fallback.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -366,6 +410,7 @@ impl Table {
                         limit: 0,
                     },
                     write: flags.write,
+                    stores: flags.write && !DELETE_ONLY.contains(&name),
                 }]
             };
             commands.insert(
@@ -535,6 +580,7 @@ fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
                     limit: 0,
                 },
                 write: flags.write,
+                stores: flags.write && !DELETE_ONLY.contains(&name.as_str()),
             });
         }
     }
@@ -565,7 +611,9 @@ fn parse_spec(spec: &[OwnedFrame]) -> Option<KeySpec> {
         .iter()
         .filter_map(text)
         .collect();
-    let write = flags.iter().any(|f| f == "rw" || f == "ow" || f == "rm");
+    let has = |f: &str| flags.iter().any(|x| x == f);
+    let write = has("rw") || has("ow") || has("rm");
+    let stores = has("ow") || (has("rw") && (has("insert") || has("update")));
     let bs = list(field(spec, "begin_search")?);
     let bs_spec = field(bs, "spec").map(list).unwrap_or(&[]);
     let begin = match field(bs, "type").and_then(text).as_deref() {
@@ -595,7 +643,12 @@ fn parse_spec(spec: &[OwnedFrame]) -> Option<KeySpec> {
         },
         _ => Find::Unknown,
     };
-    Some(KeySpec { begin, find, write })
+    Some(KeySpec {
+        begin,
+        find,
+        write,
+        stores,
+    })
 }
 
 #[cfg(test)]

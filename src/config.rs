@@ -39,6 +39,44 @@ pub struct Config {
     pub log: LogConfig,
     /// Commands refused to clients (a policy stage; reloads live).
     pub access: AccessConfig,
+    /// Key-pattern TTL rules, first match wins (a policy stage; reloads
+    /// live).
+    pub ttl: Vec<TtlRule>,
+}
+
+/// `[[ttl]]`: the lifetime of keys matching `pattern`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlRule {
+    /// A Redis glob (`session:*`, `feed:user:?*`, `[a-z]*`), on raw bytes.
+    pub pattern: String,
+    /// The rule's name in metrics and logs (default: the pattern).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A write that leaves a matching key with no TTL gives it this one.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub default: Option<Duration>,
+    /// No matching key may live longer: longer TTLs are clamped.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max: Option<Duration>,
+    /// `enforce`, or `observe` (count what would change, change nothing).
+    #[serde(default)]
+    pub mode: RuleMode,
+}
+
+impl TtlRule {
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.pattern)
+    }
+}
+
+/// Whether a policy rule acts or only counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleMode {
+    #[default]
+    Enforce,
+    Observe,
 }
 
 /// `[access]`: commands and ACL categories clients may not run, refused
@@ -214,6 +252,7 @@ impl Default for Config {
             timeouts: TimeoutsConfig::default(),
             pool: PoolConfig::default(),
             access: AccessConfig::default(),
+            ttl: Vec::new(),
             log: LogConfig::default(),
         }
     }
@@ -315,6 +354,10 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
         .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// Every problem found in a configuration, reported together.

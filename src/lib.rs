@@ -5,28 +5,42 @@
 //!
 //! 1. [`server`] accepts clients (connection cap) and runs one
 //!    [`server::session`] per client: its connection state (protocol, db,
-//!    user, name, transaction, subscriptions).
+//!    user, name) and its mode (normal, pinned, watching, transaction,
+//!    streaming), with the transitions in one place. [`server::clients`]
+//!    is the registry of live clients the CLIENT family works on.
 //! 2. [`protocol::scan`] frames requests with a resumable scanner that keeps
 //!    the bytes that arrived; limits are checked before anything is buffered.
 //! 3. [`command`] classifies each command (keys, write flag, blocking,
 //!    pub/sub, transaction, connection state) from the table learned from
 //!    the upstream's `COMMAND`, with a built-in fallback.
-//! 4. [`policy`] runs the policy stages, which may answer, rewrite, or add
-//!    commands whose replies the sidecar consumes.
-//! 5. [`upstream`] routes: stateless commands to shared, auto-pipelined
-//!    connections keyed by (protocol, db, user) ([`upstream::pool`]); a
-//!    client holding state to its own dedicated connection. Replies are
-//!    matched to requests in FIFO order ([`upstream::conn`]).
-//! 6. Replies complete their entries in the client's output queue
-//!    ([`output`]) and are written, in request order, by whichever side
-//!    completed them: usually the upstream connection that read them, once
-//!    per read, without a hop through the session's task.
+//! 4. The session makes one [`exchange::Exchange`] per command (the request
+//!    record) and runs the [`policy`] chain on it, whatever path the
+//!    command then takes: stages may answer, refuse, delay, rewrite, append
+//!    commands whose replies are consumed, or register a reply action. The
+//!    chain is built from the configuration and swapped on reload
+//!    ([`policy::Policies`]).
+//! 5. Connection-state commands are answered by the session (and applied
+//!    on the client's dedicated connection when it holds state there);
+//!    the rest goes [`upstream`]: stateless commands to shared,
+//!    auto-pipelined connections keyed by (protocol, db, user)
+//!    ([`upstream::pool`]); a client holding state to its own dedicated
+//!    connection. The exchange travels with the command ([`upstream::Job`])
+//!    and the connection matches replies to exchanges in FIFO order
+//!    ([`upstream::conn`]).
+//! 6. The connection applies the exchange to the replies (appended
+//!    replies consumed, EXEC array rebuilt, reply actions run) and
+//!    completes the client's entry in its output queue ([`output`]); the
+//!    ready replies are written, in request order, by whichever side
+//!    completed them: usually that upstream connection, once per read,
+//!    without a hop through the session's task.
 //!
 //! Around it: [`config`] (TOML, `${ENV}`, validation), [`control`]
-//! (reload), [`metrics`] (Prometheus registry) and [`admin`] (`/metrics`,
-//! `/healthz`, `/readyz`, `/upstreams`, `/reload`). Which endpoint is
-//! active, and failover between them, is [`upstream::failover`].
-//! [`Sidecar::start`] wires it all together; tests use it on port 0.
+//! (reload of upstreams and policies), [`metrics`] (Prometheus registry)
+//! and [`admin`] (`/metrics`, `/healthz`, `/readyz`, `/upstreams`,
+//! `/reload`). Which endpoint is active, and failover between them, is
+//! [`upstream::failover`]. [`Sidecar::start`] wires it all together and
+//! tracks every task it spawns, so [`Sidecar::shutdown`] ends them all;
+//! tests use it on port 0.
 
 pub mod admin;
 pub mod command;
@@ -114,7 +128,7 @@ impl Sidecar {
             shutdown.clone(),
             tasks.clone(),
         )?;
-        let policies = Policies::new(builder, c)?;
+        let policies = Policies::new(builder, c, metrics.clone())?;
         let control = Control::new(
             ups.clone(),
             policies.clone(),

@@ -36,6 +36,9 @@ struct Inner {
     config_reloads: IntCounterVec,
     check_duration: HistogramVec,
     protocol_errors: IntCounterVec,
+    ttl_enforced: IntCounterVec,
+    ttl_append_errors: IntCounterVec,
+    access_denied: IntCounterVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -136,8 +139,35 @@ impl Metrics {
             &["kind"],
         )
         .expect("static metric");
+        let ttl_enforced = IntCounterVec::new(
+            Opts::new(
+                "ttl_enforced_total",
+                "TTL policy actions, by rule and action (default|clamp|observe)",
+            ),
+            &["rule", "action"],
+        )
+        .expect("static metric");
+        let ttl_append_errors = IntCounterVec::new(
+            Opts::new(
+                "ttl_append_errors_total",
+                "Error replies to the PEXPIRE a TTL rule appended (never shown to clients)",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
+        let access_denied = IntCounterVec::new(
+            Opts::new(
+                "access_denied_total",
+                "Commands refused by the [access] stage, by command",
+            ),
+            &["command"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ttl_enforced.clone()),
+            Box::new(ttl_append_errors.clone()),
+            Box::new(access_denied.clone()),
             Box::new(duration.clone()),
             Box::new(client_connections.clone()),
             Box::new(clients_rejected.clone()),
@@ -164,8 +194,27 @@ impl Metrics {
             config_reloads,
             check_duration,
             protocol_errors,
+            ttl_enforced,
+            ttl_append_errors,
+            access_denied,
             by_command: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// `ttl_enforced_total{rule, action}` (rules are bounded by the
+    /// configuration).
+    pub fn ttl_enforced(&self, rule: &str, action: &str) -> IntCounter {
+        self.0.ttl_enforced.with_label_values(&[rule, action])
+    }
+
+    pub fn ttl_append_errors(&self, rule: &str) -> IntCounter {
+        self.0.ttl_append_errors.with_label_values(&[rule])
+    }
+
+    /// `access_denied_total{command}`: `command` is a name of the command
+    /// table or `other`.
+    pub fn access_denied(&self, command: &str) -> IntCounter {
+        self.0.access_denied.with_label_values(&[command])
     }
 
     /// Handles for a command label (`other` for commands the table lacks).

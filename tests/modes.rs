@@ -434,3 +434,48 @@ async fn client_unblock_and_tracking_redirect_name_sidecar_clients() {
         );
     }
 }
+
+/// A state command pipelined behind a blocking command waits for it, as on
+/// Redis: the blocking command's connection is not closed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_commands_pipelined_behind_a_blocking_command_wait_for_it() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let mut a = Raw::connect(s.addr).await;
+    let mut batch = Vec::new();
+    for c in [
+        &[&b"BLPOP"[..], b"q", b"0"][..],
+        &[b"CLIENT", b"SETNAME", b"after"],
+        &[b"SELECT", b"1"],
+        &[b"SET", b"in-db1", b"1"],
+    ] {
+        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(c));
+    }
+    a.send(&batch).await;
+    assert!(
+        eventually(|| async {
+            let mut d = redis.direct().await;
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut d)
+                .await
+                .unwrap();
+            info.contains("blocked_clients:1")
+        })
+        .await
+    );
+    let mut b = client(&s).await;
+    let _: () = b.rpush("q", "job").await.unwrap();
+    assert_eq!(&a.read().await[..], b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n");
+    assert_eq!(&a.read().await[..], b"+OK\r\n");
+    assert_eq!(&a.read().await[..], b"+OK\r\n");
+    assert_eq!(&a.read().await[..], b"+OK\r\n");
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let n: i64 = d.exists("in-db1").await.unwrap();
+    assert_eq!(n, 1);
+}

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::{Ctx, PolicyError, Stage, Verdict};
 use crate::config::AccessConfig;
 use crate::exchange::Exchange;
+use crate::metrics::Metrics;
 
 /// Redis 7's ACL categories.
 const CATEGORIES: &[&str] = &[
@@ -90,11 +91,15 @@ impl Rule {
 pub struct Access {
     deny: Vec<Rule>,
     allow: Vec<Rule>,
+    metrics: Metrics,
 }
 
 impl Access {
     /// `None` when nothing is restricted (no stage at all).
-    pub fn from_config(c: &AccessConfig) -> Result<Option<Access>, Vec<PolicyError>> {
+    pub fn from_config(
+        c: &AccessConfig,
+        metrics: &Metrics,
+    ) -> Result<Option<Access>, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut parse = |field: &'static str, list: &[String]| {
             list.iter()
@@ -117,7 +122,11 @@ impl Access {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok((!deny.is_empty() || !allow.is_empty()).then_some(Access { deny, allow }))
+        Ok((!deny.is_empty() || !allow.is_empty()).then(|| Access {
+            deny,
+            allow,
+            metrics: metrics.clone(),
+        }))
     }
 }
 
@@ -140,6 +149,11 @@ impl Stage for Access {
         if allowed && !denied {
             return Verdict::Continue;
         }
+        // Bounded label: a table name, or `other` for unknown commands.
+        let label = ctx
+            .info
+            .map_or("other", |i| i.name.split('|').next().unwrap_or("other"));
+        self.metrics.access_denied(label).inc();
         Verdict::Refuse(Bytes::from(format!(
             "-NOPERM this user has no permissions to run the '{name}' command\r\n"
         )))

@@ -18,6 +18,8 @@
 //! session, so they must be cheap and must not block.
 
 pub mod access;
+pub mod glob;
+pub mod ttl;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use bytes::Bytes;
 use crate::command::CommandInfo;
 use crate::config::Config;
 pub use crate::exchange::{Exchange, ReplyAction};
+use crate::metrics::Metrics;
 use crate::protocol::Proto;
 
 /// What the client holds, as a stage sees it.
@@ -125,6 +128,8 @@ pub enum PolicyError {
         index: usize,
         reason: access::AccessError,
     },
+    #[error("ttl[{index}]: {reason}")]
+    Ttl { index: usize, reason: ttl::TtlError },
 }
 
 /// Every policy error of a configuration.
@@ -133,8 +138,8 @@ pub enum PolicyError {
 pub struct PolicyErrors(pub Vec<PolicyError>);
 
 /// Builds the chain from the configuration, in the order of the request
-/// flow (access, then the stages an embedder adds: tests, later the rate
-/// limit, cache and TTL stages).
+/// flow: access, TTL, then the stages an embedder adds (tests). The rate
+/// limit and cache stages will go between access and TTL.
 #[derive(Clone, Default)]
 pub struct Builder {
     extra: Vec<Arc<dyn Stage>>,
@@ -151,16 +156,21 @@ impl Builder {
     /// Validate the policy sections (every error).
     pub fn check(c: &Config) -> Result<(), crate::config::ConfigErrors> {
         Builder::default()
-            .build(c)
+            .build(c, &Metrics::new())
             .map(|_| ())
             .map_err(|e| crate::config::ConfigErrors(e.0.iter().map(ToString::to_string).collect()))
     }
 
-    pub fn build(&self, c: &Config) -> Result<Chain, PolicyErrors> {
+    pub fn build(&self, c: &Config, metrics: &Metrics) -> Result<Chain, PolicyErrors> {
         let mut errors = Vec::new();
         let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
-        match access::Access::from_config(&c.access) {
+        match access::Access::from_config(&c.access, metrics) {
             Ok(Some(a)) => stages.push(Arc::new(a)),
+            Ok(None) => {}
+            Err(e) => errors.extend(e),
+        }
+        match ttl::Ttl::from_config(&c.ttl, metrics) {
+            Ok(Some(t)) => stages.push(Arc::new(t)),
             Ok(None) => {}
             Err(e) => errors.extend(e),
         }
@@ -177,15 +187,21 @@ impl Builder {
 /// generation (one atomic load) per command, as they do the command table.
 pub struct Policies {
     builder: Builder,
+    metrics: Metrics,
     current: RwLock<Arc<Chain>>,
     generation: AtomicU64,
 }
 
 impl Policies {
-    pub fn new(builder: Builder, config: &Config) -> Result<Arc<Policies>, PolicyErrors> {
-        let chain = builder.build(config)?;
+    pub fn new(
+        builder: Builder,
+        config: &Config,
+        metrics: Metrics,
+    ) -> Result<Arc<Policies>, PolicyErrors> {
+        let chain = builder.build(config, &metrics)?;
         Ok(Arc::new(Policies {
             builder,
+            metrics,
             current: RwLock::new(Arc::new(chain)),
             generation: AtomicU64::new(0),
         }))
@@ -205,7 +221,7 @@ impl Policies {
     /// Build the chain for `config` and swap it in; on error the running
     /// chain stays.
     pub fn apply(&self, config: &Config) -> Result<Vec<&'static str>, PolicyErrors> {
-        let chain = Arc::new(self.builder.build(config)?);
+        let chain = Arc::new(self.builder.build(config, &self.metrics)?);
         let names = chain.names();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = chain;
         self.generation.fetch_add(1, Ordering::AcqRel);

@@ -358,7 +358,7 @@ impl Session {
                 client = self.id,
                 "client left while blocked: closing its upstream connection"
             );
-            self.drop_dedicated();
+            self.drop_dedicated(true);
         }
     }
 
@@ -611,18 +611,27 @@ impl Session {
             ) => {
                 // Answered by the sidecar at queue time; the answer takes
                 // its place in the EXEC array.
-                let v = self.client_command(l, ex.args()).await;
-                let answer = match v {
-                    Answer::Now(v) => v.encode(self.proto),
-                    Answer::Upstream(_) => Value::Int(0).encode(self.proto),
-                };
-                if let Mode::Transaction(tx) = &mut self.mode {
-                    tx.items.push(TxItem::Answered(answer));
-                    tx.rebuild = true;
+                let args = ex.args().to_vec();
+                match self.client_command(l, &args).await {
+                    // Queued upstream with the id mapped (CLIENT UNBLOCK).
+                    Answer::Upstream(args) => {
+                        ex.rewrite(args);
+                        None
+                    }
+                    Answer::Now(v) => {
+                        if let Mode::Transaction(tx) = &mut self.mode {
+                            tx.items.push(TxItem::Answered(v.encode(self.proto)));
+                            tx.rebuild = true;
+                        }
+                        self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                            .await;
+                        if std::mem::take(&mut self.kill_self) {
+                            self.close().await;
+                            return Flow::Stop;
+                        }
+                        return Flow::Go;
+                    }
                 }
-                self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
-                    .await;
-                return Flow::Go;
             }
             Class::Local(Local::Select) => ex
                 .args()
@@ -906,9 +915,16 @@ impl Session {
         }
     }
 
-    fn drop_dedicated(&mut self) {
+    /// Forget the dedicated connection. It lives on while `last_tx` holds
+    /// it (replies of commands already sent there, a blocking command
+    /// pipelined before this one, still come back) and closes when the
+    /// client's next command moves elsewhere; `now` closes it at once
+    /// (the client left, or a RESET must stop a stream of messages).
+    fn drop_dedicated(&mut self, now: bool) {
+        if now {
+            self.last_tx = None;
+        }
         self.dedicated = None;
-        self.last_tx = None;
         self.entry.upstream_id.store(-1, Ordering::Release);
     }
 
@@ -922,7 +938,7 @@ impl Session {
                 self.client.kill.cancel();
                 return Err(UpstreamError::ConnectionLost);
             }
-            self.drop_dedicated();
+            self.drop_dedicated(false);
         }
         let oob = Oob(self.client.clone());
         let pool = self.shared.pool.clone();
@@ -1099,7 +1115,7 @@ impl Session {
     fn identity_changed(&mut self) {
         self.shared_set = None;
         if !self.holds_state() {
-            self.drop_dedicated();
+            self.drop_dedicated(false);
         }
     }
 
@@ -1288,8 +1304,10 @@ impl Session {
             }
             Local::Reset => {
                 // Closing the dedicated connection ends MULTI, WATCH,
-                // subscriptions and tracking upstream; the rest is ours.
-                self.drop_dedicated();
+                // subscriptions and tracking upstream; the rest is ours. A
+                // stream stops at once: no message may follow +RESET.
+                let streaming = matches!(self.mode, Mode::Streaming(_));
+                self.drop_dedicated(streaming);
                 self.shared_set = None;
                 self.proto = Proto::Resp2;
                 self.db = DEFAULT_DB;
@@ -1326,7 +1344,7 @@ impl Session {
                 self.name = (!name.is_empty()).then_some(name);
                 if !self.holds_state() {
                     // A new dedicated connection takes the new name.
-                    self.drop_dedicated();
+                    self.drop_dedicated(false);
                 }
                 self.reply(Value::Simple("OK"), metrics).await;
                 Flow::Go
@@ -1342,13 +1360,11 @@ impl Session {
                 match self.client_command(local, &args).await {
                     Answer::Now(v) => self.reply(v, metrics).await,
                     Answer::Upstream(args) => {
+                        // Any connection can unblock another: the shared
+                        // one (a streaming connection matches no reply).
                         let mut ex = ex;
                         ex.rewrite(args);
-                        let target = match self.mode {
-                            Mode::Normal => Target::Shared,
-                            _ => Target::Dedicated,
-                        };
-                        return self.send_job(target, ex, false, metrics).await;
+                        return self.send_job(Target::Shared, ex, false, metrics).await;
                     }
                 }
                 if std::mem::take(&mut self.kill_self) {
@@ -1587,6 +1603,7 @@ mod tests {
         let policies = crate::policy::Policies::new(
             crate::policy::Builder::default(),
             &crate::config::Config::default(),
+            metrics.clone(),
         )
         .unwrap();
         let shared = super::super::Shared::new(pool, policies, metrics, limits);

@@ -13,6 +13,35 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
 
+/// Why TLS settings could not be loaded, or a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls_ca_file {path}: {source}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("tls_ca_file {path}: no PEM certificate in it")]
+    CaFileEmpty { path: String },
+    #[error("tls_ca_file {path}: {source}")]
+    CaCert {
+        path: String,
+        #[source]
+        source: tokio_rustls::rustls::Error,
+    },
+    #[error("no trusted root certificates (no system roots and no tls_ca_file)")]
+    NoRoots,
+    #[error("tls_server_name {0:?} is not a valid DNS name or IP")]
+    ServerName(String),
+    #[error("{0:?} is not a valid TLS server name")]
+    HostName(String),
+    #[error("TLS setup: {0}")]
+    Setup(#[source] tokio_rustls::rustls::Error),
+    #[error("TLS handshake: {0}")]
+    Handshake(#[source] std::io::Error),
+}
+
 /// One endpoint's TLS settings, loaded and ready to connect with.
 #[derive(Clone)]
 pub struct TlsSettings {
@@ -42,7 +71,7 @@ impl fmt::Debug for TlsSettings {
 
 impl TlsSettings {
     /// Load the roots; errors name the file and the reason.
-    pub fn new(ca_file: Option<&str>, server_name: Option<&str>) -> Result<TlsSettings, String> {
+    pub fn new(ca_file: Option<&str>, server_name: Option<&str>) -> Result<TlsSettings, TlsError> {
         let mut roots = RootCertStore::empty();
         // System roots (honours SSL_CERT_FILE / SSL_CERT_DIR). Unreadable
         // entries are skipped: a CA file may be all that is needed.
@@ -50,31 +79,37 @@ impl TlsSettings {
         roots.add_parsable_certificates(native.certs);
         let mut extra = Vec::new();
         if let Some(path) = ca_file {
+            let pem = |source| TlsError::CaFile {
+                path: path.to_string(),
+                source,
+            };
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("tls_ca_file {path}: {e}"))?
+                .map_err(pem)?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("tls_ca_file {path}: {e}"))?;
+                .map_err(pem)?;
             if certs.is_empty() {
-                return Err(format!("tls_ca_file {path}: no PEM certificate in it"));
+                return Err(TlsError::CaFileEmpty {
+                    path: path.to_string(),
+                });
             }
             for c in &certs {
-                roots
-                    .add(c.clone())
-                    .map_err(|e| format!("tls_ca_file {path}: {e}"))?;
+                roots.add(c.clone()).map_err(|source| TlsError::CaCert {
+                    path: path.to_string(),
+                    source,
+                })?;
             }
             extra = certs;
         }
         if roots.is_empty() {
-            return Err("no trusted root certificates (no system roots and no tls_ca_file)".into());
+            return Err(TlsError::NoRoots);
         }
         if let Some(n) = server_name {
-            ServerName::try_from(n.to_string())
-                .map_err(|_| format!("tls_server_name {n:?} is not a valid DNS name or IP"))?;
+            ServerName::try_from(n.to_string()).map_err(|_| TlsError::ServerName(n.to_string()))?;
         }
         let provider = Arc::new(crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(TlsError::Setup)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(TlsSettings {
@@ -91,13 +126,13 @@ impl TlsSettings {
         &self,
         host: &str,
         tcp: TcpStream,
-    ) -> Result<TlsStream<TcpStream>, String> {
+    ) -> Result<TlsStream<TcpStream>, TlsError> {
         let name = self.server_name.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(name.to_string())
-            .map_err(|_| format!("{name:?} is not a valid TLS server name"))?;
+            .map_err(|_| TlsError::HostName(name.to_string()))?;
         TlsConnector::from(self.config.clone())
             .connect(server_name, tcp)
             .await
-            .map_err(|e| format!("TLS handshake: {e}"))
+            .map_err(TlsError::Handshake)
     }
 }

@@ -109,9 +109,31 @@ impl fmt::Display for Target {
     }
 }
 
+/// Why an upstream URL was refused. No variant carries any part of the
+/// URL: the text may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("must start with redis://, rediss:// or redis-sentinel://")]
+    Scheme,
+    #[error("missing master name (redis-sentinel://host:port/master_name)")]
+    MissingMaster,
+    #[error("missing host")]
+    MissingHost,
+    #[error("unclosed [ in host")]
+    UnclosedBracket,
+    #[error("invalid port")]
+    InvalidPort,
+    #[error("invalid database number")]
+    InvalidDb,
+    #[error("invalid percent-encoding in user")]
+    UserEncoding,
+    #[error("invalid percent-encoding in password")]
+    PasswordEncoding,
+}
+
 impl Target {
     /// Parse any supported URL; the error never contains the password.
-    pub fn parse(s: &str) -> Result<Target, String> {
+    pub fn parse(s: &str) -> Result<Target, UrlError> {
         if let Some(rest) = s.strip_prefix("redis-sentinel://") {
             let (user, password, hosts, path) = split_url(rest)?;
             let mut sentinels = Vec::new();
@@ -121,7 +143,7 @@ impl Target {
             let mut parts = path.splitn(2, '/');
             let master = parts.next().unwrap_or("");
             if master.is_empty() {
-                return Err("missing master name (redis-sentinel://host:port/master_name)".into());
+                return Err(UrlError::MissingMaster);
             }
             Ok(Target::Sentinel(SentinelUrl {
                 sentinels,
@@ -156,7 +178,7 @@ impl Target {
 /// `(user, password, hosts, path)` of `[user:password@]hosts[/path]`.
 type UrlParts<'a> = (Option<String>, Option<Secret>, &'a str, &'a str);
 
-fn split_url(rest: &str) -> Result<UrlParts<'_>, String> {
+fn split_url(rest: &str) -> Result<UrlParts<'_>, UrlError> {
     let rest = rest.split(['?', '#']).next().unwrap_or("");
     let (auth, hostpart) = match rest.rfind('@') {
         Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
@@ -173,11 +195,9 @@ fn split_url(rest: &str) -> Result<UrlParts<'_>, String> {
                 Some(i) => (&a[..i], Some(&a[i + 1..])),
                 None => (a, None),
             };
-            let u = percent_decode(u).ok_or("invalid percent-encoding in user")?;
+            let u = percent_decode(u).ok_or(UrlError::UserEncoding)?;
             let p = match p {
-                Some(p) => Some(Secret(
-                    percent_decode(p).ok_or("invalid percent-encoding in password")?,
-                )),
+                Some(p) => Some(Secret(percent_decode(p).ok_or(UrlError::PasswordEncoding)?)),
                 None => None,
             };
             ((!u.is_empty()).then_some(u), p.filter(|p| !p.0.is_empty()))
@@ -186,10 +206,10 @@ fn split_url(rest: &str) -> Result<UrlParts<'_>, String> {
     Ok((user, password, hosts, path))
 }
 
-fn parse_host_port(hostport: &str, default_port: u16) -> Result<(String, u16), String> {
+fn parse_host_port(hostport: &str, default_port: u16) -> Result<(String, u16), UrlError> {
     let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
         // [ipv6]:port
-        let end = h.find(']').ok_or("unclosed [ in host")?;
+        let end = h.find(']').ok_or(UrlError::UnclosedBracket)?;
         let port = h[end + 1..].strip_prefix(':').unwrap_or("");
         (&h[..end], port)
     } else {
@@ -199,25 +219,24 @@ fn parse_host_port(hostport: &str, default_port: u16) -> Result<(String, u16), S
         }
     };
     if host.is_empty() {
-        return Err("missing host".into());
+        return Err(UrlError::MissingHost);
     }
     let port = if port.is_empty() {
         default_port
     } else {
-        port.parse::<u16>()
-            .map_err(|_| "invalid port".to_string())?
+        port.parse::<u16>().map_err(|_| UrlError::InvalidPort)?
     };
     Ok((host.to_string(), port))
 }
 
-fn parse_db(path: &str) -> Result<i64, String> {
+fn parse_db(path: &str) -> Result<i64, UrlError> {
     if path.is_empty() {
         return Ok(0);
     }
     path.parse::<i64>()
         .ok()
         .filter(|d| *d >= 0)
-        .ok_or_else(|| "invalid database number".to_string())
+        .ok_or(UrlError::InvalidDb)
 }
 
 /// `host:port`, with brackets around an IPv6 address.
@@ -231,13 +250,13 @@ pub fn host_port(host: &str, port: u16) -> String {
 
 impl UpstreamUrl {
     /// Parse `redis://` or `rediss://`; the error never contains the password.
-    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
+    pub fn parse(s: &str) -> Result<UpstreamUrl, UrlError> {
         let (tls, rest) = if let Some(r) = s.strip_prefix("redis://") {
             (false, r)
         } else if let Some(r) = s.strip_prefix("rediss://") {
             (true, r)
         } else {
-            return Err("must start with redis://, rediss:// or redis-sentinel://".into());
+            return Err(UrlError::Scheme);
         };
         let (user, password, hostport, path) = split_url(rest)?;
         let (host, port) = parse_host_port(hostport, 6379)?;
@@ -291,6 +310,7 @@ mod tests {
         assert!(
             UpstreamUrl::parse("redis://x:pw@h:notaport")
                 .unwrap_err()
+                .to_string()
                 .find("pw")
                 .is_none()
         );
