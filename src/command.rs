@@ -77,6 +77,34 @@ pub struct CommandInfo {
     /// This command's metric handles, resolved on first use (one atomic
     /// load per request after that).
     pub metrics: OnceLock<Arc<CommandMetrics>>,
+    /// The name's interned id ([`interned`]): what a client's last command
+    /// is recorded as (one atomic store per command).
+    pub id: u32,
+}
+
+/// Command names seen in any table, each stored once for the life of the
+/// process (bounded: they come from the upstream's command table).
+static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+/// The id of a command name, interning it on first sight.
+pub fn intern(name: &str) -> u32 {
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(i) = names.iter().position(|n| *n == name) {
+        return i as u32;
+    }
+    names.push(Box::leak(name.to_string().into_boxed_str()));
+    (names.len() - 1) as u32
+}
+
+/// The name of an interned id.
+pub fn interned(id: u32) -> Option<&'static str> {
+    NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(id as usize)
+        .copied()
 }
 
 /// A key argument of one command.
@@ -416,6 +444,7 @@ impl Table {
             commands.insert(
                 name.to_string(),
                 Arc::new(CommandInfo {
+                    id: intern(name),
                     name: name.to_string(),
                     arity,
                     flags,
@@ -594,6 +623,7 @@ fn add_entry(out: &mut HashMap<String, Arc<CommandInfo>>, e: &OwnedFrame) {
     out.insert(
         full.clone(),
         Arc::new(CommandInfo {
+            id: intern(&full),
             name: full,
             arity,
             flags,

@@ -51,9 +51,16 @@ pub struct Exchange {
     /// The bytes to send for the command: as they arrived, or re-encoded
     /// after a rewrite.
     raw: Bytes,
-    appended: Vec<Bytes>,
     /// Upstream replies that belong to the exchange (set when sent).
     replies: u32,
+    /// What stages and transactions add; boxed, as most commands have
+    /// none and the exchange is moved through the connection's FIFO.
+    more: Option<Box<More>>,
+}
+
+#[derive(Default)]
+struct More {
+    appended: Vec<Bytes>,
     action: Option<Arc<dyn ReplyAction>>,
     /// For an EXEC: the transaction's items, to rebuild its array.
     exec: Option<Vec<TxItem>>,
@@ -65,7 +72,7 @@ impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exchange")
             .field("replies", &self.replies)
-            .field("appended", &self.appended.len())
+            .field("appended", &self.appended())
             .finish_non_exhaustive()
     }
 }
@@ -75,11 +82,8 @@ impl Exchange {
         Exchange {
             args,
             raw,
-            appended: Vec::new(),
             replies: 1,
-            action: None,
-            exec: None,
-            tee: None,
+            more: None,
         }
     }
 
@@ -92,6 +96,10 @@ impl Exchange {
                 .map(|a| Bytes::copy_from_slice(a.as_ref()))
                 .collect(),
         )
+    }
+
+    fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_with(Box::default)
     }
 
     pub fn args(&self) -> &[Bytes] {
@@ -109,36 +117,36 @@ impl Exchange {
     /// reply is consumed by the sidecar (inside MULTI: its `QUEUED` and
     /// its EXEC element).
     pub fn append<A: AsRef<[u8]>>(&mut self, args: &[A]) {
-        self.appended.push(encode_command(args));
+        self.more().appended.push(encode_command(args));
     }
 
     pub fn appended(&self) -> usize {
-        self.appended.len()
+        self.more.as_ref().map_or(0, |m| m.appended.len())
     }
 
     /// Run `action` on the replies (see [`ReplyAction`]).
     pub fn on_reply(&mut self, action: Arc<dyn ReplyAction>) {
-        self.action = Some(action);
+        self.more().action = Some(action);
     }
 
     /// This command's place in a transaction (its QUEUED reply goes to the
     /// client, its appended commands' QUEUED replies are consumed).
     pub fn tx_item(&mut self) -> TxItem {
         TxItem::Queued {
-            appended: self.appended.len() as u32,
-            action: self.action.take(),
+            appended: self.appended() as u32,
+            action: self.more.as_mut().and_then(|m| m.action.take()),
         }
     }
 
     /// Rebuild the EXEC array from `items`.
     pub fn set_exec(&mut self, items: Vec<TxItem>) {
-        self.exec = Some(items);
+        self.more().exec = Some(items);
     }
 
     /// Send a copy of the client's reply (or its error) to the session.
     pub fn tee(&mut self) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
-        self.tee = Some(tx);
+        self.more().tee = Some(tx);
         rx
     }
 
@@ -147,11 +155,11 @@ impl Exchange {
     pub fn take_payload(&mut self) -> Bytes {
         self.args = Vec::new();
         let raw = std::mem::take(&mut self.raw);
-        self.replies = 1 + self.appended.len() as u32;
-        if self.appended.is_empty() {
-            return raw;
-        }
-        let appended = std::mem::take(&mut self.appended);
+        let appended = match self.more.as_mut() {
+            Some(m) if !m.appended.is_empty() => std::mem::take(&mut m.appended),
+            _ => return raw,
+        };
+        self.replies = 1 + appended.len() as u32;
         let mut out =
             BytesMut::with_capacity(raw.len() + appended.iter().map(Bytes::len).sum::<usize>());
         out.extend_from_slice(&raw);
@@ -164,7 +172,9 @@ impl Exchange {
     /// Only the command's bytes, for a connection that streams (where no
     /// reply of an appended command could be told from a message).
     pub fn take_command(&mut self) -> Bytes {
-        self.appended.clear();
+        if let Some(m) = self.more.as_mut() {
+            m.appended.clear();
+        }
         self.take_payload()
     }
 
@@ -176,7 +186,7 @@ impl Exchange {
     /// Upstream reply `index` arrived (see [`ReplyAction`]). Inside an
     /// EXEC the items' actions run in [`Exchange::finish`] instead.
     pub fn observe(&self, index: u32, reply: &Bytes) {
-        if let Some(a) = &self.action {
+        if let Some(a) = self.more.as_ref().and_then(|m| m.action.as_ref()) {
             a.on_reply(index, reply);
         }
     }
@@ -184,11 +194,14 @@ impl Exchange {
     /// The client's reply, from the command's own upstream reply: an EXEC
     /// array rebuilt from the transaction's items; the session's copy sent.
     pub fn finish(&mut self, reply: Bytes) -> Bytes {
-        let reply = match &self.exec {
+        let Some(m) = self.more.as_mut() else {
+            return reply;
+        };
+        let reply = match &m.exec {
             Some(items) => rebuild_exec(&reply, items),
             None => reply,
         };
-        if let Some(t) = self.tee.take() {
+        if let Some(t) = m.tee.take() {
             let _ = t.send(Ok(reply.clone()));
         }
         reply
@@ -196,7 +209,7 @@ impl Exchange {
 
     /// The exchange failed (never sent, or lost in flight).
     pub fn fail(&mut self, err: &crate::upstream::UpstreamError) {
-        if let Some(t) = self.tee.take() {
+        if let Some(t) = self.more.as_mut().and_then(|m| m.tee.take()) {
             let _ = t.send(Err(err.clone()));
         }
     }

@@ -8,18 +8,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::command::CommandInfo;
+use crate::command::interned;
 use crate::upstream::ClientShared;
 
-/// What a session publishes about itself (changed on state changes, and
-/// the last command on every command).
-#[derive(Clone, Debug)]
+/// What a session publishes about itself (on state changes).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     pub name: Option<Bytes>,
     /// The database the client is in (the URL's when it never selected).
@@ -63,7 +62,14 @@ pub struct ClientEntry {
     pub fd: i64,
     pub created: Instant,
     pub client: Arc<ClientShared>,
-    state: Mutex<(Published, Option<Arc<CommandInfo>>, Instant)>,
+    /// `None` while everything is at its default: 10,000 idle clients do
+    /// not each hold a full record.
+    state: Mutex<Option<Box<Published>>>,
+    /// The last command's interned name id (`u32::MAX`: none yet), and
+    /// when it came (ms after `created`): atomics, as they change on every
+    /// command.
+    last_cmd: AtomicU32,
+    last_active_ms: AtomicU64,
     /// See the session's `blocked_until`: blocked while fewer output
     /// entries are complete.
     pub blocked_until: AtomicU64,
@@ -79,37 +85,44 @@ impl ClientEntry {
         fd: i64,
         client: Arc<ClientShared>,
     ) -> ClientEntry {
-        let now = Instant::now();
         ClientEntry {
             id,
             peer,
             local,
             fd,
-            created: now,
+            created: Instant::now(),
             client,
-            state: Mutex::new((Published::default(), None, now)),
+            state: Mutex::new(None),
+            last_cmd: AtomicU32::new(u32::MAX),
+            last_active_ms: AtomicU64::new(0),
             blocked_until: AtomicU64::new(0),
             upstream_id: AtomicI64::new(-1),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, (Published, Option<Arc<CommandInfo>>, Instant)> {
+    fn lock(&self) -> MutexGuard<'_, Option<Box<Published>>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn publish(&self, p: Published) {
-        self.lock().0 = p;
-    }
-
-    /// A command was read (`cmd` is its table name).
-    pub fn touch(&self, cmd: Option<Arc<CommandInfo>>) {
-        let mut s = self.lock();
-        s.1 = cmd;
-        s.2 = Instant::now();
+        let p = (p != Published::default()).then(|| Box::new(p));
+        *self.lock() = p;
     }
 
     pub fn published(&self) -> Published {
-        self.lock().0.clone()
+        self.lock().as_deref().cloned().unwrap_or_default()
+    }
+
+    /// A command was read (its interned name id).
+    pub fn touch_cmd(&self, id: u32) {
+        self.last_cmd.store(id, Ordering::Relaxed);
+    }
+
+    /// The client was active at `at`.
+    pub fn touch_time(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.created).as_millis();
+        self.last_active_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Blocked in a blocking command on its dedicated connection.
@@ -124,7 +137,12 @@ impl ClientEntry {
 
     /// Redis's `CLIENT LIST` line for this client.
     pub fn line(&self) -> String {
-        let (p, cmd, last) = self.lock().clone();
+        let p = self.published();
+        let cmd = interned(self.last_cmd.load(Ordering::Relaxed)).unwrap_or("NULL");
+        let age = self.created.elapsed();
+        let idle = age.saturating_sub(std::time::Duration::from_millis(
+            self.last_active_ms.load(Ordering::Relaxed),
+        ));
         let text = |b: &Option<Bytes>| {
             b.as_ref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
@@ -145,15 +163,15 @@ impl ClientEntry {
             self.local,
             self.fd,
             text(&p.name),
-            self.created.elapsed().as_secs(),
-            last.elapsed().as_secs(),
+            age.as_secs(),
+            idle.as_secs(),
             flags,
             p.db,
             p.sub,
             p.psub,
             p.ssub,
             p.multi,
-            cmd.as_ref().map_or("NULL", |c| c.name.as_str()),
+            cmd,
             p.user
                 .as_ref()
                 .map(|u| String::from_utf8_lossy(u).into_owned())
@@ -166,7 +184,7 @@ impl ClientEntry {
 
     /// The client's type for `TYPE` filters.
     fn kind(&self) -> &'static str {
-        if self.lock().0.flags.contains('P') {
+        if self.published().flags.contains('P') {
             "pubsub"
         } else {
             "normal"

@@ -396,6 +396,7 @@ impl Session {
 
     /// Queue a reply the sidecar made itself.
     async fn now(&mut self, reply: Bytes, metrics: Option<&CommandMetrics>) {
+        self.entry.touch_time(Instant::now());
         self.room().await;
         self.client.reply(reply, metrics);
     }
@@ -456,7 +457,9 @@ impl Session {
         let info = self.table.1.lookup(&req.args).cloned();
         let metrics = self.command_metrics(info.as_deref());
         let class = classify(&req.args, info.as_deref());
-        self.entry.touch(info.clone());
+        if let Some(i) = &info {
+            self.entry.touch_cmd(i.id);
+        }
         let mut ex = Exchange::new(req.raw, req.args);
         if !self.chain.1.is_empty()
             && let Some(flow) =
@@ -1010,6 +1013,7 @@ impl Session {
                 .store(self.queued, Ordering::Release);
         }
         let now = Instant::now();
+        self.entry.touch_time(now);
         let seq = self.client.expect(now, metrics.clone());
         let job = Job {
             payload: exchange.take_payload(),
@@ -1088,6 +1092,7 @@ impl Session {
         };
         self.barrier(&tx).await;
         metrics.ok.inc();
+        self.entry.touch_time(Instant::now());
         let job = Job {
             payload,
             kind,
