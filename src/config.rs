@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -62,6 +62,18 @@ pub struct TtlRule {
     /// `enforce`, or `observe` (count what would change, change nothing).
     #[serde(default)]
     pub mode: RuleMode,
+    /// Sweep the keyspace for this pattern at this many keys per second
+    /// (off when absent): catches keys written by scripts, other apps, or
+    /// before the rule existed.
+    #[serde(default)]
+    pub sweep_rate: Option<NonZeroU32>,
+    /// Pause between two sweeps of the keyspace.
+    #[serde(default = "default_sweep_every", deserialize_with = "de_duration")]
+    pub sweep_every: Duration,
+}
+
+fn default_sweep_every() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl TtlRule {

@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
-use crate::policy::{Policies, PolicyErrors};
+use crate::policy::{Policies, PolicyErrors, sweep};
 use crate::upstream::failover::Upstreams;
+use crate::upstream::pool::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Produces the configuration to reload (the binary re-reads its file and
 /// applies its command-line overrides).
@@ -33,6 +36,12 @@ pub enum ReloadError {
 pub struct Control {
     pub ups: Arc<Upstreams>,
     pub policies: Arc<Policies>,
+    pool: Arc<Pool>,
+    tasks: TaskTracker,
+    /// Stops the TTL sweepers of the running configuration (a child of
+    /// the shutdown token).
+    sweepers: Mutex<CancellationToken>,
+    shutdown: CancellationToken,
     metrics: Metrics,
     current: Mutex<Config>,
     loader: Option<Loader>,
@@ -40,14 +49,22 @@ pub struct Control {
 
 impl Control {
     pub fn new(
-        ups: Arc<Upstreams>,
+        pool: Arc<Pool>,
         policies: Arc<Policies>,
         metrics: Metrics,
         config: Config,
         loader: Option<Loader>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Arc<Control> {
+        let sweepers = shutdown.child_token();
+        sweep::start(&config.ttl, &pool, &metrics, &tasks, &sweepers);
         Arc::new(Control {
-            ups,
+            ups: pool.ups.clone(),
+            pool,
+            tasks,
+            sweepers: Mutex::new(sweepers),
+            shutdown,
             policies,
             metrics,
             current: Mutex::new(config),
@@ -101,6 +118,15 @@ impl Control {
         );
         self.ups
             .reconfigure(v.upstreams.clone(), v.config.failover.clone());
+        if current.ttl != v.config.ttl {
+            let next = self.shutdown.child_token();
+            sweep::start(&v.config.ttl, &self.pool, &self.metrics, &self.tasks, &next);
+            let old = std::mem::replace(
+                &mut *self.sweepers.lock().unwrap_or_else(PoisonError::into_inner),
+                next,
+            );
+            old.cancel();
+        }
         *current = v.config;
         Ok(msg)
     }

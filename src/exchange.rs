@@ -51,8 +51,6 @@ pub struct Exchange {
     /// The bytes to send for the command: as they arrived, or re-encoded
     /// after a rewrite.
     raw: Bytes,
-    /// Upstream replies that belong to the exchange (set when sent).
-    replies: u32,
     /// What stages and transactions add; boxed, as most commands have
     /// none and the exchange is moved through the connection's FIFO.
     more: Option<Box<More>>,
@@ -71,7 +69,6 @@ struct More {
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exchange")
-            .field("replies", &self.replies)
             .field("appended", &self.appended())
             .finish_non_exhaustive()
     }
@@ -82,7 +79,6 @@ impl Exchange {
         Exchange {
             args,
             raw,
-            replies: 1,
             more: None,
         }
     }
@@ -150,41 +146,77 @@ impl Exchange {
         rx
     }
 
-    /// The bytes to write upstream (the command, then the appended ones);
-    /// the exchange keeps only what the replies need.
-    pub fn take_payload(&mut self) -> Bytes {
-        self.args = Vec::new();
-        let raw = std::mem::take(&mut self.raw);
-        let appended = match self.more.as_mut() {
-            Some(m) if !m.appended.is_empty() => std::mem::take(&mut m.appended),
-            _ => return raw,
+    /// Ready to send: the bytes to write upstream (the command, then the
+    /// appended ones) and what travels with them to the connection.
+    pub fn send(self) -> (Bytes, ReplyPlan) {
+        let Exchange { raw, more, .. } = self;
+        let Some(mut more) = more else {
+            return (raw, ReplyPlan::single());
         };
-        self.replies = 1 + appended.len() as u32;
+        let appended = std::mem::take(&mut more.appended);
+        let plan = ReplyPlan {
+            count: 1 + appended.len() as u32,
+            more: Some(more),
+        };
+        if appended.is_empty() {
+            return (raw, plan);
+        }
         let mut out =
             BytesMut::with_capacity(raw.len() + appended.iter().map(Bytes::len).sum::<usize>());
         out.extend_from_slice(&raw);
         for e in &appended {
             out.extend_from_slice(e);
         }
-        out.freeze()
+        (out.freeze(), plan)
     }
 
     /// Only the command's bytes, for a connection that streams (where no
     /// reply of an appended command could be told from a message).
-    pub fn take_command(&mut self) -> Bytes {
-        if let Some(m) = self.more.as_mut() {
-            m.appended.clear();
+    pub fn into_command(self) -> Bytes {
+        self.raw
+    }
+
+    /// The exchange will not be sent: whoever waits for its reply learns.
+    pub fn fail(self, err: &crate::upstream::UpstreamError) {
+        let (_, mut plan) = self.send();
+        plan.fail(err);
+    }
+}
+
+/// The part of an [`Exchange`] that travels with the sent bytes to the
+/// upstream connection and decides what becomes of their replies. Two
+/// words for a plain command (no allocation).
+pub struct ReplyPlan {
+    /// Upstream replies that belong to the exchange; the first is the
+    /// client's.
+    count: u32,
+    more: Option<Box<More>>,
+}
+
+impl std::fmt::Debug for ReplyPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyPlan")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplyPlan {
+    /// One command, one reply, nothing else.
+    pub fn single() -> ReplyPlan {
+        ReplyPlan {
+            count: 1,
+            more: None,
         }
-        self.take_payload()
     }
 
     /// Upstream replies that belong to the exchange.
-    pub fn replies(&self) -> u32 {
-        self.replies
+    pub fn count(&self) -> u32 {
+        self.count
     }
 
     /// Upstream reply `index` arrived (see [`ReplyAction`]). Inside an
-    /// EXEC the items' actions run in [`Exchange::finish`] instead.
+    /// EXEC the items' actions run in [`ReplyPlan::finish`] instead.
     pub fn observe(&self, index: u32, reply: &Bytes) {
         if let Some(a) = self.more.as_ref().and_then(|m| m.action.as_ref()) {
             a.on_reply(index, reply);

@@ -129,13 +129,6 @@ impl Sidecar {
             tasks.clone(),
         )?;
         let policies = Policies::new(builder, c, metrics.clone())?;
-        let control = Control::new(
-            ups.clone(),
-            policies.clone(),
-            metrics.clone(),
-            c.clone(),
-            loader,
-        );
         let pool = Pool::new(
             ups,
             settings,
@@ -143,6 +136,15 @@ impl Sidecar {
             c.pool.max_identities.get(),
             metrics.clone(),
             tasks.clone(),
+        );
+        let control = Control::new(
+            pool.clone(),
+            policies.clone(),
+            metrics.clone(),
+            c.clone(),
+            loader,
+            tasks.clone(),
+            shutdown.clone(),
         );
         let admin_addr = match v.admin_listen {
             Some(a) => {

@@ -35,6 +35,23 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+enum Command {
+    /// Report, read-only, what the [[ttl]] rules would change: per rule,
+    /// keys sampled with SCAN, how many have no TTL, how many a TTL above
+    /// the max (on the first upstream endpoint).
+    TtlAudit {
+        /// Keys to sample per rule and database.
+        #[arg(long, default_value_t = 10_000)]
+        sample: u64,
+        /// Databases to look at (default: the endpoint URL's).
+        #[arg(long)]
+        db: Vec<i64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +70,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::TtlAudit { sample, db }) = &cli.command {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("redis-sidecar: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(ttl_audit(&validated, *sample, db)) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("redis-sidecar: ttl-audit: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.check_config {
         let ups: Vec<String> = validated
             .upstreams
@@ -95,6 +134,59 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ttl-audit`: sample each rule's keys on the first endpoint.
+async fn ttl_audit(
+    v: &redis_sidecar::config::Validated,
+    sample: u64,
+    dbs: &[i64],
+) -> anyhow::Result<String> {
+    use redis_sidecar::upstream::{conn, endpoint::Endpoint, pool::ControlConn};
+    let spec = v
+        .upstreams
+        .first()
+        .cloned()
+        .context("no upstream configured")?;
+    let endpoint = Endpoint::new(spec);
+    let t = &v.config.timeouts;
+    let settings = conn::ConnSettings {
+        connect_timeout: t.connect,
+        command_timeout: t.command,
+        queue_timeout: t.queue,
+        max_reply_bulk: 512 << 20,
+    };
+    let ident = redis_sidecar::upstream::Identity {
+        proto: redis_sidecar::protocol::Proto::Resp2,
+        db: redis_sidecar::upstream::DEFAULT_DB,
+        auth: None,
+    };
+    let connected = conn::connect(&endpoint, &ident, None, &settings).await?;
+    let mut c = ControlConn::new(
+        connected,
+        settings.max_reply_bulk,
+        settings.command_timeout,
+        0,
+    );
+    let dbs = if dbs.is_empty() {
+        vec![endpoint.db()]
+    } else {
+        dbs.to_vec()
+    };
+    let mut out = format!(
+        "TTL audit of {} (read-only; up to {sample} keys per rule and db)\n\n",
+        endpoint.spec.target
+    );
+    out.push_str("| db | rule | sampled | no TTL | TTL above max | a rule would change |\n|---|---|---|---|---|---|\n");
+    for db in dbs {
+        for r in redis_sidecar::policy::sweep::audit(&mut c, &v.config.ttl, db, sample).await? {
+            out.push_str(&format!(
+                "| {db} | {} | {} | {} | {} | {} |\n",
+                r.rule, r.sampled, r.no_ttl, r.above_max, r.would_change
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {

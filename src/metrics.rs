@@ -39,6 +39,8 @@ struct Inner {
     ttl_enforced: IntCounterVec,
     ttl_append_errors: IntCounterVec,
     access_denied: IntCounterVec,
+    ttl_sweep_scanned: IntCounterVec,
+    ttl_sweep_passes: IntCounterVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -163,8 +165,26 @@ impl Metrics {
             &["command"],
         )
         .expect("static metric");
+        let ttl_sweep_scanned = IntCounterVec::new(
+            Opts::new(
+                "ttl_sweep_keys_scanned_total",
+                "Keys the TTL sweeper looked at, by rule",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
+        let ttl_sweep_passes = IntCounterVec::new(
+            Opts::new(
+                "ttl_sweep_passes_total",
+                "Complete walks of the keyspace by the TTL sweeper, by rule",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ttl_sweep_scanned.clone()),
+            Box::new(ttl_sweep_passes.clone()),
             Box::new(ttl_enforced.clone()),
             Box::new(ttl_append_errors.clone()),
             Box::new(access_denied.clone()),
@@ -197,6 +217,8 @@ impl Metrics {
             ttl_enforced,
             ttl_append_errors,
             access_denied,
+            ttl_sweep_scanned,
+            ttl_sweep_passes,
             by_command: Mutex::new(HashMap::new()),
         }))
     }
@@ -209,6 +231,14 @@ impl Metrics {
 
     pub fn ttl_append_errors(&self, rule: &str) -> IntCounter {
         self.0.ttl_append_errors.with_label_values(&[rule])
+    }
+
+    pub fn ttl_sweep_scanned(&self, rule: &str) -> IntCounter {
+        self.0.ttl_sweep_scanned.with_label_values(&[rule])
+    }
+
+    pub fn ttl_sweep_passes(&self, rule: &str) -> IntCounter {
+        self.0.ttl_sweep_passes.with_label_values(&[rule])
     }
 
     /// `access_denied_total{command}`: `command` is a name of the command

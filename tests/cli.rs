@@ -195,3 +195,63 @@ async fn sighup_reloads_endpoints_and_refuses_a_broken_config() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_audit_reports_what_the_rules_would_change_and_changes_nothing() {
+    let redis = RedisServer::start();
+    let mut d = redis.direct().await;
+    for k in ["a:1", "a:2", "a:3"] {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("v")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg("a:long")
+        .arg("v")
+        .arg("EX")
+        .arg(100_000)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("a:ok")
+        .arg("v")
+        .arg("EX")
+        .arg(10)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("b:x")
+        .arg("v")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sidecar-audit-{}", redis.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    write_config(
+        &file,
+        "[[ttl]]\npattern = \"a:*\"\nname = \"a\"\ndefault = \"1m\"\nmax = \"1h\"\n[[ttl]]\npattern = \"*\"\nname = \"rest\"\n",
+        &[("r", &redis)],
+    );
+    let out = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "ttl-audit"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // a: 5 keys, 3 without TTL, 1 above the max, 4 would change; the
+    // catch-all exempt rule sees only b:x (a:* matched first).
+    assert!(text.contains("| 0 | a | 5 | 3 | 1 | 4 |"), "{text}");
+    assert!(text.contains("| 0 | rest | 1 | 1 | 0 | 0 |"), "{text}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("a:1")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "read-only");
+}

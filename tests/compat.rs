@@ -99,3 +99,58 @@ async fn python_redis_py_resp3_and_resp2() {
         .await
         .unwrap();
 }
+
+/// The typical app's patterns under TTL rules (compat/node/ttl.mjs): the
+/// rules of that script's header, with BullMQ's keys exempt, then under a
+/// catch-all default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs npm packages: run by scripts/test.sh after it installs them"]
+async fn node_apps_under_ttl_rules() {
+    use redis_sidecar::config::{RuleMode, TtlRule};
+    use std::time::Duration;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/node");
+    assert!(
+        dir.join("node_modules/bullmq").exists(),
+        "run `npm ci` in compat/node (scripts/test.sh does)"
+    );
+    let h = Duration::from_secs(3600);
+    let rule = |pattern: &str, default: Option<Duration>, max: Option<Duration>| TtlRule {
+        pattern: pattern.into(),
+        name: None,
+        default,
+        max,
+        mode: RuleMode::Enforce,
+        sweep_rate: None,
+        sweep_every: Duration::from_secs(600),
+    };
+    for mode in ["exempt", "catchall"] {
+        let redis = RedisServer::start();
+        let mut cfg = config(&redis.url());
+        cfg.ttl = vec![
+            rule("sess:*", Some(h), Some(h)),
+            rule("cache:*", None, Some(Duration::from_secs(600))),
+            rule("post:*", None, Some(24 * h)),
+            rule("user:*", Some(7 * 24 * h), None),
+        ];
+        cfg.ttl.push(if mode == "exempt" {
+            rule("bull:*", None, None)
+        } else {
+            rule("*", Some(h), None)
+        });
+        let s = sidecar_with(cfg, Default::default()).await;
+        assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
+        let (dir, url) = (dir.clone(), url(&s));
+        tokio::task::spawn_blocking(move || {
+            let status = Command::new("node")
+                .arg("ttl.mjs")
+                .current_dir(&dir)
+                .env("SIDECAR_URL", &url)
+                .env("MODE", mode)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ttl.mjs ({mode}) failed: {status}");
+        })
+        .await
+        .unwrap();
+    }
+}

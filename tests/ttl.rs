@@ -23,6 +23,8 @@ fn rule(pattern: &str, default: Option<i64>, max: Option<i64>, mode: RuleMode) -
         default: default.map(|ms| Duration::from_millis(ms as u64)),
         max: max.map(|ms| Duration::from_millis(ms as u64)),
         mode,
+        sweep_rate: None,
+        sweep_every: Duration::from_secs(600),
     }
 }
 
@@ -347,4 +349,72 @@ async fn rules_reload_live_and_bad_rules_are_refused() {
     // The running rules stay.
     assert_eq!(&c.call(&[b"SET", b"b:2", b"v"]).await[..], b"+OK\r\n");
     assert!(pttl(&redis, "b:2").await > 15_000);
+}
+
+fn counter(s: &redis_sidecar::Sidecar, name: &str, rule: &str) -> u64 {
+    let text = String::from_utf8(s.metrics.render()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains(&format!("rule=\"{rule}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Keys the stage cannot see (written before the sidecar, by an undeclared
+/// script write) get their TTL from the sweeper, at the configured rate,
+/// and it starts again on the new endpoint after a switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_repairs_what_the_stage_cannot_see() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    for r in [&a, &b] {
+        let mut d = r.direct().await;
+        for i in 0..300 {
+            let _: () = d.set(format!("sw:old:{i}"), "v").await.unwrap();
+        }
+        let _: () = d.set("other:1", "v").await.unwrap();
+    }
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    let mut r = rule("sw:*", Some(DEFAULT), None, RuleMode::Enforce);
+    r.sweep_rate = std::num::NonZeroU32::new(200);
+    r.sweep_every = Duration::from_millis(200);
+    cfg.ttl = vec![r];
+    let started = std::time::Instant::now();
+    let s = sidecar_with(cfg, Default::default()).await;
+    // Undeclared write from a script: the stage cannot know the key.
+    let mut c = client(&s).await;
+    let _: () = redis::cmd("EVAL")
+        .arg("redis.call('SET', 'sw:lua', 'v')")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pttl(&a, "sw:lua").await, -1);
+    assert!(
+        eventually(|| async { counter(&s, "redis_sidecar_ttl_sweep_passes_total", "sw:*") >= 1 })
+            .await
+    );
+    // 300 keys at 200 keys/s: a pass takes at least 1.5 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(eventually(|| async { pttl(&a, "sw:lua").await > 0 }).await);
+    for k in ["sw:old:0", "sw:old:299"] {
+        let t = pttl(&a, k).await;
+        assert!(t > DEFAULT - 10_000 && t <= DEFAULT, "{k}: {t}");
+    }
+    assert_eq!(pttl(&a, "other:1").await, -1, "outside the pattern");
+    assert!(
+        counter(
+            &s,
+            "redis_sidecar_ttl_enforced_total{action=\"sweep\"",
+            "sw:*"
+        ) >= 301
+    );
+    // After a switch to b, b's keys get theirs.
+    s.pool.ups.activate("b").unwrap();
+    assert!(eventually(|| async { pttl(&b, "sw:old:299").await > 0 }).await);
+    assert_eq!(pttl(&b, "other:1").await, -1);
 }

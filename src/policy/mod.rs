@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod glob;
+pub mod sweep;
 pub mod ttl;
 
 use std::net::SocketAddr;

@@ -66,10 +66,10 @@ pub struct ClientEntry {
     /// not each hold a full record.
     state: Mutex<Option<Box<Published>>>,
     /// The last command's interned name id (`u32::MAX`: none yet), and
-    /// when it came (ms after `created`): atomics, as they change on every
-    /// command.
+    /// when it came (seconds after `created`, what CLIENT LIST shows):
+    /// atomics, as they change on every command.
     last_cmd: AtomicU32,
-    last_active_ms: AtomicU64,
+    last_active_s: AtomicU64,
     /// See the session's `blocked_until`: blocked while fewer output
     /// entries are complete.
     pub blocked_until: AtomicU64,
@@ -94,7 +94,7 @@ impl ClientEntry {
             client,
             state: Mutex::new(None),
             last_cmd: AtomicU32::new(u32::MAX),
-            last_active_ms: AtomicU64::new(0),
+            last_active_s: AtomicU64::new(0),
             blocked_until: AtomicU64::new(0),
             upstream_id: AtomicI64::new(-1),
         }
@@ -120,9 +120,8 @@ impl ClientEntry {
 
     /// The client was active at `at`.
     pub fn touch_time(&self, at: Instant) {
-        let ms = at.saturating_duration_since(self.created).as_millis();
-        self.last_active_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let secs = at.saturating_duration_since(self.created).as_secs();
+        self.last_active_s.store(secs, Ordering::Relaxed);
     }
 
     /// Blocked in a blocking command on its dedicated connection.
@@ -140,8 +139,8 @@ impl ClientEntry {
         let p = self.published();
         let cmd = interned(self.last_cmd.load(Ordering::Relaxed)).unwrap_or("NULL");
         let age = self.created.elapsed();
-        let idle = age.saturating_sub(std::time::Duration::from_millis(
-            self.last_active_ms.load(Ordering::Relaxed),
+        let idle = age.saturating_sub(std::time::Duration::from_secs(
+            self.last_active_s.load(Ordering::Relaxed),
         ));
         let text = |b: &Option<Bytes>| {
             b.as_ref()

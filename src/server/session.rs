@@ -468,7 +468,9 @@ impl Session {
             return flow;
         }
         let flow = match (&self.mode, class) {
-            (Mode::Streaming(_), _) => self.route_streaming(ex, class, &metrics).await,
+            // Boxed, like every path but the plain forward: their futures
+            // would otherwise enlarge the one allocated per request.
+            (Mode::Streaming(_), _) => Box::pin(self.route_streaming(ex, class, &metrics)).await,
             (Mode::Transaction(_), _) => Box::pin(self.route_tx(ex, class, &metrics)).await,
             (_, Class::Forward) => {
                 let target = match self.mode {
@@ -529,12 +531,7 @@ impl Session {
     }
 
     /// Normal, pinned or watching: anything but a plain forward.
-    async fn route(
-        &mut self,
-        mut ex: Exchange,
-        class: Class,
-        metrics: &Arc<CommandMetrics>,
-    ) -> Flow {
+    async fn route(&mut self, ex: Exchange, class: Class, metrics: &Arc<CommandMetrics>) -> Flow {
         match class {
             Class::Local(local) => self.local(local, ex, metrics).await,
             Class::Pin(Pin::Multi) => {
@@ -570,7 +567,7 @@ impl Session {
                 }
                 self.transition(Event::Stream);
                 self.note_subscriptions(ex.args());
-                let payload = ex.take_command();
+                let payload = ex.into_command();
                 self.send_stream(payload, JobKind::StartStream, metrics)
                     .await
             }
@@ -823,7 +820,7 @@ impl Session {
                 "commands appended by a stage are not sent on a streaming connection"
             );
         }
-        let payload = ex.take_command();
+        let payload = ex.into_command();
         self.send_stream(payload, JobKind::Stream, metrics).await
     }
 
@@ -891,11 +888,11 @@ impl Session {
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
     async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
         if let Some(d) = &self.dedicated {
-            let mut ex = Exchange::command(&[&b"DISCARD"[..]]);
+            let (payload, plan) = Exchange::command(&[&b"DISCARD"[..]]).send();
             let job = Job {
-                payload: ex.take_payload(),
+                payload,
                 kind: JobKind::Request {
-                    exchange: ex,
+                    plan,
                     slot: None,
                     blocking: false,
                 },
@@ -993,7 +990,7 @@ impl Session {
     async fn send_job(
         &mut self,
         target: Target,
-        mut exchange: Exchange,
+        exchange: Exchange,
         blocking: bool,
         metrics: &Arc<CommandMetrics>,
     ) -> Flow {
@@ -1015,10 +1012,11 @@ impl Session {
         let now = Instant::now();
         self.entry.touch_time(now);
         let seq = self.client.expect(now, metrics.clone());
+        let (payload, plan) = exchange.send();
         let job = Job {
-            payload: exchange.take_payload(),
+            payload,
             kind: JobKind::Request {
-                exchange,
+                plan,
                 slot: Some(seq),
                 blocking,
             },
@@ -1042,10 +1040,11 @@ impl Session {
         let rx = ex.tee();
         let tx = self.channel(Target::Dedicated).await?;
         self.barrier(&tx).await;
+        let (payload, plan) = ex.send();
         let job = Job {
-            payload: ex.take_payload(),
+            payload,
             kind: JobKind::Request {
-                exchange: ex,
+                plan,
                 slot: None,
                 blocking: false,
             },

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
 use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
-use crate::exchange::Exchange;
+use crate::exchange::ReplyPlan;
 use crate::metrics::Metrics;
 use crate::protocol::{ReplyScanner, scan};
 
@@ -210,7 +210,7 @@ fn hello_field(reply: &[u8], key: &str) -> Option<String> {
 /// A job whose bytes were handed to the socket, waiting for its replies.
 struct Pending {
     /// What becomes of the replies (`None`: a stream marker).
-    exchange: Option<Exchange>,
+    plan: Option<ReplyPlan>,
     got: u32,
     keep: Option<Bytes>,
     /// The client's output entry this job completes.
@@ -224,8 +224,8 @@ struct Pending {
 
 impl Pending {
     fn fail(mut self, err: &UpstreamError) {
-        if let Some(x) = self.exchange.as_mut() {
-            x.fail(err);
+        if let Some(p) = self.plan.as_mut() {
+            p.fail(err);
         }
         if let Some(seq) = self.slot {
             self.client.fail(seq, err.clone());
@@ -398,11 +398,11 @@ fn write_error(e: std::io::Error) -> UpstreamError {
 fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
     let pending = match job.kind {
         JobKind::Request {
-            exchange,
+            plan,
             slot,
             blocking,
         } => Some(Pending {
-            exchange: Some(exchange),
+            plan: Some(plan),
             got: 0,
             keep: None,
             slot,
@@ -411,7 +411,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
             start_stream: false,
         }),
         JobKind::StartStream => Some(Pending {
-            exchange: None,
+            plan: None,
             got: 0,
             keep: None,
             slot: None,
@@ -537,9 +537,9 @@ fn dispatch(
         metrics.protocol_error("unsolicited_reply");
         return Err(UpstreamError::Protocol("reply without a request".into()));
     };
-    let expected = front.exchange.as_ref().map_or(1, Exchange::replies);
-    if let Some(x) = &front.exchange {
-        x.observe(front.got, &frame);
+    let expected = front.plan.as_ref().map_or(1, ReplyPlan::count);
+    if let Some(p) = &front.plan {
+        p.observe(front.got, &frame);
     }
     if front.got == 0 {
         front.keep = Some(frame);
@@ -562,8 +562,8 @@ fn dispatch(
     }
     drop(q);
     let mut reply = done.keep.take().unwrap_or_default();
-    if let Some(x) = done.exchange.as_mut() {
-        reply = x.finish(reply);
+    if let Some(p) = done.plan.as_mut() {
+        reply = p.finish(reply);
     }
     match done.slot {
         Some(seq) => {

@@ -4,9 +4,9 @@
 //! its reply matching ([`conn`]), and the pool of shared, multiplexed
 //! connections keyed by client identity ([`pool`]).
 //!
-//! Every request crosses to an upstream connection as a [`Job`]: its
-//! [`Exchange`] (the bytes of one or more commands and what becomes of
-//! their replies) and the entry of the client's output queue
+//! Every request crosses to an upstream connection as a [`Job`]: the
+//! bytes of its [`crate::exchange::Exchange`] (one or more commands) and
+//! its [`ReplyPlan`] (what becomes of their replies) and the entry of the client's output queue
 //! ([`crate::output`]) that its reply completes. The connection keeps jobs in a
 //! FIFO in the order their bytes were written and matches replies to them in
 //! that order; this is what makes "a reply always reaches the request that
@@ -28,7 +28,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
-use crate::exchange::Exchange;
+use crate::exchange::ReplyPlan;
 use crate::protocol::Proto;
 
 /// Credentials a client gave with AUTH or HELLO ... AUTH.
@@ -167,7 +167,7 @@ pub enum JobKind {
     /// its exchange; the client's reply completes entry `slot` of its
     /// output queue (`None`: nobody waits).
     Request {
-        exchange: Exchange,
+        plan: ReplyPlan,
         slot: Option<u64>,
         /// Blocking commands have no command timeout.
         blocking: bool,
@@ -191,11 +191,8 @@ pub struct Job {
 impl Job {
     /// The job will never be sent: its entry gets `err`.
     pub fn fail(self, err: UpstreamError) {
-        if let JobKind::Request {
-            mut exchange, slot, ..
-        } = self.kind
-        {
-            exchange.fail(&err);
+        if let JobKind::Request { mut plan, slot, .. } = self.kind {
+            plan.fail(&err);
             if let Some(seq) = slot {
                 self.client.fail(seq, err);
             }

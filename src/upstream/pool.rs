@@ -397,15 +397,36 @@ impl Pool {
         ident: &Identity,
         cmd: &'static [u8],
     ) -> Result<Bytes, UpstreamError> {
-        let (conn, _) = self.connect(ident, None).await?;
-        let (mut stream, mut rbuf) = conn.into_parts();
-        let cmds = [vec![Bytes::from_static(cmd)]];
-        let fut =
-            super::endpoint::roundtrip(&mut stream, &mut rbuf, &cmds, self.settings.max_reply_bulk);
-        let mut replies = tokio::time::timeout(self.settings.command_timeout, fut)
-            .await
-            .map_err(|_| UpstreamError::Timeout)??;
+        let mut conn = self.control(ident).await?;
+        let mut replies = conn.call(&[vec![Bytes::from_static(cmd)]]).await?;
         replies.pop().ok_or(UpstreamError::ConnectionLost)
+    }
+
+    /// A plain connection to the active endpoint for the control path (the
+    /// TTL sweeper, readiness, learning the table).
+    pub async fn control(&self, ident: &Identity) -> Result<ControlConn, UpstreamError> {
+        let (conn, made_for) = self.connect(ident, None).await?;
+        Ok(ControlConn::new(
+            conn,
+            self.settings.max_reply_bulk,
+            self.settings.command_timeout,
+            made_for.generation,
+        ))
+    }
+
+    /// The databases clients use (those with shared connections, and the
+    /// endpoint's own), for the TTL sweeper.
+    pub fn dbs_in_use(&self) -> Vec<i64> {
+        let url_db = self.ups.active().endpoint.db();
+        let mut dbs: Vec<i64> = self
+            .lock_shared()
+            .keys()
+            .map(|i| if i.db == DEFAULT_DB { url_db } else { i.db })
+            .chain([url_db])
+            .collect();
+        dbs.sort_unstable();
+        dbs.dedup();
+        dbs
     }
 
     /// Shutdown, once no session is left: drop every shared connection's
@@ -417,6 +438,43 @@ impl Pool {
     /// How many shared connection sets exist (one per identity).
     pub fn identities(&self) -> usize {
         self.lock_shared().len()
+    }
+}
+
+/// A plain upstream connection for the control path: batches of commands,
+/// replies in order, each batch bounded by the command timeout.
+pub struct ControlConn {
+    stream: super::endpoint::Stream,
+    rbuf: bytes::BytesMut,
+    max_bulk: usize,
+    timeout: Duration,
+    /// The active choice's generation it was made for: a switch since
+    /// means it talks to the old endpoint.
+    pub generation: u64,
+}
+
+impl ControlConn {
+    pub fn new(
+        conn: Connected,
+        max_bulk: usize,
+        timeout: Duration,
+        generation: u64,
+    ) -> ControlConn {
+        let (stream, rbuf) = conn.into_parts();
+        ControlConn {
+            stream,
+            rbuf,
+            max_bulk,
+            timeout,
+            generation,
+        }
+    }
+
+    pub async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, UpstreamError> {
+        let fut = super::endpoint::roundtrip(&mut self.stream, &mut self.rbuf, cmds, self.max_bulk);
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
     }
 }
 

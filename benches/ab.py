@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""A/B of two redis-sidecar binaries (a change against its baseline).
+
+Both run in front of one redis-server; rounds of redis-benchmark alternate
+between them (the order flips every round), and each run measures the
+proxy's CPU time with `perf stat -e task-clock -p PID` (falling back to
+/proc/PID/stat ticks when perf cannot attach). Prints, per scenario, the
+median CPU microseconds per request and throughput of each binary, and the
+median of the per-round ratios B/A.
+
+Usage: python3 benches/ab.py --a OLD_BINARY --b NEW_BINARY
+           [--rounds 7] [--requests 200000] [--scenarios "50:1,50:16,1000:1"]
+"""
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def proc_cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def measure(pid, port, clients, pipeline, requests, test):
+    """(CPU seconds of the proxy, requests per second)."""
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "task-clock", "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    cpu0 = proc_cpu(pid)
+    out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(clients), "-P", str(pipeline),
+                          "-n", str(requests), "-t", test, "--csv"], capture_output=True, text=True).stdout
+    cpu1 = proc_cpu(pid)
+    perf.send_signal(signal.SIGINT)
+    err = perf.communicate()[1]
+    cpu = None
+    for line in err.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and "task-clock" in parts[2]:
+            try:
+                cpu = float(parts[0]) / 1000.0
+            except ValueError:
+                cpu = None
+    if cpu is None:
+        cpu = cpu1 - cpu0
+    rps = 0.0
+    for line in out.splitlines():
+        cols = [c.strip('"') for c in line.split(",")]
+        if len(cols) > 1 and cols[0] != "test":
+            rps = float(cols[1])
+    return cpu, rps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a", required=True, help="baseline binary")
+    ap.add_argument("--b", required=True, help="changed binary")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--requests", type=int, default=200_000)
+    ap.add_argument("--scenarios", default="50:1,50:16,1000:1", help="clients:pipeline,...")
+    ap.add_argument("--tests", default="get,set")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="redis-sidecar-ab-")
+    procs = []
+    try:
+        rport = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--maxclients", "20000", "--dir", tmp],
+                                      stdout=subprocess.DEVNULL))
+        wait_port(rport)
+        sides = {}
+        for name, binary in (("A", args.a), ("B", args.b)):
+            port, admin = free_port(), free_port()
+            p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                                  "--upstream", f"redis://127.0.0.1:{rport}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, "RUST_LOG": "warn"})
+            procs.append(p)
+            wait_port(port)
+            sides[name] = (p.pid, port)
+        scenarios = [tuple(int(x) for x in s.split(":")) for s in args.scenarios.split(",")]
+        tests = args.tests.split(",")
+        res = {}
+        for rnd in range(args.rounds):
+            order = ["A", "B"] if rnd % 2 == 0 else ["B", "A"]
+            for c, p in scenarios:
+                for t in tests:
+                    for side in order:
+                        pid, port = sides[side]
+                        cpu, rps = measure(pid, port, c, p, args.requests, t)
+                        res.setdefault((c, p, t, side), []).append((cpu / args.requests * 1e6, rps))
+                    a, b = res[(c, p, t, "A")][-1], res[(c, p, t, "B")][-1]
+                    print(f"round {rnd + 1} c{c} P{p} {t}: A {a[0]:.2f} us/req {a[1]:.0f} rps; "
+                          f"B {b[0]:.2f} us/req {b[1]:.0f} rps", flush=True)
+        print(f"\n{args.rounds} interleaved rounds, redis-benchmark -n {args.requests}; medians\n")
+        print("| scenario | test | CPU us/req A | CPU us/req B | B/A CPU | rps A | rps B | B/A rps |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c, p in scenarios:
+            for t in tests:
+                a, b = res[(c, p, t, "A")], res[(c, p, t, "B")]
+                cpu_ratio = statistics.median(y[0] / x[0] for x, y in zip(a, b))
+                rps_ratio = statistics.median(y[1] / x[1] for x, y in zip(a, b))
+                print(f"| c{c} P{p} | {t.upper()} | {statistics.median(x[0] for x in a):.2f} | "
+                      f"{statistics.median(x[0] for x in b):.2f} | {cpu_ratio:.3f} | "
+                      f"{statistics.median(x[1] for x in a):.0f} | {statistics.median(x[1] for x in b):.0f} | "
+                      f"{rps_ratio:.3f} |")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
