@@ -10,6 +10,14 @@ median of the per-round ratios B/A.
 
 Usage: python3 benches/ab.py --a OLD_BINARY --b NEW_BINARY
            [--rounds 7] [--requests 200000] [--scenarios "50:1,50:16,1000:1"]
+           [--tests get,set] [--b-config FILE]
+
+With --b-config, B runs with that configuration file (the command line
+still sets its listen address and upstream): the cost of a policy, e.g.
+the same binary with and without TTL rules (benches/ttl-rules.toml):
+
+  python3 benches/ab.py --a target/release/redis-sidecar --b target/release/redis-sidecar \
+      --b-config benches/ttl-rules.toml --tests set,hset --scenarios 50:1,50:16
 """
 
 import argparse
@@ -84,6 +92,7 @@ def main():
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--scenarios", default="50:1,50:16,1000:1", help="clients:pipeline,...")
     ap.add_argument("--tests", default="get,set")
+    ap.add_argument("--b-config", help="configuration file for B")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-ab-")
     procs = []
@@ -96,8 +105,9 @@ def main():
         sides = {}
         for name, binary in (("A", args.a), ("B", args.b)):
             port, admin = free_port(), free_port()
-            p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                                  "--upstream", f"redis://127.0.0.1:{rport}"],
+            extra = ["--config", args.b_config] if name == "B" and args.b_config else []
+            p = subprocess.Popen([binary, *extra, "--listen", f"127.0.0.1:{port}", "--admin-listen",
+                                  f"127.0.0.1:{admin}", "--upstream", f"redis://127.0.0.1:{rport}"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, "RUST_LOG": "warn"})
             procs.append(p)

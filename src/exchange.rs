@@ -109,6 +109,29 @@ impl Exchange {
         self.args = args;
     }
 
+    /// Add arguments at the end of the command: `encoded` is their RESP
+    /// encoding (built once by the stage), so the command is not encoded
+    /// again, only its array header patched.
+    pub fn extend(&mut self, encoded: &Bytes, args: &[Bytes]) {
+        let header_end = self
+            .raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let mut out = BytesMut::with_capacity(self.raw.len() + encoded.len() + 4);
+        self.args.extend_from_slice(args);
+        scan::push_header(&mut out, b'*', self.args.len());
+        out.extend_from_slice(&self.raw[header_end..]);
+        out.extend_from_slice(encoded);
+        self.raw = out.freeze();
+    }
+
+    /// Send this already-encoded command right after the command (see
+    /// [`Exchange::append`]).
+    pub fn append_encoded(&mut self, cmd: Bytes) {
+        self.more().appended.push(cmd);
+    }
+
     /// Send `args` right after the command, on the same connection; its
     /// reply is consumed by the sidecar (inside MULTI: its `QUEUED` and
     /// its EXEC element).
@@ -293,6 +316,21 @@ pub fn rebuild_exec(reply: &Bytes, items: &[TxItem]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extend_patches_the_header_and_keeps_the_bytes() {
+        let raw = encode_command(&["SET", "k", "v"]);
+        let mut ex = Exchange::new(
+            raw,
+            vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("v")],
+        );
+        let encoded = Bytes::from_static(b"$2\r\nPX\r\n$3\r\n100\r\n");
+        ex.extend(&encoded, &[Bytes::from("PX"), Bytes::from("100")]);
+        assert_eq!(ex.args().len(), 5);
+        let (payload, plan) = ex.send();
+        assert_eq!(payload, encode_command(&["SET", "k", "v", "PX", "100"]));
+        assert_eq!(plan.count(), 1);
+    }
 
     #[test]
     fn exec_array_rebuilt_from_the_items() {

@@ -272,6 +272,11 @@ async fn a_watch_abort_and_execabort_pass_through_unchanged() {
     assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
     let mut a = Raw::connect(s.addr).await;
     let mut b = client(&s).await;
+    // An inline command is rewritten like any other.
+    a.send(b"SET sess:inline v\r\n").await;
+    assert_eq!(&a.read().await[..], b"+OK\r\n");
+    let t = pttl(&redis, "sess:inline").await;
+    assert!(t > DEFAULT - 5_000 && t <= DEFAULT, "{t}");
     assert_eq!(&a.call(&[b"WATCH", b"sess:w"]).await[..], b"+OK\r\n");
     let _: () = b.set("sess:w", "other").await.unwrap();
     assert_eq!(&a.call(&[b"MULTI"]).await[..], b"+OK\r\n");

@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
 
 use super::glob::Glob;
@@ -60,17 +60,67 @@ struct Rule {
     counted_default: IntCounter,
     counted_clamp: IntCounter,
     counted_observe: IntCounter,
-    append_errors: IntCounter,
-    /// An appended command's error is logged once per rule.
+    /// Counts the errors of this rule's appended commands: shared by every
+    /// exchange whose appended commands all come from this rule (no
+    /// allocation per write).
+    errors: Arc<RuleErrors>,
+    /// Encoded once: ` PX <fill>` to add to a SET, and the tails of
+    /// `PEXPIRE key <default> NX` / `PEXPIRE key <max> LT`.
+    px_fill: Option<(Bytes, [Bytes; 2])>,
+    nx_tail: Option<Bytes>,
+    lt_tail: Option<Bytes>,
+}
+
+/// A rule's appended-command errors: counted, and logged once.
+struct RuleErrors {
+    label: String,
+    count: IntCounter,
     logged: AtomicBool,
 }
 
-impl Rule {
-    /// The TTL a key with none gets: the default, else the max.
-    fn fill(&self) -> Option<u64> {
-        self.default.or(self.max)
+impl RuleErrors {
+    fn record(&self, reply: &Bytes) {
+        self.count.inc();
+        if !self.logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                rule = %self.label,
+                error = %crate::upstream::conn::error_text(reply),
+                "a PEXPIRE appended by a TTL rule failed (logged once per rule; counted in ttl_append_errors_total)"
+            );
+        }
     }
+}
 
+impl ReplyAction for RuleErrors {
+    fn on_reply(&self, index: u32, reply: &Bytes) {
+        if index > 0 && crate::protocol::is_error(reply) {
+            self.record(reply);
+        }
+    }
+}
+
+/// `$<len>\r\n<ms>\r\n$2\r\n<opt>\r\n`: the end of a PEXPIRE.
+fn pexpire_tail(ms: u64, opt: &str) -> Bytes {
+    let ms = ms.to_string();
+    Bytes::from(format!(
+        "${}\r\n{ms}\r\n${}\r\n{opt}\r\n",
+        ms.len(),
+        opt.len()
+    ))
+}
+
+/// `PEXPIRE key` + a pre-encoded tail, in one allocation.
+fn pexpire(key: &[u8], tail: &Bytes) -> Bytes {
+    let mut out = BytesMut::with_capacity(32 + key.len() + tail.len());
+    out.extend_from_slice(b"*4\r\n$7\r\nPEXPIRE\r\n");
+    crate::protocol::scan::push_header(&mut out, b'$', key.len());
+    out.extend_from_slice(key);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(tail);
+    out.freeze()
+}
+
+impl Rule {
     fn exempt(&self) -> bool {
         self.default.is_none() && self.max.is_none()
     }
@@ -108,16 +158,32 @@ impl Ttl {
                 err(TtlError::MaxBelowDefault);
             }
             let label = r.label().to_string();
+            let (default, max) = (r.default.map(ms), r.max.map(ms));
+            let fill = default.or(max);
             out.push(Arc::new(Rule {
                 glob: Glob::new(r.pattern.as_bytes()),
-                default: r.default.map(ms),
-                max: r.max.map(ms),
+                default,
+                max,
                 observe: r.mode == RuleMode::Observe,
                 counted_default: metrics.ttl_enforced(&label, "default"),
                 counted_clamp: metrics.ttl_enforced(&label, "clamp"),
                 counted_observe: metrics.ttl_enforced(&label, "observe"),
-                append_errors: metrics.ttl_append_errors(&label),
-                logged: AtomicBool::new(false),
+                errors: Arc::new(RuleErrors {
+                    label: label.clone(),
+                    count: metrics.ttl_append_errors(&label),
+                    logged: AtomicBool::new(false),
+                }),
+                px_fill: fill.map(|t| {
+                    let t = t.to_string();
+                    (
+                        Bytes::from(format!("$2\r\nPX\r\n${}\r\n{t}\r\n", t.len())),
+                        [Bytes::from_static(b"PX"), Bytes::from(t)],
+                    )
+                }),
+                nx_tail: default
+                    .filter(|d| max.is_none_or(|m| *d < m))
+                    .map(|d| pexpire_tail(d, "NX")),
+                lt_tail: max.map(|m| pexpire_tail(m, "LT")),
                 label,
             }));
         }
@@ -137,48 +203,38 @@ impl Ttl {
 
 /// What the stage does to one exchange: appended commands and the rules
 /// they came from (for counting their errors).
-struct Plan<'a> {
-    appended: Vec<(Vec<Bytes>, Arc<Rule>)>,
+struct Plan<'a, 'r> {
+    appended: Vec<(Bytes, &'r Arc<Rule>)>,
     rewrite: Option<Vec<Bytes>>,
+    /// ` PX <fill>` to add at the end of a SET.
+    extend: Option<&'r Rule>,
     args: &'a [Bytes],
 }
 
-impl Plan<'_> {
+impl<'r> Plan<'_, 'r> {
     /// `PEXPIRE key default NX` (when the default is not covered by the
     /// max) and `PEXPIRE key max LT`.
-    fn fill_and_clamp(&mut self, rule: &Arc<Rule>, key: &Bytes) {
-        if let Some(d) = rule.default
-            && rule.max.is_none_or(|m| d < m)
-        {
-            self.push(rule, key, d, "NX", &rule.counted_default);
+    fn fill_and_clamp(&mut self, rule: &'r Arc<Rule>, key: &Bytes) {
+        if let Some(t) = &rule.nx_tail {
+            self.push(rule, key, t, &rule.counted_default);
         }
-        if let Some(m) = rule.max {
-            self.push(rule, key, m, "LT", &rule.counted_clamp);
+        self.clamp(rule, key);
+    }
+
+    fn clamp(&mut self, rule: &'r Arc<Rule>, key: &Bytes) {
+        if let Some(t) = &rule.lt_tail {
+            self.push(rule, key, t, &rule.counted_clamp);
         }
     }
 
-    fn clamp(&mut self, rule: &Arc<Rule>, key: &Bytes) {
-        if let Some(m) = rule.max {
-            self.push(rule, key, m, "LT", &rule.counted_clamp);
-        }
-    }
-
-    fn push(&mut self, rule: &Arc<Rule>, key: &Bytes, ms: u64, opt: &'static str, c: &IntCounter) {
+    fn push(&mut self, rule: &'r Arc<Rule>, key: &Bytes, tail: &Bytes, c: &IntCounter) {
         if rule.observe {
             rule.counted_observe.inc();
-            tracing::debug!(rule = %rule.label, ms, opt, "observe: would append PEXPIRE");
+            tracing::debug!(rule = %rule.label, "observe: would append PEXPIRE");
             return;
         }
         c.inc();
-        self.appended.push((
-            vec![
-                Bytes::from_static(b"PEXPIRE"),
-                key.clone(),
-                Bytes::from(ms.to_string()),
-                Bytes::from_static(opt.as_bytes()),
-            ],
-            rule.clone(),
-        ));
+        self.appended.push((pexpire(key, tail), rule));
     }
 
     /// Replace `args[at..at + n]` with `PX ms` (in place, no extra command).
@@ -196,10 +252,25 @@ impl Plan<'_> {
         );
         self.rewrite = Some(args);
     }
+
+    /// Add the rule's ` PX <fill>` at the end of the command.
+    fn add_px(&mut self, rule: &'r Rule) {
+        if rule.observe {
+            rule.counted_observe.inc();
+            tracing::debug!(rule = %rule.label, "observe: would add PX");
+            return;
+        }
+        if rule.default.is_some() {
+            rule.counted_default.inc();
+        } else {
+            rule.counted_clamp.inc();
+        }
+        self.extend = Some(rule);
+    }
 }
 
-/// A SET's expiry option: its position, name (upper case) and value.
-type Expiry = (usize, Vec<u8>, Option<i64>);
+/// A SET's expiry option: its position, name and value.
+type Expiry = (usize, &'static str, Option<i64>);
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT|PXAT|KEEPTTL]`: the
 /// expiry option; `Err` when the options do not parse (Redis answers the
@@ -208,19 +279,19 @@ fn set_expiry(args: &[Bytes]) -> Result<Option<Expiry>, ()> {
     let mut found = None;
     let mut i = 3;
     while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
-        match &opt[..] {
-            b"NX" | b"XX" | b"GET" => i += 1,
-            b"KEEPTTL" => {
-                found = Some((i, opt, None));
-                i += 1;
-            }
-            b"EX" | b"PX" | b"EXAT" | b"PXAT" => {
-                let v = args.get(i + 1).and_then(|v| parse_int(v)).ok_or(())?;
-                found = Some((i, opt, Some(v)));
-                i += 2;
-            }
-            _ => return Err(()),
+        let a = &args[i];
+        let is = |o: &str| a.eq_ignore_ascii_case(o.as_bytes());
+        if is("NX") || is("XX") || is("GET") {
+            i += 1;
+        } else if is("KEEPTTL") {
+            found = Some((i, "KEEPTTL", None));
+            i += 1;
+        } else if let Some(opt) = ["EX", "PX", "EXAT", "PXAT"].into_iter().find(|o| is(o)) {
+            let v = args.get(i + 1).and_then(|v| parse_int(v)).ok_or(())?;
+            found = Some((i, opt, Some(v)));
+            i += 2;
+        } else {
+            return Err(());
         }
     }
     Ok(found)
@@ -242,6 +313,7 @@ impl Stage for Ttl {
         let mut plan = Plan {
             appended: Vec::new(),
             rewrite: None,
+            extend: None,
             args,
         };
         let key_rule = |i: usize| args.get(i).and_then(|k| self.rule(k).map(|r| (k, r)));
@@ -249,18 +321,9 @@ impl Stage for Ttl {
             "set" => {
                 if let Some((key, rule)) = key_rule(1) {
                     match set_expiry(args) {
-                        Ok(None) => {
-                            if let Some(t) = rule.fill() {
-                                let c = if rule.default.is_some() {
-                                    &rule.counted_default
-                                } else {
-                                    &rule.counted_clamp
-                                };
-                                plan.set_px(rule, args.len(), 0, t, c);
-                            }
-                        }
-                        Ok(Some((at, opt, Some(v)))) if opt == b"EX" || opt == b"PX" => {
-                            let t = if opt == b"EX" {
+                        Ok(None) => plan.add_px(rule),
+                        Ok(Some((at, opt, Some(v)))) if opt == "EX" || opt == "PX" => {
+                            let t = if opt == "EX" {
                                 v.saturating_mul(1000)
                             } else {
                                 v
@@ -346,27 +409,42 @@ impl Stage for Ttl {
             }
         }
         let Plan {
-            appended, rewrite, ..
+            appended,
+            rewrite,
+            extend,
+            ..
         } = plan;
+        let errors: Option<Arc<dyn ReplyAction>> = match appended.first() {
+            None => None,
+            // All from one rule (the usual case): its shared counter.
+            Some((_, first)) if appended.iter().all(|(_, r)| Arc::ptr_eq(r, first)) => {
+                Some(first.errors.clone())
+            }
+            Some(_) => Some(Arc::new(AppendErrors {
+                rules: appended.iter().map(|(_, r)| r.errors.clone()).collect(),
+            })),
+        };
         if let Some(new) = rewrite {
             ex.rewrite(new);
         }
-        if !appended.is_empty() {
-            let mut rules = Vec::with_capacity(appended.len());
-            for (cmd, rule) in appended {
-                ex.append(&cmd);
-                rules.push(rule);
-            }
-            ex.on_reply(Arc::new(AppendErrors { rules }));
+        if let Some((encoded, args)) = extend.and_then(|r| r.px_fill.as_ref()) {
+            ex.extend(encoded, args);
+        }
+        for (cmd, _) in appended {
+            ex.append_encoded(cmd);
+        }
+        if let Some(e) = errors {
+            ex.on_reply(e);
         }
         Verdict::Continue
     }
 }
 
-/// Counts (and logs once per rule) error replies to appended commands;
-/// the client never sees them.
+/// Counts (and logs once per rule) error replies to appended commands from
+/// several rules; the client never sees them.
 struct AppendErrors {
-    rules: Vec<Arc<Rule>>,
+    /// By appended command (index 1 is the first).
+    rules: Vec<Arc<RuleErrors>>,
 }
 
 impl ReplyAction for AppendErrors {
@@ -374,16 +452,8 @@ impl ReplyAction for AppendErrors {
         if index == 0 || !crate::protocol::is_error(reply) {
             return;
         }
-        let Some(rule) = self.rules.get(index as usize - 1) else {
-            return;
-        };
-        rule.append_errors.inc();
-        if !rule.logged.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                rule = %rule.label,
-                error = %crate::upstream::conn::error_text(reply),
-                "a PEXPIRE appended by a TTL rule failed (logged once per rule; counted in ttl_append_errors_total)"
-            );
+        if let Some(rule) = self.rules.get(index as usize - 1) {
+            rule.record(reply);
         }
     }
 }
