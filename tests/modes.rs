@@ -10,24 +10,8 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use redis::AsyncCommands;
 use support::*;
-
-/// The HELLO map carries the connection's id, which differs between the
-/// two runs: replace the number after `id`.
-fn normalize(reply: &Bytes) -> Vec<u8> {
-    let mut out = reply.to_vec();
-    let pat = b"$2\r\nid\r\n:";
-    let mut from = 0;
-    while let Some(at) = out[from..].windows(pat.len()).position(|w| w == pat) {
-        let start = from + at + pat.len();
-        let end = start + out[start..].iter().position(|&b| b == b'\r').unwrap();
-        out.splice(start..end, b"ID".iter().copied());
-        from = start;
-    }
-    out
-}
 
 /// Run `script` on a fresh connection to `addr`; one reply per command
 /// (each command here has exactly one).
@@ -35,7 +19,7 @@ async fn run(addr: std::net::SocketAddr, script: &[Vec<&[u8]>]) -> Vec<Vec<u8>> 
     let mut c = Raw::connect(addr).await;
     let mut out = Vec::new();
     for cmd in script {
-        out.push(normalize(&c.call(cmd).await));
+        out.push(normalize_hello_id(&c.call(cmd).await));
     }
     out
 }
@@ -367,35 +351,13 @@ async fn client_unblock_and_tracking_redirect_name_sidecar_clients() {
     blocked.cmd(&[b"BLPOP", b"never", b"0"]).await;
     let mut a = Raw::connect(s.addr).await;
     // Not blocked yet, or blocked: poll until Redis has it blocked.
-    assert!(
-        eventually(|| async {
-            let mut d = redis.direct().await;
-            let info: String = redis::cmd("INFO")
-                .arg("clients")
-                .query_async(&mut d)
-                .await
-                .unwrap();
-            info.contains("blocked_clients:1")
-        })
-        .await
-    );
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     assert_eq!(&a.call(&[b"CLIENT", b"UNBLOCK", id]).await[..], b":1\r\n");
     assert_eq!(&blocked.read().await[..], b"*-1\r\n");
     // Not blocked any more.
     assert_eq!(&a.call(&[b"CLIENT", b"UNBLOCK", id]).await[..], b":0\r\n");
     blocked.cmd(&[b"BLPOP", b"never", b"0"]).await;
-    assert!(
-        eventually(|| async {
-            let mut d = redis.direct().await;
-            let info: String = redis::cmd("INFO")
-                .arg("clients")
-                .query_async(&mut d)
-                .await
-                .unwrap();
-            info.contains("blocked_clients:1")
-        })
-        .await
-    );
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     assert_eq!(
         &a.call(&[b"CLIENT", b"UNBLOCK", id, b"ERROR"]).await[..],
         b":1\r\n"
@@ -452,18 +414,7 @@ async fn state_commands_pipelined_behind_a_blocking_command_wait_for_it() {
         batch.extend_from_slice(&redis_sidecar::protocol::encode_command(c));
     }
     a.send(&batch).await;
-    assert!(
-        eventually(|| async {
-            let mut d = redis.direct().await;
-            let info: String = redis::cmd("INFO")
-                .arg("clients")
-                .query_async(&mut d)
-                .await
-                .unwrap();
-            info.contains("blocked_clients:1")
-        })
-        .await
-    );
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     let mut b = client(&s).await;
     let _: () = b.rpush("q", "job").await.unwrap();
     assert_eq!(&a.read().await[..], b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n");

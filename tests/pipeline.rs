@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use redis_sidecar::config::Config;
 use redis_sidecar::policy::{Builder, Ctx, Exchange, Mode, ReplyAction, Stage, Verdict};
 use support::*;
 
@@ -319,17 +318,7 @@ async fn reloading_the_chain_under_load_loses_nothing() {
         write_config(&file, &head, &[("r", &redis)]);
     };
     write("KEYS");
-    let load = {
-        let file = file.clone();
-        move || -> anyhow::Result<Config> {
-            let text = std::fs::read_to_string(&file)?;
-            Ok(Config::from_toml(&text, &|_| None)?)
-        }
-    };
-    let v = load().unwrap().validate().unwrap();
-    let s = redis_sidecar::Sidecar::start_with(v, Builder::default(), Some(Arc::new(load)))
-        .await
-        .unwrap();
+    let s = sidecar_from_file(&file).await;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let loaders: Vec<_> = (0..8)

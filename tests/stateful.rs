@@ -309,20 +309,6 @@ async fn quit_while_subscribed_replies_then_closes() {
     }
 }
 
-/// `blocked_clients` of the upstream's `INFO clients`, read directly.
-async fn blocked_clients(redis: &RedisServer) -> i64 {
-    let mut d = redis.direct().await;
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query_async(&mut d)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("blocked_clients:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
-
 /// A client that disconnects while its blocking command waits must leave
 /// nothing blocked upstream: an orphan would pop the next element pushed
 /// (and the app would lose that job), whatever the blocking command.

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::AsyncCommands;
 use redis_sidecar::config::{Config, RuleMode, TtlRule};
+
 use support::*;
 
 const DEFAULT: i64 = 100_000;
@@ -45,18 +46,6 @@ fn with_rules(url: &str) -> Config {
     c
 }
 
-/// HELLO replies carry the connection id: normalized away.
-fn normalize(reply: &[u8]) -> Vec<u8> {
-    let mut out = reply.to_vec();
-    let pat = b"$2\r\nid\r\n:";
-    if let Some(at) = out.windows(pat.len()).position(|w| w == pat) {
-        let start = at + pat.len();
-        let end = start + out[start..].iter().position(|&b| b == b'\r').unwrap();
-        out.splice(start..end, b"ID".iter().copied());
-    }
-    out
-}
-
 /// Send the whole script in one write (pipelined), then read one reply per
 /// command.
 async fn run(addr: std::net::SocketAddr, script: &[Vec<Vec<u8>>]) -> Vec<Vec<u8>> {
@@ -68,7 +57,7 @@ async fn run(addr: std::net::SocketAddr, script: &[Vec<Vec<u8>>]) -> Vec<Vec<u8>
     c.send(&batch).await;
     let mut out = Vec::new();
     for _ in script {
-        out.push(normalize(&c.read().await));
+        out.push(normalize_hello_id(&c.read().await));
     }
     out
 }
@@ -314,18 +303,7 @@ async fn rules_reload_live_and_bad_rules_are_refused() {
         write_config(&file, &head, &[("r", &redis)]);
     };
     write("[[ttl]]\npattern = \"a:*\"\ndefault = \"100s\"\n");
-    let load = {
-        let file = file.clone();
-        move || -> anyhow::Result<Config> {
-            let text = std::fs::read_to_string(&file)?;
-            Ok(Config::from_toml(&text, &|_| None)?)
-        }
-    };
-    let v = load().unwrap().validate().unwrap();
-    let s =
-        redis_sidecar::Sidecar::start_with(v, Default::default(), Some(std::sync::Arc::new(load)))
-            .await
-            .unwrap();
+    let s = sidecar_from_file(&file).await;
     let mut c = Raw::connect(s.addr).await;
     assert_eq!(&c.call(&[b"SET", b"a:1", b"v"]).await[..], b"+OK\r\n");
     assert!(pttl(&redis, "a:1").await > 95_000);

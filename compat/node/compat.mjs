@@ -3,12 +3,10 @@
 // express-session with connect-redis 7 (ioredis) and 9 (node-redis).
 // Usage: SIDECAR_URL=redis://127.0.0.1:6380 node compat.mjs
 import assert from "node:assert/strict";
-import { once } from "node:events";
 import { Redis } from "ioredis";
 import { createClient } from "redis";
 import { Queue, Worker, QueueEvents } from "bullmq";
-import express from "express";
-import session from "express-session";
+import { sessionApp } from "./session-app.mjs";
 import { RedisStore as RedisStore9 } from "connect-redis";
 import RedisStore7 from "connect-redis7";
 
@@ -195,27 +193,6 @@ await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
   await queue.obliterate({ force: true });
   await queue.close();
 });
-
-async function sessionApp(store) {
-  const app = express();
-  app.use(session({ store, secret: "compat", resave: false, saveUninitialized: false }));
-  app.get("/inc", (req, res) => {
-    req.session.n = (req.session.n || 0) + 1;
-    res.json({ n: req.session.n });
-  });
-  const server = app.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const base = `http://127.0.0.1:${server.address().port}`;
-  let cookie = "";
-  let last;
-  for (let i = 0; i < 3; i++) {
-    const res = await fetch(`${base}/inc`, { headers: cookie ? { cookie } : {} });
-    cookie = (res.headers.get("set-cookie") || cookie).split(";")[0];
-    last = await res.json();
-  }
-  server.close();
-  return { n: last.n, sid: decodeURIComponent(cookie.split("=")[1]).slice(2).split(".")[0] };
-}
 
 await check("express-session + connect-redis 7 (ioredis)", async () => {
   const r = ioredis();

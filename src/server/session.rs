@@ -888,17 +888,7 @@ impl Session {
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
     async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
         if let Some(d) = &self.dedicated {
-            let (payload, plan) = Exchange::command(&[&b"DISCARD"[..]]).send();
-            let job = Job {
-                payload,
-                kind: JobKind::Request {
-                    plan,
-                    slot: None,
-                    blocking: false,
-                },
-                client: self.client.clone(),
-                enqueued: Instant::now(),
-            };
+            let job = self.unanswered(Exchange::command(&[&b"DISCARD"[..]]));
             let _ = d.tx.send(job).await;
         }
         self.reply(
@@ -1032,16 +1022,11 @@ impl Session {
         Flow::Go
     }
 
-    /// Run a command on the dedicated connection for the session's own
-    /// use (its reply does not go to the client): a connection-state
-    /// command the sidecar answers, applied where the client holds state.
-    async fn on_dedicated(&mut self, args: Vec<Bytes>) -> Result<Bytes, UpstreamError> {
-        let mut ex = Exchange::command(&args);
-        let rx = ex.tee();
-        let tx = self.channel(Target::Dedicated).await?;
-        self.barrier(&tx).await;
+    /// A job whose reply no client entry waits for (the sidecar's own
+    /// commands: a DISCARD, a state change it answers itself).
+    fn unanswered(&self, ex: Exchange) -> Job {
         let (payload, plan) = ex.send();
-        let job = Job {
+        Job {
             payload,
             kind: JobKind::Request {
                 plan,
@@ -1050,8 +1035,18 @@ impl Session {
             },
             client: self.client.clone(),
             enqueued: Instant::now(),
-        };
-        if tx.send(job).await.is_err() {
+        }
+    }
+
+    /// Run a command on the dedicated connection for the session's own
+    /// use (its reply does not go to the client): a connection-state
+    /// command the sidecar answers, applied where the client holds state.
+    async fn on_dedicated(&mut self, args: Vec<Bytes>) -> Result<Bytes, UpstreamError> {
+        let mut ex = Exchange::command(&args);
+        let rx = ex.tee();
+        let tx = self.channel(Target::Dedicated).await?;
+        self.barrier(&tx).await;
+        if tx.send(self.unanswered(ex)).await.is_err() {
             return Err(UpstreamError::ConnectionLost);
         }
         rx.await.unwrap_or(Err(UpstreamError::ConnectionLost))

@@ -380,3 +380,47 @@ pub async fn http(
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
+
+/// `blocked_clients` of the upstream's `INFO clients`, read directly.
+pub async fn blocked_clients(redis: &RedisServer) -> i64 {
+    let mut d = redis.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A reply with the connection id of a HELLO map replaced by `ID`: it
+/// differs between a direct connection and one through the sidecar.
+pub fn normalize_hello_id(reply: &[u8]) -> Vec<u8> {
+    let mut out = reply.to_vec();
+    let pat = b"$2\r\nid\r\n:";
+    let mut from = 0;
+    while let Some(at) = out[from..].windows(pat.len()).position(|w| w == pat) {
+        let start = from + at + pat.len();
+        let end = start + out[start..].iter().position(|&b| b == b'\r').unwrap();
+        out.splice(start..end, b"ID".iter().copied());
+        from = start;
+    }
+    out
+}
+
+/// A sidecar started from a TOML file that `control.reload()` re-reads.
+pub async fn sidecar_from_file(file: &std::path::Path) -> Sidecar {
+    let load = {
+        let file = file.to_path_buf();
+        move || -> anyhow::Result<Config> {
+            let text = std::fs::read_to_string(&file)?;
+            Ok(Config::from_toml(&text, &|_| None)?)
+        }
+    };
+    let v = load().unwrap().validate().unwrap();
+    Sidecar::start_with(v, Builder::default(), Some(std::sync::Arc::new(load)))
+        .await
+        .unwrap()
+}
