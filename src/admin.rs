@@ -234,10 +234,15 @@ fn upstreams_json(pool: &Pool) -> String {
             "reason": s.reason,
         })
     });
+    let version = pool.server_version();
     serde_json::json!({
         "active": active.endpoint.name(),
         "generation": active.generation,
         "last_switch": last_switch,
+        // What the active endpoint's HELLO said; TTL rules append
+        // `PEXPIRE .. NX/LT`, which need Redis 7.
+        "server_version": version,
+        "ttl_append_supported": crate::upstream::pool::supports_expire_options(&version),
         "upstreams": endpoints,
     })
     .to_string()

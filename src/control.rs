@@ -76,6 +76,11 @@ impl Control {
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the running configuration has TTL rules.
+    pub fn has_ttl_rules(&self) -> bool {
+        !self.lock().ttl.is_empty()
+    }
+
     /// The token state-changing admin requests need ("" = none).
     pub fn admin_token(&self) -> String {
         self.lock().admin_token.clone()

@@ -166,7 +166,11 @@ impl Sidecar {
             }
             None => None,
         };
-        tasks.spawn(learn_commands(pool.clone(), shutdown.clone()));
+        tasks.spawn(learn_commands(
+            pool.clone(),
+            control.clone(),
+            shutdown.clone(),
+        ));
         let limits = SessionLimits {
             frame: protocol::Limits {
                 max_bulk: c.limits.max_bulk.as_usize(),
@@ -253,7 +257,7 @@ impl Sidecar {
 /// Learn the command table, retrying in the background until it works,
 /// and again whenever the active endpoint changes (it may run another
 /// Redis version).
-async fn learn_commands(pool: Arc<Pool>, shutdown: CancellationToken) {
+async fn learn_commands(pool: Arc<Pool>, control: Arc<Control>, shutdown: CancellationToken) {
     let mut changes = pool.ups.subscribe();
     loop {
         let mut delay = Duration::from_millis(200);
@@ -261,7 +265,13 @@ async fn learn_commands(pool: Arc<Pool>, shutdown: CancellationToken) {
         loop {
             match pool.learn_commands().await {
                 Ok(n) => {
-                    tracing::info!(upstream = %endpoint.name(), commands = n, version = %pool.server_version(), "learned the command table from the upstream");
+                    let version = pool.server_version();
+                    tracing::info!(upstream = %endpoint.name(), commands = n, %version, "learned the command table from the upstream");
+                    if control.has_ttl_rules()
+                        && upstream::pool::supports_expire_options(&version) == Some(false)
+                    {
+                        tracing::warn!(upstream = %endpoint.name(), %version, "TTL rules append PEXPIRE .. NX/LT, which need Redis 7.0: on this upstream they fail (counted in ttl_append_errors_total); in-place SET rewrites still apply");
+                    }
                     break;
                 }
                 Err(e) => {

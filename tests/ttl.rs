@@ -287,6 +287,10 @@ async fn a_watch_abort_and_execabort_pass_through_unchanged() {
     );
     assert!(a.call(&[b"EXEC"]).await.starts_with(b"-EXECABORT"));
     assert_eq!(pttl(&redis, "sess:h").await, -2);
+    // /upstreams says whether the upstream takes PEXPIRE .. NX/LT.
+    let u = upstreams(&s).await;
+    assert_eq!(u["ttl_append_supported"], true, "{u}");
+    assert!(u["server_version"].as_str().unwrap().starts_with('7'));
     // The TTL of the key the other client wrote through the sidecar.
     let t = pttl(&redis, "sess:w").await;
     assert!(t > DEFAULT - 5_000 && t <= DEFAULT, "{t}");

@@ -441,6 +441,12 @@ impl Pool {
     }
 }
 
+/// `EXPIRE .. NX/GT/LT` exist from Redis 7.0 (`None`: version unknown).
+pub fn supports_expire_options(version: &str) -> Option<bool> {
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    Some(major >= 7)
+}
+
 /// A plain upstream connection for the control path: batches of commands,
 /// replies in order, each batch bounded by the command timeout.
 pub struct ControlConn {
@@ -523,5 +529,17 @@ fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
         if let Some(job) = backlog.pop_front() {
             job.fail(UpstreamError::Unavailable(reason.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supports_expire_options;
+
+    #[test]
+    fn expire_options_need_redis_7() {
+        assert_eq!(supports_expire_options("7.0.15"), Some(true));
+        assert_eq!(supports_expire_options("6.2.14"), Some(false));
+        assert_eq!(supports_expire_options(""), None);
     }
 }
