@@ -43,8 +43,10 @@ pub enum ProtocolError {
     InvalidMultibulkLength,
     #[error("invalid bulk length")]
     InvalidBulkLength,
-    #[error("expected '$', got '{0}'")]
-    ExpectedBulk(char),
+    /// The byte as it came: Redis writes it raw into its error line
+    /// (`%c`), CR and LF as spaces.
+    #[error("expected '$', got '{}'", char::from(*.0))]
+    ExpectedBulk(u8),
     #[error("too big inline request")]
     InlineTooBig,
     #[error("too big mbulk count string")]
@@ -71,9 +73,26 @@ impl ProtocolError {
         }
     }
 
-    /// The reply Redis sends before closing the connection.
+    /// The reply Redis sends before closing the connection. As Redis
+    /// (`addReplyErrorFormat`), CR and LF inside the text become spaces: an
+    /// error line cannot hold them.
     pub fn to_reply(&self) -> Bytes {
-        Bytes::from(format!("-ERR Protocol error: {self}\r\n"))
+        let mut out = b"-ERR Protocol error: ".to_vec();
+        match self {
+            ProtocolError::ExpectedBulk(b) => {
+                out.extend_from_slice(b"expected '$', got '");
+                out.push(*b);
+                out.push(b'\'');
+            }
+            other => out.extend_from_slice(other.to_string().as_bytes()),
+        }
+        for c in &mut out {
+            if *c == b'\r' || *c == b'\n' {
+                *c = b' ';
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        Bytes::from(out)
     }
 }
 
@@ -124,7 +143,7 @@ impl RequestScanner {
                         Inline::Request(r) => return Ok(Some(r)),
                     }
                 }
-                let Some(nl) = find_crlf(buf, 1) else {
+                let Some(nl) = count_line_end(buf, 0) else {
                     if buf.len() > MAX_COUNT_LINE {
                         return Err(ProtocolError::MultibulkCountTooBig);
                     }
@@ -150,20 +169,18 @@ impl RequestScanner {
             while remaining > 0 {
                 match self.bulk_len {
                     None => {
-                        if self.pos >= buf.len() {
-                            self.remaining = Some(remaining);
-                            return Ok(None);
-                        }
-                        if buf[self.pos] != b'$' {
-                            return Err(ProtocolError::ExpectedBulk(buf[self.pos] as char));
-                        }
-                        let Some(nl) = find_crlf(buf, self.pos + 1) else {
+                        // As Redis: the line is found first (a '$' is only
+                        // expected once it is complete).
+                        let Some(nl) = count_line_end(buf, self.pos) else {
                             if buf.len() - self.pos > MAX_COUNT_LINE {
                                 return Err(ProtocolError::BulkCountTooBig);
                             }
                             self.remaining = Some(remaining);
                             return Ok(None);
                         };
+                        if buf[self.pos] != b'$' {
+                            return Err(ProtocolError::ExpectedBulk(buf[self.pos]));
+                        }
                         let len = parse_int(&buf[self.pos + 1..nl])
                             .filter(|&l| l >= 0 && l as u64 <= self.limits.max_bulk as u64)
                             .ok_or(ProtocolError::InvalidBulkLength)?;
@@ -195,7 +212,13 @@ impl RequestScanner {
     }
 
     fn inline(&mut self, buf: &mut BytesMut) -> Result<Inline, ProtocolError> {
-        let Some(nl) = memchr::memchr(b'\n', buf) else {
+        // Redis looks for the newline with strchr(): a NUL before it hides
+        // it, and the request stays incomplete (until it is too big).
+        let nl = match memchr::memchr2(b'\n', 0, buf) {
+            Some(i) if buf[i] == b'\n' => Some(i),
+            _ => None,
+        };
+        let Some(nl) = nl else {
             if buf.len() > self.limits.max_inline {
                 return Err(ProtocolError::InlineTooBig);
             }
@@ -225,76 +248,91 @@ enum Inline {
     Request(Request),
 }
 
-/// Split an inline command line like Redis's `sdssplitargs`: whitespace
-/// separated, with "double quotes" (and \n, \xHH escapes) and 'single quotes'.
+/// Split an inline command line exactly as Redis's `sdssplitargs` does
+/// (sds.c): tokens separated by blanks (C `isspace`), a quote anywhere in a
+/// token opens a quoted part ("double": `\n \r \t \b \a \xHH` and `\c`
+/// escapes; 'single': only `\'`), a closing quote must be followed by a
+/// blank or the end, and an unterminated quote is an error. The line holds
+/// no NUL (the scanner never completes such a line, as Redis does not).
 fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
+    // C isspace: space, \t, \n, \v, \f, \r.
+    let blank = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    let hex = |c: u8| (c as char).to_digit(16);
     let mut args = Vec::new();
-    let mut i = 0;
-    while i < line.len() {
-        while i < line.len() && line[i].is_ascii_whitespace() {
-            i += 1;
+    let mut p = 0;
+    loop {
+        while p < line.len() && blank(line[p]) {
+            p += 1;
         }
-        if i >= line.len() {
-            break;
+        if p >= line.len() {
+            return Ok(args);
         }
+        let (mut inq, mut insq) = (false, false);
         let mut cur = Vec::new();
-        match line[i] {
-            q @ (b'"' | b'\'') => {
-                i += 1;
-                loop {
-                    let Some(&c) = line.get(i) else {
+        loop {
+            let c = at(p);
+            if inq {
+                if c == b'\\' && at(p + 1) == b'x' {
+                    if let (Some(h), Some(l)) = (hex(at(p + 2)), hex(at(p + 3))) {
+                        cur.push((h * 16 + l) as u8);
+                        p += 4;
+                        continue;
+                    }
+                }
+                if c == b'\\' && at(p + 1) != 0 {
+                    p += 1;
+                    cur.push(match at(p) {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    if at(p + 1) != 0 && !blank(at(p + 1)) {
                         return Err(ProtocolError::UnbalancedQuotes);
-                    };
-                    if c == q {
-                        i += 1;
-                        // A closing quote must be followed by a space or end.
-                        if line.get(i).is_some_and(|c| !c.is_ascii_whitespace()) {
-                            return Err(ProtocolError::UnbalancedQuotes);
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return Err(ProtocolError::UnbalancedQuotes);
+                } else {
+                    cur.push(c);
+                }
+            } else if insq {
+                if c == b'\\' && at(p + 1) == b'\'' {
+                    p += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if at(p + 1) != 0 && !blank(at(p + 1)) {
+                        return Err(ProtocolError::UnbalancedQuotes);
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return Err(ProtocolError::UnbalancedQuotes);
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                match c {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
+                        if c != 0 {
+                            p += 1;
                         }
                         break;
                     }
-                    if c == b'\\' && i + 1 < line.len() {
-                        let e = line[i + 1];
-                        if q == b'"' && e == b'x' && i + 3 < line.len() {
-                            let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok();
-                            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                                cur.push(b);
-                                i += 4;
-                                continue;
-                            }
-                        }
-                        let out = match (q, e) {
-                            (b'"', b'n') => b'\n',
-                            (b'"', b'r') => b'\r',
-                            (b'"', b't') => b'\t',
-                            (b'"', b'b') => 8,
-                            (b'"', b'a') => 7,
-                            (b'"', other) => other,
-                            (_, b'\'') => b'\'',
-                            _ => {
-                                cur.push(c);
-                                i += 1;
-                                continue;
-                            }
-                        };
-                        cur.push(out);
-                        i += 2;
-                        continue;
-                    }
-                    cur.push(c);
-                    i += 1;
+                    b'"' => inq = true,
+                    b'\'' => insq = true,
+                    other => cur.push(other),
                 }
             }
-            _ => {
-                while i < line.len() && !line[i].is_ascii_whitespace() {
-                    cur.push(line[i]);
-                    i += 1;
-                }
-            }
+            p += 1;
         }
         args.push(Bytes::from(cur));
     }
-    Ok(args)
 }
 
 /// Encode a command as a RESP array of bulk strings.
@@ -484,6 +522,14 @@ impl ReplyScanner {
 }
 
 /// Position of the `\r` of the first CRLF at or after `from`.
+/// The end of a count line (`*n` or `$n`) starting at `from`, as Redis
+/// finds it: the first `\r` (strchr: a NUL before it hides it), with one
+/// more byte after it, whatever that byte is (Redis skips two bytes).
+fn count_line_end(buf: &[u8], from: usize) -> Option<usize> {
+    let i = memchr::memchr2(b'\r', 0, &buf[from..])? + from;
+    (buf[i] == b'\r' && i + 1 < buf.len()).then_some(i)
+}
+
 fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
     let mut start = from;
     while start < buf.len() {
@@ -496,12 +542,42 @@ fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// Strict decimal integer parse (what Redis's `string2ll` accepts).
+/// A decimal integer exactly as Redis's `string2ll` accepts it: an
+/// optional `-` (no `+`), no leading zeros (`0` alone is fine, `-0` is
+/// not), digits only, within `i64`. Used for lengths on the wire (so only
+/// what Redis would accept reaches a shared connection) and for integer
+/// arguments the sidecar reads itself.
 pub fn parse_int(s: &[u8]) -> Option<i64> {
     if s.is_empty() || s.len() > 20 {
         return None;
     }
-    std::str::from_utf8(s).ok()?.parse().ok()
+    if s == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    match digits.first() {
+        Some(b'1'..=b'9') => {}
+        _ => return None,
+    }
+    let mut v: u64 = 0;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    if negative {
+        // i64::MIN's magnitude is one more than i64::MAX's.
+        if v > i64::MAX as u64 + 1 {
+            return None;
+        }
+        Some((v as i64).wrapping_neg())
+    } else {
+        i64::try_from(v).ok()
+    }
 }
 
 /// Split a complete RESP array reply into (header length, element ranges).
@@ -539,6 +615,32 @@ mod tests {
             out.push(r.args);
         }
         out
+    }
+
+    #[test]
+    fn integers_as_redis_string2ll_takes_them() {
+        for (s, want) in [
+            ("0", Some(0)),
+            ("42", Some(42)),
+            ("-1", Some(-1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("04", None),
+            ("+4", None),
+            ("-0", None),
+            ("-", None),
+            ("", None),
+            (" 4", None),
+            ("4 ", None),
+            ("1e3", None),
+        ] {
+            assert_eq!(parse_int(s.as_bytes()), want, "{s:?}");
+        }
+        assert_eq!(
+            &ProtocolError::ExpectedBulk(b'\r').to_reply()[..],
+            b"-ERR Protocol error: expected '$', got ' '\r\n"
+        );
     }
 
     #[test]
@@ -586,7 +688,7 @@ mod tests {
         let e = s
             .next(&mut BytesMut::from(&b"*1\r\n:1\r\n"[..]))
             .unwrap_err();
-        assert_eq!(e, ProtocolError::ExpectedBulk(':'));
+        assert_eq!(e, ProtocolError::ExpectedBulk(b':'));
         let mut s = RequestScanner::new(limits);
         let e = s.next(&mut BytesMut::from(&b"*x\r\n"[..])).unwrap_err();
         assert_eq!(e, ProtocolError::InvalidMultibulkLength);

@@ -461,6 +461,17 @@ impl Session {
             self.entry.touch_cmd(i.id);
         }
         let mut ex = Exchange::new(req.raw, req.args);
+        if let (Class::Local(_), Some(i)) = (class, info.as_deref())
+            && let Some(err) = arity_error(i, ex.args())
+        {
+            // As Redis, before anything runs or is queued (inside MULTI
+            // this aborts the transaction).
+            if let Mode::Transaction(tx) = &mut self.mode {
+                tx.refused = true;
+            }
+            self.now(err, Some(&metrics)).await;
+            return Flow::Go;
+        }
         if !self.chain.1.is_empty()
             && let Some(flow) =
                 Box::pin(self.run_chain(&mut ex, class, info.as_deref(), &metrics)).await
@@ -1484,6 +1495,26 @@ enum Answer {
     Now(Value),
     /// Send this upstream instead (an id mapped to an upstream id).
     Upstream(Vec<Bytes>),
+}
+
+/// Redis's arity check (`arity` N: exactly N arguments; -N: at least N),
+/// with its wording, for the commands the sidecar answers itself.
+fn arity_error(info: &CommandInfo, args: &[Bytes]) -> Option<Bytes> {
+    let n = args.len() as i64;
+    let wrong = (info.arity > 0 && info.arity != n) || n < -info.arity;
+    if wrong {
+        return Some(Bytes::from(format!(
+            "-ERR wrong number of arguments for '{}' command\r\n",
+            info.name
+        )));
+    }
+    match info.name.as_str() {
+        "auth" if n > 3 => Some(Bytes::from_static(b"-ERR syntax error\r\n")),
+        "client|unblock" if n > 4 => Some(Bytes::from_static(
+            b"-ERR unknown subcommand or wrong number of arguments for 'UNBLOCK'. Try CLIENT HELP.\r\n",
+        )),
+        _ => None,
+    }
 }
 
 /// Commands that are queued inside MULTI (the others run at once).
