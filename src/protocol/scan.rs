@@ -273,12 +273,13 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
         loop {
             let c = at(p);
             if inq {
-                if c == b'\\' && at(p + 1) == b'x' {
-                    if let (Some(h), Some(l)) = (hex(at(p + 2)), hex(at(p + 3))) {
-                        cur.push((h * 16 + l) as u8);
-                        p += 4;
-                        continue;
-                    }
+                if c == b'\\'
+                    && at(p + 1) == b'x'
+                    && let (Some(h), Some(l)) = (hex(at(p + 2)), hex(at(p + 3)))
+                {
+                    cur.push((h * 16 + l) as u8);
+                    p += 4;
+                    continue;
                 }
                 if c == b'\\' && at(p + 1) != 0 {
                     p += 1;
