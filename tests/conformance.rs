@@ -121,9 +121,9 @@ fn mutate(r: &mut Rng, stream: &mut Vec<u8>) {
         1 => {
             stream.remove(at);
         }
-        2 => stream.insert(at, *r.pick(&[b'\r', b'\n'])),
+        2 => stream.insert(at, *r.pick(b"\r\n")),
         // Type bytes.
-        3 => stream[at] = *r.pick(&[b'*', b'$', b'+', b':', b'-', b'%', b'>', b' ', b'x']),
+        3 => stream[at] = *r.pick(b"*$+:-%> x"),
         // Truncation.
         4 => stream.truncate(at),
         // Huge counts.
@@ -160,7 +160,7 @@ fn mutate(r: &mut Rng, stream: &mut Vec<u8>) {
             }
         }
         // Unbalanced quote in what may be an inline line.
-        _ => stream.insert(at, *r.pick(&[b'"', b'\''])),
+        _ => stream.insert(at, *r.pick(b"\"'")),
     }
 }
 
