@@ -149,14 +149,14 @@ fn mutate(r: &mut Rng, stream: &mut Vec<u8>) {
         7 => stream[at] = r.next() as u8,
         // Length off by one.
         8 => {
-            if let Some(d) = (at..stream.len()).find(|&i| stream[i] == b'$') {
-                if let Some(i) = (d + 1..stream.len()).find(|&i| stream[i].is_ascii_digit()) {
-                    stream[i] = if stream[i] == b'9' {
-                        b'0'
-                    } else {
-                        stream[i] + 1
-                    };
-                }
+            if let Some(d) = (at..stream.len()).find(|&i| stream[i] == b'$')
+                && let Some(i) = (d + 1..stream.len()).find(|&i| stream[i].is_ascii_digit())
+            {
+                stream[i] = if stream[i] == b'9' {
+                    b'0'
+                } else {
+                    stream[i] + 1
+                };
             }
         }
         // Unbalanced quote in what may be an inline line.
