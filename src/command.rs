@@ -266,7 +266,11 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
         b"watch" => Class::Pin(Pin::Watch),
         b"exec" | b"discard" | b"unwatch" => Class::Pin(Pin::EndTransaction),
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"monitor" => Class::Pin(Pin::Stream),
-        b"wait" | b"waitaof" => Class::Pin(Pin::Blocking),
+        // Blocking whatever table is in use (the built-in one lacks some,
+        // and a table may not be learned yet): one of these on a shared
+        // connection would hold it for every client.
+        b"wait" | b"waitaof" | b"blpop" | b"brpop" | b"brpoplpush" | b"blmove" | b"blmpop"
+        | b"bzpopmin" | b"bzpopmax" | b"bzmpop" => Class::Pin(Pin::Blocking),
         b"xread" | b"xreadgroup" => {
             // Flagged blocking by Redis, but only BLOCK makes them block.
             let blocks = args

@@ -262,6 +262,7 @@ async fn learn_commands(pool: Arc<Pool>, control: Arc<Control>, shutdown: Cancel
     loop {
         let mut delay = Duration::from_millis(200);
         let endpoint = changes.borrow_and_update().endpoint.clone();
+        let mut warned = false;
         loop {
             match pool.learn_commands().await {
                 Ok(n) => {
@@ -274,15 +275,21 @@ async fn learn_commands(pool: Arc<Pool>, control: Arc<Control>, shutdown: Cancel
                     }
                     break;
                 }
+                // Once: without a password in the URL this fails until a
+                // client authenticates, and the built-in table serves.
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(upstream = %endpoint.name(), error = %e, "cannot learn the command table yet (tried again with the first credentials a client authenticates with); using the built-in one");
+                }
                 Err(e) => {
-                    tracing::warn!(upstream = %endpoint.name(), error = %e, "cannot learn the command table yet; using the one we have");
+                    tracing::debug!(upstream = %endpoint.name(), error = %e, "cannot learn the command table yet");
                 }
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return,
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
         // Wait for a different endpoint (a sentinel refresh keeps the same).
         loop {

@@ -347,3 +347,37 @@ async fn a_client_that_leaves_while_blocked_leaves_nothing_blocked_upstream() {
     let n: i64 = b.llen("q").await.unwrap();
     assert_eq!(n, 1);
 }
+
+/// With a `requirepass` upstream and no password in the URL (clients
+/// AUTH themselves), COMMAND is refused until a client authenticates: a
+/// blocking command the built-in table lacks must still get its own
+/// connection, and the table is learned with the client's credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_never_hold_a_shared_connection_before_the_table_is_learned() {
+    let redis = RedisServer::start_with(&["--requirepass", "pw"]);
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let mut cfg = config(&url);
+    // One shared connection: both clients would be on it.
+    cfg.pool.shared_connections = std::num::NonZeroUsize::MIN;
+    cfg.timeouts.command = Duration::from_secs(1);
+    let s = sidecar_with(cfg, Default::default()).await;
+    assert_eq!(s.pool.table_generation(), 0);
+    let mut a = Raw::connect(s.addr).await;
+    let mut b = Raw::connect(s.addr).await;
+    for c in [&mut a, &mut b] {
+        assert_eq!(&c.call(&[b"AUTH", b"pw"]).await[..], b"+OK\r\n");
+    }
+    a.cmd(&[b"BLMPOP", b"0", b"1", b"mq", b"LEFT"]).await;
+    a.cmd(&[b"PING"]).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+    // Same identity, so the same shared connection as the blocked client;
+    // past the command timeout it would have been closed under them.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..20 {
+        assert_eq!(&b.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    }
+    assert_eq!(&b.call(&[b"LPUSH", b"mq", b"x"]).await[..], b":1\r\n");
+    assert_eq!(&a.read().await[..], b"*2\r\n$2\r\nmq\r\n*1\r\n$1\r\nx\r\n");
+    assert_eq!(&a.read().await[..], b"+PONG\r\n");
+    assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
+}

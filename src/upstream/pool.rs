@@ -357,12 +357,38 @@ impl Pool {
     /// Learn the command table from the upstream's `COMMAND`. Best effort:
     /// the built-in table stays when this fails.
     pub async fn learn_commands(&self) -> Result<usize, UpstreamError> {
-        let ident = Identity {
+        // The URL's credentials first; when they are not enough (clients
+        // authenticate themselves to a `requirepass` upstream), any
+        // identity a client has authenticated with since.
+        let url = Identity {
             proto: Proto::Resp2,
             db: 0,
             auth: None,
         };
-        let reply = self.one_command(&ident, b"COMMAND").await?;
+        let clients: Vec<Identity> = self
+            .lock_shared()
+            .keys()
+            .filter(|i| i.auth.is_some())
+            .map(|i| Identity {
+                auth: i.auth.clone(),
+                ..url.clone()
+            })
+            .collect();
+        let mut last = UpstreamError::ConnectionLost;
+        for ident in std::iter::once(url).chain(clients) {
+            match self.learn_with(&ident).await {
+                Ok(n) => return Ok(n),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn learn_with(&self, ident: &Identity) -> Result<usize, UpstreamError> {
+        let reply = self.one_command(ident, b"COMMAND").await?;
+        if crate::protocol::is_error(&reply) {
+            return Err(UpstreamError::Refused(conn::error_text(&reply)));
+        }
         let frame = redis_protocol::resp2::decode::decode(&reply)
             .ok()
             .flatten()
