@@ -212,6 +212,9 @@ pub enum Pin {
     /// CLIENT TRACKING and other per-connection state Redis keeps: the
     /// client stays pinned for the rest of its life.
     Sticky,
+    /// SYNC/PSYNC: the client becomes a replica; its connection then
+    /// carries an RDB payload and the command stream, not RESP replies.
+    Replica,
 }
 
 /// How the session must treat a command.
@@ -266,6 +269,10 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
         b"watch" => Class::Pin(Pin::Watch),
         b"exec" | b"discard" | b"unwatch" => Class::Pin(Pin::EndTransaction),
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"monitor" => Class::Pin(Pin::Stream),
+        b"sync" | b"psync" => Class::Pin(Pin::Replica),
+        // Replica handshake state is per connection: the SYNC that follows
+        // must find it.
+        b"replconf" => Class::Pin(Pin::Sticky),
         // Blocking whatever table is in use (the built-in one lacks some,
         // and a table may not be learned yet): one of these on a shared
         // connection would hold it for every client.

@@ -154,3 +154,48 @@ async fn node_apps_under_ttl_rules() {
         .unwrap();
     }
 }
+
+/// Replication through the sidecar: `redis-cli --rdb` (REPLCONF, SYNC, an
+/// RDB payload that is not RESP) gets a valid dump on its own dedicated
+/// connection, while other clients' requests on the shared connections
+/// are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_rdb_through_the_sidecar() {
+    // No 5 s wait before a diskless transfer starts.
+    let redis = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let s = sidecar(&redis).await;
+    let mut c = client(&s).await;
+    for i in 0..100 {
+        let _: () = redis::AsyncCommands::set(&mut c, format!("rdb:{i}"), i)
+            .await
+            .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("sidecar-rdb-{}", redis.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dump.rdb");
+    let port = s.addr.port().to_string();
+    let f = file.clone();
+    let dump = tokio::task::spawn_blocking(move || {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port, "--rdb"])
+            .arg(&f)
+            .output()
+            .unwrap()
+    });
+    // Meanwhile the shared connections serve as usual.
+    for i in 0..200 {
+        let v: i64 = redis::AsyncCommands::incr(&mut c, "rdb:counter", 1)
+            .await
+            .unwrap();
+        assert_eq!(v, i + 1);
+    }
+    let out = dump.await.unwrap();
+    assert!(out.status.success(), "redis-cli --rdb: {out:?}");
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.starts_with(b"REDIS"), "not an RDB file");
+    assert!(
+        bytes.windows(6).any(|w| w == b"rdb:99"),
+        "the keys are in it"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -94,6 +94,8 @@ struct Subs {
     patterns: HashSet<Bytes>,
     shard: HashSet<Bytes>,
     monitor: bool,
+    /// SYNC/PSYNC: the client is a replica.
+    replica: bool,
 }
 
 /// A connection-state change queued in a transaction.
@@ -572,15 +574,21 @@ impl Session {
                 flow
             }
             Class::Pin(Pin::Blocking) => self.send_job(Target::Dedicated, ex, true, metrics).await,
-            Class::Pin(Pin::Stream) => {
+            Class::Pin(p @ (Pin::Stream | Pin::Replica)) => {
                 if let Err(e) = self.ensure_dedicated().await {
                     return self.upstream_error(e, metrics).await;
                 }
                 self.transition(Event::Stream);
                 self.note_subscriptions(ex.args());
                 let payload = ex.into_command();
-                self.send_stream(payload, JobKind::StartStream, metrics)
-                    .await
+                // A replica's connection carries an RDB, then commands:
+                // passed through unparsed.
+                let kind = if p == Pin::Replica {
+                    JobKind::StartRaw
+                } else {
+                    JobKind::StartStream
+                };
+                self.send_stream(payload, kind, metrics).await
             }
             Class::Pin(Pin::Sticky) => {
                 let mut ex = ex;
@@ -683,7 +691,7 @@ impl Session {
                 self.transition(Event::Pin);
                 None
             }
-            Class::Pin(Pin::Stream | Pin::Blocking) | Class::Forward => None,
+            Class::Pin(Pin::Stream | Pin::Blocking | Pin::Replica) | Class::Forward => None,
         };
         let item = ex.tx_item();
         if let Mode::Transaction(tx) = &mut self.mode {
@@ -854,6 +862,10 @@ impl Session {
                 subs.monitor = true;
                 return;
             }
+            b"sync" | b"psync" => {
+                subs.replica = true;
+                return;
+            }
             _ => return,
         };
         if add {
@@ -890,6 +902,7 @@ impl Session {
         (p.flags, p.multi, p.sub, p.psub, p.ssub) = match &self.mode {
             Mode::Transaction(tx) => ("x", tx.items.len() as i64, 0, 0, 0),
             Mode::Streaming(s) if s.monitor => ("O", -1, 0, 0, 0),
+            Mode::Streaming(s) if s.replica => ("S", -1, 0, 0, 0),
             Mode::Streaming(s) => ("P", -1, s.channels.len(), s.patterns.len(), s.shard.len()),
             _ => ("N", -1, 0, 0, 0),
         };

@@ -220,6 +220,8 @@ struct Pending {
     deadline: Option<Instant>,
     /// Marker: from here on the connection streams.
     start_stream: bool,
+    /// Marker: from here on the connection's bytes pass unparsed.
+    start_raw: bool,
 }
 
 impl Pending {
@@ -409,15 +411,17 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
             client: job.client,
             deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
             start_stream: false,
+            start_raw: false,
         }),
-        JobKind::StartStream => Some(Pending {
+        JobKind::StartStream | JobKind::StartRaw => Some(Pending {
             plan: None,
             got: 0,
             keep: None,
             slot: None,
             client: job.client,
             deadline: None,
-            start_stream: true,
+            start_stream: !matches!(job.kind, JobKind::StartRaw),
+            start_raw: matches!(job.kind, JobKind::StartRaw),
         }),
         JobKind::Stream => None,
     };
@@ -440,6 +444,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> Result<(), UpstreamError> {
     let mut scanner = ReplyScanner::new(settings.max_reply_bulk);
     let mut streaming = false;
+    let mut raw = false;
     // Deadlines are checked on a tick rather than per request: one timer
     // per connection instead of one per command.
     let tick_every =
@@ -452,6 +457,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         let mut result = Ok(());
         loop {
+            // Once every reply before a SYNC is dispatched, the rest of the
+            // connection (the RDB, then the command stream) passes as is.
+            if !raw && lock(fifo).front().is_some_and(|p| p.start_raw) {
+                lock(fifo).pop_front();
+                raw = true;
+            }
+            if raw {
+                if let Some(o) = oob.filter(|_| !rbuf.is_empty()) {
+                    o.send(rbuf.split().freeze());
+                    touched.push(o.0.clone());
+                }
+                break;
+            }
             match scanner.next(&mut rbuf) {
                 Ok(Some(frame)) => {
                     match dispatch(frame, fifo, &mut streaming, oob, metrics, settings) {

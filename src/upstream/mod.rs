@@ -175,6 +175,9 @@ pub enum JobKind {
     /// From here on the connection is a stream: every frame goes to the
     /// client as it arrives (SUBSCRIBE, MONITOR, CLIENT REPLY).
     StartStream,
+    /// From here on the connection's bytes go to the client as they come,
+    /// unparsed (SYNC/PSYNC: an RDB payload is not RESP).
+    StartRaw,
     /// Bytes for a connection that already streams.
     Stream,
 }
