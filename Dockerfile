@@ -1,7 +1,11 @@
 # Multi-stage build: compile in the Rust image, run in a slim Debian image
 # as a non-root user.
 #   docker build -t redis-sidecar .
-#   docker run -p 6380:6380 -p 9121:9121 -e REDIS_URL=redis://redis:6379 redis-sidecar
+#   docker run -p 127.0.0.1:6380:6380 -p 127.0.0.1:9121:9121 \
+#     -e REDIS_URL=redis://redis:6379 -e REDIS_SIDECAR_ADMIN_TOKEN=... redis-sidecar
+# Publish the ports on loopback (or a private network) only: the client
+# port hands out the upstream URL's credentials, and the admin API can
+# reload and switch upstreams (REDIS_SIDECAR_ADMIN_TOKEN sets its token).
 # With a config file (its listen/admin_listen are overridden by the CMD
 # flags below unless you replace the CMD):
 #   docker run -v $PWD/config:/etc/redis-sidecar:ro \

@@ -15,6 +15,9 @@ if [ -z "${REDIS_URL:-}" ]; then
   fi
   export REDIS_URL=redis://127.0.0.1:6379
 fi
-cargo build --release --quiet
+if [ ! -x target/release/redis-sidecar ]; then
+  echo "building redis-sidecar (release, optimised: the first build takes a few minutes; later ones are quick)"
+fi
+cargo build --release
 echo "redis-sidecar: clients connect to redis://127.0.0.1:6380, metrics on http://127.0.0.1:9121/metrics"
 exec ./target/release/redis-sidecar "$@"

@@ -32,6 +32,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 const MAX_CONNS: usize = 64;
 /// A request must arrive within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time a response may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve admin requests until `shutdown`.
 pub async fn serve(
@@ -269,7 +271,14 @@ async fn respond(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.shutdown().await
+    // A reader that stops reading must not hold the connection (and one
+    // of the admin slots) for ever.
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

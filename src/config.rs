@@ -15,7 +15,8 @@ use serde::{Deserialize, Deserializer};
 use crate::upstream::url::{Secret, Target};
 
 /// The whole configuration (see `config/redis-sidecar.example.toml`).
-#[derive(Debug, Clone, Deserialize)]
+/// Its `Debug` never prints a secret (the admin token, URL passwords).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where clients connect.
@@ -89,6 +90,32 @@ pub enum RuleMode {
     #[default]
     Enforce,
     Observe,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field(
+                "admin_token",
+                &if self.admin_token.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
+            .field("threads", &self.threads)
+            .field("upstream", &self.upstream)
+            .field("failover", &self.failover)
+            .field("limits", &self.limits)
+            .field("timeouts", &self.timeouts)
+            .field("pool", &self.pool)
+            .field("log", &self.log)
+            .field("access", &self.access)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// `[access]`: commands and ACL categories clients may not run, refused
@@ -719,6 +746,24 @@ mod tests {
 
     fn env(n: &str) -> Option<String> {
         (n == "PW").then(|| "s3cret".to_string())
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let c = Config {
+            admin_token: "tok3n-s3cret".into(),
+            upstream: vec![UpstreamConfig {
+                name: "u".into(),
+                url: "redis://app:pa55w0rd@h:6379".into(),
+                sentinel_password: Some("sent1nel".into()),
+                ..UpstreamConfig::default()
+            }],
+            ..Config::default()
+        };
+        let text = format!("{c:?}");
+        for secret in ["tok3n-s3cret", "pa55w0rd", "sent1nel"] {
+            assert!(!text.contains(secret), "{text}");
+        }
     }
 
     #[test]

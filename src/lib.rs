@@ -188,6 +188,7 @@ impl Sidecar {
             c.limits.max_clients.get(),
             shutdown.clone(),
         ));
+        warn_exposure(v.listen, admin_addr, &c.admin_token);
         let active = pool.ups.active().endpoint;
         tracing::info!(%addr, admin = ?admin_addr, upstream = %active.name(), url = %active.spec.target, "redis-sidecar listening");
         Ok(Sidecar {
@@ -251,6 +252,21 @@ impl Sidecar {
             return false;
         }
         drained
+    }
+}
+
+/// Say so at startup when a listener is reachable beyond this host without
+/// protection: the admin API can switch upstreams and reload, and clients
+/// use the upstream URL's credentials (the sidecar asks them for none).
+fn warn_exposure(listen: SocketAddr, admin: Option<SocketAddr>, admin_token: &str) {
+    if let Some(a) = admin
+        && !a.ip().is_loopback()
+        && admin_token.is_empty()
+    {
+        tracing::warn!(admin = %a, "the admin listener is reachable beyond this host and has no admin_token: anyone who reaches it can reload or switch upstreams; set REDIS_SIDECAR_ADMIN_TOKEN or listen on 127.0.0.1");
+    }
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "the client listener is reachable beyond this host: anyone who reaches it uses the upstream URL's credentials; keep it on 127.0.0.1 or a private network");
     }
 }
 

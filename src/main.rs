@@ -9,8 +9,9 @@ use redis_sidecar::Sidecar;
 use redis_sidecar::config::{Config, LogFormat, UpstreamConfig, process_env};
 use redis_sidecar::policy::Builder;
 
-/// A Redis-protocol sidecar proxy.
-#[derive(Parser, Debug, Clone)]
+/// A Redis-protocol sidecar proxy. (No `Debug`: `--upstream` URLs may
+/// hold passwords.)
+#[derive(Parser, Clone)]
 #[command(version, about)]
 struct Cli {
     /// TOML configuration file (see config/redis-sidecar.example.toml).
@@ -109,6 +110,16 @@ fn main() -> ExitCode {
         &validated.config.log.level,
         cli.log_json || validated.config.log.format == LogFormat::Json,
     );
+    if validated
+        .upstreams
+        .iter()
+        .zip(&cli.upstream)
+        .any(|(u, _)| u.target.credentials().is_some())
+    {
+        tracing::warn!(
+            "a password given with --upstream is visible to other users in the process list; put the URL in REDIS_URL or the configuration file (\"${{ENV}}\")"
+        );
+    }
     // One thread: a current-thread runtime, where waking a task is a
     // queue push rather than a cross-thread notification.
     let threads = validated.config.threads.get();
@@ -208,6 +219,13 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(a) = &cli.admin_listen {
         config.admin_listen = a.clone();
     }
+    // From the environment (a container's secret), never the command line.
+    if let Some(t) = std::env::var("REDIS_SIDECAR_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        config.admin_token = t;
+    }
     if !cli.upstream.is_empty() {
         config.upstream = cli
             .upstream
@@ -235,8 +253,11 @@ fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: not in files, journald or
+    // container logs.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

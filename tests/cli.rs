@@ -255,3 +255,77 @@ async fn ttl_audit_reports_what_the_rules_would_change_and_changes_nothing() {
         .unwrap();
     assert_eq!(ttl, -1, "read-only");
 }
+
+/// A deployment reachable beyond this host: warnings at startup, the
+/// admin token from the environment, plain-text logs when stderr is not a
+/// terminal, and no secret in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposure_warnings_admin_token_from_env_and_plain_logs() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cr3tpw"]);
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--admin-listen",
+            &format!("0.0.0.0:{admin_port}"),
+            "--upstream",
+            &redis.url(),
+        ])
+        .env_remove("REDIS_SIDECAR_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(eventually(|| async { std::net::TcpStream::connect(addr).is_ok() }).await);
+    let mut c = Raw::connect(addr).await;
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    for want in [
+        "admin listener is reachable beyond this host and has no admin_token",
+        "client listener is reachable beyond this host",
+        "visible to other users in the process list",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in {out}");
+    }
+    assert!(
+        !out.contains('\x1b'),
+        "colour codes in a non-terminal log: {out}"
+    );
+    assert!(!out.contains("s3cr3tpw"), "secret in the log: {out}");
+
+    // The admin token from the environment.
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+            "--upstream",
+            &redis.url(),
+        ])
+        .env("REDIS_SIDECAR_ADMIN_TOKEN", "env-tok")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert!(eventually(|| async { std::net::TcpStream::connect(admin).is_ok() }).await);
+    assert_eq!(http(admin, "POST", "/reload", None).await.0, 401);
+    assert_eq!(http(admin, "POST", "/reload", Some("wrong")).await.0, 401);
+    assert_eq!(http(admin, "POST", "/reload", Some("env-tok")).await.0, 200);
+    signal(&child, "TERM");
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+}

@@ -54,15 +54,32 @@ async fn redis_cli_through_the_sidecar() {
     assert!(text.contains("errors: 0, replies: 1000"), "{text}");
 }
 
-/// Run a compatibility script; its output goes straight to the test log
-/// so a failing or slow check is visible as it happens.
-fn run_script(program: &str, args: &[&str], dir: &Path, url: &str) {
-    let status = Command::new(program)
+/// How long a compatibility script may take: a client library that hangs
+/// fails the test instead of hanging CI.
+const SCRIPT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Run a compatibility script (killed past [`SCRIPT_TIME_LIMIT`]); its
+/// output goes straight to the test log so a failing or slow check is
+/// visible as it happens.
+fn run_script(program: &str, args: &[&str], dir: &Path, envs: &[(&str, &str)]) {
+    let mut child = Command::new(program)
         .args(args)
         .current_dir(dir)
-        .env("SIDECAR_URL", url)
-        .status()
+        .envs(envs.iter().copied())
+        .spawn()
         .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > SCRIPT_TIME_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} did not finish within {SCRIPT_TIME_LIMIT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
@@ -77,9 +94,11 @@ async fn node_clients_ioredis_bullmq_connect_redis() {
     let redis = RedisServer::start();
     let s = sidecar(&redis).await;
     let url = url(&s);
-    tokio::task::spawn_blocking(move || run_script("node", &["compat.mjs"], &dir, &url))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        run_script("node", &["compat.mjs"], &dir, &[("SIDECAR_URL", &url)])
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,9 +114,11 @@ async fn python_redis_py_resp3_and_resp2() {
     let s = sidecar(&redis).await;
     let url = url(&s);
     let py = python.to_string_lossy().to_string();
-    tokio::task::spawn_blocking(move || run_script(&py, &["compat.py"], &dir, &url))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        run_script(&py, &["compat.py"], &dir, &[("SIDECAR_URL", &url)])
+    })
+    .await
+    .unwrap();
 }
 
 /// The typical app's patterns under TTL rules (compat/node/ttl.mjs): the
@@ -141,14 +162,12 @@ async fn node_apps_under_ttl_rules() {
         assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
         let (dir, url) = (dir.clone(), url(&s));
         tokio::task::spawn_blocking(move || {
-            let status = Command::new("node")
-                .arg("ttl.mjs")
-                .current_dir(&dir)
-                .env("SIDECAR_URL", &url)
-                .env("MODE", mode)
-                .status()
-                .unwrap();
-            assert!(status.success(), "ttl.mjs ({mode}) failed: {status}");
+            run_script(
+                "node",
+                &["ttl.mjs"],
+                &dir,
+                &[("SIDECAR_URL", &url), ("MODE", mode)],
+            )
         })
         .await
         .unwrap();

@@ -129,6 +129,10 @@ pub enum UrlError {
     UserEncoding,
     #[error("invalid percent-encoding in password")]
     PasswordEncoding,
+    /// A `#` or `?` before the `@`: it would cut the URL short and turn
+    /// the rest of the password into a host.
+    #[error("the user or password contains '#' or '?': percent-encode them (%23, %3F)")]
+    ReservedInCredentials,
 }
 
 impl Target {
@@ -179,6 +183,11 @@ impl Target {
 type UrlParts<'a> = (Option<String>, Option<Secret>, &'a str, &'a str);
 
 fn split_url(rest: &str) -> Result<UrlParts<'_>, UrlError> {
+    if let Some(cut) = rest.find(['?', '#'])
+        && rest[cut..].contains('@')
+    {
+        return Err(UrlError::ReservedInCredentials);
+    }
     let rest = rest.split(['?', '#']).next().unwrap_or("");
     let (auth, hostpart) = match rest.rfind('@') {
         Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
@@ -314,6 +323,15 @@ mod tests {
                 .find("pw")
                 .is_none()
         );
+        for bad in [
+            "redis://:6379#x@h:7000",
+            "redis://u:p?w@h",
+            "rediss://u#:p@h",
+        ] {
+            let e = UpstreamUrl::parse(bad).unwrap_err();
+            assert_eq!(e, UrlError::ReservedInCredentials);
+            assert!(!e.to_string().contains("6379#x") && !e.to_string().contains("p?w"));
+        }
         let t = UpstreamUrl::parse("rediss://default:pw@h:7000").unwrap();
         assert!(t.tls);
         assert_eq!(t.to_string(), "rediss://default:***@h:7000");
