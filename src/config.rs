@@ -349,7 +349,9 @@ impl ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            "invalid size (use a number with B, KiB, MiB, GiB, KB, MB or GB)".to_string()
+        })?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kb" => 1000,
@@ -360,13 +362,13 @@ impl ByteSize {
             "gib" | "g" => 1 << 30,
             _ => {
                 return Err(format!(
-                    "invalid size unit in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                    "invalid size unit (use B, KiB, MiB, GiB, KB, MB, GB)"
                 ));
             }
         };
         n.checked_mul(mult)
             .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
+            .ok_or_else(|| "size is too large".to_string())
     }
 
     pub fn as_usize(self) -> usize {
@@ -392,7 +394,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration ({e}; use 250ms, 2s, 1m)")))
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -474,16 +476,31 @@ impl Config {
             return Err(ConfigErrors(errors));
         }
         // The field path ("failover.check_interval: invalid duration ...")
-        // tells the operator where to look; values are never echoed.
-        serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        // tells the operator where to look; values are never echoed. Each
+        // top-level key is tried on its own first (the others at their
+        // defaults), so every section's error is reported, not only the
+        // first one serde meets.
+        let path_error = |e: serde_path_to_error::Error<toml::de::Error>| {
             let path = e.path().to_string();
             let msg = e.into_inner().message().to_string();
-            ConfigErrors(vec![if path == "." {
+            if path == "." {
                 msg
             } else {
                 format!("{path}: {msg}")
-            }])
-        })
+            }
+        };
+        for (k, v) in &value {
+            let mut one = toml::Table::new();
+            one.insert(k.clone(), v.clone());
+            if let Err(e) = serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(one)) {
+                errors.push(path_error(e));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| ConfigErrors(vec![path_error(e)]))
     }
 
     /// Check everything, report every error at once.
@@ -492,12 +509,7 @@ impl Config {
         let listen = self
             .listen
             .parse::<SocketAddr>()
-            .map_err(|_| {
-                errors.push(format!(
-                    "listen: {:?} is not an address like 127.0.0.1:6380",
-                    self.listen
-                ))
-            })
+            .map_err(|_| errors.push("listen: not an address like 127.0.0.1:6380".to_string()))
             .ok();
         let admin_listen = if self.admin_listen.is_empty() {
             None
@@ -505,10 +517,7 @@ impl Config {
             self.admin_listen
                 .parse::<SocketAddr>()
                 .map_err(|_| {
-                    errors.push(format!(
-                        "admin_listen: {:?} is not an address like 127.0.0.1:9121",
-                        self.admin_listen
-                    ))
+                    errors.push("admin_listen: not an address like 127.0.0.1:9121".to_string())
                 })
                 .ok()
         };
@@ -552,10 +561,7 @@ impl Config {
             errors.extend(e.0);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push(format!(
-                "log.level: {:?} is not a valid filter",
-                self.log.level
-            ));
+            errors.push("log.level: not a valid filter (e.g. info, redis_sidecar=debug)".into());
         }
         match (errors.is_empty(), listen) {
             (true, Some(listen)) => Ok(Validated {
@@ -586,12 +592,11 @@ fn validate_upstream(
     {
         // Names appear in admin URLs and metric labels.
         errors.push(format!(
-            "upstream[{i}].name: {:?} may only contain letters, digits, '-', '_' and '.'",
-            u.name
+            "upstream[{i}].name: may only contain letters, digits, '-', '_' and '.'"
         ));
     }
     if before.iter().any(|o| o.name == u.name) {
-        errors.push(format!("upstream[{i}].name: {:?} is used twice", u.name));
+        errors.push(format!("upstream[{i}].name: used twice"));
     }
     let target = match Target::parse(&u.url) {
         Ok(t) => Some(t),
@@ -746,6 +751,23 @@ mod tests {
 
     fn env(n: &str) -> Option<String> {
         (n == "PW").then(|| "s3cret".to_string())
+    }
+
+    #[test]
+    fn every_section_error_at_once_and_no_value_echoed() {
+        let text = "not_a_field = 1\n[failover]\ncheck_interval = \"s3cret-a\"\n[limits]\nmax_bulk = \"s3cret-b\"\n[timeouts]\ncommand = \"s3cret-c\"\n";
+        let e = Config::from_toml(text, &|_| None).unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
+        let text = e.to_string();
+        for want in [
+            "failover.check_interval",
+            "limits.max_bulk",
+            "timeouts.command",
+            "not_a_field",
+        ] {
+            assert!(text.contains(want), "{want} missing: {text}");
+        }
+        assert!(!text.contains("s3cret"), "value echoed: {text}");
     }
 
     #[test]

@@ -285,6 +285,11 @@ async fn admin_endpoints_and_metrics() {
     raw.call(&[b"GET", b"m"]).await;
     raw.call(&[b"GET"]).await;
     raw.call(&[b"FOOBAR"]).await;
+    // Replies the sidecar makes itself are timed too (the table is
+    // learned, so `select` has its own label).
+    assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
+    raw.call(&[b"SELECT", b"0"]).await;
+    raw.call(&[b"SELECT", b"-1"]).await;
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
     assert_eq!(http_get(admin, "/nope").await.0, 404);
@@ -295,6 +300,8 @@ async fn admin_endpoints_and_metrics() {
         "redis_sidecar_commands_total{command=\"get\",result=\"error\"} 1",
         "redis_sidecar_commands_total{command=\"other\",result=\"error\"} 1",
         "redis_sidecar_command_duration_seconds_count{command=\"set\"} 1",
+        "redis_sidecar_command_duration_seconds_count{command=\"select\"} 2",
+        "redis_sidecar_commands_total{command=\"select\",result=\"error\"} 1",
         "redis_sidecar_client_connections 1",
         "redis_sidecar_upstream_connections{kind=\"shared\",upstream=\"test\"}",
         "redis_sidecar_upstream_up{upstream=\"test\"} 1",

@@ -35,7 +35,7 @@ use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
 use crate::protocol::scan::parse_int;
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
-use crate::upstream::{Auth, ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
+use crate::upstream::{Auth, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -177,11 +177,10 @@ impl Mode {
 
 struct Session {
     shared: Arc<Shared>,
-    /// This client in the registry (what CLIENT LIST shows of it).
+    /// This client in the registry (what CLIENT LIST shows of it); its
+    /// `client` is the output queue and socket, shared with upstream
+    /// connections.
     entry: Arc<ClientEntry>,
-    id: u64,
-    /// Its output queue and socket, shared with upstream connections.
-    client: Arc<ClientShared>,
     /// Count of output entries queued (`client.progress` counts those
     /// complete).
     queued: u64,
@@ -204,6 +203,9 @@ struct Session {
     chain: (u64, Arc<Chain>),
     /// CLIENT KILL named this client: close after its reply.
     kill_self: bool,
+    /// When the request being handled was read: the command duration
+    /// metric starts here, for replies from upstream and the sidecar's own.
+    read_at: Instant,
 }
 
 /// Serve one client until it disconnects, errs, is killed
@@ -215,9 +217,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
     client.attach(w);
     let mut session = Session {
         shared: shared.clone(),
-        id: entry.id,
         entry,
-        client: client.clone(),
         queued: 0,
         proto: Proto::Resp2,
         db: DEFAULT_DB,
@@ -231,6 +231,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         table: (shared.pool.table_generation(), shared.pool.table()),
         chain: (shared.policies.generation(), shared.policies.current()),
         kill_self: false,
+        read_at: Instant::now(),
     };
     let reader = async {
         // Here, not before: the session then lives in one place of this
@@ -240,7 +241,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         // The writer ends once every queued reply is written; the session,
         // and so its dedicated upstream connection, lives until then:
         // replies still in flight need it.
-        session.client.finish();
+        session.entry.client.finish();
         session
     };
     tokio::select! {
@@ -252,7 +253,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
 
 impl Session {
     async fn read_loop(&mut self, mut r: OwnedReadHalf) {
-        let client = self.client.clone();
+        let client = self.entry.client.clone();
         let mut scanner = RequestScanner::new(self.shared.limits.frame);
         // Allocated when bytes arrive, and dropped when drained: 10,000
         // idle clients must not hold 10,000 read buffers.
@@ -273,13 +274,13 @@ impl Session {
                 }
             }
             // Replies the session made itself for this read, in one write.
-            self.client.flush();
+            self.entry.client.flush();
             if buf.is_empty() && buf.capacity() > 0 {
                 buf = BytesMut::new();
             }
             // A client waiting for a reply (a blocking pop, say) is not
             // idle, nor is one holding state: Redis does not close those.
-            let waiting = self.client.progress.done() < self.queued;
+            let waiting = self.entry.client.progress.done() < self.queued;
             // Boxed, and only when it applies: a timer inline would enlarge
             // every session.
             let mut idle_sleep = (!idle.is_zero() && !self.holds_state() && !waiting)
@@ -288,7 +289,7 @@ impl Session {
             // While replies are owed, wake when they are complete, to start
             // the idle clock then.
             let mut progress = (waiting && !idle.is_zero() && !self.holds_state()).then(|| {
-                let (c, want) = (self.client.clone(), self.queued);
+                let (c, want) = (self.entry.client.clone(), self.queued);
                 Box::pin(async move { c.progress.wait_for(want).await })
             });
             let watch_progress = progress.is_some();
@@ -339,7 +340,7 @@ impl Session {
                 },
                 _ = client.stop.cancelled() => return,
                 _ = async { if let Some(s) = idle_sleep.as_mut() { s.await } }, if idle_applies => {
-                    tracing::debug!(client = self.id, "idle timeout");
+                    tracing::debug!(client = self.entry.id, "idle timeout");
                     self.shared.metrics.client_rejected("idle_timeout");
                     return;
                 }
@@ -355,9 +356,9 @@ impl Session {
     /// every sender of the dedicated connection closes it once the jobs
     /// already queued are written, and Redis unblocks a closed client.
     fn client_left(&mut self) {
-        if self.client.progress.done() < self.blocked_until {
+        if self.entry.client.progress.done() < self.blocked_until {
             tracing::debug!(
-                client = self.id,
+                client = self.entry.id,
                 "client left while blocked: closing its upstream connection"
             );
             self.drop_dedicated(true);
@@ -367,7 +368,7 @@ impl Session {
     /// As Redis: reply with the error, then close.
     async fn protocol_error(&mut self, e: crate::protocol::ProtocolError) {
         self.shared.metrics.protocol_error(e.kind());
-        tracing::debug!(client = self.id, error = %e, "protocol error from client");
+        tracing::debug!(client = self.entry.id, error = %e, "protocol error from client");
         self.now(e.to_reply(), None).await;
         self.close().await;
     }
@@ -388,10 +389,10 @@ impl Session {
     /// that pipelines without end is held back, not buffered without end).
     async fn room(&mut self) {
         let max = self.shared.limits.max_inflight.max(1) as u64;
-        if self.queued >= self.client.progress.done() + max {
-            self.client.flush();
+        if self.queued >= self.entry.client.progress.done() + max {
+            self.entry.client.flush();
             let want = self.queued + 1 - max;
-            self.client.progress.wait_for(want).await;
+            self.entry.client.progress.wait_for(want).await;
         }
         self.queued += 1;
     }
@@ -399,14 +400,17 @@ impl Session {
     /// Queue a reply the sidecar made itself.
     async fn now(&mut self, reply: Bytes, metrics: Option<&CommandMetrics>) {
         self.entry.touch_time(Instant::now());
+        if let Some(m) = metrics {
+            m.duration.observe(self.read_at.elapsed().as_secs_f64());
+        }
         self.room().await;
-        self.client.reply(reply, metrics);
+        self.entry.client.reply(reply, metrics);
     }
 
     /// Close the client once everything queued is written.
     async fn close(&mut self) {
         self.room().await;
-        self.client.close();
+        self.entry.client.close();
     }
 
     async fn reply(&mut self, v: Value, metrics: &Arc<CommandMetrics>) {
@@ -433,7 +437,7 @@ impl Session {
     /// Ctx for the policy stages.
     fn ctx<'a>(&'a self, info: Option<&'a CommandInfo>) -> Ctx<'a> {
         Ctx {
-            client_id: self.id,
+            client_id: self.entry.id,
             peer: self.entry.peer,
             user: self
                 .auth
@@ -448,6 +452,7 @@ impl Session {
     }
 
     async fn handle(&mut self, req: Request) -> Flow {
+        self.read_at = Instant::now();
         let generation = self.shared.pool.table_generation();
         if generation != self.table.0 {
             self.table = (generation, self.shared.pool.table());
@@ -516,7 +521,7 @@ impl Session {
                 Verdict::Delay(until) => {
                     // This client's later commands wait behind this one
                     // (the reader is here); what it is owed goes out now.
-                    self.client.flush();
+                    self.entry.client.flush();
                     tokio::time::sleep_until(until).await;
                     continue;
                 }
@@ -835,7 +840,7 @@ impl Session {
         self.note_subscriptions(ex.args());
         if ex.appended() > 0 {
             tracing::debug!(
-                client = self.id,
+                client = self.entry.id,
                 "commands appended by a stage are not sent on a streaming connection"
             );
         }
@@ -949,12 +954,12 @@ impl Session {
             }
             if self.holds_state() {
                 // MULTI/WATCH/subscriptions died with the connection.
-                self.client.kill.cancel();
+                self.entry.client.kill.cancel();
                 return Err(UpstreamError::ConnectionLost);
             }
             self.drop_dedicated(false);
         }
-        let oob = Oob(self.client.clone());
+        let oob = Oob(self.entry.client.clone());
         let pool = self.shared.pool.clone();
         let d = Box::pin(pool.dedicated(&self.identity(), self.name.as_ref(), oob)).await?;
         self.entry
@@ -984,7 +989,7 @@ impl Session {
                         s
                     }
                 };
-                Ok(set.pick(self.id).clone())
+                Ok(set.pick(self.entry.id).clone())
             }
         }
     }
@@ -995,8 +1000,8 @@ impl Session {
         let same = self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx));
         if !same {
             let want = self.queued;
-            self.client.flush();
-            self.client.progress.wait_for(want).await;
+            self.entry.client.flush();
+            self.entry.client.progress.wait_for(want).await;
             self.last_tx = Some(tx.clone());
         }
     }
@@ -1023,9 +1028,11 @@ impl Session {
                 .blocked_until
                 .store(self.queued, Ordering::Release);
         }
-        let now = Instant::now();
+        // The duration counts from the read: waits for room, a barrier or
+        // a connection are part of what the client sees.
+        let now = self.read_at;
         self.entry.touch_time(now);
-        let seq = self.client.expect(now, metrics.clone());
+        let seq = self.entry.client.expect(now, metrics.clone());
         let (payload, plan) = exchange.send();
         let job = Job {
             payload,
@@ -1034,7 +1041,7 @@ impl Session {
                 slot: Some(seq),
                 blocking,
             },
-            client: self.client.clone(),
+            client: self.entry.client.clone(),
             enqueued: now,
         };
         if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
@@ -1057,7 +1064,7 @@ impl Session {
                 slot: None,
                 blocking: false,
             },
-            client: self.client.clone(),
+            client: self.entry.client.clone(),
             enqueued: Instant::now(),
         }
     }
@@ -1114,11 +1121,11 @@ impl Session {
         let job = Job {
             payload,
             kind,
-            client: self.client.clone(),
+            client: self.entry.client.clone(),
             enqueued: Instant::now(),
         };
         if tx.send(job).await.is_err() {
-            self.client.kill.cancel();
+            self.entry.client.kill.cancel();
             return Flow::Stop;
         }
         Flow::Go
@@ -1126,7 +1133,7 @@ impl Session {
 
     async fn upstream_error(&mut self, e: UpstreamError, metrics: &Arc<CommandMetrics>) -> Flow {
         self.now(e.to_reply(), Some(metrics)).await;
-        if self.client.kill.is_cancelled() {
+        if self.entry.client.kill.is_cancelled() {
             Flow::Stop
         } else {
             Flow::Go
@@ -1183,7 +1190,7 @@ impl Session {
     async fn client_command(&mut self, local: Local, args: &[Bytes]) -> Answer {
         let syntax = || Answer::Now(Value::error("ERR syntax error"));
         match local {
-            Local::ClientId => Answer::Now(Value::Int(self.id as i64)),
+            Local::ClientId => Answer::Now(Value::Int(self.entry.id as i64)),
             Local::ClientGetName => {
                 Answer::Now(self.name.clone().map(Value::Bulk).unwrap_or(Value::Null))
             }
@@ -1198,7 +1205,7 @@ impl Session {
                     .clients
                     .all()
                     .iter()
-                    .filter(|e| filters.iter().all(|f| f.matches(e, self.id)))
+                    .filter(|e| filters.iter().all(|f| f.matches(e, self.entry.id)))
                     .map(|e| e.line())
                     .collect();
                 Answer::Now(Value::Text(text))
@@ -1255,12 +1262,12 @@ impl Session {
                         .clients
                         .all()
                         .into_iter()
-                        .filter(|e| !(skipme && e.id == self.id))
-                        .filter(|e| filters.iter().all(|f| f.matches(e, self.id)))
+                        .filter(|e| !(skipme && e.id == self.entry.id))
+                        .filter(|e| filters.iter().all(|f| f.matches(e, self.entry.id)))
                         .collect()
                 };
                 for e in &targets {
-                    if e.id == self.id {
+                    if e.id == self.entry.id {
                         // After this reply is written, as Redis does.
                         self.kill_self = true;
                     } else {
@@ -1489,7 +1496,7 @@ impl Session {
                     (Value::bulk("server"), Value::bulk("redis")),
                     (Value::bulk("version"), Value::bulk(version)),
                     (Value::bulk("proto"), Value::Int(proto.number())),
-                    (Value::bulk("id"), Value::Int(self.id as i64)),
+                    (Value::bulk("id"), Value::Int(self.entry.id as i64)),
                     (Value::bulk("mode"), Value::bulk("standalone")),
                     (Value::bulk("role"), Value::bulk("master")),
                     (Value::bulk("modules"), Value::Array(Vec::new())),
@@ -1656,7 +1663,7 @@ mod tests {
             addr,
             addr,
             0,
-            ClientShared::new(1 << 20),
+            crate::upstream::ClientShared::new(1 << 20),
         ));
         let fut = run(stream, shared, entry);
         let size = std::mem::size_of_val(&fut);
