@@ -361,9 +361,7 @@ impl ByteSize {
             "gb" => 1_000_000_000,
             "gib" | "g" => 1 << 30,
             _ => {
-                return Err(format!(
-                    "invalid size unit (use B, KiB, MiB, GiB, KB, MB, GB)"
-                ));
+                return Err("invalid size unit (use B, KiB, MiB, GiB, KB, MB, GB)".to_string());
             }
         };
         n.checked_mul(mult)
