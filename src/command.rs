@@ -4,8 +4,8 @@
 //! The table is learned from the upstream's `COMMAND` reply (key specs,
 //! flags, ACL categories; `protocol-notes.md` §2) when the sidecar first
 //! reaches it, so new Redis commands work without a code change. Until then,
-//! and for upstreams that refuse `COMMAND`, a built-in table covers the
-//! common commands. Commands in neither table are still forwarded: Redis
+//! and for upstreams that refuse `COMMAND`, the built-in table is Redis
+//! 7.0's own `COMMAND` reply (`builtin-commands.resp`). Commands in neither table are still forwarded: Redis
 //! answers unknown commands and wrong arity with its own errors.
 
 use std::collections::HashMap;
@@ -354,122 +354,41 @@ pub struct Table {
 }
 
 impl Table {
-    /// The built-in table: the common commands with first/last/step keys.
+    /// The built-in table: Redis 7.0's own `COMMAND` reply, checked in
+    /// (`scripts/gen-command-table.py` writes it from a real redis-server;
+    /// `tests/commands.rs` checks it against the test server). Used until
+    /// the upstream's table is learned, and when it cannot be.
     pub fn builtin() -> Table {
-        // (name, arity, flags "w"rite "r"eadonly "b"locking "p"ubsub "a"dmin, first, last, step)
-        const BUILTIN: &[(&str, i64, &str, usize, i64, usize)] = &[
-            ("get", 2, "r", 1, 1, 1),
-            ("set", -3, "w", 1, 1, 1),
-            ("setex", 4, "w", 1, 1, 1),
-            ("psetex", 4, "w", 1, 1, 1),
-            ("setnx", 3, "w", 1, 1, 1),
-            ("getex", -2, "w", 1, 1, 1),
-            ("getdel", 2, "w", 1, 1, 1),
-            ("getset", 3, "w", 1, 1, 1),
-            ("mget", -2, "r", 1, -1, 1),
-            ("mset", -3, "w", 1, -1, 2),
-            ("msetnx", -3, "w", 1, -1, 2),
-            ("append", 3, "w", 1, 1, 1),
-            ("strlen", 2, "r", 1, 1, 1),
-            ("incr", 2, "w", 1, 1, 1),
-            ("decr", 2, "w", 1, 1, 1),
-            ("incrby", 3, "w", 1, 1, 1),
-            ("decrby", 3, "w", 1, 1, 1),
-            ("incrbyfloat", 3, "w", 1, 1, 1),
-            ("del", -2, "w", 1, -1, 1),
-            ("unlink", -2, "w", 1, -1, 1),
-            ("exists", -2, "r", 1, -1, 1),
-            ("expire", -3, "w", 1, 1, 1),
-            ("pexpire", -3, "w", 1, 1, 1),
-            ("expireat", -3, "w", 1, 1, 1),
-            ("pexpireat", -3, "w", 1, 1, 1),
-            ("persist", 2, "w", 1, 1, 1),
-            ("ttl", 2, "r", 1, 1, 1),
-            ("pttl", 2, "r", 1, 1, 1),
-            ("type", 2, "r", 1, 1, 1),
-            ("rename", 3, "w", 1, 2, 1),
-            ("copy", -3, "w", 1, 2, 1),
-            ("hget", 3, "r", 1, 1, 1),
-            ("hset", -4, "w", 1, 1, 1),
-            ("hmset", -4, "w", 1, 1, 1),
-            ("hgetall", 2, "r", 1, 1, 1),
-            ("hdel", -3, "w", 1, 1, 1),
-            ("hincrby", 4, "w", 1, 1, 1),
-            ("lpush", -3, "w", 1, 1, 1),
-            ("rpush", -3, "w", 1, 1, 1),
-            ("lpop", -2, "w", 1, 1, 1),
-            ("rpop", -2, "w", 1, 1, 1),
-            ("lrange", 4, "r", 1, 1, 1),
-            ("llen", 2, "r", 1, 1, 1),
-            ("blpop", -3, "wb", 1, -2, 1),
-            ("brpop", -3, "wb", 1, -2, 1),
-            ("brpoplpush", 4, "wb", 1, 2, 1),
-            ("blmove", 6, "wb", 1, 2, 1),
-            ("bzpopmin", -3, "wb", 1, -2, 1),
-            ("bzpopmax", -3, "wb", 1, -2, 1),
-            ("sadd", -3, "w", 1, 1, 1),
-            ("srem", -3, "w", 1, 1, 1),
-            ("smembers", 2, "r", 1, 1, 1),
-            ("sismember", 3, "r", 1, 1, 1),
-            ("zadd", -4, "w", 1, 1, 1),
-            ("zrem", -3, "w", 1, 1, 1),
-            ("zrange", -4, "r", 1, 1, 1),
-            ("zscore", 3, "r", 1, 1, 1),
-            ("zincrby", 4, "w", 1, 1, 1),
-            ("xadd", -5, "w", 1, 1, 1),
-            ("xlen", 2, "r", 1, 1, 1),
-            ("xrange", -4, "r", 1, 1, 1),
-            ("publish", 3, "p", 0, 0, 0),
-            ("ping", -1, "", 0, 0, 0),
-            ("echo", 2, "", 0, 0, 0),
-            ("scan", -2, "r", 0, 0, 0),
-            ("keys", 2, "r", 0, 0, 0),
-            ("dbsize", 1, "r", 0, 0, 0),
-            ("flushdb", -1, "wa", 0, 0, 0),
-            ("flushall", -1, "wa", 0, 0, 0),
-            ("info", -1, "", 0, 0, 0),
-        ];
-        let mut commands = HashMap::new();
-        for &(name, arity, f, first, last, step) in BUILTIN {
-            let flags = Flags {
-                write: f.contains('w'),
-                readonly: f.contains('r'),
-                blocking: f.contains('b'),
-                pubsub: f.contains('p'),
-                admin: f.contains('a'),
-            };
-            let key_specs = if first == 0 {
-                Vec::new()
-            } else {
-                vec![KeySpec {
-                    begin: Begin::Index(first),
-                    find: Find::Range {
-                        lastkey: if last < 0 { last } else { last - first as i64 },
-                        step,
-                        limit: 0,
-                    },
-                    write: flags.write,
-                    stores: flags.write && !DELETE_ONLY.contains(&name),
-                }]
-            };
-            commands.insert(
-                name.to_string(),
-                Arc::new(CommandInfo {
-                    id: intern(name),
-                    name: name.to_string(),
-                    arity,
-                    flags,
-                    acl_categories: Vec::new(),
-                    key_specs,
-                    metrics: OnceLock::new(),
-                }),
-            );
+        const REPLY: &[u8] = include_bytes!("builtin-commands.resp");
+        let table = redis_protocol::resp2::decode::decode(REPLY)
+            .ok()
+            .flatten()
+            .and_then(|(frame, _)| Table::from_command_reply(&frame));
+        match table {
+            Some(mut t) => {
+                t.learned = false;
+                t
+            }
+            // Never with the checked-in file (a unit test parses it).
+            None => Table::default(),
         }
-        Table {
-            containers: containers(&commands),
-            commands,
-            learned: false,
-        }
+    }
+
+    /// Each command as text (name, arity, flags, categories, key specs),
+    /// sorted: two tables describe the same commands when these match.
+    pub fn fingerprint(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .commands
+            .values()
+            .map(|i| {
+                format!(
+                    "{} {} {:?} {:?} {:?}",
+                    i.name, i.arity, i.flags, i.acl_categories, i.key_specs
+                )
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Parse the RESP2 reply of `COMMAND` (Redis 7 layout; Redis 6's
@@ -705,6 +624,15 @@ mod tests {
     #[test]
     fn builtin_keys_and_classes() {
         let t = Table::builtin();
+        assert!(t.len() > 200, "the checked-in COMMAND reply parses");
+        assert!(!t.learned);
+        for name in ["blmpop", "bzmpop", "client|list", "eval", "getex"] {
+            assert!(t.commands.contains_key(name), "{name}");
+        }
+        let blmpop = t.lookup(&args("BLMPOP 0 1 k LEFT")).unwrap();
+        assert!(blmpop.flags.blocking);
+        let eval = t.lookup(&args("EVAL s 1 k")).unwrap();
+        assert!(eval.may_store(), "EVAL's declared keys are written");
         let a = args("MSET a 1 b 2");
         let keys: Vec<usize> = t
             .lookup(&a)

@@ -265,3 +265,20 @@ async fn auth_against_requirepass_upstream() {
         assert!(!body.contains("s3cret"), "{path} leaks the password");
     }
 }
+
+/// The built-in table (scripts/gen-command-table.py) is the test server's
+/// own: every command with the same arity, flags, categories and key specs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builtin_command_table_matches_redis() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
+    let learned = s.pool.table().fingerprint();
+    let builtin = redis_sidecar::command::Table::builtin().fingerprint();
+    let missing: Vec<_> = learned.iter().filter(|l| !builtin.contains(l)).collect();
+    let extra: Vec<_> = builtin.iter().filter(|b| !learned.contains(b)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "regenerate with scripts/gen-command-table.py; differs from the server:\n{missing:#?}\nnot on the server:\n{extra:#?}"
+    );
+}
