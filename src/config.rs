@@ -224,6 +224,10 @@ pub struct LimitsConfig {
     pub max_array_len: NonZeroUsize,
     /// Longest inline command.
     pub max_inline: ByteSize,
+    /// Largest whole request, all its arguments together (Redis
+    /// `client-query-buffer-limit`, 1 GiB): refused from the declared
+    /// lengths, before the bytes are buffered.
+    pub max_request: ByteSize,
     /// Requests of one client waiting for replies; the client's socket is
     /// not read past this (backpressure, not an error).
     pub max_inflight_per_client: NonZeroUsize,
@@ -304,6 +308,7 @@ impl Default for LimitsConfig {
             max_bulk: ByteSize(512 << 20),
             max_array_len: NonZeroUsize::new(i32::MAX as usize).unwrap_or(NonZeroUsize::MIN),
             max_inline: ByteSize(64 << 10),
+            max_request: ByteSize(1 << 30),
             max_inflight_per_client: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             max_output_buffer: ByteSize(64 << 20),
             idle_timeout: Duration::ZERO,
@@ -541,6 +546,9 @@ impl Config {
         }
         if l.max_inline.0 < 16 {
             errors.push("limits.max_inline: must be at least 16 bytes".into());
+        }
+        if l.max_request.0 < 1024 {
+            errors.push("limits.max_request: must be at least 1KiB".into());
         }
         if l.max_output_buffer.0 < 1024 {
             errors.push("limits.max_output_buffer: must be at least 1KiB".into());

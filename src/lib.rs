@@ -176,6 +176,7 @@ impl Sidecar {
                 max_bulk: c.limits.max_bulk.as_usize(),
                 max_array: c.limits.max_array_len.get(),
                 max_inline: c.limits.max_inline.as_usize(),
+                max_request: c.limits.max_request.as_usize(),
             },
             max_inflight: c.limits.max_inflight_per_client.get(),
             max_output: c.limits.max_output_buffer.as_usize(),

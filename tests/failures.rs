@@ -389,3 +389,38 @@ async fn clients_vanishing_mid_pipeline_leave_others_unaffected() {
         "vanished clients were cleaned up"
     );
 }
+
+/// A request past `limits.max_request` closes its client without a reply,
+/// as Redis does past `client-query-buffer-limit`, from the declared
+/// lengths (the bytes are never buffered); other clients go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_max_request_closes_only_its_client() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.limits.max_request = redis_sidecar::config::ByteSize(4096);
+    let s = sidecar_with(cfg, Default::default()).await;
+    let mut other = Raw::connect(s.addr).await;
+    assert_eq!(&other.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let mut big = Raw::connect(s.addr).await;
+    // 3,000 bytes sent, 3,000 more declared in the last header (past the
+    // 4 KiB limit) and never sent.
+    big.send(b"*4\r\n$4\r\nMSET\r\n$1\r\na\r\n$3000\r\n").await;
+    big.send(&vec![b'x'; 3000]).await;
+    big.send(b"\r\n$3000\r\n").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut big.stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "not closed");
+    assert!(rest.is_empty(), "no reply expected, got {rest:?}");
+    assert_eq!(&other.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let text = String::from_utf8(s.metrics.render()).unwrap();
+    assert!(text.contains("redis_sidecar_protocol_errors_total{kind=\"request_too_big\"} 1"));
+}

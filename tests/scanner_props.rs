@@ -171,7 +171,7 @@ proptest! {
 
     #[test]
     fn scanners_never_panic_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..300)) {
-        let mut s = RequestScanner::new(Limits { max_bulk: 1000, max_array: 100, max_inline: 200 });
+        let mut s = RequestScanner::new(Limits { max_bulk: 1000, max_array: 100, max_inline: 200, max_request: 1 << 20 });
         let mut buf = BytesMut::from(&data[..]);
         while let Ok(Some(_)) = s.next(&mut buf) {}
         let mut r = ReplyScanner::new(1000);

@@ -24,6 +24,9 @@ pub struct Limits {
     pub max_array: usize,
     /// Longest inline command line (Redis `PROTO_INLINE_MAX_SIZE`, 64 KiB).
     pub max_inline: usize,
+    /// Largest whole request, from its declared lengths (Redis
+    /// `client-query-buffer-limit`, 1 GiB).
+    pub max_request: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             max_bulk: 512 * 1024 * 1024,
             max_array: i32::MAX as usize,
             max_inline: 64 * 1024,
+            max_request: 1 << 30,
         }
     }
 }
@@ -57,6 +61,9 @@ pub enum ProtocolError {
     UnbalancedQuotes,
     #[error("invalid reply from upstream: {0}")]
     BadReply(&'static str),
+    /// Past `max_request`: Redis closes such a client without a reply.
+    #[error("request larger than the query buffer limit")]
+    RequestTooBig,
 }
 
 impl ProtocolError {
@@ -70,6 +77,17 @@ impl ProtocolError {
             ProtocolError::MultibulkCountTooBig | ProtocolError::BulkCountTooBig => "count_too_big",
             ProtocolError::UnbalancedQuotes => "unbalanced_quotes",
             ProtocolError::BadReply(_) => "bad_reply",
+            ProtocolError::RequestTooBig => "request_too_big",
+        }
+    }
+
+    /// What the client gets before the connection closes: nothing for a
+    /// request past the query buffer limit (Redis closes such a client
+    /// silently), else Redis's error line.
+    pub fn client_reply(&self) -> Option<Bytes> {
+        match self {
+            ProtocolError::RequestTooBig => None,
+            other => Some(other.to_reply()),
         }
     }
 
@@ -115,6 +133,8 @@ pub struct RequestScanner {
     remaining: Option<usize>,
     /// Declared length of the bulk whose header was read.
     bulk_len: Option<usize>,
+    /// Bytes the current request declared so far (headers and bulks).
+    declared: usize,
     args: Vec<(usize, usize)>,
 }
 
@@ -125,6 +145,7 @@ impl RequestScanner {
             pos: 0,
             remaining: None,
             bulk_len: None,
+            declared: 0,
             args: Vec::new(),
         }
     }
@@ -159,6 +180,7 @@ impl RequestScanner {
                     continue;
                 }
                 self.remaining = Some(n as usize);
+                self.declared = nl + 2;
                 self.pos = nl + 2;
                 self.args.clear();
                 // Capacity from a client-declared count is capped: memory
@@ -185,6 +207,14 @@ impl RequestScanner {
                             .filter(|&l| l >= 0 && l as u64 <= self.limits.max_bulk as u64)
                             .ok_or(ProtocolError::InvalidBulkLength)?;
                         self.bulk_len = Some(len as usize);
+                        // The whole request's declared size, checked
+                        // before its bytes are buffered.
+                        self.declared = self
+                            .declared
+                            .saturating_add(nl + 2 - self.pos + len as usize + 2);
+                        if self.declared > self.limits.max_request {
+                            return Err(ProtocolError::RequestTooBig);
+                        }
                         self.pos = nl + 2;
                     }
                     Some(len) => {
@@ -671,8 +701,19 @@ mod tests {
             max_bulk: 10,
             max_array: 4,
             max_inline: 8,
+            max_request: 40,
         };
         let mut s = RequestScanner::new(limits);
+        // The whole request's declared size: 4 + (4+10+2)*2 = 36 fits, a
+        // third bulk does not, refused from its header.
+        let mut r = RequestScanner::new(limits);
+        let e = r
+            .next(&mut BytesMut::from(
+                &b"*3\r\n$10\r\n0123456789\r\n$10\r\n0123456789\r\n$10\r\n"[..],
+            ))
+            .unwrap_err();
+        assert_eq!(e, ProtocolError::RequestTooBig);
+        assert_eq!(e.client_reply(), None);
         let e = s
             .next(&mut BytesMut::from(&b"*1\r\n$11\r\n"[..]))
             .unwrap_err();

@@ -369,7 +369,9 @@ impl Session {
     async fn protocol_error(&mut self, e: crate::protocol::ProtocolError) {
         self.shared.metrics.protocol_error(e.kind());
         tracing::debug!(client = self.entry.id, error = %e, "protocol error from client");
-        self.now(e.to_reply(), None).await;
+        if let Some(reply) = e.client_reply() {
+            self.now(reply, None).await;
+        }
         self.close().await;
     }
 
