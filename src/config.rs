@@ -43,6 +43,46 @@ pub struct Config {
     /// Key-pattern TTL rules, first match wins (a policy stage; reloads
     /// live).
     pub ttl: Vec<TtlRule>,
+    /// The sidecar's own password and users (clients AUTH to the sidecar).
+    pub client_auth: ClientAuthConfig,
+}
+
+/// `[client_auth]`: when set, clients must AUTH (or HELLO .. AUTH) to the
+/// sidecar, as to a Redis with `requirepass`; the sidecar uses the
+/// upstream URL's credentials.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAuthConfig {
+    /// The `default` user's password (`AUTH <password>`); `${ENV}` works.
+    pub password: Option<String>,
+    /// Or a file holding it (a container secret).
+    pub password_file: Option<String>,
+    /// Named users (`AUTH <name> <password>`).
+    pub users: Vec<ClientUser>,
+}
+
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientUser {
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+}
+
+/// Passwords never printed.
+impl fmt::Debug for ClientAuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientAuthConfig")
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password_file", &self.password_file)
+            .field(
+                "users",
+                &self.users.iter().map(|u| &u.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// `[[ttl]]`: the lifetime of keys matching `pattern`.
@@ -114,6 +154,7 @@ impl fmt::Debug for Config {
             .field("log", &self.log)
             .field("access", &self.access)
             .field("ttl", &self.ttl)
+            .field("client_auth", &self.client_auth)
             .finish()
     }
 }
@@ -296,6 +337,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             access: AccessConfig::default(),
             ttl: Vec::new(),
+            client_auth: ClientAuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -432,6 +474,8 @@ pub struct Validated {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub upstreams: Vec<EndpointSpec>,
+    /// `[client_auth]`, loaded (`None`: clients AUTH to the upstream).
+    pub client_auth: Option<std::sync::Arc<crate::server::auth::ClientAuth>>,
 }
 
 /// One `[[upstream]]`, parsed and checked.
@@ -566,6 +610,12 @@ impl Config {
         if let Err(e) = crate::policy::Builder::check(&self) {
             errors.extend(e.0);
         }
+        let client_auth = crate::server::auth::ClientAuth::from_config(&self.client_auth)
+            .unwrap_or_else(|e| {
+                errors.extend(e.iter().map(ToString::to_string));
+                None
+            })
+            .map(std::sync::Arc::new);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             errors.push("log.level: not a valid filter (e.g. info, redis_sidecar=debug)".into());
         }
@@ -575,6 +625,7 @@ impl Config {
                 listen,
                 admin_listen,
                 upstreams,
+                client_auth,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -665,10 +716,11 @@ fn validate_upstream(
 impl Config {
     /// Settings that differ from `new` and only take effect on a restart
     /// (everything but `[[upstream]]`, `[failover]`, `admin_token` and the
-    /// policy sections).
+    /// policy sections; `[client_auth]` needs a restart).
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 7] = [
+        let checks: [(&'static str, bool); 8] = [
+            ("client_auth", self.client_auth == new.client_auth),
             ("listen", self.listen == new.listen),
             ("admin_listen", self.admin_listen == new.admin_listen),
             ("threads", self.threads == new.threads),

@@ -182,14 +182,25 @@ impl Sidecar {
             max_output: c.limits.max_output_buffer.as_usize(),
             idle_timeout: c.limits.idle_timeout,
         };
-        let shared = Shared::new(pool.clone(), policies, metrics.clone(), limits);
+        let shared = Shared::new(
+            pool.clone(),
+            policies,
+            metrics.clone(),
+            limits,
+            v.client_auth.clone(),
+        );
         let server = tokio::spawn(server::serve(
             listener,
             shared,
             c.limits.max_clients.get(),
             shutdown.clone(),
         ));
-        warn_exposure(v.listen, admin_addr, &c.admin_token);
+        warn_exposure(
+            v.listen,
+            admin_addr,
+            &c.admin_token,
+            v.client_auth.is_some(),
+        );
         let active = pool.ups.active().endpoint;
         tracing::info!(%addr, admin = ?admin_addr, upstream = %active.name(), url = %active.spec.target, "redis-sidecar listening");
         Ok(Sidecar {
@@ -259,15 +270,20 @@ impl Sidecar {
 /// Say so at startup when a listener is reachable beyond this host without
 /// protection: the admin API can switch upstreams and reload, and clients
 /// use the upstream URL's credentials (the sidecar asks them for none).
-fn warn_exposure(listen: SocketAddr, admin: Option<SocketAddr>, admin_token: &str) {
+fn warn_exposure(
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    admin_token: &str,
+    client_auth: bool,
+) {
     if let Some(a) = admin
         && !a.ip().is_loopback()
         && admin_token.is_empty()
     {
         tracing::warn!(admin = %a, "the admin listener is reachable beyond this host and has no admin_token: anyone who reaches it can reload or switch upstreams; set REDIS_SIDECAR_ADMIN_TOKEN or listen on 127.0.0.1");
     }
-    if !listen.ip().is_loopback() {
-        tracing::warn!(%listen, "the client listener is reachable beyond this host: anyone who reaches it uses the upstream URL's credentials; keep it on 127.0.0.1 or a private network");
+    if !listen.ip().is_loopback() && !client_auth {
+        tracing::warn!(%listen, "the client listener is reachable beyond this host without [client_auth]: anyone who reaches it uses the upstream URL's credentials; set a client password or keep it on 127.0.0.1 or a private network");
     }
 }
 

@@ -7,6 +7,7 @@
 //! closes. [`serve`] returns when every session
 //! has ended; the caller bounds that wait with the drain deadline.
 
+pub mod auth;
 pub mod clients;
 pub mod session;
 
@@ -47,6 +48,8 @@ pub struct Shared {
     pub limits: SessionLimits,
     /// Metric handles for commands the table does not know.
     pub other_metrics: Arc<crate::metrics::CommandMetrics>,
+    /// `[client_auth]`: clients authenticate to the sidecar.
+    pub client_auth: Option<Arc<auth::ClientAuth>>,
     next_id: AtomicU64,
 }
 
@@ -56,12 +59,14 @@ impl Shared {
         policies: Arc<Policies>,
         metrics: Metrics,
         limits: SessionLimits,
+        client_auth: Option<Arc<auth::ClientAuth>>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             pool,
             policies,
             clients: Registry::default(),
             other_metrics: metrics.command("other"),
+            client_auth,
             metrics,
             limits,
             next_id: AtomicU64::new(1),

@@ -193,10 +193,6 @@ struct Session {
     dedicated: Option<Dedicated>,
     /// The job channel used last, for the ordering barrier.
     last_tx: Option<mpsc::Sender<Job>>,
-    /// Output entries queued up to and including the last blocking
-    /// command: while fewer are complete, the dedicated connection waits
-    /// in Redis on this client's behalf.
-    blocked_until: u64,
     /// The command table and its generation, refreshed when it changes.
     table: (u64, Arc<crate::command::Table>),
     /// The policy chain and its generation, refreshed when it changes.
@@ -206,6 +202,10 @@ struct Session {
     /// When the request being handled was read: the command duration
     /// metric starts here, for replies from upstream and the sidecar's own.
     read_at: Instant,
+    /// With `[client_auth]`: the user the client authenticated to the
+    /// sidecar as, by its index in the `ClientAuth` (`None`: not yet; every
+    /// command but AUTH, HELLO, QUIT and RESET gets NOAUTH).
+    client_user: Option<u32>,
 }
 
 /// Serve one client until it disconnects, errs, is killed
@@ -227,11 +227,11 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         shared_set: None,
         dedicated: None,
         last_tx: None,
-        blocked_until: 0,
         table: (shared.pool.table_generation(), shared.pool.table()),
         chain: (shared.policies.generation(), shared.policies.current()),
         kill_self: false,
         read_at: Instant::now(),
+        client_user: None,
     };
     let reader = async {
         // Here, not before: the session then lives in one place of this
@@ -356,7 +356,7 @@ impl Session {
     /// every sender of the dedicated connection closes it once the jobs
     /// already queued are written, and Redis unblocks a closed client.
     fn client_left(&mut self) {
-        if self.entry.client.progress.done() < self.blocked_until {
+        if self.entry.is_blocked() {
             tracing::debug!(
                 client = self.entry.id,
                 "client left while blocked: closing its upstream connection"
@@ -441,10 +441,11 @@ impl Session {
         Ctx {
             client_id: self.entry.id,
             peer: self.entry.peer,
-            user: self
-                .auth
-                .as_ref()
-                .map(|a| a.user.as_deref().unwrap_or(b"default")),
+            user: self.sidecar_user().or_else(|| {
+                self.auth
+                    .as_ref()
+                    .map(|a| a.user.as_deref().unwrap_or(b"default"))
+            }),
             name: self.name.as_deref(),
             db: self.db,
             proto: self.proto,
@@ -478,6 +479,21 @@ impl Session {
             if let Mode::Transaction(tx) = &mut self.mode {
                 tx.refused = true;
             }
+            self.now(err, Some(&metrics)).await;
+            return Flow::Go;
+        }
+        if self.shared.client_auth.is_some()
+            && self.client_user.is_none()
+            && let Some(i) = info.as_deref()
+            && !matches!(
+                class,
+                Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
+            )
+        {
+            // As Redis with requirepass: known commands only, after the
+            // arity check (unknown ones get Redis's own error upstream).
+            let err = arity_error(i, ex.args())
+                .unwrap_or_else(|| Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
             self.now(err, Some(&metrics)).await;
             return Flow::Go;
         }
@@ -665,8 +681,41 @@ impl Session {
                 .and_then(|a| parse_int(a))
                 .filter(|_| ex.args().len() == 2)
                 .map(Change::Select),
+            Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
+                let args = ex.args().to_vec();
+                let answer = self.sidecar_auth(&args);
+                if let Mode::Transaction(tx) = &mut self.mode {
+                    tx.items.push(TxItem::Answered(answer));
+                    tx.rebuild = true;
+                }
+                self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                    .await;
+                return Flow::Go;
+            }
             Class::Local(Local::Auth) => parse_auth(ex.args()).ok().map(Change::Auth),
-            Class::Local(Local::Hello) => parse_hello(ex.args()).ok().map(Change::Hello),
+            Class::Local(Local::Hello) => match parse_hello(ex.args()) {
+                Ok(mut h) => {
+                    // With [client_auth] the credentials are checked here
+                    // and never queued upstream.
+                    if let (Some(ca), Some(a)) = (self.shared.client_auth.clone(), h.auth.take()) {
+                        let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
+                            if let Mode::Transaction(tx) = &mut self.mode {
+                                tx.items
+                                    .push(TxItem::Answered(Bytes::from_static(WRONGPASS)));
+                                tx.rebuild = true;
+                            }
+                            self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                                .await;
+                            return Flow::Go;
+                        };
+                        self.client_user = Some(u);
+                        let args = hello_without_auth(ex.args());
+                        ex.rewrite(args);
+                    }
+                    Some(Change::Hello(h))
+                }
+                Err(_) => None,
+            },
             Class::Local(Local::ClientSetName) => match ex.args() {
                 [_, _, n] => Some(Change::SetName((!n.is_empty()).then(|| n.clone()))),
                 _ => None,
@@ -818,6 +867,11 @@ impl Session {
                     self.name = (!n.is_empty()).then(|| n.clone());
                 }
             }
+            Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
+                let reply = self.sidecar_auth(ex.args());
+                self.now(reply, Some(metrics)).await;
+                return Flow::Go;
+            }
             Class::Local(Local::Auth) if self.proto == Proto::Resp3 => {
                 if let Ok(a) = parse_auth(ex.args()) {
                     self.auth = Some(a);
@@ -900,10 +954,12 @@ impl Session {
         } else {
             self.db
         };
-        p.user = self.auth.as_ref().map(|a| {
-            a.user
-                .clone()
-                .unwrap_or_else(|| Bytes::from_static(b"default"))
+        p.user = self.sidecar_user().map(Bytes::copy_from_slice).or_else(|| {
+            self.auth.as_ref().map(|a| {
+                a.user
+                    .clone()
+                    .unwrap_or_else(|| Bytes::from_static(b"default"))
+            })
         });
         p.resp = self.proto.number();
         (p.flags, p.multi, p.sub, p.psub, p.ssub) = match &self.mode {
@@ -1025,7 +1081,9 @@ impl Session {
         self.barrier(&tx).await;
         self.room().await;
         if blocking {
-            self.blocked_until = self.queued;
+            // Output entries queued up to and including this one: while
+            // fewer are complete, the dedicated connection waits in Redis
+            // on this client's behalf.
             self.entry
                 .blocked_until
                 .store(self.queued, Ordering::Release);
@@ -1187,6 +1245,35 @@ impl Session {
         Ok(())
     }
 
+    /// The user the client authenticated to the sidecar as.
+    fn sidecar_user(&self) -> Option<&[u8]> {
+        let ca = self.shared.client_auth.as_deref()?;
+        self.client_user.map(|u| ca.user_name(u))
+    }
+
+    /// AUTH checked by the sidecar (`[client_auth]`), with Redis's replies.
+    fn sidecar_auth(&mut self, args: &[Bytes]) -> Bytes {
+        let Some(ca) = self.shared.client_auth.clone() else {
+            return Bytes::from_static(b"-ERR syntax error\r\n");
+        };
+        let Ok(a) = parse_auth(args) else {
+            return Bytes::from_static(b"-ERR syntax error\r\n");
+        };
+        if a.user.is_none() && !ca.has_default() {
+            return Bytes::from_static(
+                b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n",
+            );
+        }
+        match ca.check(a.user.as_deref(), &a.password) {
+            Some(u) => {
+                self.client_user = Some(u);
+                self.publish();
+                Bytes::from_static(b"+OK\r\n")
+            }
+            None => Bytes::from_static(WRONGPASS),
+        }
+    }
+
     /// CLIENT ID / GETNAME / LIST / INFO / SETINFO / KILL / UNBLOCK: about
     /// the sidecar's clients.
     async fn client_command(&mut self, local: Local, args: &[Bytes]) -> Answer {
@@ -1345,6 +1432,9 @@ impl Session {
                 self.db = DEFAULT_DB;
                 self.auth = None;
                 self.name = None;
+                // With [client_auth], RESET signs the client out, as Redis
+                // does with requirepass.
+                self.client_user = None;
                 self.transition(Event::Reset);
                 self.reply(Value::Simple("RESET"), metrics).await;
                 Flow::Go
@@ -1427,6 +1517,11 @@ impl Session {
                 self.change_identity(Change::Select(db), upstream, None, metrics)
                     .await
             }
+            Local::Auth if self.shared.client_auth.is_some() => {
+                let reply = self.sidecar_auth(args);
+                self.now(reply, Some(metrics)).await;
+                Flow::Go
+            }
             Local::Auth => match parse_auth(args) {
                 Ok(auth) => {
                     let upstream = args.to_vec();
@@ -1439,8 +1534,28 @@ impl Session {
                 }
             },
             Local::Hello => match parse_hello(args) {
-                Ok(h) => {
-                    let upstream = args.to_vec();
+                Ok(mut h) => {
+                    let mut upstream = args.to_vec();
+                    if let Some(ca) = self.shared.client_auth.clone() {
+                        // Credentials are the sidecar's to check; only the
+                        // protocol and the name go upstream.
+                        match h.auth.take() {
+                            Some(a) => match ca.check(a.user.as_deref(), &a.password) {
+                                Some(u) => self.client_user = Some(u),
+                                None => {
+                                    self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
+                                    return Flow::Go;
+                                }
+                            },
+                            None if self.client_user.is_none() => {
+                                self.now(Bytes::from_static(HELLO_NOAUTH), Some(metrics))
+                                    .await;
+                                return Flow::Go;
+                            }
+                            None => {}
+                        }
+                        upstream = hello_without_auth(args);
+                    }
                     let proto = h.proto.unwrap_or(self.proto);
                     self.change_identity(Change::Hello(h), upstream, Some(proto), metrics)
                         .await
@@ -1509,6 +1624,24 @@ impl Session {
         }
         Flow::Go
     }
+}
+
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+
+/// `HELLO` as the client sent it, without its `AUTH user pass`.
+fn hello_without_auth(args: &[Bytes]) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        if i >= 2 && args[i].eq_ignore_ascii_case(b"auth") {
+            i += 3;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    out
 }
 
 /// What a CLIENT command the sidecar owns comes to.
@@ -1658,7 +1791,7 @@ mod tests {
             metrics.clone(),
         )
         .unwrap();
-        let shared = super::super::Shared::new(pool, policies, metrics, limits);
+        let shared = super::super::Shared::new(pool, policies, metrics, limits, None);
         let addr = stream.local_addr().unwrap();
         let entry = Arc::new(ClientEntry::new(
             1,
@@ -1676,8 +1809,9 @@ mod tests {
             std::mem::size_of::<Dedicated>()
         );
         // 3024 bytes when written, 2712 with the writer in the session,
-        // 1960 now; 10,000 idle clients x this is most of the idle RSS
-        // (README, Performance).
-        assert!(size <= 2048, "session future is {size} bytes");
+        // 1960 with the output queue, 2056 with the session modes, the
+        // request record and client auth; 10,000 idle clients x this is
+        // most of the idle RSS (README, Performance).
+        assert!(size <= 2064, "session future is {size} bytes");
     }
 }

@@ -1,0 +1,121 @@
+//! `[client_auth]`: clients authenticate to the sidecar as to a Redis with
+//! `requirepass` (and ACL users); the sidecar uses the upstream URL's own
+//! credentials. The same script to a real Redis with that password and to
+//! the sidecar gets the same replies.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use redis_sidecar::config::{ClientAuthConfig, ClientUser};
+use support::*;
+
+fn script() -> Vec<Vec<&'static [u8]>> {
+    vec![
+        vec![b"PING"],
+        vec![b"GET", b"k"],
+        vec![b"MULTI"],
+        vec![b"HELLO", b"3"],
+        vec![b"AUTH", b"x"],
+        vec![b"AUTH", b"default", b"x"],
+        vec![b"AUTH", b"nouser", b"x"],
+        vec![b"AUTH", b"app", b"wrong"],
+        vec![b"AUTH", b"pw"],
+        vec![b"SET", b"k", b"v"],
+        vec![b"GET", b"k"],
+        vec![b"AUTH", b"a", b"b", b"c"],
+        vec![b"RESET"],
+        vec![b"GET", b"k"],
+        vec![b"HELLO", b"3", b"AUTH", b"app", b"wrong"],
+        vec![b"HELLO", b"3", b"AUTH", b"app", b"apppw"],
+        vec![b"GET", b"k"],
+        vec![b"HGETALL", b"nokey"],
+        vec![b"RESET"],
+        vec![b"AUTH", b"app", b"apppw"],
+        vec![b"MULTI"],
+        vec![b"AUTH", b"pw"],
+        vec![b"GET", b"k"],
+        vec![b"EXEC"],
+    ]
+}
+
+async fn run(addr: std::net::SocketAddr) -> Vec<String> {
+    let mut c = Raw::connect(addr).await;
+    let mut out = Vec::new();
+    for cmd in script() {
+        let r = c.call(&cmd).await;
+        out.push(String::from_utf8_lossy(&normalize_hello_id(&r)).into_owned());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_authenticate_to_the_sidecar_as_to_redis() {
+    let direct = RedisServer::start_with(&["--requirepass", "pw"]);
+    let mut d = redis::Client::open(direct.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "app", "on", ">apppw", "~*", "&*", "+@all"])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    // The sidecar's upstream has another password, in the URL: a client's
+    // credentials that reached it would be refused there.
+    let behind = RedisServer::start_with(&["--requirepass", "urlpw"]);
+    let mut cfg = config(&behind.url());
+    cfg.client_auth = ClientAuthConfig {
+        password: Some("pw".into()),
+        password_file: None,
+        users: vec![ClientUser {
+            name: "app".into(),
+            password: Some("apppw".into()),
+            password_file: None,
+        }],
+    };
+    let s = sidecar_with(cfg, Default::default()).await;
+    let want = run(std::net::SocketAddr::from(([127, 0, 0, 1], direct.port))).await;
+    let got = run(s.addr).await;
+    let script = script();
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            g,
+            w,
+            "reply {i} to {:?}",
+            String::from_utf8_lossy(&script[i].concat())
+        );
+    }
+    // CLIENT LIST shows the sidecar user.
+    let mut c = Raw::connect(s.addr).await;
+    assert_eq!(&c.call(&[b"AUTH", b"app", b"apppw"]).await[..], b"+OK\r\n");
+    let info = c.call(&[b"CLIENT", b"INFO"]).await;
+    assert!(
+        String::from_utf8_lossy(&info).contains(" user=app "),
+        "{info:?}"
+    );
+}
+
+#[test]
+fn bad_client_auth_settings_are_config_errors() {
+    let mut cfg = config("redis://127.0.0.1:1");
+    cfg.client_auth = ClientAuthConfig {
+        password: Some("a".into()),
+        password_file: Some("/nonexistent/file".into()),
+        users: vec![ClientUser {
+            name: "u".into(),
+            password: None,
+            password_file: Some("/nonexistent/file".into()),
+        }],
+    };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("client_auth: set password or password_file, not both"),
+        "{e}"
+    );
+    assert!(
+        e.contains("client_auth.users[0]: cannot read password_file"),
+        "{e}"
+    );
+    assert!(!e.contains("/nonexistent/file\""), "{e}");
+}
