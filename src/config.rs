@@ -170,6 +170,19 @@ pub struct AccessConfig {
     /// When not empty, only these commands and categories are allowed
     /// (`deny` still applies on top).
     pub allow: Vec<String>,
+    /// Lists for one user (the user a client authenticated as, `default`
+    /// when none), used instead of the lists above for that user.
+    pub users: Vec<AccessUser>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessUser {
+    pub name: String,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Eq, Default, Deserialize)]

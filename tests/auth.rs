@@ -119,3 +119,47 @@ fn bad_client_auth_settings_are_config_errors() {
     );
     assert!(!e.contains("/nonexistent/file\""), "{e}");
 }
+
+/// `[access]` lists per user: the user a client authenticated to the
+/// sidecar as gets its own lists instead of everyone's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lists_per_user() {
+    use redis_sidecar::config::AccessUser;
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    let user = |name: &str, pw: &str| ClientUser {
+        name: name.into(),
+        password: Some(pw.into()),
+        password_file: None,
+    };
+    cfg.client_auth = ClientAuthConfig {
+        password: Some("pw".into()),
+        password_file: None,
+        users: vec![user("app", "apppw"), user("ops", "opspw")],
+    };
+    cfg.access.deny = vec!["KEYS".into(), "@dangerous".into()];
+    cfg.access.users = vec![AccessUser {
+        name: "ops".into(),
+        deny: vec![],
+        allow: vec!["@all".into()],
+    }];
+    let s = sidecar_with(cfg, Default::default()).await;
+    let mut app = Raw::connect(s.addr).await;
+    assert_eq!(
+        &app.call(&[b"AUTH", b"app", b"apppw"]).await[..],
+        b"+OK\r\n"
+    );
+    assert!(app.call(&[b"KEYS", b"*"]).await.starts_with(b"-NOPERM"));
+    assert!(app.call(&[b"FLUSHALL"]).await.starts_with(b"-NOPERM"));
+    assert_eq!(&app.call(&[b"SET", b"k", b"v"]).await[..], b"+OK\r\n");
+    let mut ops = Raw::connect(s.addr).await;
+    assert_eq!(
+        &ops.call(&[b"AUTH", b"ops", b"opspw"]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(&ops.call(&[b"KEYS", b"k"]).await[..], b"*1\r\n$1\r\nk\r\n");
+    // The default user has no list of its own: everyone's.
+    let mut def = Raw::connect(s.addr).await;
+    assert_eq!(&def.call(&[b"AUTH", b"pw"]).await[..], b"+OK\r\n");
+    assert!(def.call(&[b"KEYS", b"*"]).await.starts_with(b"-NOPERM"));
+}

@@ -88,9 +88,27 @@ impl Rule {
     }
 }
 
-pub struct Access {
+/// A deny list and an allow list (empty: everything allowed).
+struct Lists {
     deny: Vec<Rule>,
     allow: Vec<Rule>,
+}
+
+impl Lists {
+    fn permits(&self, name: &str, cats: &[String]) -> bool {
+        let allowed = self.allow.is_empty() || self.allow.iter().any(|r| r.matches(name, cats));
+        allowed && !self.deny.iter().any(|r| r.matches(name, cats))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty()
+    }
+}
+
+pub struct Access {
+    everyone: Lists,
+    /// Per user, instead of `everyone`.
+    users: Vec<(Vec<u8>, Lists)>,
     metrics: Metrics,
 }
 
@@ -101,14 +119,14 @@ impl Access {
         metrics: &Metrics,
     ) -> Result<Option<Access>, Vec<PolicyError>> {
         let mut errors = Vec::new();
-        let mut parse = |field: &'static str, list: &[String]| {
+        let mut parse = |field: String, list: &[String]| {
             list.iter()
                 .enumerate()
                 .filter_map(|(index, s)| {
                     Rule::parse(s)
                         .map_err(|reason| {
                             errors.push(PolicyError::Access {
-                                field,
+                                field: field.clone(),
                                 index,
                                 reason,
                             })
@@ -117,14 +135,29 @@ impl Access {
                 })
                 .collect::<Vec<_>>()
         };
-        let deny = parse("deny", &c.deny);
-        let allow = parse("allow", &c.allow);
+        let everyone = Lists {
+            deny: parse("access.deny".into(), &c.deny),
+            allow: parse("access.allow".into(), &c.allow),
+        };
+        let users: Vec<(Vec<u8>, Lists)> = c
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let lists = Lists {
+                    deny: parse(format!("access.users[{i}].deny"), &u.deny),
+                    allow: parse(format!("access.users[{i}].allow"), &u.allow),
+                };
+                (u.name.as_bytes().to_vec(), lists)
+            })
+            .collect();
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok((!deny.is_empty() || !allow.is_empty()).then(|| Access {
-            deny,
-            allow,
+        let restricted = !everyone.is_empty() || !users.is_empty();
+        Ok(restricted.then(|| Access {
+            everyone,
+            users,
             metrics: metrics.clone(),
         }))
     }
@@ -144,9 +177,13 @@ impl Stage for Access {
             },
         };
         let cats: &[String] = ctx.info.map(|i| &i.acl_categories[..]).unwrap_or(&[]);
-        let allowed = self.allow.is_empty() || self.allow.iter().any(|r| r.matches(&name, cats));
-        let denied = self.deny.iter().any(|r| r.matches(&name, cats));
-        if allowed && !denied {
+        let user = ctx.user.unwrap_or(b"default");
+        let lists = self
+            .users
+            .iter()
+            .find(|(u, _)| u[..] == *user)
+            .map_or(&self.everyone, |(_, l)| l);
+        if lists.permits(&name, cats) {
             return Verdict::Continue;
         }
         // Bounded label: a table name, or `other` for unknown commands.

@@ -123,9 +123,10 @@ impl Chain {
 /// A configuration's policy sections did not validate.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("access.{field}[{index}]: {reason}")]
+    #[error("{field}[{index}]: {reason}")]
     Access {
-        field: &'static str,
+        /// `access.deny`, `access.users[0].allow` ...
+        field: String,
         index: usize,
         reason: access::AccessError,
     },
