@@ -424,3 +424,35 @@ async fn a_request_past_max_request_closes_only_its_client() {
     let text = String::from_utf8(s.metrics.render()).unwrap();
     assert!(text.contains("redis_sidecar_protocol_errors_total{kind=\"request_too_big\"} 1"));
 }
+
+/// If the upstream nonetheless refuses a request's bytes (Redis allows an
+/// unauthenticated client at most 10 arguments), the client that sent it
+/// gets Redis's error and is closed, as on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_upstream_refuses_closes_the_client_that_sent_it() {
+    let redis = RedisServer::start_with(&["--requirepass", "pw"]);
+    let s = sidecar_with(
+        config(&format!("redis://127.0.0.1:{}", redis.port)),
+        Default::default(),
+    )
+    .await;
+    let mut c = Raw::connect(s.addr).await;
+    let args: Vec<&[u8]> = vec![
+        b"MSET", b"a", b"1", b"b", b"1", b"c", b"1", b"d", b"1", b"e", b"1",
+    ];
+    assert_eq!(
+        &c.call(&args).await[..],
+        b"-ERR Protocol error: unauthenticated multibulk length\r\n"
+    );
+    assert!(c.closed().await, "the client that sent it is closed");
+    // Others go on (on a new upstream connection): Redis's own answer to
+    // an unauthenticated client, not a lost connection.
+    let addr = s.addr;
+    assert!(
+        eventually(|| async {
+            let mut other = Raw::connect(addr).await;
+            other.call(&[b"PING"]).await.starts_with(b"-NOAUTH")
+        })
+        .await
+    );
+}

@@ -583,10 +583,23 @@ fn dispatch(
     if let Some(p) = done.plan.as_mut() {
         reply = p.finish(reply);
     }
+    // Redis refused the request's bytes and closes this connection (an
+    // unauthenticated client's request of more than 10 arguments, say):
+    // that client's request caused it, so that client is closed too, as
+    // Redis would close it; the others in flight learn the connection is
+    // lost, never that they erred.
+    let refused = reply.starts_with(b"-ERR Protocol error");
     match done.slot {
         Some(seq) => {
             // The client may be gone; its reply is then dropped.
             done.client.deliver(seq, Ok(reply));
+            if refused {
+                metrics.protocol_error("upstream_refused_request");
+                tracing::warn!(
+                    "the upstream refused a client's request as a protocol error; closing that client"
+                );
+                done.client.close();
+            }
             Ok(Some(done.client))
         }
         None => Ok(None),
