@@ -99,8 +99,8 @@ async fn sigterm_drains_and_exits_zero_second_signal_exits_at_once() {
     signal(&child, "HUP");
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
     // A request in flight when SIGTERM arrives is answered, then exit 0.
-    c.cmd(&[b"BLPOP", b"q", b"0.5"]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.cmd(&[b"BLPOP", b"q", b"2"]).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     signal(&child, "TERM");
     assert_eq!(&c.read().await[..], b"*-1\r\n");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
@@ -113,7 +113,7 @@ async fn sigterm_drains_and_exits_zero_second_signal_exits_at_once() {
     let mut child = spawn(&redis, port);
     let mut c = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
     c.cmd(&[b"BLPOP", b"never", b"0"]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     signal(&child, "TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(child.try_wait().unwrap().is_none(), "still draining");

@@ -183,7 +183,7 @@ async fn dead_upstream_gives_errors_then_recovers() {
     assert_eq!(&raw.call(&[b"SET", b"k", b"v"]).await[..], b"+OK\r\n");
     let mut blocked = Raw::connect(s.addr).await;
     blocked.cmd(&[b"BLPOP", b"q", b"0"]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     redis.kill();
     // The blocked client's request was sent: its fate is unknown -> error,
     // and it held state on a dedicated connection.
@@ -241,7 +241,8 @@ async fn shutdown_drains_in_flight_requests() {
     sub.read().await;
     let mut tx = Raw::connect(addr).await;
     assert_eq!(&tx.call(&[b"MULTI"]).await[..], b"+OK\r\n");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The blocking pop is in Redis.
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
     let start = Instant::now();
     let stopper = tokio::spawn(s.shutdown());
     // In-flight requests finish and are answered, then the clients close.

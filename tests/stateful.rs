@@ -151,7 +151,7 @@ async fn blocking_pops_released_by_another_client() {
     xblocked
         .cmd(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"xs", b"$"])
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 3 }).await);
 
     // Other clients keep being served meanwhile (shared connections are
     // never blocked).
