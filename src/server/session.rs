@@ -697,7 +697,9 @@ impl Session {
                 Ok(mut h) => {
                     // With [client_auth] the credentials are checked here
                     // and never queued upstream.
-                    if let (Some(ca), Some(a)) = (self.shared.client_auth.clone(), h.auth.take()) {
+                    if let Some(ca) = self.shared.client_auth.clone()
+                        && let Some(a) = h.auth.take()
+                    {
                         let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
                             if let Mode::Transaction(tx) = &mut self.mode {
                                 tx.items
