@@ -121,7 +121,7 @@ async fn handle(
         token.is_empty()
             || header("authorization")
                 .and_then(|v| v.strip_prefix("Bearer ").map(str::to_string))
-                .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+                .is_some_and(|given| crate::server::auth::ct_eq(given.as_bytes(), token.as_bytes()))
     };
     let activate = path
         .strip_prefix("/upstreams/")
@@ -186,11 +186,6 @@ async fn handle(
         | (_, _, Some(_)) => respond(&mut stream, 405, "text/plain", b"method not allowed\n").await,
         _ => respond(&mut stream, 404, "text/plain", b"not found\n").await,
     }
-}
-
-/// Compare without leaking, through timing, how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn respond_json(
