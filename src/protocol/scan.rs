@@ -298,12 +298,14 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
         if p >= line.len() {
             return Ok(args);
         }
-        let (mut inq, mut insq) = (false, false);
+        // The quote a quoted part was opened with, while inside it.
+        let mut quote: Option<u8> = None;
         let mut cur = Vec::new();
         loop {
             let c = at(p);
-            if inq {
-                if c == b'\\'
+            if let Some(q) = quote {
+                if q == b'"'
+                    && c == b'\\'
                     && at(p + 1) == b'x'
                     && let (Some(h), Some(l)) = (hex(at(p + 2)), hex(at(p + 3)))
                 {
@@ -311,7 +313,7 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
                     p += 4;
                     continue;
                 }
-                if c == b'\\' && at(p + 1) != 0 {
+                if q == b'"' && c == b'\\' && at(p + 1) != 0 {
                     p += 1;
                     cur.push(match at(p) {
                         b'n' => b'\n',
@@ -321,22 +323,11 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
                         b'a' => 7,
                         other => other,
                     });
-                } else if c == b'"' {
-                    if at(p + 1) != 0 && !blank(at(p + 1)) {
-                        return Err(ProtocolError::UnbalancedQuotes);
-                    }
-                    p += 1;
-                    break;
-                } else if c == 0 {
-                    return Err(ProtocolError::UnbalancedQuotes);
-                } else {
-                    cur.push(c);
-                }
-            } else if insq {
-                if c == b'\\' && at(p + 1) == b'\'' {
+                } else if q == b'\'' && c == b'\\' && at(p + 1) == b'\'' {
                     p += 1;
                     cur.push(b'\'');
-                } else if c == b'\'' {
+                } else if c == q {
+                    // A closing quote must be followed by a blank or the end.
                     if at(p + 1) != 0 && !blank(at(p + 1)) {
                         return Err(ProtocolError::UnbalancedQuotes);
                     }
@@ -355,8 +346,7 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
                         }
                         break;
                     }
-                    b'"' => inq = true,
-                    b'\'' => insq = true,
+                    b'"' | b'\'' => quote = Some(c),
                     other => cur.push(other),
                 }
             }
