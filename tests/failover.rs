@@ -314,7 +314,15 @@ async fn activate_and_reload_under_load_drop_nothing() {
     let writers: Vec<_> = (0..4)
         .map(|id| tokio::spawn(steady_writer(s.addr, id, stop.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut aconn = a.direct().await;
+    assert!(
+        eventually(|| {
+            let mut c = aconn.clone();
+            async move { dbsize(&mut c).await > 0 }
+        })
+        .await,
+        "no write reached a"
+    );
 
     // Switch by hand: in-flight requests finish on a, the rest go to b.
     let (st, body) = http(admin, "POST", "/upstreams/b/activate", Some("tok")).await;
@@ -324,21 +332,30 @@ async fn activate_and_reload_under_load_drop_nothing() {
         sub.closed().await,
         "pinned subscriber kept its old connection"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut bconn = b.direct().await;
-    let on_b: usize = dbsize(&mut bconn).await;
-    assert!(on_b > 0, "no write reached b after activate");
+    let bconn = b.direct().await;
+    assert!(
+        eventually(|| {
+            let mut c = bconn.clone();
+            async move { dbsize(&mut c).await > 0 }
+        })
+        .await,
+        "no write reached b after activate"
+    );
 
     // Reload with b removed: the sidecar moves to a (reason "reload").
     write_config(&[("a", &a)], "");
     let (st, body) = http(admin, "POST", "/reload", Some("tok")).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(active(&s).await, "a");
-    let mut aconn = a.direct().await;
     let before: usize = dbsize(&mut aconn).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after: usize = dbsize(&mut aconn).await;
-    assert!(after > before, "writes did not move to a after the reload");
+    assert!(
+        eventually(|| {
+            let mut c = aconn.clone();
+            async move { dbsize(&mut c).await > before }
+        })
+        .await,
+        "writes did not move to a after the reload"
+    );
 
     // A broken config is refused as a whole; a keeps serving.
     write_config(

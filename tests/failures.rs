@@ -151,7 +151,20 @@ async fn command_timeout_fails_in_flight_and_recovers() {
     // pipelined behind it on the same connection must fail too, never get
     // a reply meant for another request.
     slow.cmd(&[b"DEBUG", b"SLEEP", b"1"]).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Redis is in the sleep (it answers nobody) before the ECHO is sent.
+    let port = redis.port;
+    assert!(
+        eventually(|| async move {
+            let ping = async {
+                let mut c = Raw::connect(([127, 0, 0, 1], port).into()).await;
+                c.call(&[b"PING"]).await
+            };
+            tokio::time::timeout(Duration::from_millis(100), ping)
+                .await
+                .is_err()
+        })
+        .await
+    );
     other.cmd(&[b"ECHO", b"mine"]).await;
     let r1 = slow.read().await;
     let r2 = other.read().await;
