@@ -7,16 +7,22 @@
 //!   (re-read the configuration), which need `Authorization: Bearer
 //!   <admin_token>` when a token is configured.
 //!
-//! A deliberately small HTTP/1.1 server (one request per connection,
-//! `Connection: close`): a few fixed routes do not justify a web framework's
-//! build time on a 2-core machine. Requests are bounded in size, time and
-//! concurrency.
+//! Served by hyper 1 (HTTP/1 only, keep-alive): a header-read timeout, a
+//! cap on a connection's whole life (so an idle or slow keep-alive
+//! connection frees its slot), and a cap on connections at once, so slow
+//! or half-open connections cannot lock out `/healthz` and `/readyz`.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,14 +32,20 @@ use crate::metrics::Metrics;
 use crate::upstream::failover::ActivateError;
 use crate::upstream::pool::Pool;
 
-/// Largest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
 /// Admin connections served at once; scrapers and probes need few.
 const MAX_CONNS: usize = 64;
-/// A request must arrive within this.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest time a response may take to write.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request's headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection, keep-alive included: idle and slow
+/// connections give their slot back.
+const CONN_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Everything a request handler needs.
+struct Admin {
+    pool: Arc<Pool>,
+    control: Arc<Control>,
+    metrics: Metrics,
+}
 
 /// Serve admin requests until `shutdown`.
 pub async fn serve(
@@ -44,6 +56,11 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let admin = Arc::new(Admin {
+        pool,
+        control,
+        metrics,
+    });
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     loop {
         let (stream, _) = tokio::select! {
@@ -57,146 +74,152 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once rather than queued.
             continue;
         };
-        let (pool, control, metrics) = (pool.clone(), control.clone(), metrics.clone());
+        let (admin, shutdown) = (admin.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let _ = handle(stream, &pool, &control, &metrics).await;
+            let service = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.route(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(true)
+                // A client that half-closes after its request still gets
+                // the response.
+                .half_close(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let lifetime = tokio::time::sleep(CONN_LIFETIME);
+            tokio::pin!(lifetime);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = &mut lifetime => {}
+                _ = shutdown.cancelled() => {
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    pool: &Pool,
-    control: &Arc<Control>,
-    metrics: &Metrics,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                return Some(end);
-            }
-            if buf.len() > MAX_REQUEST {
-                return None;
-            }
-            let mut chunk = [0u8; 1024];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    let Ok(Some(end)) = head else {
-        return respond(&mut stream, 400, "text/plain", b"bad request\n").await;
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.lines();
-    let mut parts = lines.next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    };
-    // Read (and ignore) a small body, so closing does not reset the
-    // connection before the client reads the response.
-    let body_len = header("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    let have = buf.len() - (end + 4);
-    if body_len > have && body_len <= MAX_REQUEST {
-        let mut rest = vec![0u8; body_len - have];
-        let _ = tokio::time::timeout(READ_TIMEOUT, stream.read_exact(&mut rest)).await;
-    }
-    let authorized = || {
-        let token = control.admin_token();
-        token.is_empty()
-            || header("authorization")
-                .and_then(|v| v.strip_prefix("Bearer ").map(str::to_string))
-                .is_some_and(|given| crate::server::auth::ct_eq(given.as_bytes(), token.as_bytes()))
-    };
-    let activate = path
-        .strip_prefix("/upstreams/")
-        .and_then(|p| p.strip_suffix("/activate"));
-    match (method, path, activate) {
-        ("GET", "/metrics", _) => {
-            respond(
-                &mut stream,
-                200,
-                "text/plain; version=0.0.4",
-                &metrics.render(),
-            )
-            .await
-        }
-        ("GET", "/healthz", _) => respond(&mut stream, 200, "text/plain", b"ok\n").await,
-        ("GET", "/readyz", _) => {
-            let name = pool.ups.active().endpoint.name().to_string();
-            match pool.probe().await {
-                Ok(rtt) => {
-                    let body = format!(
-                        "ready: upstream {name} answered PING in {:.1} ms\n",
-                        rtt.as_secs_f64() * 1e3
-                    );
-                    respond(&mut stream, 200, "text/plain", body.as_bytes()).await
-                }
-                Err(e) => {
-                    // UpstreamError texts carry host and port, never passwords.
-                    let body = format!("not ready: upstream {name}: {e}\n");
-                    respond(&mut stream, 503, "text/plain", body.as_bytes()).await
-                }
-            }
-        }
-        ("GET", "/upstreams", _) => {
-            let body = upstreams_json(pool);
-            respond(&mut stream, 200, "application/json", body.as_bytes()).await
-        }
-        ("POST", "/reload", _) | ("POST", _, Some(_)) => {
-            if !authorized() {
-                return respond_json(&mut stream, 401, false, "missing or wrong admin token").await;
-            }
-            let (status, ok, msg) = match activate {
-                Some(name) => match pool.ups.activate(name) {
-                    Ok(msg) => (200, true, msg),
-                    Err(e @ ActivateError::NotFound(_)) => (404, false, e.to_string()),
-                    Err(e @ ActivateError::Down(..)) => (409, false, e.to_string()),
-                },
-                // Reading the file blocks: off the runtime thread.
-                None => match tokio::task::spawn_blocking({
-                    let c = control.clone();
-                    move || c.reload()
-                })
-                .await
-                {
-                    Ok(Ok(msg)) => (200, true, msg),
-                    Ok(Err(e)) => (400, false, e.to_string()),
-                    Err(_) => (500, false, "reload failed".to_string()),
-                },
-            };
-            respond_json(&mut stream, status, ok, &msg).await
-        }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload", _)
-        | (_, _, Some(_)) => respond(&mut stream, 405, "text/plain", b"method not allowed\n").await,
-        _ => respond(&mut stream, 404, "text/plain", b"not found\n").await,
-    }
+fn respond(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
 }
 
-async fn respond_json(
-    stream: &mut TcpStream,
-    status: u16,
-    ok: bool,
-    msg: &str,
-) -> std::io::Result<()> {
+fn respond_json(status: StatusCode, ok: bool, msg: &str) -> Response<Full<Bytes>> {
     let key = if ok { "result" } else { "error" };
     let body = serde_json::json!({ key: msg }).to_string() + "\n";
-    respond(stream, status, "application/json", body.as_bytes()).await
+    respond(status, "application/json", body)
+}
+
+impl Admin {
+    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let authorized = || {
+            let token = self.control.admin_token();
+            token.is_empty()
+                || req
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|given| {
+                        crate::server::auth::ct_eq(given.as_bytes(), token.as_bytes())
+                    })
+        };
+        let activate = path
+            .strip_prefix("/upstreams/")
+            .and_then(|p| p.strip_suffix("/activate"));
+        match (&method, path.as_str(), activate) {
+            (&Method::GET, "/metrics", _) => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            (&Method::GET, "/healthz", _) => respond(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, "/readyz", _) => {
+                let name = self.pool.ups.active().endpoint.name().to_string();
+                match self.pool.probe().await {
+                    Ok(rtt) => respond(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!(
+                            "ready: upstream {name} answered PING in {:.1} ms\n",
+                            rtt.as_secs_f64() * 1e3
+                        ),
+                    ),
+                    // UpstreamError texts carry host and port, never passwords.
+                    Err(e) => respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: upstream {name}: {e}\n"),
+                    ),
+                }
+            }
+            (&Method::GET, "/upstreams", _) => respond(
+                StatusCode::OK,
+                "application/json",
+                upstreams_json(&self.pool),
+            ),
+            (&Method::POST, "/reload", _) | (&Method::POST, _, Some(_)) => {
+                if !authorized() {
+                    return respond_json(
+                        StatusCode::UNAUTHORIZED,
+                        false,
+                        "missing or wrong admin token",
+                    );
+                }
+                let (status, ok, msg) = match activate {
+                    Some(name) => match self.pool.ups.activate(name) {
+                        Ok(msg) => (StatusCode::OK, true, msg),
+                        Err(e @ ActivateError::NotFound(_)) => {
+                            (StatusCode::NOT_FOUND, false, e.to_string())
+                        }
+                        Err(e @ ActivateError::Down(..)) => {
+                            (StatusCode::CONFLICT, false, e.to_string())
+                        }
+                    },
+                    // Reading the file blocks: off the runtime thread.
+                    None => match tokio::task::spawn_blocking({
+                        let c = self.control.clone();
+                        move || c.reload()
+                    })
+                    .await
+                    {
+                        Ok(Ok(msg)) => (StatusCode::OK, true, msg),
+                        Ok(Err(e)) => (StatusCode::BAD_REQUEST, false, e.to_string()),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            false,
+                            "reload failed".to_string(),
+                        ),
+                    },
+                };
+                respond_json(status, ok, &msg)
+            }
+            (_, "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload", _)
+            | (_, _, Some(_)) => respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n",
+            ),
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
 }
 
 /// `GET /upstreams`: URLs are redacted (their `Display`), errors carry
@@ -244,36 +267,4 @@ fn upstreams_json(pool: &Pool) -> String {
     })
     .to_string()
         + "\n"
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    ctype: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        409 => "Conflict",
-        500 => "Internal Server Error",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    // A reader that stops reading must not hold the connection (and one
-    // of the admin slots) for ever.
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, write)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

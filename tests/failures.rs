@@ -470,3 +470,54 @@ async fn a_request_the_upstream_refuses_closes_the_client_that_sent_it() {
         .await
     );
 }
+
+/// The admin listener (hyper): keep-alive, a half-closed client still gets
+/// its answer, and slow or half-open connections cannot lock out
+/// `/healthz` for longer than the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_keep_alive_half_closed_and_slow_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let admin = s.admin_addr.unwrap();
+    // Two requests on one connection.
+    let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    // Half-closed after the request: the answer still comes.
+    let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    c.shutdown().await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    // 64 connections that never finish their headers take every slot...
+    let mut slow = Vec::new();
+    for _ in 0..64 {
+        let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.unwrap();
+        slow.push(c);
+    }
+    // ...until the header timeout closes them (meanwhile a connection
+    // over the cap is closed at once).
+    let started = std::time::Instant::now();
+    let healthy = || async move {
+        let Ok(mut c) = tokio::net::TcpStream::connect(admin).await else {
+            return false;
+        };
+        let req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        if c.write_all(req).await.is_err() {
+            return false;
+        }
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.is_ok() && out.starts_with("HTTP/1.1 200 OK")
+    };
+    assert!(eventually(healthy).await, "healthz locked out");
+    assert!(started.elapsed() < Duration::from_secs(9));
+}
