@@ -86,8 +86,15 @@ async fn clients_authenticate_to_the_sidecar_as_to_redis() {
             String::from_utf8_lossy(&script[i].concat())
         );
     }
-    // CLIENT LIST shows the sidecar user.
+    // A command the table does not know is not sent upstream either
+    // (Redis would say "unknown command"; nothing unauthenticated goes
+    // out with the URL's credentials).
     let mut c = Raw::connect(s.addr).await;
+    assert_eq!(
+        &c.call(&[b"NOSUCHCOMMAND", b"x"]).await[..],
+        b"-NOAUTH Authentication required.\r\n"
+    );
+    // CLIENT LIST shows the sidecar user.
     assert_eq!(&c.call(&[b"AUTH", b"app", b"apppw"]).await[..], b"+OK\r\n");
     let info = c.call(&[b"CLIENT", b"INFO"]).await;
     assert!(

@@ -484,15 +484,19 @@ impl Session {
         }
         if self.shared.client_auth.is_some()
             && self.client_user.is_none()
-            && let Some(i) = info.as_deref()
             && !matches!(
                 class,
                 Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
             )
         {
-            // As Redis with requirepass: known commands only, after the
-            // arity check (unknown ones get Redis's own error upstream).
-            let err = arity_error(i, ex.args())
+            // As Redis with requirepass, after the arity check. A command
+            // the table does not know gets NOAUTH too (Redis would say
+            // "unknown command"): nothing from an unauthenticated client
+            // reaches the upstream, which would run it with the URL's
+            // credentials.
+            let err = info
+                .as_deref()
+                .and_then(|i| arity_error(i, ex.args()))
                 .unwrap_or_else(|| Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
             self.now(err, Some(&metrics)).await;
             return Flow::Go;
