@@ -9,8 +9,8 @@ use redis_sidecar::Sidecar;
 use redis_sidecar::config::{Config, LogFormat, UpstreamConfig, process_env};
 use redis_sidecar::policy::Builder;
 
-/// A Redis-protocol sidecar proxy. (No `Debug`: `--upstream` URLs may
-/// hold passwords.)
+// No `Debug`: `--upstream` URLs may hold passwords.
+/// A Redis-protocol sidecar proxy.
 #[derive(Parser, Clone)]
 #[command(version, about)]
 struct Cli {
