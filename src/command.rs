@@ -2,7 +2,7 @@
 //! written) and what connection state it touches.
 //!
 //! The table is learned from the upstream's `COMMAND` reply (key specs,
-//! flags, ACL categories; `protocol-notes.md` §2) when the sidecar first
+//! flags, ACL categories) when the sidecar first
 //! reaches it, so new Redis commands work without a code change. Until then,
 //! and for upstreams that refuse `COMMAND`, the built-in table is Redis
 //! 7.0's own `COMMAND` reply (`builtin-commands.resp`). Commands in neither table are still forwarded: Redis

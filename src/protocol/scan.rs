@@ -5,7 +5,8 @@
 //! reply (RESP2 and RESP3: push, attribute, map, set, double, big number,
 //! verbatim and streamed types). Both keep their position across reads, so a
 //! 4 MiB frame arriving in 16 KiB pieces is scanned once, not once per read
-//! (the quadratic cost of redis-protocol's codecs, `protocol-notes.md` §1).
+//! (redis-protocol's codecs re-parse a partial frame from its start on
+//! every read, which is quadratic on large values).
 //! Declared lengths are checked against [`Limits`] before anything is
 //! buffered. "Need more bytes" is `Ok(None)`; `Err` is bad data.
 
