@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import cpu_seconds as proc_cpu, free_port, wait_port  # noqa: E402
+from e2e import cpu_seconds as proc_cpu, free_port, stop, wait_port  # noqa: E402
 
 
 def measure(pid, port, clients, pipeline, requests, test):
@@ -118,13 +118,7 @@ def main():
                       f"{statistics.median(x[1] for x in a):.0f} | {statistics.median(x[1] for x in b):.0f} | "
                       f"{rps_ratio:.3f} |")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 if __name__ == "__main__":

@@ -185,39 +185,41 @@ def main():
 
                 print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
                       f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} |")
-        # Against the targets: per round, the sidecar's throughput and CPU
-        # per op over twemproxy's in that round; medians of those ratios.
-        print("\nsidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1)\n")
-        print("| scenario | test | rps | CPU per op |")
-        print("|---|---|---|---|")
-        for name, *_ in SCENARIOS:
-            for test in ("SET", "GET"):
-                s_vals = results.get((name, "sidecar", test), [])
-                t_vals = results.get((name, "twemproxy", test), [])
-                rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, t_vals))
-                cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, t_vals))
-                print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
+        ratio_table(results, "twemproxy",
+                    "sidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1)")
         if baseline:
-            print("\nsidecar / baseline, median of the per-round ratios (rps > 1: faster; CPU < 1: cheaper)\n")
-            print("| scenario | test | rps | CPU per op |")
-            print("|---|---|---|---|")
-            for name, *_ in SCENARIOS:
-                for test in ("SET", "GET"):
-                    s_vals = results.get((name, "sidecar", test), [])
-                    b_vals = results.get((name, "baseline", test), [])
-                    rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, b_vals))
-                    cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, b_vals))
-                    print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
+            ratio_table(results, "baseline",
+                        "sidecar / baseline, median of the per-round ratios (rps > 1: faster; CPU < 1: cheaper)")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
               f"twemproxy {rss['twemproxy']:.1f} MiB")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
+
+
+def ratio_table(results, other, title):
+    """Per round, the sidecar's throughput and CPU per op over `other`'s in
+    that round; medians of those ratios, per scenario and test."""
+    print(f"\n{title}\n")
+    print("| scenario | test | rps | CPU per op |")
+    print("|---|---|---|---|")
+    for name, *_ in SCENARIOS:
+        for test in ("SET", "GET"):
+            s_vals = results.get((name, "sidecar", test), [])
+            o_vals = results.get((name, other, test), [])
+            rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, o_vals))
+            cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, o_vals))
+            print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
+
+
+def stop(procs):
+    """Terminate the processes a benchmark started, killing stragglers."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 if __name__ == "__main__":

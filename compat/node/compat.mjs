@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { createClient } from "redis";
-import { Queue, Worker, QueueEvents } from "bullmq";
+import { startQueue } from "./queue-app.mjs";
 import { sessionApp } from "./session-app.mjs";
 import { RedisStore as RedisStore9 } from "connect-redis";
 import RedisStore7 from "connect-redis7";
@@ -15,7 +15,6 @@ if (!url) {
   console.error("SIDECAR_URL is not set");
   process.exit(2);
 }
-const { hostname: host, port } = new URL(url);
 const failures = [];
 const clients = [];
 const ioredis = (opts = {}) => {
@@ -156,23 +155,17 @@ await check("node-redis: RESP2 and RESP3, multi, pub/sub", async () => {
 });
 
 await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
-  const connection = { host, port: Number(port), maxRetriesPerRequest: null };
-  const name = `compat${Date.now()}`;
-  const queue = new Queue(name, { connection });
-  const events = new QueueEvents(name, { connection });
-  await events.waitUntilReady();
   const attempts = {};
-  const worker = new Worker(
-    name,
+  const { queue, completed, close } = await startQueue(
+    url,
+    "compat",
     async (job) => {
       attempts[job.name] = (attempts[job.name] || 0) + 1;
       if (job.name === "flaky" && attempts[job.name] < 3) throw new Error("try again");
       return { processedAt: Date.now(), n: job.data.n * 2 };
     },
-    { connection, concurrency: 2 },
+    2,
   );
-  const completed = new Map();
-  events.on("completed", ({ jobId, returnvalue }) => completed.set(jobId, returnvalue));
   const flaky = await queue.add("flaky", { n: 1 }, { attempts: 3, backoff: { type: "fixed", delay: 50 } });
   const addedAt = Date.now();
   const delayed = await queue.add("delayed", { n: 2 }, { delay: 400 });
@@ -188,10 +181,7 @@ await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
   assert.equal((await queue.getJob(plain[7].id)).returnvalue.n, 14);
   const counts = await queue.getJobCounts("completed", "failed", "waiting", "delayed");
   assert.deepEqual(counts, { completed: 22, failed: 0, waiting: 0, delayed: 0 });
-  await worker.close();
-  await events.close();
-  await queue.obliterate({ force: true });
-  await queue.close();
+  await close();
 });
 
 await check("express-session + connect-redis 7 (ioredis)", async () => {

@@ -9,7 +9,7 @@
 // Usage: SIDECAR_URL=redis://127.0.0.1:6380 MODE=exempt node ttl.mjs
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
-import { Queue, Worker, QueueEvents } from "bullmq";
+import { startQueue } from "./queue-app.mjs";
 import { sessionApp } from "./session-app.mjs";
 import RedisStore7 from "connect-redis7";
 
@@ -19,7 +19,6 @@ if (!url || !["exempt", "catchall"].includes(mode)) {
   console.error("SIDECAR_URL and MODE=exempt|catchall are required");
   process.exit(2);
 }
-const { hostname: host, port } = new URL(url);
 const failures = [];
 const r = new Redis(url);
 const sleep = (ms) => new Promise((res) => setTimeout(res, ms));
@@ -75,23 +74,17 @@ await check("counters: INCR + EXPIRE under post:* max, INCR under user:* default
 });
 
 await check(`BullMQ: 200 jobs with retries and a delayed job (${mode})`, async () => {
-  const connection = { host, port: Number(port), maxRetriesPerRequest: null };
-  const name = `ttl${Date.now()}`;
-  const queue = new Queue(name, { connection });
-  const events = new QueueEvents(name, { connection });
-  await events.waitUntilReady();
   const attempts = {};
-  const worker = new Worker(
-    name,
+  const { name, queue, completed, close } = await startQueue(
+    url,
+    "ttl",
     async (job) => {
       attempts[job.id] = (attempts[job.id] || 0) + 1;
       if (job.data.flaky && attempts[job.id] < 2) throw new Error("try again");
       return job.data.n * 2;
     },
-    { connection, concurrency: 8 },
+    8,
   );
-  const completed = new Set();
-  events.on("completed", ({ jobId }) => completed.add(jobId));
   const addedAt = Date.now();
   const delayed = await queue.add("delayed", { n: -1 }, { delay: 300 });
   await queue.addBulk(
@@ -121,10 +114,7 @@ await check(`BullMQ: 200 jobs with retries and a delayed job (${mode})`, async (
   // Exempt: only the TTLs BullMQ sets itself (its 30 s job locks).
   if (mode === "exempt") assert.ok(withTtl.every((t) => t <= 30), "bull:* is exempt");
   else assert.equal(none, 0, "under the catch-all every key has a TTL");
-  await worker.close();
-  await events.close();
-  await queue.obliterate({ force: true });
-  await queue.close();
+  await close();
 });
 
 r.disconnect();

@@ -1,0 +1,23 @@
+// A BullMQ queue with its worker and QueueEvents, used by the
+// compatibility scripts: `completed` fills in with each finished job's
+// return value; `close()` ends the worker and removes the queue's keys.
+import { Queue, Worker, QueueEvents } from "bullmq";
+
+export async function startQueue(url, prefix, processor, concurrency) {
+  const { hostname: host, port } = new URL(url);
+  const connection = { host, port: Number(port), maxRetriesPerRequest: null };
+  const name = `${prefix}${Date.now()}`;
+  const queue = new Queue(name, { connection });
+  const events = new QueueEvents(name, { connection });
+  await events.waitUntilReady();
+  const worker = new Worker(name, processor, { connection, concurrency });
+  const completed = new Map();
+  events.on("completed", ({ jobId, returnvalue }) => completed.set(jobId, returnvalue));
+  const close = async () => {
+    await worker.close();
+    await events.close();
+    await queue.obliterate({ force: true });
+    await queue.close();
+  };
+  return { name, queue, completed, close };
+}
