@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { createClient } from "redis";
+import { check, finish, sleep } from "./harness.mjs";
 import { startQueue } from "./queue-app.mjs";
 import { sessionApp } from "./session-app.mjs";
 import { RedisStore as RedisStore9 } from "connect-redis";
@@ -15,7 +16,6 @@ if (!url) {
   console.error("SIDECAR_URL is not set");
   process.exit(2);
 }
-const failures = [];
 const clients = [];
 const ioredis = (opts = {}) => {
   const c = new Redis(url, { lazyConnect: false, ...opts });
@@ -23,18 +23,7 @@ const ioredis = (opts = {}) => {
   return c;
 };
 
-async function check(name, fn) {
-  const start = Date.now();
-  try {
-    await fn();
-    console.log(`ok   ${name} (${Date.now() - start} ms)`);
-  } catch (e) {
-    failures.push(name);
-    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 await check("ioredis: strings, hashes, lists, sets, sorted sets, binary", async () => {
   const r = ioredis();
@@ -203,9 +192,4 @@ await check("express-session + connect-redis 9 (node-redis)", async () => {
 });
 
 for (const c of clients) c.disconnect();
-if (failures.length) {
-  console.log(`${failures.length} check(s) failed: ${failures.join(", ")}`);
-  process.exit(1);
-}
-console.log("all node compatibility checks passed");
-process.exit(0);
+finish("node compatibility checks");

@@ -9,6 +9,7 @@
 // Usage: SIDECAR_URL=redis://127.0.0.1:6380 MODE=exempt node ttl.mjs
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
+import { check, finish, sleep } from "./harness.mjs";
 import { startQueue } from "./queue-app.mjs";
 import { sessionApp } from "./session-app.mjs";
 import RedisStore7 from "connect-redis7";
@@ -19,20 +20,8 @@ if (!url || !["exempt", "catchall"].includes(mode)) {
   console.error("SIDECAR_URL and MODE=exempt|catchall are required");
   process.exit(2);
 }
-const failures = [];
 const r = new Redis(url);
-const sleep = (ms) => new Promise((res) => setTimeout(res, ms));
 
-async function check(name, fn) {
-  const start = Date.now();
-  try {
-    await fn();
-    console.log(`ok   ${name} (${Date.now() - start} ms)`);
-  } catch (e) {
-    failures.push(name);
-    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
 
 await check("express-session + connect-redis: sess:* capped below the cookie's 24h", async () => {
   const { n, sid } = await sessionApp(new RedisStore7({ client: r, prefix: "sess:" }), {
@@ -118,9 +107,4 @@ await check(`BullMQ: 200 jobs with retries and a delayed job (${mode})`, async (
 });
 
 r.disconnect();
-if (failures.length) {
-  console.log(`${failures.length} check(s) failed: ${failures.join(", ")}`);
-  process.exit(1);
-}
-console.log(`all TTL compatibility checks passed (${mode})`);
-process.exit(0);
+finish(`TTL compatibility checks (${mode})`);
