@@ -43,6 +43,9 @@ pub struct Config {
     /// Key-pattern TTL rules, first match wins (a policy stage; reloads
     /// live).
     pub ttl: Vec<TtlRule>,
+    /// Rate-limit rules; every matching rule applies (a policy stage;
+    /// reloads live, unchanged rules keep their buckets).
+    pub rate_limit: Vec<RateLimitRule>,
     /// The sidecar's own password and users (clients AUTH to the sidecar).
     pub client_auth: ClientAuthConfig,
 }
@@ -123,6 +126,116 @@ impl TtlRule {
     }
 }
 
+/// `[[rate_limit]]`: a GCRA limit on the commands it matches. Strings are
+/// checked when the policy chain is built (`policy::ratelimit`), so every
+/// error is reported with its rule index.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRule {
+    /// The rule's name in errors, metrics and logs.
+    pub name: String,
+    /// Command names (`GET`, `CONFIG|SET`) or ACL categories (`@write`);
+    /// empty: every command (but AUTH, HELLO, QUIT, RESET and PING,
+    /// which only a rule naming them limits).
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// A Redis glob the command's keys must match (at least one of them;
+    /// for `per = "key"` each matching key has its own bucket).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Client addresses (`10.0.0.0/8`, `::1`, `127.0.0.1`).
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// Users the client authenticated as (`default` when it did not).
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Globs on the client's CLIENT SETNAME name.
+    #[serde(default)]
+    pub client_names: Vec<String>,
+    /// What one bucket counts: `client`, `ip`, `user`, `client_name`,
+    /// `key` or `global`.
+    #[serde(default)]
+    pub per: RatePer,
+    /// `5000/s`, `100/min`, `10/h`, `1/250ms`.
+    pub rate: String,
+    /// Commands allowed at once on an idle bucket (default: the rate's
+    /// count).
+    #[serde(default)]
+    pub burst: Option<NonZeroU32>,
+    #[serde(default)]
+    pub action: RateAction,
+    /// `delay`: the longest a command is held; longer waits are rejected.
+    #[serde(default = "default_max_delay", deserialize_with = "de_duration")]
+    pub max_delay: Duration,
+    #[serde(default)]
+    pub mode: RuleMode,
+    #[serde(default)]
+    pub scope: RateScope,
+    /// `shared` scope, upstream unreachable: `local`, `allow` or `reject`.
+    #[serde(default)]
+    pub on_error: RateOnError,
+    /// Buckets kept at most (per client, key, ...); see the README for
+    /// what happens past it.
+    #[serde(default = "default_max_tracked_keys")]
+    pub max_tracked_keys: NonZeroUsize,
+    /// `shared` scope: prefix of the upstream keys holding the buckets.
+    #[serde(default = "default_shared_prefix")]
+    pub shared_prefix: String,
+    /// `shared` scope: tokens taken from the upstream per round trip
+    /// (default: a twentieth of the burst, at most 100).
+    #[serde(default)]
+    pub shared_batch: Option<NonZeroU32>,
+}
+
+fn default_max_delay() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_tracked_keys() -> NonZeroUsize {
+    NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn default_shared_prefix() -> String {
+    "redis-sidecar:rl:".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RatePer {
+    Client,
+    Ip,
+    User,
+    ClientName,
+    Key,
+    #[default]
+    Global,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateAction {
+    #[default]
+    Reject,
+    Delay,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateScope {
+    #[default]
+    Local,
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateOnError {
+    #[default]
+    Local,
+    Allow,
+    Reject,
+}
+
 /// Whether a policy rule acts or only counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -154,6 +267,7 @@ impl fmt::Debug for Config {
             .field("log", &self.log)
             .field("access", &self.access)
             .field("ttl", &self.ttl)
+            .field("rate_limit", &self.rate_limit)
             .field("client_auth", &self.client_auth)
             .finish()
     }
@@ -350,6 +464,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             access: AccessConfig::default(),
             ttl: Vec::new(),
+            rate_limit: Vec::new(),
             client_auth: ClientAuthConfig::default(),
             log: LogConfig::default(),
         }

@@ -130,7 +130,6 @@ impl Sidecar {
             shutdown.clone(),
             tasks.clone(),
         )?;
-        let policies = Policies::new(builder, c, metrics.clone())?;
         let pool = Pool::new(
             ups,
             settings,
@@ -139,6 +138,12 @@ impl Sidecar {
             metrics.clone(),
             tasks.clone(),
         );
+        let builder = builder.with_env(policy::Env {
+            pool: pool.clone(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let policies = Policies::new(builder, c, metrics.clone())?;
         let control = Control::new(
             pool.clone(),
             policies.clone(),

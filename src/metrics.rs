@@ -41,6 +41,12 @@ struct Inner {
     access_denied: IntCounterVec,
     ttl_sweep_scanned: IntCounterVec,
     ttl_sweep_passes: IntCounterVec,
+    rl_decisions: IntCounterVec,
+    rl_delay: HistogramVec,
+    rl_tracked: IntGaugeVec,
+    rl_overflow: IntCounterVec,
+    rl_shared_calls: IntCounterVec,
+    rl_fallback: IntCounterVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -181,8 +187,63 @@ impl Metrics {
             &["rule"],
         )
         .expect("static metric");
+        let rl_decisions = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_decisions_total",
+                "Rate-limit decisions, by rule and result (allowed|delayed|rejected|observed)",
+            ),
+            &["rule", "result"],
+        )
+        .expect("static metric");
+        let rl_delay = HistogramVec::new(
+            HistogramOpts::new(
+                "ratelimit_delay_seconds",
+                "How long delay rules held commands, by rule",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("static buckets")),
+            &["rule"],
+        )
+        .expect("static metric");
+        let rl_tracked = IntGaugeVec::new(
+            Opts::new(
+                "ratelimit_tracked_keys",
+                "Buckets a rate-limit rule holds (per client, ip, user, name or key), as of the last prune",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
+        let rl_overflow = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_overflow_total",
+                "Commands counted against a rule's overflow bucket because it tracked max_tracked_keys buckets",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
+        let rl_shared_calls = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_shared_calls_total",
+                "Token requests a shared-scope rule sent to the upstream, by result (ok|error)",
+            ),
+            &["rule", "result"],
+        )
+        .expect("static metric");
+        let rl_fallback = IntCounterVec::new(
+            Opts::new(
+                "ratelimit_fallback_total",
+                "Decisions of a shared-scope rule made by its on_error fallback (upstream unreachable)",
+            ),
+            &["rule"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rl_decisions.clone()),
+            Box::new(rl_delay.clone()),
+            Box::new(rl_tracked.clone()),
+            Box::new(rl_overflow.clone()),
+            Box::new(rl_shared_calls.clone()),
+            Box::new(rl_fallback.clone()),
             Box::new(ttl_sweep_scanned.clone()),
             Box::new(ttl_sweep_passes.clone()),
             Box::new(ttl_enforced.clone()),
@@ -219,6 +280,12 @@ impl Metrics {
             access_denied,
             ttl_sweep_scanned,
             ttl_sweep_passes,
+            rl_decisions,
+            rl_delay,
+            rl_tracked,
+            rl_overflow,
+            rl_shared_calls,
+            rl_fallback,
             by_command: Mutex::new(HashMap::new()),
         }))
     }
@@ -239,6 +306,31 @@ impl Metrics {
 
     pub fn ttl_sweep_passes(&self, rule: &str) -> IntCounter {
         self.0.ttl_sweep_passes.with_label_values(&[rule])
+    }
+
+    /// `ratelimit_decisions_total{rule, result}`.
+    pub fn ratelimit_decisions(&self, rule: &str, result: &str) -> IntCounter {
+        self.0.rl_decisions.with_label_values(&[rule, result])
+    }
+
+    pub fn ratelimit_delay(&self, rule: &str) -> Histogram {
+        self.0.rl_delay.with_label_values(&[rule])
+    }
+
+    pub fn ratelimit_tracked(&self, rule: &str) -> IntGauge {
+        self.0.rl_tracked.with_label_values(&[rule])
+    }
+
+    pub fn ratelimit_overflow(&self, rule: &str) -> IntCounter {
+        self.0.rl_overflow.with_label_values(&[rule])
+    }
+
+    pub fn ratelimit_shared_calls(&self, rule: &str, result: &str) -> IntCounter {
+        self.0.rl_shared_calls.with_label_values(&[rule, result])
+    }
+
+    pub fn ratelimit_fallback(&self, rule: &str) -> IntCounter {
+        self.0.rl_fallback.with_label_values(&[rule])
     }
 
     /// `access_denied_total{command}`: `command` is a name of the command

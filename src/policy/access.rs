@@ -49,13 +49,13 @@ pub enum AccessError {
 
 /// One entry of a list: a command (or `container|sub`) or a category.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Rule {
+pub(crate) enum Rule {
     Command(String),
     Category(String),
 }
 
 impl Rule {
-    fn parse(s: &str) -> Result<Rule, AccessError> {
+    pub(crate) fn parse(s: &str) -> Result<Rule, AccessError> {
         let s = s.to_ascii_lowercase();
         if let Some(cat) = s.strip_prefix('@') {
             if CATEGORIES.contains(&cat) {
@@ -73,8 +73,17 @@ impl Rule {
         }
     }
 
+    /// The entry names this command (not by category).
+    pub(crate) fn names(&self, command: &str) -> bool {
+        matches!(self, Rule::Command(c) if c == command)
+    }
+
+    pub(crate) fn is_all(&self) -> bool {
+        matches!(self, Rule::Category(c) if c == "all")
+    }
+
     /// `name` is the table's name (`config|set`) or the command's own.
-    fn matches(&self, name: &str, categories: &[String]) -> bool {
+    pub(crate) fn matches(&self, name: &str, categories: &[String]) -> bool {
         match self {
             Rule::Command(c) => {
                 c == name

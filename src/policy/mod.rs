@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod glob;
+pub mod ratelimit;
 pub mod sweep;
 pub mod ttl;
 
@@ -64,10 +65,15 @@ pub struct Ctx<'a> {
     pub mode: Mode,
     /// The command's table entry, when the table knows it.
     pub info: Option<&'a CommandInfo>,
+    /// When the command was read (a delay counts from here).
+    pub since: std::time::Instant,
 }
 
+/// What a stage waits for before it is asked again (a token refill from
+/// the upstream). It must end by itself (bounded by a timeout).
+pub type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// A stage's decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Go on to the next stage, then where the command goes.
     Continue,
@@ -76,15 +82,33 @@ pub enum Verdict {
     Answer(Bytes),
     /// Refuse with this error reply; nothing is sent upstream.
     Refuse(Bytes),
-    /// Hold the command (and the client's later ones) until then, then ask
-    /// the same stage again.
+    /// Hold the command (and the client's later ones) until then, then go
+    /// on to the next stage: the stage has let it pass at that time.
     Delay(tokio::time::Instant),
+    /// Hold the command (and the client's later ones) until this ends,
+    /// then ask the same stage again.
+    Wait(Wait),
+}
+
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Continue => f.write_str("Continue"),
+            Verdict::Answer(b) => f.debug_tuple("Answer").field(b).finish(),
+            Verdict::Refuse(b) => f.debug_tuple("Refuse").field(b).finish(),
+            Verdict::Delay(t) => f.debug_tuple("Delay").field(t).finish(),
+            Verdict::Wait(_) => f.write_str("Wait"),
+        }
+    }
 }
 
 /// One policy stage (access, rate limit, cache lookup, TTL rewrite).
 pub trait Stage: Send + Sync {
     fn name(&self) -> &'static str;
     fn on_command(&self, ctx: &Ctx<'_>, ex: &mut Exchange) -> Verdict;
+    /// Called about once a second by the policy ticker (pruning idle
+    /// state, updating gauges).
+    fn tick(&self) {}
 }
 
 /// The stages in their order.
@@ -106,17 +130,28 @@ impl Chain {
         self.stages.iter().map(|s| s.name()).collect()
     }
 
-    /// Run the stages from `*next` on until one answers, refuses or
-    /// delays; after a delay, call again with the same `next` to ask that
-    /// stage again.
+    /// Run the stages from `*next` on until one answers, refuses, delays
+    /// or waits; then call again with the same `next` (after a delay it
+    /// points past the stage that delayed, after a wait at the stage that
+    /// waited).
     pub fn run(&self, ctx: &Ctx<'_>, ex: &mut Exchange, next: &mut usize) -> Verdict {
         while let Some(stage) = self.stages.get(*next) {
             match stage.on_command(ctx, ex) {
                 Verdict::Continue => *next += 1,
+                v @ Verdict::Delay(_) => {
+                    *next += 1;
+                    return v;
+                }
                 other => return other,
             }
         }
         Verdict::Continue
+    }
+
+    fn tick(&self) {
+        for s in &self.stages {
+            s.tick();
+        }
     }
 }
 
@@ -132,6 +167,19 @@ pub enum PolicyError {
     },
     #[error("ttl[{index}]: {reason}")]
     Ttl { index: usize, reason: ttl::TtlError },
+    #[error("rate_limit[{index}]: {reason}")]
+    RateLimit {
+        index: usize,
+        reason: ratelimit::RateLimitError,
+    },
+}
+
+/// What stages that talk to the upstream (shared rate limits) need.
+#[derive(Clone)]
+pub struct Env {
+    pub pool: Arc<crate::upstream::pool::Pool>,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Every policy error of a configuration.
@@ -140,14 +188,24 @@ pub enum PolicyError {
 pub struct PolicyErrors(pub Vec<PolicyError>);
 
 /// Builds the chain from the configuration, in the order of the request
-/// flow: access, TTL, then the stages an embedder adds (tests). The rate
-/// limit and cache stages will go between access and TTL.
+/// flow: access, rate limit, TTL, then the stages an embedder adds
+/// (tests). The cache stage will go between rate limit and TTL.
 #[derive(Clone, Default)]
 pub struct Builder {
     extra: Vec<Arc<dyn Stage>>,
+    env: Option<Env>,
+    /// Rate-limit buckets of unchanged rules, kept across reloads.
+    kept: Arc<ratelimit::Kept>,
 }
 
 impl Builder {
+    /// Give stages the upstream (shared rate limits) and the task tracker
+    /// (the policy ticker).
+    pub fn with_env(mut self, env: Env) -> Builder {
+        self.env = Some(env);
+        self
+    }
+
     /// Add a stage that is not configured by the file (tests, embedders);
     /// it runs after the configured stages and survives reloads.
     pub fn with_stage(mut self, stage: Arc<dyn Stage>) -> Builder {
@@ -171,16 +229,33 @@ impl Builder {
             Ok(None) => {}
             Err(e) => errors.extend(e),
         }
+        let mut keep = None;
+        match ratelimit::RateLimit::from_config(
+            &c.rate_limit,
+            metrics,
+            self.env.as_ref(),
+            &self.kept,
+        ) {
+            Ok((r, k)) => {
+                if let Some(r) = r {
+                    stages.push(Arc::new(r));
+                }
+                keep = Some(k);
+            }
+            Err(e) => errors.extend(e),
+        }
         match ttl::Ttl::from_config(&c.ttl, metrics) {
             Ok(Some(t)) => stages.push(Arc::new(t)),
             Ok(None) => {}
             Err(e) => errors.extend(e),
         }
         stages.extend(self.extra.iter().cloned());
-        if errors.is_empty() {
-            Ok(Chain::new(stages))
-        } else {
-            Err(PolicyErrors(errors))
+        match (errors.is_empty(), keep) {
+            (true, Some(keep)) => {
+                self.kept.commit(keep);
+                Ok(Chain::new(stages))
+            }
+            _ => Err(PolicyErrors(errors)),
         }
     }
 }
@@ -201,12 +276,32 @@ impl Policies {
         metrics: Metrics,
     ) -> Result<Arc<Policies>, PolicyErrors> {
         let chain = builder.build(config, &metrics)?;
-        Ok(Arc::new(Policies {
+        let env = builder.env.clone();
+        let policies = Arc::new(Policies {
             builder,
             metrics,
             current: RwLock::new(Arc::new(chain)),
             generation: AtomicU64::new(0),
-        }))
+        });
+        if let Some(env) = env {
+            // Stages' upkeep (idle rate-limit buckets) once a second.
+            let weak = Arc::downgrade(&policies);
+            env.tasks.spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = env.shutdown.cancelled() => return,
+                    }
+                    match weak.upgrade() {
+                        Some(p) => p.current().tick(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        Ok(policies)
     }
 
     pub fn generation(&self) -> u64 {

@@ -451,6 +451,7 @@ impl Session {
             proto: self.proto,
             mode: self.mode.kind(),
             info,
+            since: self.read_at,
         }
     }
 
@@ -545,6 +546,11 @@ impl Session {
                     // (the reader is here); what it is owed goes out now.
                     self.entry.client.flush();
                     tokio::time::sleep_until(until).await;
+                    continue;
+                }
+                Verdict::Wait(wait) => {
+                    self.entry.client.flush();
+                    wait.await;
                     continue;
                 }
                 Verdict::Answer(r) => (r, false),
