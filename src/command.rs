@@ -70,8 +70,8 @@ pub struct CommandInfo {
     pub name: String,
     pub arity: i64,
     pub flags: Flags,
-    /// ACL categories without the `@` (`read`, `string`, ...); empty in the
-    /// built-in table.
+    /// ACL categories without the `@` (`read`, `string`, ...), from the
+    /// upstream's COMMAND or the built-in table.
     pub acl_categories: Vec<String>,
     key_specs: Vec<KeySpec>,
     /// This command's metric handles, resolved on first use (one atomic

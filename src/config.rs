@@ -182,7 +182,7 @@ pub struct RateLimitRule {
     #[serde(default = "default_shared_prefix")]
     pub shared_prefix: String,
     /// `shared` scope: tokens taken from the upstream per round trip
-    /// (default: a twentieth of the burst, at most 100).
+    /// (default: a tenth of the burst; at most the burst).
     #[serde(default)]
     pub shared_batch: Option<NonZeroU32>,
 }

@@ -552,3 +552,25 @@ async fn hop(
 fn zero_linger(s: &TcpStream) {
     let _ = s.set_linger(Some(Duration::ZERO));
 }
+
+/// The sum of a metric's samples whose labels include all of `labels`,
+/// from the sidecar's Prometheus text.
+pub fn metric(s: &Sidecar, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = String::from_utf8(s.metrics.render()).unwrap();
+    let prefixed = format!("redis_sidecar_{name}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (head, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match head.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (head, ""),
+            };
+            (metric == prefixed
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

@@ -84,7 +84,17 @@ impl Bucket for u64 {
 
 const SHARDS: usize = 16;
 
-type Shard<V> = Mutex<HashMap<Box<[u8]>, V>>;
+struct Inner<V> {
+    map: HashMap<Box<[u8]>, V>,
+    /// When a full shard was last scanned for idle buckets: a full shard
+    /// of live buckets is scanned at most once per [`RESCAN`].
+    scanned: u64,
+}
+
+type Shard<V> = Mutex<Inner<V>>;
+
+/// Nanoseconds between two scans of a full shard.
+const RESCAN: u64 = 1_000_000;
 
 /// Buckets by key, in mutex-guarded shards, holding at most `cap` of them.
 pub struct Buckets<V> {
@@ -98,7 +108,14 @@ impl<V: Bucket> Buckets<V> {
     pub fn new(keyed: bool, cap: usize) -> Buckets<V> {
         let n = if keyed { SHARDS } else { 1 };
         Buckets {
-            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..n)
+                .map(|_| {
+                    Mutex::new(Inner {
+                        map: HashMap::new(),
+                        scanned: 0,
+                    })
+                })
+                .collect(),
             hasher: RandomState::new(),
             per_shard: cap.div_ceil(n).max(1),
         }
@@ -122,24 +139,35 @@ impl<V: Bucket> Buckets<V> {
         make: impl FnOnce() -> V,
         f: impl FnOnce(&mut V) -> R,
     ) -> Option<R> {
-        let mut shard = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = shard.get_mut(key) {
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let shard = &mut *shard;
+        if let Some(v) = shard.map.get_mut(key) {
             return Some(f(v));
         }
-        if shard.len() >= self.per_shard {
-            shard.retain(|_, v| !v.idle(now));
-            if shard.len() >= self.per_shard {
+        if shard.map.len() >= self.per_shard {
+            if now.saturating_sub(shard.scanned) < RESCAN {
+                return None;
+            }
+            shard.scanned = now;
+            shard.map.retain(|_, v| !v.idle(now));
+            if shard.map.len() >= self.per_shard {
                 return None;
             }
         }
-        let v = shard.entry(key.into()).or_insert_with(make);
+        let v = shard.map.entry(key.into()).or_insert_with(make);
         Some(f(v))
     }
 
     /// Run `f` on the key's bucket if it exists.
     pub fn existing<R>(&self, key: &[u8], f: impl FnOnce(&mut V) -> R) -> Option<R> {
-        let mut shard = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
-        shard.get_mut(key).map(f)
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.map.get_mut(key).map(f)
     }
 
     /// Drop idle buckets (and `gone` ones); how many are left.
@@ -147,11 +175,11 @@ impl<V: Bucket> Buckets<V> {
         let mut left = 0;
         for s in &self.shards {
             let mut shard = s.lock().unwrap_or_else(PoisonError::into_inner);
-            shard.retain(|_, v| !v.idle(now) && !gone(v));
-            if shard.capacity() > 64 && shard.capacity() > 4 * shard.len() {
-                shard.shrink_to_fit();
+            shard.map.retain(|_, v| !v.idle(now) && !gone(v));
+            if shard.map.capacity() > 64 && shard.map.capacity() > 4 * shard.map.len() {
+                shard.map.shrink_to_fit();
             }
-            left += shard.len();
+            left += shard.map.len();
         }
         left
     }
@@ -159,7 +187,7 @@ impl<V: Bucket> Buckets<V> {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).map.len())
             .sum()
     }
 
@@ -177,7 +205,9 @@ mod tests {
         let g = Gcra::new(10, 5);
         let mut tat = 0;
         let now = 1_000;
-        let allowed = (0..20).filter(|_| g.charge(&mut tat, now, 1, 0).is_ok()).count();
+        let allowed = (0..20)
+            .filter(|_| g.charge(&mut tat, now, 1, 0).is_ok())
+            .count();
         assert_eq!(allowed, 5);
         assert_eq!(g.charge(&mut tat, now, 1, 0), Err(10));
         // One interval later, one more.
@@ -209,12 +239,26 @@ mod tests {
                 placed += 1;
             }
         }
-        assert!(placed >= 32 && b.len() <= 32 + SHARDS, "{placed} {}", b.len());
+        assert!(
+            placed >= 32 && b.len() <= 32 + SHARDS,
+            "{placed} {}",
+            b.len()
+        );
         // At time 200 every bucket is idle: new keys find room.
+        // Later, the idle ones make room (a full shard is scanned at most
+        // once per RESCAN).
+        let mut now = 0;
         for i in 1_000..2_000u32 {
-            assert!(b.with(&i.to_be_bytes(), 200, || 150, |_| ()).is_some());
+            now = u64::from(i) * RESCAN;
+            assert!(b.with(&i.to_be_bytes(), now, || now, |_| ()).is_some());
         }
-        assert_eq!(b.prune(1_000, |_| false), 0);
+        // Meanwhile, a full shard of live buckets refuses new keys.
+        let live: Buckets<u64> = Buckets::new(false, 2);
+        assert!(live.with(b"a", 0, || 10, |_| ()).is_some());
+        assert!(live.with(b"b", 0, || 10, |_| ()).is_some());
+        assert!(live.with(b"c", 5, || 10, |_| ()).is_none());
+        assert!(live.with(b"c", RESCAN + 11, || 10, |_| ()).is_some());
+        assert_eq!(b.prune(now + 1, |_| false), 0);
         assert!(b.is_empty());
     }
 }

@@ -293,9 +293,11 @@ impl Rule {
                     .clone()
             }),
             prefix: Bytes::from(format!("{}{}:", r.shared_prefix, r.name)),
+            // All or nothing per call, so never more than the burst.
             batch: r
                 .shared_batch
-                .map_or((burst / 20).clamp(1, 100), |b| u64::from(b.get())),
+                .map_or(burst / 10, |b| u64::from(b.get()))
+                .clamp(1, burst.max(1)),
             on_error: r.on_error,
         });
         Some(Rule {
@@ -424,15 +426,19 @@ impl Rule {
                 None => self.overflow(now, budget),
             };
         };
-        let Some(bucket) = self.state.shared.with(key, now, Arc::default, |b| b.clone()) else {
+        let Some(bucket) = self
+            .state
+            .shared
+            .with(key, now, Arc::default, |b| b.clone())
+        else {
             return self.overflow(now, budget);
         };
         let down = scope.client.as_ref().is_none_or(|c| c.is_down(now));
         match bucket.take(now, 1, down) {
             Take::Taken => Outcome::Pass(0, How::Lease),
-            Take::Retry(r) if r <= budget => Outcome::Wait(Box::pin(tokio::time::sleep(
-                Duration::from_nanos(r),
-            ))),
+            Take::Retry(r) if r <= budget => {
+                Outcome::Wait(Box::pin(tokio::time::sleep(Duration::from_nanos(r))))
+            }
             Take::Retry(r) => Outcome::Limited(r),
             Take::Refill => match &scope.client {
                 Some(client) => Outcome::Wait(shared::refill(
@@ -500,7 +506,9 @@ impl Rule {
 
     fn tick(&self, now: u64) {
         let n = self.state.local.prune(now, |_| false) + self.state.shared.prune(now, |_| false);
-        self.counters.tracked.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.counters
+            .tracked
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -723,7 +731,12 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let c = |s| Cidr::parse(s).unwrap_or(Cidr { addr: IpAddr::from([0u8; 16]), bits: 200 });
+        let c = |s| {
+            Cidr::parse(s).unwrap_or(Cidr {
+                addr: IpAddr::from([0u8; 16]),
+                bits: 200,
+            })
+        };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0u8; 4]));
         assert!(c("10.0.0.0/8").contains(ip("10.1.2.3")));
         assert!(!c("10.0.0.0/8").contains(ip("11.1.2.3")));

@@ -2,11 +2,13 @@
 //! sidecar in front of it enforces one limit together.
 //!
 //! The upstream's extra work is kept small three ways:
-//! - **Tokens in batches.** A sidecar takes up to `shared_batch` tokens
-//!   per round trip (one script call charges them all) and spends them
-//!   locally; a batch left unspent expires after [`LEASE_LIFE`], so the
-//!   most a sidecar can overspend at a time is one batch per bucket.
-//! - **A local pre-check.** When the script says no token is free before
+//! - **Tokens in batches.** A sidecar takes `shared_batch` tokens per
+//!   round trip (one script call charges them all, all or none) and spends
+//!   them locally; a batch left unspent expires after [`LEASE_LIFE`]. Tokens
+//!   are charged before they are spent, so sidecars together never exceed
+//!   the limit; what a batch costs is that up to one batch per sidecar and
+//!   bucket may go unused when traffic stops.
+//! - **A local pre-check.** When the script says no batch is free before
 //!   some time, the sidecar refuses (or delays) locally until then without
 //!   asking again.
 //! - **One round trip for many buckets.** Every refill waiting at the
@@ -49,8 +51,10 @@ const QUEUE: usize = 1024;
 /// Refills per pipeline at most.
 const BATCH: usize = 256;
 
-/// GCRA over microseconds of Redis's clock: take up to ARGV[3] tokens.
-/// Replies `{tokens, 0}` or `{0, microseconds until one is free}`.
+/// GCRA over microseconds of Redis's clock: take ARGV[3] tokens at once
+/// or none. Replies `{tokens, 0}`, or `{0, microseconds until that many
+/// are free}`: under contention tokens are handed out in whole batches,
+/// so a saturated limit costs one call per batch, not one per command.
 pub const SCRIPT: &str = r"local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -58,14 +62,12 @@ local tau = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local free = math.floor((tau - (tat - now)) / interval)
-if free < 1 then
-  return {0, math.ceil(tat - now - tau + interval)}
+local after = tat + want * interval
+if after - now > tau then
+  return {0, math.ceil(after - now - tau)}
 end
-if free > want then free = want end
-tat = tat + free * interval
-redis.call('SET', KEYS[1], string.format('%d', math.ceil(tat)), 'PX', math.floor((tat - now) / 1000) + 1)
-return {free, 0}
+redis.call('SET', KEYS[1], string.format('%d', math.ceil(after)), 'PX', math.floor((after - now) / 1000) + 1)
+return {want, 0}
 ";
 
 /// One bucket's local view of a shared limit.
