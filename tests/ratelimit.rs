@@ -454,7 +454,7 @@ max_tracked_keys = 20000
         if next == 200_000 {
             rss_at_200k = rss_kib();
         }
-        if next % 100_000 == 0 {
+        if next.is_multiple_of(100_000) {
             peak_tracked =
                 peak_tracked.max(metric(&s, "ratelimit_tracked_keys", &[("rule", "keys")]));
         }
@@ -931,4 +931,136 @@ async fn shared_scope_falls_back_when_the_upstream_is_down() {
         assert!(metric(&s, "ratelimit_shared_calls_total", &[("result", "error")]) >= 1.0);
         s.shutdown().await;
     }
+}
+
+/// Subscribed clients' commands are limited too; a rule listing
+/// `@connection` does not limit PING (only naming it does).
+#[tokio::test]
+async fn subscribed_clients_are_limited_and_connection_commands_need_naming() {
+    let redis = RedisServer::start();
+    let s = sidecar_with(
+        with_rules(
+            &redis,
+            &[
+                r#"name = "subs"
+commands = ["subscribe"]
+per = "client"
+rate = "1/min"
+burst = 2
+"#,
+                r#"name = "conn"
+commands = ["@connection"]
+per = "client"
+rate = "1/min"
+burst = 1
+"#,
+            ],
+        ),
+        Builder::default(),
+    )
+    .await;
+    let mut c = Raw::connect(s.addr).await;
+    for _ in 0..3 {
+        assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    }
+    assert!(
+        c.call(&[b"SUBSCRIBE", b"a"])
+            .await
+            .starts_with(b"*3\r\n$9\r\nsubscribe")
+    );
+    assert!(
+        c.call(&[b"SUBSCRIBE", b"b"])
+            .await
+            .starts_with(b"*3\r\n$9\r\nsubscribe")
+    );
+    let r = c.call(&[b"SUBSCRIBE", b"c"]).await;
+    assert!(
+        r.starts_with(b"-ERR rate limit exceeded (rule subs,"),
+        "{r:?}"
+    );
+    // Still subscribed to a and b, and PING is not limited there either.
+    assert_eq!(
+        &c.call(&[b"PING"]).await[..],
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    );
+    let mut direct = redis.direct().await;
+    let n: i64 = redis::cmd("PUBLISH")
+        .arg("b")
+        .arg("hi")
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        &c.read().await[..],
+        b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\nhi\r\n"
+    );
+    s.shutdown().await;
+}
+
+/// Concurrent misses of one shared bucket make one upstream call (the
+/// first batch serves them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_scope_concurrent_misses_make_one_call() {
+    let redis = RedisServer::start();
+    let r = shared_rule("one", "1000/s", 1000, "reject");
+    let s = sidecar_with(with_rules(&redis, &[&r]), Builder::default()).await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(Raw::connect(s.addr).await);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                c.call(&[b"GET", b"sf"]).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(&r[..], b"$-1\r\n");
+    }
+    assert_eq!(
+        metric(
+            &s,
+            "ratelimit_shared_calls_total",
+            &[("rule", "one"), ("result", "ok")]
+        ),
+        1.0
+    );
+    s.shutdown().await;
+}
+
+/// A refill the upstream does not answer falls back after 500 ms: the
+/// client waits that long once, then the fallback decides at once.
+#[tokio::test]
+async fn shared_scope_slow_upstream_falls_back_after_the_refill_timeout() {
+    let redis = RedisServer::start();
+    let hop = FaultHop::start(redis.port).await;
+    let mut c = config(&format!("redis://127.0.0.1:{}", hop.port));
+    c.rate_limit = vec![rule(
+        "name = \"slow\"\ncommands = [\"client|id\"]\nscope = \"shared\"\nrate = \"1/min\"\nburst = 10\non_error = \"allow\"\n",
+    )];
+    let s = sidecar_with(c, Builder::default()).await;
+    let mut client = Raw::connect(s.addr).await;
+    hop.set(Fault::Stall);
+    let t = Instant::now();
+    assert!(client.call(&[b"CLIENT", b"ID"]).await.starts_with(b":"));
+    let first = t.elapsed();
+    let t = Instant::now();
+    assert!(client.call(&[b"CLIENT", b"ID"]).await.starts_with(b":"));
+    let second = t.elapsed();
+    println!("first {first:?}, second {second:?}");
+    assert!(
+        first >= Duration::from_millis(450) && first < Duration::from_secs(3),
+        "{first:?}"
+    );
+    assert!(second < Duration::from_millis(100), "{second:?}");
+    assert!(metric(&s, "ratelimit_fallback_total", &[("rule", "slow")]) >= 2.0);
+    hop.set(Fault::Pass);
+    s.shutdown().await;
 }

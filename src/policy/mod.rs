@@ -67,6 +67,10 @@ pub struct Ctx<'a> {
     pub info: Option<&'a CommandInfo>,
     /// When the command was read (a delay counts from here).
     pub since: std::time::Instant,
+    /// Now, as far as a stage needs to know: `since` when the stage is
+    /// first asked (no clock read of its own), the time of asking again
+    /// after a delay or wait.
+    pub now: std::time::Instant,
 }
 
 /// What a stage waits for before it is asked again (a token refill from

@@ -452,6 +452,7 @@ impl Session {
             mode: self.mode.kind(),
             info,
             since: self.read_at,
+            now: self.read_at,
         }
     }
 
@@ -502,11 +503,26 @@ impl Session {
             self.now(err, Some(&metrics)).await;
             return Flow::Go;
         }
-        if !self.chain.1.is_empty()
-            && let Some(flow) =
-                Box::pin(self.run_chain(&mut ex, class, info.as_deref(), &metrics)).await
-        {
-            return flow;
+        if !self.chain.1.is_empty() {
+            // The usual verdict (continue) costs no future of its own.
+            let mut next = 0;
+            let verdict = self
+                .chain
+                .1
+                .run(&self.ctx(info.as_deref()), &mut ex, &mut next);
+            if !matches!(verdict, Verdict::Continue)
+                && let Some(flow) = Box::pin(self.run_chain(
+                    verdict,
+                    next,
+                    &mut ex,
+                    class,
+                    info.as_deref(),
+                    &metrics,
+                ))
+                .await
+            {
+                return flow;
+            }
         }
         let flow = match (&self.mode, class) {
             // Boxed, like every path but the plain forward: their futures
@@ -526,19 +542,20 @@ impl Session {
         flow
     }
 
-    /// Run the policy stages; `Some` when one of them answered, refused
-    /// (the reply is queued) or the client went away while delayed.
+    /// Act on a stage's `verdict` other than continue (then run the rest
+    /// of the chain from `next`); `Some` when a stage answered or refused
+    /// (the reply is queued).
     async fn run_chain(
         &mut self,
+        mut verdict: Verdict,
+        mut next: usize,
         ex: &mut Exchange,
         class: Class,
         info: Option<&CommandInfo>,
         metrics: &Arc<CommandMetrics>,
     ) -> Option<Flow> {
         let chain = self.chain.1.clone();
-        let mut next = 0;
         loop {
-            let verdict = chain.run(&self.ctx(info), ex, &mut next);
             let (reply, refused) = match verdict {
                 Verdict::Continue => return None,
                 Verdict::Delay(until) => {
@@ -546,11 +563,21 @@ impl Session {
                     // (the reader is here); what it is owed goes out now.
                     self.entry.client.flush();
                     tokio::time::sleep_until(until).await;
+                    let ctx = Ctx {
+                        now: Instant::now(),
+                        ..self.ctx(info)
+                    };
+                    verdict = chain.run(&ctx, ex, &mut next);
                     continue;
                 }
                 Verdict::Wait(wait) => {
                     self.entry.client.flush();
                     wait.await;
+                    let ctx = Ctx {
+                        now: Instant::now(),
+                        ..self.ctx(info)
+                    };
+                    verdict = chain.run(&ctx, ex, &mut next);
                     continue;
                 }
                 Verdict::Answer(r) => (r, false),

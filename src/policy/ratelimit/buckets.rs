@@ -24,9 +24,20 @@ use std::time::Instant;
 /// Nanoseconds since the first use of the rate limiter: the clock every
 /// bucket uses (monotonic; survives reloads).
 pub fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// [`now_ns`] of an instant.
+pub fn ns_at(t: Instant) -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    // A second before the first use, so that instants read just before it
+    // are not all zero.
+    let base = *BASE.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(std::time::Duration::from_secs(1))
+            .unwrap_or(now)
+    });
+    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// One rule's rate: emission interval and burst.
@@ -84,8 +95,56 @@ impl Bucket for u64 {
 
 const SHARDS: usize = 16;
 
+/// A seeded multiply-xor hash (8 bytes per step): a bucket lookup is on
+/// every limited command's path, and SipHash cost a third of it. Keys are
+/// attacker-chosen only for per-key rules, whose shards are capped
+/// (`max_tracked_keys`), so a collision flood degrades one bounded shard.
+#[derive(Clone, Copy)]
+pub struct SeededHash(u64);
+
+impl BuildHasher for SeededHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.0)
+    }
+}
+
+pub struct FastHasher(u64);
+
+const MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0 ^ u64::from_le_bytes(w))
+                .wrapping_mul(MUL)
+                .rotate_left(29);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0 ^ u64::from_le_bytes(w))
+                .wrapping_mul(MUL)
+                .rotate_left(29);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (self.0 ^ n as u64).wrapping_mul(MUL).rotate_left(29);
+    }
+
+    fn finish(&self) -> u64 {
+        let h = self.0 ^ (self.0 >> 31);
+        h.wrapping_mul(MUL) ^ (h >> 29)
+    }
+}
+
 struct Inner<V> {
-    map: HashMap<Box<[u8]>, V>,
+    map: HashMap<Box<[u8]>, V, SeededHash>,
     /// When a full shard was last scanned for idle buckets: a full shard
     /// of live buckets is scanned at most once per [`RESCAN`].
     scanned: u64,
@@ -99,7 +158,8 @@ const RESCAN: u64 = 1_000_000;
 /// Buckets by key, in mutex-guarded shards, holding at most `cap` of them.
 pub struct Buckets<V> {
     shards: Box<[Shard<V>]>,
-    hasher: RandomState,
+    /// Seed of the shard choice and of the maps' hash.
+    seed: u64,
     per_shard: usize,
 }
 
@@ -107,16 +167,17 @@ impl<V: Bucket> Buckets<V> {
     /// `keyed`: many keys (16 shards) or one (`global`).
     pub fn new(keyed: bool, cap: usize) -> Buckets<V> {
         let n = if keyed { SHARDS } else { 1 };
+        let seed = RandomState::new().hash_one(0u64) | 1;
         Buckets {
             shards: (0..n)
                 .map(|_| {
                     Mutex::new(Inner {
-                        map: HashMap::new(),
+                        map: HashMap::with_hasher(SeededHash(seed.rotate_left(17))),
                         scanned: 0,
                     })
                 })
                 .collect(),
-            hasher: RandomState::new(),
+            seed,
             per_shard: cap.div_ceil(n).max(1),
         }
     }
@@ -125,7 +186,13 @@ impl<V: Bucket> Buckets<V> {
         let i = if self.shards.len() == 1 {
             0
         } else {
-            (self.hasher.hash_one(key) as usize) % self.shards.len()
+            // FNV-1a from a random seed: cheap, and spread enough to pick
+            // one of 16 shards.
+            let mut h = self.seed;
+            for &b in key {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            ((h ^ (h >> 32)) as usize) % self.shards.len()
         };
         &self.shards[i]
     }

@@ -212,6 +212,55 @@ enum How {
     Free,
 }
 
+/// A short list kept inline (no allocation up to four).
+struct Few<T: Copy> {
+    inline: [Option<T>; 4],
+    len: usize,
+    more: Vec<T>,
+}
+
+impl<T: Copy> Default for Few<T> {
+    fn default() -> Self {
+        Few {
+            inline: [None; 4],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy> Few<T> {
+    fn push(&mut self, t: T) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = Some(t),
+            None => self.more.push(t),
+        }
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.more.truncate(n.saturating_sub(self.inline.len()));
+            for slot in self.inline.iter_mut().skip(n) {
+                *slot = None;
+            }
+            self.len = n;
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.inline
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.more.iter().copied())
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Charge {
     rule: usize,
@@ -338,8 +387,8 @@ impl Rule {
 
     /// Whether the rule applies to the command, by everything but keys.
     fn applies(&self, ctx: &Ctx<'_>, name: &str, cats: &[String]) -> bool {
-        let base = name.split('|').next().unwrap_or(name);
-        if EXEMPT.contains(&base) && !self.names_exempt.contains(&base) {
+        // The exempt commands have no subcommands and short names.
+        if name.len() <= 5 && EXEMPT.contains(&name) && !self.names_exempt.contains(&name) {
             return false;
         }
         if let Some(cmds) = &self.commands
@@ -550,7 +599,7 @@ impl RateLimit {
         Ok(((!out.is_empty()).then_some(RateLimit { rules: out }), keep))
     }
 
-    fn refund_all(&self, ctx: &Ctx<'_>, ex: &Exchange, charges: &[Charge]) {
+    fn refund_all(&self, ctx: &Ctx<'_>, ex: &Exchange, charges: impl Iterator<Item = Charge>) {
         let mut buf = [0u8; 16];
         for c in charges {
             let rule = &self.rules[c.rule];
@@ -593,53 +642,27 @@ impl Stage for RateLimit {
             },
         };
         let cats: &[String] = ctx.info.map(|i| &i.acl_categories[..]).unwrap_or(&[]);
-        let now = now_ns();
-        let elapsed = ctx.since.elapsed();
-        let mut charges: Vec<Charge> = Vec::new();
-        // (rule, its wait) of the rules that let the command pass.
-        let mut passed: Vec<(usize, u64)> = Vec::new();
-        let mut keys = None;
+        let now = buckets::ns_at(ctx.now);
+        // What was charged (to give back if a later rule refuses), and the
+        // rules that let the command pass with their wait; no allocation
+        // for the usual few.
+        let mut charges: Few<Charge> = Few::default();
+        let mut passed: Few<(usize, u64)> = Few::default();
+        let mut keys: Option<Vec<usize>> = None;
         for (ri, rule) in self.rules.iter().enumerate() {
             if !rule.applies(ctx, name, cats) {
                 continue;
             }
             let budget = if rule.delay {
-                u64::try_from(rule.max_delay.saturating_sub(elapsed).as_nanos()).unwrap_or(u64::MAX)
+                let left = rule.max_delay.saturating_sub(ctx.since.elapsed());
+                u64::try_from(left.as_nanos()).unwrap_or(u64::MAX)
             } else {
                 0
             };
-            // The buckets: the context's, or one per matching key.
-            let mut targets: Vec<Sel> = Vec::new();
-            if rule.per == RatePer::Key || rule.pattern.is_some() {
-                let ks = keys.get_or_insert_with(|| {
-                    ctx.info
-                        .map(|i| i.keys(ex.args()))
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|k| k.index)
-                        .collect::<Vec<_>>()
-                });
-                let matching = ks.iter().copied().filter(|&i| {
-                    rule.pattern
-                        .as_ref()
-                        .is_none_or(|g| ex.args().get(i).is_some_and(|k| g.matches(k)))
-                });
-                if rule.per == RatePer::Key {
-                    targets.extend(matching.map(Sel::Arg));
-                } else if matching.count() > 0 {
-                    targets.push(Sel::Ctx);
-                }
-                if targets.is_empty() {
-                    continue;
-                }
-            } else {
-                targets.push(Sel::Ctx);
-            }
             let start = charges.len();
             let mut wait = 0;
-            let mut stop = None;
             let mut buf = [0u8; 16];
-            for sel in targets {
+            let mut charge = |sel: Sel, charges: &mut Few<Charge>| {
                 let key: &[u8] = match sel {
                     Sel::Ctx => rule.ctx_key(ctx, &mut buf),
                     Sel::Arg(i) => ex.args().get(i).map_or(&[][..], |k| &k[..]),
@@ -648,24 +671,59 @@ impl Stage for RateLimit {
                     Outcome::Pass(w, how) => {
                         wait = wait.max(w);
                         charges.push(Charge { rule: ri, sel, how });
+                        None
                     }
-                    other => {
-                        stop = Some(other);
-                        break;
-                    }
+                    other => Some(other),
                 }
-            }
+            };
+            let stop = if rule.per == RatePer::Key || rule.pattern.is_some() {
+                // The command's keys (found once for every rule).
+                let ks = keys.get_or_insert_with(|| {
+                    ctx.info
+                        .map(|i| i.keys(ex.args()))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|k| k.index)
+                        .collect()
+                });
+                let mut matching = ks.iter().copied().filter(|&i| {
+                    rule.pattern
+                        .as_ref()
+                        .is_none_or(|g| ex.args().get(i).is_some_and(|k| g.matches(k)))
+                });
+                if rule.per == RatePer::Key {
+                    let mut stop = None;
+                    let mut any = false;
+                    for i in matching {
+                        any = true;
+                        stop = charge(Sel::Arg(i), &mut charges);
+                        if stop.is_some() {
+                            break;
+                        }
+                    }
+                    if !any {
+                        continue;
+                    }
+                    stop
+                } else if matching.next().is_some() {
+                    charge(Sel::Ctx, &mut charges)
+                } else {
+                    continue;
+                }
+            } else {
+                charge(Sel::Ctx, &mut charges)
+            };
             if rule.observe {
                 // Count what enforcing would do; hold nothing.
                 match stop {
                     Some(Outcome::Limited(_)) => {
-                        self.refund_all(ctx, ex, &charges[start..]);
+                        self.refund_all(ctx, ex, charges.iter().skip(start));
                         charges.truncate(start);
                         rule.counters.observed.inc();
                     }
                     Some(Outcome::Wait(_)) => {
                         // A refill would be needed: not waited for here.
-                        self.refund_all(ctx, ex, &charges[start..]);
+                        self.refund_all(ctx, ex, charges.iter().skip(start));
                         charges.truncate(start);
                         rule.counters.allowed.inc();
                     }
@@ -676,18 +734,18 @@ impl Stage for RateLimit {
             }
             match stop {
                 Some(Outcome::Limited(retry)) => {
-                    self.refund_all(ctx, ex, &charges);
+                    self.refund_all(ctx, ex, charges.iter());
                     return Self::reject(rule, retry);
                 }
                 Some(Outcome::Wait(w)) => {
-                    self.refund_all(ctx, ex, &charges);
+                    self.refund_all(ctx, ex, charges.iter());
                     return Verdict::Wait(w);
                 }
                 _ => passed.push((ri, wait)),
             }
         }
         let mut longest = 0;
-        for (ri, wait) in passed {
+        for (ri, wait) in passed.iter() {
             let c = &self.rules[ri].counters;
             if wait > 0 {
                 c.delayed.inc();
