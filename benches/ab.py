@@ -117,6 +117,19 @@ def main():
                       f"{statistics.median(x[0] for x in b):.2f} | {cpu_ratio:.3f} | "
                       f"{statistics.median(x[1] for x in a):.0f} | {statistics.median(x[1] for x in b):.0f} | "
                       f"{rps_ratio:.3f} |")
+        # The upstream's work: what each side sent (B's policies may add
+        # commands, e.g. a shared rate limit's EVALSHA).
+        stats = subprocess.run(["redis-cli", "-p", str(rport), "INFO", "commandstats"],
+                               capture_output=True, text=True).stdout
+        total = args.rounds * len(scenarios) * len(tests) * args.requests
+        print(f"\nupstream commandstats (A and B sent {total} benchmark requests each):")
+        for line in stats.splitlines():
+            if line.startswith("cmdstat_"):
+                name, fields = line.split(":", 1)
+                kv = dict(f.split("=") for f in fields.split(","))
+                calls, usec = int(kv["calls"]), float(kv["usec"])
+                print(f"  {name[8:]}: {calls} calls, {usec / 1e6:.3f} s, "
+                      f"{calls / total:.4f} per B request, {usec / total:.3f} us per B request")
     finally:
         stop(procs)
 

@@ -18,9 +18,10 @@
 //!    command then takes: stages may answer, refuse, delay, rewrite, append
 //!    commands whose replies are consumed, or register a reply action. The
 //!    chain is built from the configuration and swapped on reload
-//!    ([`policy::Policies`]): [`policy::access`], then [`policy::ttl`]
-//!    (with [`policy::sweep`] walking the keyspace for what it cannot
-//!    see).
+//!    ([`policy::Policies`]): [`policy::access`], then
+//!    [`policy::ratelimit`] (GCRA buckets in the sidecar or, shared, in the
+//!    upstream), then [`policy::ttl`] (with [`policy::sweep`] walking the
+//!    keyspace for what it cannot see).
 //! 5. Connection-state commands are answered by the session (and applied
 //!    on the client's dedicated connection when it holds state there);
 //!    the rest goes [`upstream`]: stateless commands to shared,
