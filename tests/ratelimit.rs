@@ -1016,3 +1016,22 @@ async fn shared_scope_slow_upstream_falls_back_after_the_refill_timeout() {
     hop.set(Fault::Pass);
     s.shutdown().await;
 }
+
+/// An observing shared rule asks the upstream like an enforcing one and
+/// counts what it would refuse.
+#[tokio::test]
+async fn shared_scope_observe_counts() {
+    let redis = RedisServer::start();
+    let r = shared_rule("watch", "1/min", 3, "allow").replace(
+        "scope = \"shared\"",
+        "scope = \"shared\"\nmode = \"observe\"\nshared_batch = 1",
+    );
+    let s = limited(&redis, &[&r]).await;
+    let mut c = Raw::connect(s.addr).await;
+    for _ in 0..5 {
+        assert_eq!(&c.call(&[b"GET", b"w"]).await[..], b"$-1\r\n");
+    }
+    assert_eq!(decisions(&s, "watch", "allowed"), 3.0);
+    assert_eq!(decisions(&s, "watch", "observed"), 2.0);
+    s.shutdown().await;
+}

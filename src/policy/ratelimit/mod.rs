@@ -653,7 +653,9 @@ impl Stage for RateLimit {
             if !rule.applies(ctx, name, cats) {
                 continue;
             }
-            let budget = if rule.delay {
+            // An observing rule holds nothing: what a delay rule would
+            // hold is counted as observed too.
+            let budget = if rule.delay && !rule.observe {
                 let left = rule.max_delay.saturating_sub(ctx.since.elapsed());
                 u64::try_from(left.as_nanos()).unwrap_or(u64::MAX)
             } else {
@@ -721,11 +723,12 @@ impl Stage for RateLimit {
                         charges.truncate(start);
                         rule.counters.observed.inc();
                     }
-                    Some(Outcome::Wait(_)) => {
-                        // A refill would be needed: not waited for here.
-                        self.refund_all(ctx, ex, charges.iter().skip(start));
-                        charges.truncate(start);
-                        rule.counters.allowed.inc();
+                    Some(Outcome::Wait(w)) => {
+                        // A shared rule's refill (with a zero budget that
+                        // is the only wait): waited for as when enforcing,
+                        // so that the count is right.
+                        self.refund_all(ctx, ex, charges.iter());
+                        return Verdict::Wait(w);
                     }
                     _ if wait > 0 => rule.counters.observed.inc(),
                     _ => rule.counters.allowed.inc(),
