@@ -189,6 +189,8 @@ struct Rule {
 
 struct SharedScope {
     client: Option<Arc<SharedClient>>,
+    /// Where refills ahead of need run.
+    tasks: Option<tokio_util::task::TaskTracker>,
     prefix: Bytes,
     batch: u64,
     on_error: RateOnError,
@@ -341,6 +343,7 @@ impl Rule {
                     })
                     .clone()
             }),
+            tasks: env.map(|e| e.tasks.clone()),
             prefix: Bytes::from(format!("{}{}:", r.shared_prefix, r.name)),
             // All or nothing per call, so never more than the burst.
             batch: r
@@ -484,7 +487,23 @@ impl Rule {
         };
         let down = scope.client.as_ref().is_none_or(|c| c.is_down(now));
         match bucket.take(now, 1, down) {
-            Take::Taken => Outcome::Pass(0, How::Lease),
+            Take::Taken { left } => {
+                if left < scope.batch.div_ceil(2)
+                    && let (Some(client), Some(tasks)) = (&scope.client, &scope.tasks)
+                    && bucket.start_prefetch()
+                {
+                    tasks.spawn(shared::refill(
+                        bucket,
+                        client.clone(),
+                        self.shared_key(&scope.prefix, ctx, key),
+                        *g,
+                        scope.batch,
+                        true,
+                        self.counters.refill.clone(),
+                    ));
+                }
+                Outcome::Pass(0, How::Lease)
+            }
             Take::Retry(r) if r <= budget => {
                 Outcome::Wait(Box::pin(tokio::time::sleep(Duration::from_nanos(r))))
             }
@@ -496,6 +515,7 @@ impl Rule {
                     self.shared_key(&scope.prefix, ctx, key),
                     *g,
                     scope.batch,
+                    false,
                     self.counters.refill.clone(),
                 )),
                 None => Outcome::Pass(0, How::Free),

@@ -11,6 +11,9 @@
 //! - **A local pre-check.** When the script says no batch is free before
 //!   some time, the sidecar refuses (or delays) locally until then without
 //!   asking again.
+//! - **Refills ahead of need.** When a batch is half spent, the next one
+//!   is asked for on a task of its own, so that under steady load no
+//!   client waits for the round trip.
 //! - **One round trip for many buckets.** Every refill waiting at the
 //!   moment goes out in one pipeline on one connection ([`SharedClient`]).
 //!
@@ -77,6 +80,8 @@ pub struct SharedBucket {
     /// Held while a refill runs: concurrent misses wait for it instead of
     /// asking the upstream too (single flight).
     refill: tokio::sync::Mutex<()>,
+    /// A refill ahead of need is running.
+    prefetching: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -95,7 +100,8 @@ struct SharedState {
 /// What taking tokens from a shared bucket found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Take {
-    Taken,
+    /// Taken; this many are left.
+    Taken { left: u64 },
     /// None free for this many ns (said by the upstream).
     Retry(u64),
     /// The lease is empty: ask the upstream.
@@ -109,22 +115,29 @@ impl SharedBucket {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Take `n` tokens. Tokens on hand are spent first, also while the
+    /// upstream is failing.
     pub fn take(&self, now: u64, n: u64, upstream_down: bool) -> Take {
         let mut s = self.lock();
-        if now < s.fallback_until || upstream_down {
-            return Take::Fallback;
-        }
         if s.lease_expires <= now {
             s.lease = 0;
         }
         if s.lease >= n {
             s.lease -= n;
-            return Take::Taken;
+            return Take::Taken { left: s.lease };
+        }
+        if now < s.fallback_until || upstream_down {
+            return Take::Fallback;
         }
         if now < s.denied_until {
             return Take::Retry(s.denied_until - now);
         }
         Take::Refill
+    }
+
+    /// Claim the one background refill of this bucket (false: one runs).
+    pub fn start_prefetch(&self) -> bool {
+        !self.prefetching.swap(true, Ordering::AcqRel)
     }
 
     pub fn give_back(&self, n: u64) {
@@ -233,50 +246,59 @@ pub struct RefillMetrics {
 }
 
 /// Refill `bucket` from the upstream (or find that another waiter did).
+/// `ahead`: a refill before the lease runs out (the lease's low-water
+/// mark), run on a task of its own so that no client waits for it.
 pub fn refill(
     bucket: Arc<SharedBucket>,
     client: Arc<SharedClient>,
     key: Bytes,
     gcra: Gcra,
     want: u64,
+    ahead: bool,
     metrics: RefillMetrics,
 ) -> Wait {
     Box::pin(async move {
-        let _single = bucket.refill.lock().await;
+        let single = bucket.refill.lock().await;
         let now = now_ns();
-        {
+        let needed = {
             let s = bucket.lock();
-            let has_lease = s.lease > 0 && s.lease_expires > now;
-            if has_lease || s.denied_until > now || s.fallback_until > now {
-                return;
-            }
-        }
-        let result = tokio::time::timeout(REFILL_TIMEOUT, client.request(key, gcra, want)).await;
-        let now = now_ns();
-        let mut s = bucket.lock();
-        match result {
-            Ok(Ok(grant)) => {
-                metrics.ok.inc();
-                if grant.tokens > 0 {
-                    if s.lease_expires <= now {
-                        s.lease = 0;
+            let left = if s.lease_expires > now { s.lease } else { 0 };
+            let low = if ahead { want.div_ceil(2) } else { 1 };
+            left < low && s.denied_until <= now && s.fallback_until <= now
+        };
+        if needed {
+            let result =
+                tokio::time::timeout(REFILL_TIMEOUT, client.request(key, gcra, want)).await;
+            let now = now_ns();
+            let mut s = bucket.lock();
+            match result {
+                Ok(Ok(grant)) => {
+                    metrics.ok.inc();
+                    if grant.tokens > 0 {
+                        if s.lease_expires <= now {
+                            s.lease = 0;
+                        }
+                        s.lease += grant.tokens;
+                        s.lease_expires = now + LEASE_LIFE.as_nanos() as u64;
+                    } else {
+                        s.denied_until = now + grant.retry_ns.max(1);
                     }
-                    s.lease += grant.tokens;
-                    s.lease_expires = now + LEASE_LIFE.as_nanos() as u64;
-                } else {
-                    s.denied_until = now + grant.retry_ns.max(1);
+                }
+                Ok(Err(e)) => {
+                    metrics.error.inc();
+                    tracing::debug!(error = %e, "shared rate-limit refill failed; falling back");
+                    s.fallback_until = now + FALLBACK_HOLD.as_nanos() as u64;
+                }
+                Err(_) => {
+                    metrics.error.inc();
+                    tracing::debug!("shared rate-limit refill timed out; falling back");
+                    s.fallback_until = now + FALLBACK_HOLD.as_nanos() as u64;
                 }
             }
-            Ok(Err(e)) => {
-                metrics.error.inc();
-                tracing::debug!(error = %e, "shared rate-limit refill failed; falling back");
-                s.fallback_until = now + FALLBACK_HOLD.as_nanos() as u64;
-            }
-            Err(_) => {
-                metrics.error.inc();
-                tracing::debug!("shared rate-limit refill timed out; falling back");
-                s.fallback_until = now + FALLBACK_HOLD.as_nanos() as u64;
-            }
+        }
+        drop(single);
+        if ahead {
+            bucket.prefetching.store(false, Ordering::Release);
         }
     })
 }
