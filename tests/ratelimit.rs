@@ -1035,3 +1035,48 @@ async fn shared_scope_observe_counts() {
     assert_eq!(decisions(&s, "watch", "observed"), 2.0);
     s.shutdown().await;
 }
+
+/// A batch is refilled when half spent, before it runs out: with the
+/// upstream stalled after that, the next batch is already there and no
+/// command waits or falls back.
+#[tokio::test]
+async fn shared_scope_refills_ahead_of_need() {
+    let redis = RedisServer::start();
+    let hop = FaultHop::start(redis.port).await;
+    let mut c = config(&format!("redis://127.0.0.1:{}", hop.port));
+    c.rate_limit = vec![rule(
+        "name = \"ahead\"\ncommands = [\"client|id\"]\nscope = \"shared\"\nrate = \"1000/s\"\nburst = 100\nshared_batch = 10\non_error = \"reject\"\n",
+    )];
+    let s = sidecar_with(c, Builder::default()).await;
+    let mut client = Raw::connect(s.addr).await;
+    // The first batch of 10; the sixth command leaves 4 (< 5) and starts
+    // the next refill.
+    for _ in 0..6 {
+        assert!(client.call(&[b"CLIENT", b"ID"]).await.starts_with(b":"));
+    }
+    assert!(
+        eventually(|| async {
+            metric(
+                &s,
+                "ratelimit_shared_calls_total",
+                &[("rule", "ahead"), ("result", "ok")],
+            ) == 2.0
+        })
+        .await
+    );
+    hop.set(Fault::Stall);
+    // 4 left + 10 fetched ahead.
+    for i in 0..14 {
+        let t = Instant::now();
+        let r = client.call(&[b"CLIENT", b"ID"]).await;
+        assert!(r.starts_with(b":"), "{i}: {r:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{i}: {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(metric(&s, "ratelimit_fallback_total", &[]), 0.0);
+    hop.set(Fault::Pass);
+    s.shutdown().await;
+}
