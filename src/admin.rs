@@ -3,9 +3,10 @@
 //!   `GET /readyz` (the active upstream answers PING);
 //! - `GET /upstreams` (JSON: every endpoint's name, redacted URL, health,
 //!   latency, active flag, and the last switch with its reason);
-//! - `POST /upstreams/{name}/activate` (switch now) and `POST /reload`
-//!   (re-read the configuration), which need `Authorization: Bearer
-//!   <admin_token>` when a token is configured.
+//! - `POST /upstreams/{name}/activate` (switch now), `POST /reload`
+//!   (re-read the configuration) and `POST /cache/flush` (drop every cache
+//!   entry), which need `Authorization: Bearer <admin_token>` when a token
+//!   is configured.
 //!
 //! Served by hyper 1 (HTTP/1 only, keep-alive): a header-read timeout, a
 //! cap on a connection's whole life (so an idle or slow keep-alive
@@ -175,6 +176,23 @@ impl Admin {
                 "application/json",
                 upstreams_json(&self.pool),
             ),
+            (&Method::POST, "/cache/flush", _) => {
+                if !authorized() {
+                    return respond_json(
+                        StatusCode::UNAUTHORIZED,
+                        false,
+                        "missing or wrong admin token",
+                    );
+                }
+                match self.control.policies.flush_cache() {
+                    Some(n) => respond_json(
+                        StatusCode::OK,
+                        true,
+                        &format!("cache flushed ({n} entries)"),
+                    ),
+                    None => respond_json(StatusCode::NOT_FOUND, false, "the cache is not enabled"),
+                }
+            }
             (&Method::POST, "/reload", _) | (&Method::POST, _, Some(_)) => {
                 if !authorized() {
                     return respond_json(
@@ -211,7 +229,11 @@ impl Admin {
                 };
                 respond_json(status, ok, &msg)
             }
-            (_, "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload", _)
+            (
+                _,
+                "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload" | "/cache/flush",
+                _,
+            )
             | (_, _, Some(_)) => respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",

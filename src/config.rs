@@ -46,6 +46,8 @@ pub struct Config {
     /// Rate-limit rules; every matching rule applies (a policy stage;
     /// reloads live, unchanged rules keep their buckets).
     pub rate_limit: Vec<RateLimitRule>,
+    /// The L1 cache (a policy stage; rules reload live).
+    pub cache: CacheConfig,
     /// The sidecar's own password and users (clients AUTH to the sidecar).
     pub client_auth: ClientAuthConfig,
 }
@@ -121,6 +123,65 @@ fn default_sweep_every() -> Duration {
 }
 
 impl TtlRule {
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.pattern)
+    }
+}
+
+/// `[cache]`: the L1 cache of read replies, kept coherent with Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// The bound on everything the cache holds (keys, replies, overhead).
+    pub max_memory: ByteSize,
+    /// Larger replies are not cached.
+    pub max_entry: ByteSize,
+    /// `tracking` (Redis tells the sidecar when a key changes) or `ttl`
+    /// (entries live at most their rule's ttl).
+    pub invalidation: CacheInvalidation,
+    /// Which keys are cached, first match wins.
+    pub rule: Vec<CacheRule>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            max_memory: ByteSize(64 << 20),
+            max_entry: ByteSize(1 << 20),
+            invalidation: CacheInvalidation::Tracking,
+            rule: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheInvalidation {
+    #[default]
+    Tracking,
+    Ttl,
+}
+
+/// `[[cache.rule]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// A Redis glob every key of the read must match.
+    pub pattern: String,
+    /// The metric label (default: the pattern).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The longest an entry lives in the sidecar.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Which reads (default: every read the cache can hold).
+    #[serde(default)]
+    pub commands: Option<Vec<String>>,
+}
+
+impl CacheRule {
     pub fn label(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.pattern)
     }
@@ -268,6 +329,7 @@ impl fmt::Debug for Config {
             .field("access", &self.access)
             .field("ttl", &self.ttl)
             .field("rate_limit", &self.rate_limit)
+            .field("cache", &self.cache)
             .field("client_auth", &self.client_auth)
             .finish()
     }
@@ -465,6 +527,7 @@ impl Default for Config {
             access: AccessConfig::default(),
             ttl: Vec::new(),
             rate_limit: Vec::new(),
+            cache: CacheConfig::default(),
             client_auth: ClientAuthConfig::default(),
             log: LogConfig::default(),
         }
@@ -847,7 +910,12 @@ impl Config {
     /// policy sections; `[client_auth]` needs a restart).
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 8] = [
+        let checks: [(&'static str, bool); 10] = [
+            ("cache.enabled", self.cache.enabled == new.cache.enabled),
+            (
+                "cache.invalidation",
+                self.cache.invalidation == new.cache.invalidation,
+            ),
             ("client_auth", self.client_auth == new.client_auth),
             ("listen", self.listen == new.listen),
             ("admin_listen", self.admin_listen == new.admin_listen),

@@ -54,6 +54,18 @@ pub struct Exchange {
     /// What stages and transactions add; boxed, as most commands have
     /// none and the exchange is moved through the connection's FIFO.
     more: Option<Box<More>>,
+    /// Stages' marks ([`Exchange::mark`]).
+    flags: u8,
+}
+
+/// Two reply actions, in order.
+struct Both(Arc<dyn ReplyAction>, Arc<dyn ReplyAction>);
+
+impl ReplyAction for Both {
+    fn on_reply(&self, index: u32, reply: &Bytes) {
+        self.0.on_reply(index, reply);
+        self.1.on_reply(index, reply);
+    }
 }
 
 #[derive(Default)]
@@ -80,6 +92,7 @@ impl Exchange {
             args,
             raw,
             more: None,
+            flags: 0,
         }
     }
 
@@ -143,9 +156,22 @@ impl Exchange {
         self.more.as_ref().map_or(0, |m| m.appended.len())
     }
 
-    /// Run `action` on the replies (see [`ReplyAction`]).
+    /// Run `action` on the replies (see [`ReplyAction`]); after any a
+    /// stage before registered.
     pub fn on_reply(&mut self, action: Arc<dyn ReplyAction>) {
-        self.more().action = Some(action);
+        let m = self.more();
+        m.action = Some(match m.action.take() {
+            Some(first) => Arc::new(Both(first, action)),
+            None => action,
+        });
+    }
+
+    /// Whether `flag` was set on this exchange; sets it. Stages use it to
+    /// know they are asked again (after a [`crate::policy::Verdict::Wait`]).
+    pub fn mark(&mut self, flag: u8) -> bool {
+        let was = self.flags & flag != 0;
+        self.flags |= flag;
+        was
     }
 
     /// This command's place in a transaction (its QUEUED reply goes to the

@@ -47,6 +47,12 @@ struct Inner {
     rl_overflow: IntCounterVec,
     rl_shared_calls: IntCounterVec,
     rl_fallback: IntCounterVec,
+    cache_requests: IntCounterVec,
+    cache_invalidations: IntCounterVec,
+    cache_bytes: IntGauge,
+    cache_entries: IntGauge,
+    cache_evictions: IntCounter,
+    cache_joins: IntCounter,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -236,8 +242,45 @@ impl Metrics {
             &["rule"],
         )
         .expect("static metric");
+        let cache_requests = IntCounterVec::new(
+            Opts::new(
+                "cache_requests_total",
+                "Reads a cache rule matched, by rule and result (hit|miss|bypass)",
+            ),
+            &["rule", "result"],
+        )
+        .expect("static metric");
+        let cache_invalidations = IntCounterVec::new(
+            Opts::new(
+                "cache_invalidations_total",
+                "Cache entries dropped, by reason (tracking|write|flush|switch|reload)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
+        let cache_bytes =
+            IntGauge::new("cache_bytes", "Bytes the cache holds (as counted against max_memory)")
+                .expect("static metric");
+        let cache_entries =
+            IntGauge::new("cache_entries", "Entries the cache holds").expect("static metric");
+        let cache_evictions = IntCounter::new(
+            "cache_evictions_total",
+            "Entries evicted to stay within max_memory",
+        )
+        .expect("static metric");
+        let cache_joins = IntCounter::new(
+            "cache_singleflight_joins_total",
+            "Cache misses that waited for another client's fill of the same entry",
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_requests.clone()),
+            Box::new(cache_invalidations.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_joins.clone()),
             Box::new(rl_decisions.clone()),
             Box::new(rl_delay.clone()),
             Box::new(rl_tracked.clone()),
@@ -286,6 +329,12 @@ impl Metrics {
             rl_overflow,
             rl_shared_calls,
             rl_fallback,
+            cache_requests,
+            cache_invalidations,
+            cache_bytes,
+            cache_entries,
+            cache_evictions,
+            cache_joins,
             by_command: Mutex::new(HashMap::new()),
         }))
     }
@@ -331,6 +380,30 @@ impl Metrics {
 
     pub fn ratelimit_fallback(&self, rule: &str) -> IntCounter {
         self.0.rl_fallback.with_label_values(&[rule])
+    }
+
+    pub fn cache_requests(&self, rule: &str, result: &str) -> IntCounter {
+        self.0.cache_requests.with_label_values(&[rule, result])
+    }
+
+    pub fn cache_invalidations(&self, reason: &str) -> IntCounter {
+        self.0.cache_invalidations.with_label_values(&[reason])
+    }
+
+    pub fn cache_bytes(&self) -> &IntGauge {
+        &self.0.cache_bytes
+    }
+
+    pub fn cache_entries(&self) -> &IntGauge {
+        &self.0.cache_entries
+    }
+
+    pub fn cache_evictions(&self) -> &IntCounter {
+        &self.0.cache_evictions
+    }
+
+    pub fn cache_joins(&self) -> &IntCounter {
+        &self.0.cache_joins
     }
 
     /// `access_denied_total{command}`: `command` is a name of the command

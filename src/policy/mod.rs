@@ -18,6 +18,7 @@
 //! session, so they must be cheap and must not block.
 
 pub mod access;
+pub mod cache;
 pub mod glob;
 pub mod ratelimit;
 pub mod sweep;
@@ -71,6 +72,9 @@ pub struct Ctx<'a> {
     /// first asked (no clock read of its own), the time of asking again
     /// after a delay or wait.
     pub now: std::time::Instant,
+    /// The client authenticated to the upstream itself (AUTH forwarded),
+    /// so its commands run as that user there.
+    pub upstream_auth: bool,
 }
 
 /// What a stage waits for before it is asked again (a token refill from
@@ -176,6 +180,11 @@ pub enum PolicyError {
         index: usize,
         reason: ratelimit::RateLimitError,
     },
+    #[error("cache{}: {reason}", .index.map(|i| format!(".rule[{i}]")).unwrap_or_default())]
+    Cache {
+        index: Option<usize>,
+        reason: cache::CacheError,
+    },
 }
 
 /// What stages that talk to the upstream (shared rate limits) need.
@@ -200,6 +209,9 @@ pub struct Builder {
     env: Option<Env>,
     /// Rate-limit buckets of unchanged rules, kept across reloads.
     kept: Arc<ratelimit::Kept>,
+    /// The cache's entries and connection, made on the first build with
+    /// the cache on, kept across reloads.
+    cache: Arc<std::sync::OnceLock<Arc<cache::CacheState>>>,
 }
 
 impl Builder {
@@ -246,6 +258,17 @@ impl Builder {
                 }
                 keep = Some(k);
             }
+            Err(e) => errors.extend(e),
+        }
+        let state = match (&self.env, c.cache.enabled) {
+            (Some(env), true) => Some(self.cache.get_or_init(|| {
+                cache::CacheState::start(&c.cache, env, c.timeouts.command, metrics)
+            })),
+            _ => None,
+        };
+        match cache::Cache::from_config(&c.cache, metrics, state) {
+            Ok(Some(cache)) => stages.push(Arc::new(cache)),
+            Ok(None) => {}
             Err(e) => errors.extend(e),
         }
         match ttl::Ttl::from_config(&c.ttl, metrics) {
@@ -317,6 +340,14 @@ impl Policies {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// `POST /cache/flush`: how many entries went (`None`: no cache).
+    pub fn flush_cache(&self) -> Option<usize> {
+        self.builder
+            .cache
+            .get()
+            .map(|c| c.flush(cache::store::Reason::Flush))
     }
 
     /// Build the chain for `config` and swap it in; on error the running

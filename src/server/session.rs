@@ -453,6 +453,7 @@ impl Session {
             info,
             since: self.read_at,
             now: self.read_at,
+            upstream_auth: self.auth.is_some() && self.sidecar_user().is_none(),
         }
     }
 

@@ -502,6 +502,11 @@ impl ControlConn {
         }
     }
 
+    /// The connection and what was read past the last reply.
+    pub fn into_parts(self) -> (super::endpoint::Stream, bytes::BytesMut) {
+        (self.stream, self.rbuf)
+    }
+
     pub async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, UpstreamError> {
         let fut = super::endpoint::roundtrip(&mut self.stream, &mut self.rbuf, cmds, self.max_bulk);
         tokio::time::timeout(self.timeout, fut)

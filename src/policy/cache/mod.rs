@@ -1,0 +1,451 @@
+//! The L1 cache stage: hot reads answered by the sidecar, never with a
+//! value Redis has already replaced.
+//!
+//! A read is cached when a `[[cache.rule]]` covers it: its command is one
+//! of the rule's (by default every deterministic read-only command the
+//! cache can hold, [`CACHEABLE`]) and every key it reads matches the rule's
+//! pattern (the first rule whose pattern matches the first key). Entries are
+//! keyed by (db, user, command, arguments). Reads inside MULTI, from a
+//! client holding WATCH or another pinned state, or from a client that
+//! authenticated to the upstream itself (fills run with the URL's
+//! credentials) are not cached (`bypass`).
+//!
+//! A miss waits for a fill ([`tracker`]); concurrent misses of one entry
+//! wait for the same fill (single flight). Coherence:
+//! - Redis's invalidation pushes drop entries of changed keys (and a null
+//!   one, after FLUSHALL/FLUSHDB, everything);
+//! - a write through the sidecar drops the entries of its keys before it is
+//!   forwarded and again when its reply arrives (before the client sees
+//!   it), and a fill that started before either does not land
+//!   ([`store`]): the writer never reads an older value afterwards;
+//! - the loss of the tracking connection, a switch of the active endpoint,
+//!   a change of the rules on reload and `POST /cache/flush` flush
+//!   everything;
+//! - an entry never outlives its key's TTL (the fill reads `PTTL` in the
+//!   same transaction) nor its rule's ttl.
+
+pub mod resp;
+pub mod store;
+pub mod tracker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prometheus::IntCounter;
+use tokio::sync::watch;
+
+use self::store::{Entry, Reason, Store};
+use self::tracker::Tracker;
+use super::glob::Glob;
+use super::{Ctx, Env, Mode, PolicyError, Stage, Verdict};
+use crate::command::CommandInfo;
+use crate::config::{CacheConfig, CacheInvalidation, CacheRule};
+use crate::exchange::{Exchange, ReplyAction};
+use crate::metrics::Metrics;
+use crate::protocol::Proto;
+
+/// The reads the cache can hold: deterministic and read-only. MGET is
+/// cached as a whole (one entry per argument list), like every command.
+pub const CACHEABLE: &[&str] = &[
+    "get",
+    "mget",
+    "getrange",
+    "strlen",
+    "exists",
+    "type",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hexists",
+    "hlen",
+    "lrange",
+    "llen",
+    "smembers",
+    "sismember",
+    "scard",
+    "zrange",
+    "zrevrange",
+    "zrangebyscore",
+    "zrevrangebyscore",
+    "zrangebylex",
+    "zrevrangebylex",
+    "zscore",
+    "zcard",
+];
+
+/// Commands whose `WITHSCORES` reply is pairs in RESP3, flat in RESP2.
+const ZRANGES: &[&str] = &[
+    "zrange",
+    "zrevrange",
+    "zrangebyscore",
+    "zrevrangebyscore",
+];
+
+/// The exchange's mark: a fill was waited for.
+const FILLED: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("pattern must not be empty")]
+    EmptyPattern,
+    #[error("ttl must be at least 1ms")]
+    TtlTooShort,
+    #[error("commands[{0}]: {1:?} is not a read the cache can hold")]
+    NotCacheable(usize, String),
+    #[error("max_memory must be at least 1MiB")]
+    TooSmall,
+}
+
+struct Rule {
+    glob: Glob,
+    ttl: Duration,
+    commands: Vec<&'static str>,
+    hit: IntCounter,
+    miss: IntCounter,
+    bypass: IntCounter,
+}
+
+/// What outlives a reload: the entries, the tracking connection, the fills
+/// in flight.
+pub struct CacheState {
+    store: Arc<Store>,
+    tracker: Tracker,
+    pool: Arc<crate::upstream::pool::Pool>,
+    inflight: Mutex<HashMap<Bytes, watch::Receiver<bool>>>,
+    /// The active endpoint's generation the entries came from.
+    generation: AtomicU64,
+    /// The rules the entries were made under.
+    rules: Mutex<Vec<CacheRule>>,
+    fill_timeout: Duration,
+    metrics: Metrics,
+    evictions_seen: AtomicU64,
+}
+
+impl CacheState {
+    pub fn start(c: &CacheConfig, env: &Env, fill_timeout: Duration, metrics: &Metrics) -> Arc<CacheState> {
+        let store = Arc::new(Store::new(c.max_memory.as_usize()));
+        let tracker = Tracker::start(
+            env.pool.clone(),
+            store.clone(),
+            c.invalidation == CacheInvalidation::Tracking,
+            metrics.clone(),
+            &env.tasks,
+            env.shutdown.clone(),
+        );
+        Arc::new(CacheState {
+            store,
+            tracker,
+            pool: env.pool.clone(),
+            inflight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(env.pool.ups.active().generation),
+            rules: Mutex::new(c.rule.clone()),
+            fill_timeout,
+            metrics: metrics.clone(),
+            evictions_seen: AtomicU64::new(0),
+        })
+    }
+
+    /// Drop everything; how many entries went.
+    pub fn flush(&self, reason: Reason) -> usize {
+        let n = self.store.flush();
+        self.metrics
+            .cache_invalidations(reason.label())
+            .inc_by(n as u64);
+        n
+    }
+
+    /// A new configuration: the bound applies at once, changed rules flush.
+    fn apply(&self, c: &CacheConfig) {
+        self.store.set_max_bytes(c.max_memory.as_usize());
+        let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
+        if *rules != c.rule {
+            *rules = c.rule.clone();
+            drop(rules);
+            self.flush(Reason::Reload);
+        }
+    }
+
+    fn check_switch(&self) {
+        let g = self.pool.ups.active().generation;
+        if self.generation.swap(g, Ordering::AcqRel) != g {
+            self.flush(Reason::Switch);
+        }
+    }
+}
+
+pub struct Cache {
+    state: Arc<CacheState>,
+    rules: Vec<Rule>,
+    max_entry: usize,
+}
+
+impl Cache {
+    /// `None` when the cache is off or has no rule.
+    pub fn from_config(
+        c: &CacheConfig,
+        metrics: &Metrics,
+        state: Option<&Arc<CacheState>>,
+    ) -> Result<Option<Cache>, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        if c.enabled && c.max_memory.0 < 1 << 20 {
+            errors.push(PolicyError::Cache {
+                index: None,
+                reason: CacheError::TooSmall,
+            });
+        }
+        let mut rules = Vec::new();
+        for (index, r) in c.rule.iter().enumerate() {
+            let mut err = |reason| {
+                errors.push(PolicyError::Cache {
+                    index: Some(index),
+                    reason,
+                })
+            };
+            if r.pattern.is_empty() {
+                err(CacheError::EmptyPattern);
+            }
+            if r.ttl < Duration::from_millis(1) {
+                err(CacheError::TtlTooShort);
+            }
+            let mut commands = Vec::new();
+            match &r.commands {
+                None => commands.extend_from_slice(CACHEABLE),
+                Some(list) => {
+                    for (i, name) in list.iter().enumerate() {
+                        let lower = name.to_ascii_lowercase();
+                        match CACHEABLE.iter().find(|c| **c == lower) {
+                            Some(c) => commands.push(*c),
+                            None => err(CacheError::NotCacheable(i, name.clone())),
+                        }
+                    }
+                }
+            }
+            let label = r.label();
+            rules.push(Rule {
+                glob: Glob::new(r.pattern.as_bytes()),
+                ttl: r.ttl,
+                commands,
+                hit: metrics.cache_requests(label, "hit"),
+                miss: metrics.cache_requests(label, "miss"),
+                bypass: metrics.cache_requests(label, "bypass"),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let Some(state) = state.filter(|_| c.enabled && !rules.is_empty()) else {
+            return Ok(None);
+        };
+        state.apply(c);
+        Ok(Some(Cache {
+            state: state.clone(),
+            rules,
+            max_entry: c.max_entry.as_usize(),
+        }))
+    }
+
+    /// The rule that covers this read, and its keys.
+    fn rule_for(&self, info: &CommandInfo, args: &[Bytes]) -> Option<(usize, Vec<Bytes>)> {
+        let name = info.name.as_str();
+        if !CACHEABLE.contains(&name) {
+            return None;
+        }
+        let keys: Vec<Bytes> = info
+            .keys(args)
+            .into_iter()
+            .filter_map(|k| args.get(k.index).cloned())
+            .collect();
+        let first = keys.first()?;
+        let ri = self
+            .rules
+            .iter()
+            .position(|r| r.commands.contains(&name) && r.glob.matches(first))?;
+        let glob = &self.rules[ri].glob;
+        keys.iter().all(|k| glob.matches(k)).then_some((ri, keys))
+    }
+
+    /// A write: its keys' entries go now, and again when its reply comes.
+    fn on_write(&self, info: &CommandInfo, ex: &mut Exchange) {
+        let name = info.name.as_str();
+        if matches!(name, "flushall" | "flushdb" | "swapdb") {
+            self.state.flush(Reason::Write);
+            ex.on_reply(Arc::new(Invalidate {
+                state: self.state.clone(),
+                keys: None,
+            }));
+            return;
+        }
+        let keys: Vec<Bytes> = info
+            .keys(ex.args())
+            .into_iter()
+            .filter(|k| k.write)
+            .filter_map(|k| ex.args().get(k.index).cloned())
+            .filter(|k| self.rules.iter().any(|r| r.glob.matches(k)))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let n: usize = keys.iter().map(|k| self.state.store.invalidate(k)).sum();
+        self.state
+            .metrics
+            .cache_invalidations(Reason::Write.label())
+            .inc_by(n as u64);
+        ex.on_reply(Arc::new(Invalidate {
+            state: self.state.clone(),
+            keys: Some(keys),
+        }));
+    }
+
+    fn fill(&self, key: Bytes, db: i64, rule: usize, keys: Vec<Bytes>, args: Vec<Bytes>) -> super::Wait {
+        let state = self.state.clone();
+        let ttl = self.rules[rule].ttl;
+        let max_entry = self.max_entry;
+        Box::pin(async move {
+            let tx = {
+                let mut inflight = state.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                match inflight.get(&key) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(false);
+                        inflight.insert(key.clone(), rx);
+                        Ok(tx)
+                    }
+                }
+            };
+            let tx = match tx {
+                Ok(tx) => tx,
+                Err(mut rx) => {
+                    state.metrics.cache_joins().inc();
+                    let _ = tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
+                    return;
+                }
+            };
+            let seen = state.store.snapshot(&keys);
+            let flatten = ZRANGES.iter().any(|z| args[0].eq_ignore_ascii_case(z.as_bytes()))
+                && args.iter().any(|a| a.eq_ignore_ascii_case(b"withscores"));
+            let fill = tokio::time::timeout(
+                state.fill_timeout,
+                state.tracker.fill(db, keys.clone(), args),
+            )
+            .await;
+            if let Ok(Ok(fill)) = fill
+                && !crate::protocol::is_error(&fill.reply)
+                && fill.reply.len() <= max_entry
+                && let Some(resp2) = resp::to_resp2(&fill.reply, flatten)
+            {
+                let now = Instant::now();
+                let mut life = ttl;
+                for p in &fill.pttls {
+                    if *p >= 0 {
+                        life = life.min(Duration::from_millis(*p as u64));
+                    }
+                }
+                if !life.is_zero() {
+                    let entry = Entry {
+                        resp3: fill.reply,
+                        resp2,
+                        keys,
+                        expires: now + life,
+                        rule,
+                    };
+                    state.store.insert(key.clone(), entry, &seen);
+                }
+            }
+            state
+                .inflight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            let _ = tx.send(true);
+        })
+    }
+}
+
+/// (db, user, command, arguments) as one key.
+fn entry_key(ctx: &Ctx<'_>, name: &str, args: &[Bytes]) -> Bytes {
+    let user = ctx.user.unwrap_or(b"");
+    let len = 16 + user.len() + args.iter().map(|a| a.len() + 4).sum::<usize>();
+    let mut b = BytesMut::with_capacity(len);
+    b.put_i64_le(ctx.db);
+    b.put_u32_le(user.len() as u32);
+    b.put_slice(user);
+    b.put_u32_le(name.len() as u32);
+    b.put_slice(name.as_bytes());
+    for a in args.iter().skip(1) {
+        b.put_u32_le(a.len() as u32);
+        b.put_slice(a);
+    }
+    b.freeze()
+}
+
+/// A write's reply arrived: its keys' entries (all, for a flush) go again,
+/// and fills that started before do not land.
+struct Invalidate {
+    state: Arc<CacheState>,
+    keys: Option<Vec<Bytes>>,
+}
+
+impl ReplyAction for Invalidate {
+    fn on_reply(&self, _index: u32, _reply: &Bytes) {
+        let n = match &self.keys {
+            Some(keys) => keys.iter().map(|k| self.state.store.invalidate(k)).sum(),
+            None => self.state.store.flush(),
+        };
+        self.state
+            .metrics
+            .cache_invalidations(Reason::Write.label())
+            .inc_by(n as u64);
+    }
+}
+
+impl Stage for Cache {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    fn on_command(&self, ctx: &Ctx<'_>, ex: &mut Exchange) -> Verdict {
+        let Some(info) = ctx.info else {
+            return Verdict::Continue;
+        };
+        if info.flags.write || info.may_store() || matches!(info.name.as_str(), "flushall" | "flushdb" | "swapdb") {
+            self.on_write(info, ex);
+            return Verdict::Continue;
+        }
+        let Some((ri, keys)) = self.rule_for(info, ex.args()) else {
+            return Verdict::Continue;
+        };
+        let rule = &self.rules[ri];
+        if ctx.mode != Mode::Normal || ctx.upstream_auth || self.state.tracker.refused.load(Ordering::Relaxed) {
+            rule.bypass.inc();
+            return Verdict::Continue;
+        }
+        self.state.check_switch();
+        let key = entry_key(ctx, &info.name, ex.args());
+        let resp3 = ctx.proto == Proto::Resp3;
+        if let Some((_, reply)) = self.state.store.get(&key, resp3, ctx.now) {
+            rule.hit.inc();
+            return Verdict::Answer(reply);
+        }
+        if ex.mark(FILLED) {
+            // Asked again after its fill, which did not land (a write raced
+            // it, the reply is an error or too big, the upstream failed):
+            // the read goes to Redis.
+            return Verdict::Continue;
+        }
+        rule.miss.inc();
+        Verdict::Wait(self.fill(key, ctx.db, ri, keys, ex.args().to_vec()))
+    }
+
+    fn tick(&self) {
+        let (entries, bytes) = self.state.store.size();
+        let m = &self.state.metrics;
+        m.cache_entries().set(entries as i64);
+        m.cache_bytes().set(bytes as i64);
+        let ev = self.state.store.evictions.load(Ordering::Relaxed);
+        let seen = self.state.evictions_seen.swap(ev, Ordering::Relaxed);
+        m.cache_evictions().inc_by(ev.saturating_sub(seen));
+    }
+}

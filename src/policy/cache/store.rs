@@ -1,0 +1,292 @@
+//! The cache's entries: bounded by bytes (keys, both encodings of the
+//! reply and a fixed overhead per entry and per index slot), least
+//! recently used first out, indexed by the Redis keys each entry read so
+//! that one key's invalidation drops every entry (of every db, user and
+//! command) that depends on it.
+//!
+//! Fills are guarded twice: a fill remembers the store's epoch (bumped by
+//! every flush) and the generation slots of its keys (bumped by every
+//! invalidation of a key hashing there) when it starts, and is dropped
+//! if either moved by the time it lands. A slot is shared by the keys
+//! hashing to it, so a write can spoil an unrelated fill, never the
+//! reverse.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+/// Bytes counted per entry beyond its key and replies (the map slot, the
+/// LRU slot, the entry's fields).
+pub const ENTRY_OVERHEAD: usize = 192;
+/// Bytes counted per (key, entry) index link.
+pub const INDEX_OVERHEAD: usize = 64;
+const SLOTS: usize = 4096;
+
+pub struct Entry {
+    pub resp3: Bytes,
+    pub resp2: Bytes,
+    /// The Redis keys it read.
+    pub keys: Vec<Bytes>,
+    pub expires: Instant,
+    /// Index of its rule (for metrics).
+    pub rule: usize,
+}
+
+struct Stored {
+    entry: Entry,
+    tick: u64,
+    size: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Bytes, Stored>,
+    by_key: HashMap<Bytes, Vec<Bytes>>,
+    lru: BTreeMap<u64, Bytes>,
+    tick: u64,
+    bytes: usize,
+}
+
+/// What a fill saw when it started.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    epoch: u64,
+    slots: Vec<(usize, u64)>,
+}
+
+/// Why entries went away (the `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Tracking,
+    Write,
+    Flush,
+    Switch,
+    Reload,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Tracking => "tracking",
+            Reason::Write => "write",
+            Reason::Flush => "flush",
+            Reason::Switch => "switch",
+            Reason::Reload => "reload",
+        }
+    }
+}
+
+pub struct Store {
+    inner: Mutex<Inner>,
+    max_bytes: AtomicUsize,
+    epoch: AtomicU64,
+    slots: Box<[AtomicU64]>,
+    hasher: RandomState,
+    pub evictions: AtomicU64,
+}
+
+impl Store {
+    pub fn new(max_bytes: usize) -> Store {
+        Store {
+            inner: Mutex::new(Inner::default()),
+            max_bytes: AtomicUsize::new(max_bytes),
+            epoch: AtomicU64::new(0),
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_max_bytes(&self, max: usize) {
+        self.max_bytes.store(max, Ordering::Relaxed);
+        let mut inner = self.lock();
+        self.evict(&mut inner);
+    }
+
+    fn slot(&self, key: &[u8]) -> usize {
+        (self.hasher.hash_one(key) as usize) % SLOTS
+    }
+
+    pub fn snapshot(&self, keys: &[Bytes]) -> Snapshot {
+        Snapshot {
+            epoch: self.epoch.load(Ordering::Acquire),
+            slots: keys
+                .iter()
+                .map(|k| {
+                    let i = self.slot(k);
+                    (i, self.slots[i].load(Ordering::Acquire))
+                })
+                .collect(),
+        }
+    }
+
+    /// The entry, if present and not expired: (its rule, the reply in the
+    /// protocol asked for).
+    pub fn get(&self, key: &[u8], resp3: bool, now: Instant) -> Option<(usize, Bytes)> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let stored = inner.entries.get_mut(key)?;
+        if stored.entry.expires <= now {
+            let k = Bytes::copy_from_slice(key);
+            Self::remove(inner, &k);
+            return None;
+        }
+        inner.tick += 1;
+        let old = std::mem::replace(&mut stored.tick, inner.tick);
+        if let Some(k) = inner.lru.remove(&old) {
+            inner.lru.insert(inner.tick, k);
+        }
+        let reply = if resp3 {
+            stored.entry.resp3.clone()
+        } else {
+            stored.entry.resp2.clone()
+        };
+        Some((stored.entry.rule, reply))
+    }
+
+    /// Store a fill unless a flush or an invalidation of one of its keys
+    /// happened since `seen`; whether it was stored.
+    pub fn insert(&self, key: Bytes, entry: Entry, seen: &Snapshot) -> bool {
+        let size = ENTRY_OVERHEAD
+            + key.len()
+            + entry.resp3.len()
+            + if entry.resp2 == entry.resp3 { 0 } else { entry.resp2.len() }
+            + entry
+                .keys
+                .iter()
+                .map(|k| k.len() + INDEX_OVERHEAD)
+                .sum::<usize>();
+        let mut inner = self.lock();
+        // Checked under the lock: invalidations bump slots under it too.
+        if self.epoch.load(Ordering::Acquire) != seen.epoch
+            || seen
+                .slots
+                .iter()
+                .any(|&(i, g)| self.slots[i].load(Ordering::Acquire) != g)
+        {
+            return false;
+        }
+        if size > self.max_bytes.load(Ordering::Relaxed) {
+            return false;
+        }
+        Self::remove(&mut inner, &key);
+        inner.tick += 1;
+        let tick = inner.tick;
+        for k in &entry.keys {
+            inner.by_key.entry(k.clone()).or_default().push(key.clone());
+        }
+        inner.lru.insert(tick, key.clone());
+        inner.bytes += size;
+        inner.entries.insert(key, Stored { entry, tick, size });
+        self.evict(&mut inner);
+        true
+    }
+
+    fn evict(&self, inner: &mut Inner) {
+        let max = self.max_bytes.load(Ordering::Relaxed);
+        while inner.bytes > max {
+            let Some((_, k)) = inner.lru.pop_first() else {
+                break;
+            };
+            Self::remove(inner, &k);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(inner: &mut Inner, key: &Bytes) -> bool {
+        let Some(stored) = inner.entries.remove(key) else {
+            return false;
+        };
+        inner.lru.remove(&stored.tick);
+        inner.bytes -= stored.size;
+        for k in &stored.entry.keys {
+            if let Some(list) = inner.by_key.get_mut(k) {
+                list.retain(|e| e != key);
+                if list.is_empty() {
+                    inner.by_key.remove(k);
+                }
+            }
+        }
+        true
+    }
+
+    /// Drop every entry that read `key` (in any db); fills in flight that
+    /// read it will not land. How many entries went.
+    pub fn invalidate(&self, key: &[u8]) -> usize {
+        let mut inner = self.lock();
+        let i = self.slot(key);
+        self.slots[i].fetch_add(1, Ordering::AcqRel);
+        let Some(list) = inner.by_key.remove(key) else {
+            return 0;
+        };
+        list.iter().filter(|e| Self::remove(&mut inner, e)).count()
+    }
+
+    /// Drop everything; fills in flight will not land. How many went.
+    pub fn flush(&self) -> usize {
+        let mut inner = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let n = inner.entries.len();
+        *inner = Inner::default();
+        n
+    }
+
+    /// (entries, bytes).
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.entries.len(), inner.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn entry(keys: &[&str], value: &str) -> Entry {
+        Entry {
+            resp3: Bytes::from(value.to_string()),
+            resp2: Bytes::from(value.to_string()),
+            keys: keys.iter().map(|k| Bytes::from(k.to_string())).collect(),
+            expires: Instant::now() + Duration::from_secs(60),
+            rule: 0,
+        }
+    }
+
+    #[test]
+    fn invalidation_fences_and_bounds() {
+        let s = Store::new(10_000);
+        let now = Instant::now();
+        let seen = s.snapshot(&[Bytes::from("a")]);
+        assert!(s.insert(Bytes::from("e1"), entry(&["a"], "v1"), &seen));
+        assert_eq!(s.get(b"e1", true, now).map(|r| r.1), Some(Bytes::from("v1")));
+        // A fill that started before an invalidation of its key is dropped.
+        let seen = s.snapshot(&[Bytes::from("a")]);
+        assert_eq!(s.invalidate(b"a"), 1);
+        assert!(s.get(b"e1", true, now).is_none());
+        assert!(!s.insert(Bytes::from("e1"), entry(&["a"], "old"), &seen));
+        // ... and one before a flush.
+        let seen = s.snapshot(&[Bytes::from("b")]);
+        s.flush();
+        assert!(!s.insert(Bytes::from("e2"), entry(&["b"], "old"), &seen));
+        // The byte bound evicts the least recently used.
+        for i in 0..200 {
+            let seen = s.snapshot(&[Bytes::from(format!("k{i}"))]);
+            let k = format!("k{i}");
+            assert!(s.insert(Bytes::from(format!("e{i}")), entry(&[&k], "x"), &seen));
+        }
+        let (n, bytes) = s.size();
+        assert!(bytes <= 10_000 && n < 200, "{n} {bytes}");
+        assert!(s.evictions.load(Ordering::Relaxed) > 0);
+        assert!(s.get(b"e199", true, now).is_some());
+        assert!(s.get(b"e0", true, now).is_none());
+    }
+}
