@@ -258,9 +258,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric");
-        let cache_bytes =
-            IntGauge::new("cache_bytes", "Bytes the cache holds (as counted against max_memory)")
-                .expect("static metric");
+        let cache_bytes = IntGauge::new(
+            "cache_bytes",
+            "Bytes the cache holds (as counted against max_memory)",
+        )
+        .expect("static metric");
         let cache_entries =
             IntGauge::new("cache_entries", "Entries the cache holds").expect("static metric");
         let cache_evictions = IntCounter::new(

@@ -77,12 +77,7 @@ pub const CACHEABLE: &[&str] = &[
 ];
 
 /// Commands whose `WITHSCORES` reply is pairs in RESP3, flat in RESP2.
-const ZRANGES: &[&str] = &[
-    "zrange",
-    "zrevrange",
-    "zrangebyscore",
-    "zrevrangebyscore",
-];
+const ZRANGES: &[&str] = &["zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore"];
 
 /// The exchange's mark: a fill was waited for.
 const FILLED: u8 = 1;
@@ -125,7 +120,12 @@ pub struct CacheState {
 }
 
 impl CacheState {
-    pub fn start(c: &CacheConfig, env: &Env, fill_timeout: Duration, metrics: &Metrics) -> Arc<CacheState> {
+    pub fn start(
+        c: &CacheConfig,
+        env: &Env,
+        fill_timeout: Duration,
+        metrics: &Metrics,
+    ) -> Arc<CacheState> {
         let store = Arc::new(Store::new(c.max_memory.as_usize()));
         let tracker = Tracker::start(
             env.pool.clone(),
@@ -299,13 +299,23 @@ impl Cache {
         }));
     }
 
-    fn fill(&self, key: Bytes, db: i64, rule: usize, keys: Vec<Bytes>, args: Vec<Bytes>) -> super::Wait {
+    fn fill(
+        &self,
+        key: Bytes,
+        db: i64,
+        rule: usize,
+        keys: Vec<Bytes>,
+        args: Vec<Bytes>,
+    ) -> super::Wait {
         let state = self.state.clone();
         let ttl = self.rules[rule].ttl;
         let max_entry = self.max_entry;
         Box::pin(async move {
             let tx = {
-                let mut inflight = state.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut inflight = state
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 match inflight.get(&key) {
                     Some(rx) => Err(rx.clone()),
                     None => {
@@ -319,12 +329,15 @@ impl Cache {
                 Ok(tx) => tx,
                 Err(mut rx) => {
                     state.metrics.cache_joins().inc();
-                    let _ = tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
+                    let _ =
+                        tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
                     return;
                 }
             };
             let seen = state.store.snapshot(&keys);
-            let flatten = ZRANGES.iter().any(|z| args[0].eq_ignore_ascii_case(z.as_bytes()))
+            let flatten = ZRANGES
+                .iter()
+                .any(|z| args[0].eq_ignore_ascii_case(z.as_bytes()))
                 && args.iter().any(|a| a.eq_ignore_ascii_case(b"withscores"));
             let fill = tokio::time::timeout(
                 state.fill_timeout,
@@ -410,7 +423,10 @@ impl Stage for Cache {
         let Some(info) = ctx.info else {
             return Verdict::Continue;
         };
-        if info.flags.write || info.may_store() || matches!(info.name.as_str(), "flushall" | "flushdb" | "swapdb") {
+        if info.flags.write
+            || info.may_store()
+            || matches!(info.name.as_str(), "flushall" | "flushdb" | "swapdb")
+        {
             self.on_write(info, ex);
             return Verdict::Continue;
         }
@@ -418,18 +434,25 @@ impl Stage for Cache {
             return Verdict::Continue;
         };
         let rule = &self.rules[ri];
-        if ctx.mode != Mode::Normal || ctx.upstream_auth || self.state.tracker.refused.load(Ordering::Relaxed) {
+        if ctx.mode != Mode::Normal
+            || ctx.upstream_auth
+            || self.state.tracker.refused.load(Ordering::Relaxed)
+        {
             rule.bypass.inc();
             return Verdict::Continue;
         }
         self.state.check_switch();
         let key = entry_key(ctx, &info.name, ex.args());
         let resp3 = ctx.proto == Proto::Resp3;
+        // Asked again after waiting for a fill (counted as a miss then).
+        let again = ex.mark(FILLED);
         if let Some((_, reply)) = self.state.store.get(&key, resp3, ctx.now) {
-            rule.hit.inc();
+            if !again {
+                rule.hit.inc();
+            }
             return Verdict::Answer(reply);
         }
-        if ex.mark(FILLED) {
+        if again {
             // Asked again after its fill, which did not land (a write raced
             // it, the reply is an error or too big, the upstream failed):
             // the read goes to Redis.

