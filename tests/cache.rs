@@ -425,3 +425,249 @@ async fn memory_stays_within_max_memory() {
     );
     s.shutdown().await;
 }
+
+/// Version numbers in a reply (`$n\r\n<v>\r\n`), `None` for nil.
+fn version(reply: &[u8]) -> Option<u64> {
+    std::str::from_utf8(reply)
+        .ok()?
+        .split("\r\n")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The heart of it: for CACHE_STALENESS_SECONDS (default 30) writers
+/// write increasing versions of hot keys, some through the sidecar and
+/// some straight to Redis, readers read through the sidecar, and in
+/// between the test switches endpoints and runs FLUSHALL. Checked:
+/// (1) a client that wrote v through the sidecar never reads older
+/// afterwards; (2) each reader's reads of a key never go back; (3) after
+/// a direct write is acknowledged, reads through the sidecar return it
+/// within a bounded window (the largest is reported); (4) no entry
+/// outlives its key's TTL. (1) and (2) are checked between disruptions:
+/// a FLUSHALL empties keys and the other endpoint does not have the
+/// sidecar writers' values, which is not the cache's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staleness_under_writes_failover_and_flushall() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let secs: u64 = std::env::var("CACHE_STALENESS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    cfg.failover.failback = redis_sidecar::config::Failback::Manual;
+    cfg.cache = cache_config(&a, 60_000).cache;
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let addr = s.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Bumped before and after each disruption: a check whose two ends saw
+    // different values spans one.
+    let epoch = Arc::new(AtomicU64::new(0));
+    let violations = Arc::new(AtomicU64::new(0));
+    let checked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    // (1) Writers through the sidecar, each reading back what it wrote.
+    for w in 0..2u64 {
+        let (stop, epoch, violations, checked) = (
+            stop.clone(),
+            epoch.clone(),
+            violations.clone(),
+            checked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut v = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                v += 1;
+                let key = format!("c:s{}", w * 5 + v % 5);
+                let e0 = epoch.load(Ordering::SeqCst);
+                let r = c
+                    .call(&[b"SET", key.as_bytes(), v.to_string().as_bytes()])
+                    .await;
+                if &r[..] != b"+OK\r\n" {
+                    continue;
+                }
+                let got = version(&c.call(&[b"GET", key.as_bytes()]).await);
+                if epoch.load(Ordering::SeqCst) == e0 && e0 % 2 == 0 {
+                    checked.fetch_add(1, Ordering::Relaxed);
+                    if got.is_none_or(|g| g < v) {
+                        violations.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("read-your-writes: wrote {v} to {key}, read {got:?}");
+                    }
+                }
+            }
+        }));
+    }
+    // (3) A writer straight to both endpoints, timing how long until the
+    // sidecar returns its write.
+    let worst = Arc::new(AtomicU64::new(0));
+    {
+        let (stop, epoch, worst) = (stop.clone(), epoch.clone(), worst.clone());
+        let (mut da, mut db) = (a.direct().await, b.direct().await);
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut v = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                v += 1;
+                let key = format!("c:d{}", v % 5);
+                for d in [&mut da, &mut db] {
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(v)
+                        .query_async(d)
+                        .await
+                        .unwrap();
+                }
+                let e0 = epoch.load(Ordering::SeqCst);
+                let acked = Instant::now();
+                loop {
+                    let got = version(&c.call(&[b"GET", key.as_bytes()]).await);
+                    if got.is_some_and(|g| g >= v) {
+                        break;
+                    }
+                    if epoch.load(Ordering::SeqCst) != e0 || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    assert!(
+                        acked.elapsed() < Duration::from_secs(2),
+                        "{key} stuck at {got:?} < {v}"
+                    );
+                }
+                if epoch.load(Ordering::SeqCst) == e0 && e0 % 2 == 0 {
+                    worst.fetch_max(acked.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    // (2) Readers: per key, versions never go back within an epoch.
+    for _ in 0..3 {
+        let (stop, epoch, violations, checked) = (
+            stop.clone(),
+            epoch.clone(),
+            violations.clone(),
+            checked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut last: std::collections::HashMap<String, (u64, u64)> = Default::default();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let key = if i % 2 == 0 {
+                    format!("c:s{}", i % 10)
+                } else {
+                    format!("c:d{}", i % 5)
+                };
+                let e0 = epoch.load(Ordering::SeqCst);
+                let got = version(&c.call(&[b"GET", key.as_bytes()]).await);
+                let e1 = epoch.load(Ordering::SeqCst);
+                let (Some(g), true) = (got, e0 == e1 && e0 % 2 == 0) else {
+                    continue;
+                };
+                if let Some((prev, pe)) = last.get(&key)
+                    && *pe == e0
+                {
+                    checked.fetch_add(1, Ordering::Relaxed);
+                    if g < *prev {
+                        violations.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("monotonic reads: {key} went from {prev} to {g}");
+                    }
+                }
+                last.insert(key, (g, e0));
+            }
+        }));
+    }
+    // (4) Keys with short TTLs: an entry read just before expiry is gone
+    // after it.
+    let ttl_checks = Arc::new(AtomicU64::new(0));
+    {
+        let (stop, violations, ttl_checks) = (stop.clone(), violations.clone(), ttl_checks.clone());
+        let (mut da, mut db) = (a.direct().await, b.direct().await);
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let key = format!("c:t{}", i % 3);
+                for d in [&mut da, &mut db] {
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(i)
+                        .arg("PX")
+                        .arg(150)
+                        .query_async(d)
+                        .await
+                        .unwrap();
+                }
+                let set = Instant::now();
+                // Fill and hit while it lives.
+                c.call(&[b"GET", key.as_bytes()]).await;
+                c.call(&[b"GET", key.as_bytes()]).await;
+                tokio::time::sleep(
+                    Duration::from_millis(150).saturating_sub(set.elapsed())
+                        + Duration::from_millis(20),
+                )
+                .await;
+                let got = c.call(&[b"GET", key.as_bytes()]).await;
+                ttl_checks.fetch_add(1, Ordering::Relaxed);
+                if &got[..] != b"$-1\r\n" {
+                    violations.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("{key} outlived its TTL: {got:?}");
+                }
+            }
+        }));
+    }
+    // Disruptions: a FLUSHALL through the sidecar, one straight to Redis,
+    // a switch to b.
+    let admin = s.admin_addr.unwrap();
+    let third = Duration::from_secs(secs) / 4;
+    let mut da = a.direct().await;
+    let mut side = Raw::connect(addr).await;
+    tokio::time::sleep(third).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(&side.call(&[b"FLUSHALL"]).await[..], b"+OK\r\n");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(third).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut da).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(third).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    let (st, body) = http(admin, "POST", "/upstreams/b/activate", None).await;
+    assert_eq!(st, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    epoch.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(third).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let hits = requests(&s, "hit");
+    let misses = requests(&s, "miss");
+    let worst = Duration::from_micros(worst.load(Ordering::Relaxed));
+    println!(
+        "{secs}s: {} checks, {} violations, {} TTL checks; hits {hits}, misses {misses}; largest direct-write window {worst:?}; invalidations: tracking {}, write {}, switch {}",
+        checked.load(Ordering::Relaxed),
+        violations.load(Ordering::Relaxed),
+        ttl_checks.load(Ordering::Relaxed),
+        metric(&s, "cache_invalidations_total", &[("reason", "tracking")]),
+        metric(&s, "cache_invalidations_total", &[("reason", "write")]),
+        metric(&s, "cache_invalidations_total", &[("reason", "switch")]),
+    );
+    assert_eq!(violations.load(Ordering::Relaxed), 0);
+    assert!(checked.load(Ordering::Relaxed) > 1000);
+    assert!(ttl_checks.load(Ordering::Relaxed) > 10);
+    assert!(
+        hits > misses,
+        "the cache was not used: hits {hits}, misses {misses}"
+    );
+    assert!(metric(&s, "cache_invalidations_total", &[("reason", "switch")]) >= 1.0);
+    assert!(worst < Duration::from_millis(100), "{worst:?}");
+    s.shutdown().await;
+}
