@@ -557,7 +557,7 @@ async fn staleness_under_writes_failover_and_flushall() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let key = if i % 2 == 0 {
+                let key = if i.is_multiple_of(2) {
                     format!("c:s{}", i % 10)
                 } else {
                     format!("c:d{}", i % 5)
