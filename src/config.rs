@@ -179,6 +179,11 @@ pub struct CacheRule {
     /// Which reads (default: every read the cache can hold).
     #[serde(default)]
     pub commands: Option<Vec<String>>,
+    /// When a read fails because the upstream is unreachable, answer it
+    /// from an entry that outage flushed, if younger than this (off by
+    /// default: the one case the cache may serve a stale value).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub stale_if_error: Option<Duration>,
 }
 
 impl CacheRule {

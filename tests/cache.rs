@@ -23,6 +23,7 @@ fn cache_config(redis: &RedisServer, ttl_ms: u64) -> Config {
             name: Some("c".into()),
             ttl: Duration::from_millis(ttl_ms),
             commands: None,
+            stale_if_error: None,
         }],
         ..CacheConfig::default()
     };
@@ -669,5 +670,182 @@ async fn staleness_under_writes_failover_and_flushall() {
     );
     assert!(metric(&s, "cache_invalidations_total", &[("reason", "switch")]) >= 1.0);
     assert!(worst < Duration::from_millis(100), "{worst:?}");
+    s.shutdown().await;
+}
+
+/// Entries are per user: a value one user's read filled is not served to
+/// another (sidecar users, `[client_auth]`); a client that authenticated
+/// to Redis itself is not cached at all.
+#[tokio::test]
+async fn entries_are_per_user() {
+    use redis_sidecar::config::{ClientAuthConfig, ClientUser};
+    let redis = RedisServer::start();
+    let mut cfg = cache_config(&redis, 60_000);
+    cfg.client_auth = ClientAuthConfig {
+        password: None,
+        password_file: None,
+        users: ["alice", "bob"]
+            .iter()
+            .map(|u| ClientUser {
+                name: u.to_string(),
+                password: Some(format!("{u}-pw")),
+                password_file: None,
+            })
+            .collect(),
+    };
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("c:u")
+        .arg("v")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    for user in ["alice", "bob"] {
+        let mut c = Raw::connect(s.addr).await;
+        let pw = format!("{user}-pw");
+        assert_eq!(
+            &c.call(&[b"AUTH", user.as_bytes(), pw.as_bytes()]).await[..],
+            b"+OK\r\n"
+        );
+        for _ in 0..3 {
+            assert_eq!(&c.call(&[b"GET", b"c:u"]).await[..], b"$1\r\nv\r\n");
+        }
+    }
+    // One fill per user, the other reads hits.
+    assert_eq!(cmdstat(&redis, "get").await, 2);
+    assert_eq!(requests(&s, "miss"), 2.0);
+    assert_eq!(requests(&s, "hit"), 4.0);
+    s.shutdown().await;
+}
+
+/// `stale_if_error`: with the upstream gone, a read is answered from an
+/// entry the outage flushed (counted as stale) within the window; a read
+/// never cached gets the error; a rule without it gets the error.
+#[tokio::test]
+async fn stale_if_error_stands_in_for_an_unreachable_upstream() {
+    let mut redis = RedisServer::start();
+    let mut cfg = cache_config(&redis, 60_000);
+    cfg.cache.rule[0].stale_if_error = Some(Duration::from_secs(30));
+    cfg.cache.rule.push(CacheRule {
+        pattern: "n:*".into(),
+        name: Some("n".into()),
+        ttl: Duration::from_secs(60),
+        commands: None,
+        stale_if_error: None,
+    });
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("MSET")
+        .arg(&["c:old", "1", "n:old", "2"])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let mut c = Raw::connect(s.addr).await;
+    for k in [&b"c:old"[..], b"n:old"] {
+        c.call(&[b"GET", k]).await;
+        c.call(&[b"GET", k]).await;
+    }
+    assert_eq!(requests(&s, "hit"), 2.0);
+    redis.kill();
+    assert!(
+        eventually(|| async {
+            metric(&s, "cache_invalidations_total", &[("reason", "flush")]) >= 2.0
+        })
+        .await
+    );
+    assert_eq!(&c.call(&[b"GET", b"c:old"]).await[..], b"$1\r\n1\r\n");
+    assert_eq!(
+        metric(&s, "cache_requests_total", &[("result", "stale")]),
+        1.0
+    );
+    assert!(c.call(&[b"GET", b"n:old"]).await.starts_with(b"-"));
+    assert!(c.call(&[b"GET", b"c:never"]).await.starts_with(b"-"));
+    s.shutdown().await;
+}
+
+/// `invalidation = "ttl"`: no tracking; entries live at most the rule's
+/// ttl; writes through the sidecar still invalidate.
+#[tokio::test]
+async fn ttl_invalidation_mode() {
+    let redis = RedisServer::start();
+    let mut cfg = cache_config(&redis, 300);
+    cfg.cache.invalidation = redis_sidecar::config::CacheInvalidation::Ttl;
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut d = redis.direct().await;
+    let mut c = Raw::connect(s.addr).await;
+    let _: () = redis::cmd("SET")
+        .arg("c:m")
+        .arg("1")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert_eq!(&c.call(&[b"GET", b"c:m"]).await[..], b"$1\r\n1\r\n");
+    // A direct write is not seen until the entry's ttl ends.
+    let _: () = redis::cmd("SET")
+        .arg("c:m")
+        .arg("2")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert_eq!(&c.call(&[b"GET", b"c:m"]).await[..], b"$1\r\n1\r\n");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(&c.call(&[b"GET", b"c:m"]).await[..], b"$1\r\n2\r\n");
+    // A write through the sidecar is seen at once.
+    assert_eq!(&c.call(&[b"SET", b"c:m", b"3"]).await[..], b"+OK\r\n");
+    assert_eq!(&c.call(&[b"GET", b"c:m"]).await[..], b"$1\r\n3\r\n");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert!(
+        !list.lines().any(|l| l
+            .split(' ')
+            .any(|f| f.starts_with("flags=") && f.contains('t'))),
+        "{list}"
+    );
+    s.shutdown().await;
+}
+
+/// An upstream that refuses CLIENT TRACKING (an ACL here): the cache is
+/// bypassed (said in the log), reads still work.
+#[tokio::test]
+async fn tracking_refused_bypasses_the_cache() {
+    let redis = RedisServer::start();
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "notrack",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "-client|tracking",
+        ])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("c:r")
+        .arg("v")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let mut cfg = cache_config(&redis, 60_000);
+    cfg.upstream[0].url = format!("redis://notrack:pw@127.0.0.1:{}", redis.port);
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut c = Raw::connect(s.addr).await;
+    for _ in 0..3 {
+        assert_eq!(&c.call(&[b"GET", b"c:r"]).await[..], b"$1\r\nv\r\n");
+    }
+    assert_eq!(requests(&s, "hit"), 0.0);
+    assert!(requests(&s, "bypass") >= 2.0);
     s.shutdown().await;
 }

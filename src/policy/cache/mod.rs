@@ -98,9 +98,11 @@ struct Rule {
     glob: Glob,
     ttl: Duration,
     commands: Vec<&'static str>,
+    stale_if_error: Option<Duration>,
     hit: IntCounter,
     miss: IntCounter,
     bypass: IntCounter,
+    stale: IntCounter,
 }
 
 /// What outlives a reload: the entries, the tracking connection, the fills
@@ -228,9 +230,11 @@ impl Cache {
                 glob: Glob::new(r.pattern.as_bytes()),
                 ttl: r.ttl,
                 commands,
+                stale_if_error: r.stale_if_error,
                 hit: metrics.cache_requests(label, "hit"),
                 miss: metrics.cache_requests(label, "miss"),
                 bypass: metrics.cache_requests(label, "bypass"),
+                stale: metrics.cache_requests(label, "stale"),
             });
         }
         if !errors.is_empty() {
@@ -240,6 +244,12 @@ impl Cache {
             return Ok(None);
         };
         state.apply(c);
+        *state
+            .tracker
+            .keep_stale
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) =
+            rules.iter().map(|r| r.stale_if_error.is_some()).collect();
         Ok(Some(Cache {
             state: state.clone(),
             rules,
@@ -454,8 +464,15 @@ impl Stage for Cache {
         }
         if again {
             // Asked again after its fill, which did not land (a write raced
-            // it, the reply is an error or too big, the upstream failed):
-            // the read goes to Redis.
+            // it, the reply is an error or too big, the upstream failed).
+            if let Some(window) = rule.stale_if_error
+                && self.state.tracker.unreachable.load(Ordering::Relaxed)
+                && let Some(reply) = self.state.store.stale(&key, resp3, window)
+            {
+                rule.stale.inc();
+                return Verdict::Answer(reply);
+            }
+            // The read goes to Redis.
             return Verdict::Continue;
         }
         rule.miss.inc();
@@ -463,6 +480,13 @@ impl Stage for Cache {
     }
 
     fn tick(&self) {
+        let window = self
+            .rules
+            .iter()
+            .filter_map(|r| r.stale_if_error)
+            .max()
+            .unwrap_or_default();
+        self.state.store.expire_stale(window);
         let (entries, bytes) = self.state.store.size();
         let m = &self.state.metrics;
         m.cache_entries().set(entries as i64);

@@ -80,8 +80,17 @@ impl Reason {
     }
 }
 
+/// Entries an outage flushed, kept to stand in for an error
+/// (`stale_if_error`); never hits.
+#[derive(Default)]
+struct Stale {
+    entries: HashMap<Bytes, (usize, Bytes, Bytes)>,
+    at: Option<Instant>,
+}
+
 pub struct Store {
     inner: Mutex<Inner>,
+    stale: Mutex<Stale>,
     max_bytes: AtomicUsize,
     epoch: AtomicU64,
     slots: Box<[AtomicU64]>,
@@ -93,6 +102,7 @@ impl Store {
     pub fn new(max_bytes: usize) -> Store {
         Store {
             inner: Mutex::new(Inner::default()),
+            stale: Mutex::new(Stale::default()),
             max_bytes: AtomicUsize::new(max_bytes),
             epoch: AtomicU64::new(0),
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
@@ -236,11 +246,47 @@ impl Store {
 
     /// Drop everything; fills in flight will not land. How many went.
     pub fn flush(&self) -> usize {
+        self.flush_keeping(|_| false)
+    }
+
+    /// [`Store::flush`] for an outage: the entries of rules `keep` says
+    /// may stand in for an error are kept aside (replacing those of an
+    /// earlier outage).
+    pub fn flush_keeping(&self, keep: impl Fn(usize) -> bool) -> usize {
         let mut inner = self.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let n = inner.entries.len();
-        *inner = Inner::default();
+        let old = std::mem::take(&mut *inner);
+        drop(inner);
+        let n = old.entries.len();
+        let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        stale.entries = old
+            .entries
+            .into_iter()
+            .filter(|(_, s)| keep(s.entry.rule))
+            .map(|(k, s)| (k, (s.entry.rule, s.entry.resp3, s.entry.resp2)))
+            .collect();
+        stale.at = (!stale.entries.is_empty()).then(Instant::now);
         n
+    }
+
+    /// An entry an outage flushed less than `window` ago.
+    pub fn stale(&self, key: &[u8], resp3: bool, window: std::time::Duration) -> Option<Bytes> {
+        let stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        if stale.at.is_none_or(|at| at.elapsed() >= window) {
+            return None;
+        }
+        stale
+            .entries
+            .get(key)
+            .map(|(_, r3, r2)| if resp3 { r3.clone() } else { r2.clone() })
+    }
+
+    /// Forget stale entries older than `window`.
+    pub fn expire_stale(&self, window: std::time::Duration) {
+        let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        if stale.at.is_some_and(|at| at.elapsed() >= window) {
+            *stale = Stale::default();
+        }
     }
 
     /// (entries, bytes).

@@ -84,6 +84,11 @@ pub struct Tracker {
     tx: mpsc::Sender<Request>,
     /// The upstream refused `CLIENT TRACKING` (said once in the log).
     pub refused: Arc<AtomicBool>,
+    /// The connection was lost or could not be made, and none has been
+    /// made since.
+    pub unreachable: Arc<AtomicBool>,
+    /// Which rules' entries an outage keeps aside (`stale_if_error`).
+    pub keep_stale: Arc<std::sync::RwLock<Vec<bool>>>,
 }
 
 impl Tracker {
@@ -97,16 +102,25 @@ impl Tracker {
     ) -> Tracker {
         let (tx, rx) = mpsc::channel(QUEUE);
         let refused = Arc::new(AtomicBool::new(false));
+        let unreachable = Arc::new(AtomicBool::new(false));
+        let keep_stale = Arc::new(std::sync::RwLock::new(Vec::new()));
         let task = Task {
             pool,
             store,
             tracking,
             metrics,
             refused: refused.clone(),
+            unreachable: unreachable.clone(),
+            keep_stale: keep_stale.clone(),
             down_until: AtomicU64::new(0),
         };
         tasks.spawn(task.run(rx, shutdown));
-        Tracker { tx, refused }
+        Tracker {
+            tx,
+            refused,
+            unreachable,
+            keep_stale,
+        }
     }
 
     pub async fn fill(
@@ -137,6 +151,8 @@ struct Task {
     tracking: bool,
     metrics: Metrics,
     refused: Arc<AtomicBool>,
+    unreachable: Arc<AtomicBool>,
+    keep_stale: Arc<std::sync::RwLock<Vec<bool>>>,
     down_until: AtomicU64,
 }
 
@@ -164,8 +180,16 @@ fn now_ms() -> u64 {
 }
 
 impl Task {
+    /// An outage's flush: entries of `stale_if_error` rules kept aside.
     fn flush(&self, reason: Reason) {
-        let n = self.store.flush();
+        let keep = self
+            .keep_stale
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let n = self
+            .store
+            .flush_keeping(|rule| keep.get(rule).copied().unwrap_or(false));
         self.metrics
             .cache_invalidations(reason.label())
             .inc_by(n as u64);
@@ -214,6 +238,7 @@ impl Task {
                     .reply
                     .send(Err(FillError::Upstream(UpstreamError::ConnectionLost)));
             }
+            self.unreachable.store(true, Ordering::Relaxed);
             self.flush(Reason::Flush);
         }
     }
@@ -259,6 +284,7 @@ impl Task {
             }
             self.refused.store(false, Ordering::Relaxed);
         }
+        self.unreachable.store(false, Ordering::Relaxed);
         Ok(Conn {
             stream,
             rbuf,
