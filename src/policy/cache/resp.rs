@@ -213,6 +213,6 @@ mod tests {
         let e = elements(&r).unwrap_or_default();
         assert_eq!(e.len(), 3);
         assert_eq!(&e[2][..], b"*1\r\n$1\r\nx\r\n");
-        assert_eq!(frame_end(b"|1\r\n+a\r\n+b\r\n:1\r\n", 0), Some(17));
+        assert_eq!(frame_end(b"|1\r\n+a\r\n+b\r\n:1\r\n", 0), Some(16));
     }
 }

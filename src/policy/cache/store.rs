@@ -38,7 +38,10 @@ pub struct Entry {
 
 struct Stored {
     entry: Entry,
+    /// Last used.
     tick: u64,
+    /// Its slot in the LRU queue (the tick it was queued at).
+    queued: u64,
     size: usize,
 }
 
@@ -149,11 +152,10 @@ impl Store {
             Self::remove(inner, &k);
             return None;
         }
+        // The LRU queue is fixed up lazily, at eviction: a hit only
+        // records when it happened.
         inner.tick += 1;
-        let old = std::mem::replace(&mut stored.tick, inner.tick);
-        if let Some(k) = inner.lru.remove(&old) {
-            inner.lru.insert(inner.tick, k);
-        }
+        stored.tick = inner.tick;
         let reply = if resp3 {
             stored.entry.resp3.clone()
         } else {
@@ -199,7 +201,15 @@ impl Store {
         }
         inner.lru.insert(tick, key.clone());
         inner.bytes += size;
-        inner.entries.insert(key, Stored { entry, tick, size });
+        inner.entries.insert(
+            key,
+            Stored {
+                entry,
+                tick,
+                queued: tick,
+                size,
+            },
+        );
         self.evict(&mut inner);
         true
     }
@@ -207,19 +217,38 @@ impl Store {
     fn evict(&self, inner: &mut Inner) {
         let max = self.max_bytes.load(Ordering::Relaxed);
         while inner.bytes > max {
-            let Some((_, k)) = inner.lru.pop_first() else {
+            let Some((queued, k)) = inner.lru.pop_first() else {
                 break;
             };
-            Self::remove(inner, &k);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
+            match inner.entries.get(&k).map(|s| s.tick) {
+                // Used since it was queued: queued again as of then.
+                Some(t) if t != queued => {
+                    if let Some(s) = inner.entries.get_mut(&k) {
+                        s.queued = t;
+                    }
+                    inner.lru.insert(t, k);
+                }
+                _ => {
+                    Self::remove_queued(inner, &k);
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
     fn remove(inner: &mut Inner, key: &Bytes) -> bool {
+        let Some(queued) = inner.entries.get(key).map(|s| s.queued) else {
+            return false;
+        };
+        inner.lru.remove(&queued);
+        Self::remove_queued(inner, key)
+    }
+
+    /// Remove an entry whose LRU slot is already gone.
+    fn remove_queued(inner: &mut Inner, key: &Bytes) -> bool {
         let Some(stored) = inner.entries.remove(key) else {
             return false;
         };
-        inner.lru.remove(&stored.tick);
         inner.bytes -= stored.size;
         for k in &stored.entry.keys {
             if let Some(list) = inner.by_key.get_mut(k) {
