@@ -849,3 +849,107 @@ async fn tracking_refused_bypasses_the_cache() {
     assert!(requests(&s, "bypass") >= 2.0);
     s.shutdown().await;
 }
+
+/// Redis's invalidation keyspace is shared by all dbs: a change of a key
+/// drops its entries in every db.
+#[tokio::test]
+async fn an_invalidation_drops_the_key_in_every_db() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut c0 = Raw::connect(s.addr).await;
+    let mut c1 = Raw::connect(s.addr).await;
+    assert_eq!(&c1.call(&[b"SELECT", b"1"]).await[..], b"+OK\r\n");
+    for c in [&mut c0, &mut c1] {
+        c.call(&[b"GET", b"c:db"]).await;
+        c.call(&[b"GET", b"c:db"]).await;
+    }
+    assert_eq!(requests(&s, "miss"), 2.0);
+    assert_eq!(requests(&s, "hit"), 2.0);
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("c:db")
+        .arg("0")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert!(
+        eventually(|| async {
+            metric(&s, "cache_invalidations_total", &[("reason", "tracking")]) >= 2.0
+        })
+        .await
+    );
+    assert_eq!(&c0.call(&[b"GET", b"c:db"]).await[..], b"$1\r\n0\r\n");
+    assert_eq!(&c1.call(&[b"GET", b"c:db"]).await[..], b"$-1\r\n");
+    assert_eq!(requests(&s, "miss"), 4.0);
+    s.shutdown().await;
+}
+
+#[test]
+fn bad_cache_rules_are_config_errors() {
+    let mut c = config("redis://127.0.0.1:1");
+    c.cache = toml::from_str(
+        "enabled = true\nmax_memory = \"100KiB\"\n[[cache.rule]]\npattern = \"\"\nttl = \"0s\"\ncommands = [\"GET\", \"SPOP\"]\n"
+            .replace("[[cache.rule]]", "[[rule]]")
+            .as_str(),
+    )
+    .unwrap();
+    let err = c.validate().unwrap_err().to_string();
+    for want in [
+        "cache: max_memory must be at least 1MiB",
+        "cache.rule[0]: pattern must not be empty",
+        "cache.rule[0]: ttl must be at least 1ms",
+        "cache.rule[0]: commands[1]: \"SPOP\" is not a read the cache can hold",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Filled five times past max_memory, the process's RSS grows by less
+/// than twice the bound (the documented overhead: the allocator's slack,
+/// the replies passing through). The keys are made by
+/// Redis itself (DEBUG POPULATE), so the test's own buffers do not count.
+#[tokio::test]
+async fn rss_stays_within_max_memory() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut cfg = cache_config(&redis, 60_000);
+    cfg.cache.max_memory = redis_sidecar::config::ByteSize(8 << 20);
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let mut d = redis.direct().await;
+    let n = 40_000;
+    let _: () = redis::cmd("DEBUG")
+        .arg(&["POPULATE", &n.to_string(), "c:r", "1000"])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let mut c = Raw::connect(s.addr).await;
+    let before = rss_kib();
+    for i in 0..n {
+        let k = format!("c:r:{i}");
+        c.cmd(&[b"GET", k.as_bytes()]).await;
+        if i % 100 == 99 {
+            for _ in 0..100 {
+                c.read().await;
+            }
+        }
+    }
+    // The cache is full (the gauge is updated once a second).
+    assert!(
+        eventually(|| async { metric(&s, "cache_bytes", &[]) > (6 << 20) as f64 }).await,
+        "{}",
+        metric(&s, "cache_bytes", &[])
+    );
+    let after = rss_kib();
+    let grew = after.saturating_sub(before);
+    println!("40 MB of values through an 8 MiB cache: RSS grew {grew} KiB ({before} -> {after})");
+    assert!(grew < 2 * 8 * 1024, "RSS grew {grew} KiB");
+    s.shutdown().await;
+}

@@ -367,8 +367,13 @@ impl Cache {
                     }
                 }
                 if !life.is_zero() {
+                    // Its own allocation: a slice would keep the whole read
+                    // buffer it came in alive. One copy when both protocols
+                    // read the same bytes.
+                    let resp3 = Bytes::copy_from_slice(&fill.reply);
+                    let resp2 = if resp2 == resp3 { resp3.clone() } else { resp2 };
                     let entry = Entry {
-                        resp3: fill.reply,
+                        resp3,
                         resp2,
                         keys,
                         expires: now + life,

@@ -196,7 +196,13 @@ impl Task {
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
-        let mut conn: Option<Conn> = None;
+        // Connect at once, so that an upstream refusing CLIENT TRACKING is
+        // found (and said) at startup; an unreachable one is retried by
+        // the first fill.
+        let mut conn: Option<Conn> = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = self.connect() => c.ok(),
+        };
         loop {
             let reading = conn.is_some();
             let room = conn.as_ref().is_none_or(|c| c.pending.len() < QUEUE);
