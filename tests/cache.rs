@@ -308,7 +308,7 @@ async fn every_flush_reason() {
     let file = dir.join("cache.toml");
     let head = |pattern: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[cache]\nenabled = true\n[[cache.rule]]\npattern = \"{pattern}\"\nttl = \"60s\"\n"
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"tok\"\n[cache]\nenabled = true\n[[cache.rule]]\npattern = \"{pattern}\"\nttl = \"60s\"\n"
         )
     };
     write_config(&file, &head("c:*"), &[("main", &redis)]);
@@ -325,11 +325,6 @@ async fn every_flush_reason() {
         c.call(&[b"GET", b"c:f"]).await;
         c.call(&[b"GET", b"c:f"]).await;
     };
-    let entries = |s: &redis_sidecar::Sidecar| {
-        // The gauge is updated once a second; the invalidation counter at once.
-        let _ = s;
-    };
-    entries(&s);
     let flushed = |reason: &str| metric(&s, "cache_invalidations_total", &[("reason", reason)]);
     // FLUSHALL straight to Redis.
     warm(&mut c).await;
@@ -344,7 +339,11 @@ async fn every_flush_reason() {
         .await
         .unwrap();
     warm(&mut c).await;
-    let (status, body) = http(s.admin_addr.unwrap(), "POST", "/cache/flush", None).await;
+    let (status, _) = http(s.admin_addr.unwrap(), "POST", "/cache/flush", None).await;
+    assert_eq!(status, 401, "the flush needs the admin token");
+    assert_eq!(&c.call(&[b"GET", b"c:f"]).await[..], b"$1\r\n2\r\n");
+    assert_eq!(flushed("flush"), 0.0);
+    let (status, body) = http(s.admin_addr.unwrap(), "POST", "/cache/flush", Some("tok")).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("1 entries"), "{body}");
     assert_eq!(flushed("flush"), 1.0);
