@@ -952,3 +952,41 @@ async fn rss_stays_within_max_memory() {
     assert!(grew < 2 * 8 * 1024, "RSS grew {grew} KiB");
     s.shutdown().await;
 }
+
+/// A pipelined read right behind the client's own write of the key reads
+/// that write: the fill would run on another connection and could
+/// overtake the write in Redis, so the read is not cached while the write
+/// is unanswered (found by ioredis's pipeline through a caching sidecar).
+#[tokio::test]
+async fn a_pipelined_read_behind_its_write_sees_it() {
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut c = Raw::connect(s.addr).await;
+    for round in 0..5 {
+        let mut batch = Vec::new();
+        for i in 0..200 {
+            let (k, v) = (format!("c:p{i}"), format!("v{round}-{i}"));
+            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                b"SET".as_slice(),
+                k.as_bytes(),
+                v.as_bytes(),
+            ]));
+            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                b"GET".as_slice(),
+                k.as_bytes(),
+            ]));
+        }
+        c.send(&batch).await;
+        for i in 0..200 {
+            assert_eq!(&c.read().await[..], b"+OK\r\n");
+            let v = format!("v{round}-{i}");
+            assert_eq!(
+                c.read().await[..],
+                *format!("${}\r\n{v}\r\n", v.len()).as_bytes(),
+                "round {round}, key {i}"
+            );
+        }
+    }
+    assert!(requests(&s, "bypass") > 0.0);
+    s.shutdown().await;
+}

@@ -218,3 +218,104 @@ async fn redis_cli_rdb_through_the_sidecar() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Node and Python apps, unchanged, through a sidecar with every
+/// policy on: the L1 cache over every key, rate limits (an observing one
+/// that would limit them, a generous enforced one) and TTL rules with
+/// BullMQ's keys exempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs npm packages and redis-py: run by scripts/test.sh after it installs them"]
+async fn node_and_python_apps_with_every_policy_on() {
+    use redis_sidecar::config::{CacheConfig, CacheRule, RuleMode, TtlRule};
+    use std::time::Duration;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (node, python) = (root.join("compat/node"), root.join("compat/python"));
+    assert!(node.join("node_modules/bullmq").exists() && python.join(".venv/bin/python").exists());
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.cache = CacheConfig {
+        enabled: true,
+        rule: vec![CacheRule {
+            pattern: "*".into(),
+            name: Some("all".into()),
+            ttl: Duration::from_secs(60),
+            commands: None,
+            stale_if_error: None,
+        }],
+        ..CacheConfig::default()
+    };
+    cfg.rate_limit = vec![
+        toml::from_str(
+            "name = \"would-limit\"\nper = \"client\"\nrate = \"20/s\"\nburst = 20\nmode = \"observe\"\n",
+        )
+        .unwrap(),
+        toml::from_str("name = \"generous\"\nper = \"client\"\nrate = \"1000000/s\"\n").unwrap(),
+    ];
+    cfg.ttl = vec![
+        TtlRule {
+            pattern: "bull:*".into(),
+            name: None,
+            default: None,
+            max: None,
+            mode: RuleMode::Enforce,
+            sweep_rate: None,
+            sweep_every: Duration::from_secs(600),
+        },
+        TtlRule {
+            pattern: "*".into(),
+            name: None,
+            default: Some(Duration::from_secs(3600)),
+            max: None,
+            mode: RuleMode::Enforce,
+            sweep_rate: None,
+            sweep_every: Duration::from_secs(600),
+        },
+    ];
+    let s = sidecar_with(cfg, Default::default()).await;
+    let url = url(&s);
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        run_script("node", &["compat.mjs"], &node, &[("SIDECAR_URL", &u)])
+    })
+    .await
+    .unwrap();
+    let py = python
+        .join(".venv/bin/python")
+        .to_string_lossy()
+        .to_string();
+    tokio::task::spawn_blocking(move || {
+        run_script(&py, &["compat.py"], &python, &[("SIDECAR_URL", &url)])
+    })
+    .await
+    .unwrap();
+    let count = |result: &str| metric(&s, "cache_requests_total", &[("result", result)]);
+    let observed = metric(&s, "ratelimit_decisions_total", &[("result", "observed")]);
+    println!(
+        "apps with every policy on: cache hits {}, misses {}, bypassed {} (pipelined reads behind their writes, MULTI, WATCH); observed rate-limit decisions {observed}",
+        count("hit"),
+        count("miss"),
+        count("bypass")
+    );
+    assert!(observed > 0.0);
+    // Nothing is left pending: every key the apps left, read twice now, is
+    // a miss then a hit (or an error reply for other types), never a
+    // bypass.
+    let mut d = redis.direct().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let (bypass, hits) = (count("bypass"), count("hit"));
+    let mut c = Raw::connect(s.addr).await;
+    for k in &keys {
+        c.call(&[b"GET", k.as_bytes()]).await;
+        c.call(&[b"GET", k.as_bytes()]).await;
+    }
+    assert_eq!(count("bypass"), bypass, "a write's pending mark leaked");
+    assert!(count("hit") > hits, "{} keys, no hit", keys.len());
+    assert_eq!(
+        metric(&s, "ratelimit_decisions_total", &[("result", "rejected")]),
+        0.0
+    );
+}

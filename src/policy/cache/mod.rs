@@ -281,10 +281,12 @@ impl Cache {
     fn on_write(&self, info: &CommandInfo, ex: &mut Exchange) {
         let name = info.name.as_str();
         if matches!(name, "flushall" | "flushdb" | "swapdb") {
+            self.state.store.flush_begins();
             self.state.flush(Reason::Write);
             ex.on_reply(Arc::new(Invalidate {
                 state: self.state.clone(),
                 keys: None,
+                slots: Vec::new(),
             }));
             return;
         }
@@ -298,6 +300,10 @@ impl Cache {
         if keys.is_empty() {
             return;
         }
+        let slots = keys
+            .iter()
+            .map(|k| self.state.store.write_begins(k))
+            .collect();
         let n: usize = keys.iter().map(|k| self.state.store.invalidate(k)).sum();
         self.state
             .metrics
@@ -306,6 +312,7 @@ impl Cache {
         ex.on_reply(Arc::new(Invalidate {
             state: self.state.clone(),
             keys: Some(keys),
+            slots,
         }));
     }
 
@@ -414,6 +421,9 @@ fn entry_key(ctx: &Ctx<'_>, name: &str, args: &[Bytes]) -> Bytes {
 struct Invalidate {
     state: Arc<CacheState>,
     keys: Option<Vec<Bytes>>,
+    /// The pending-write slots it holds, released when it goes (after the
+    /// reply, or with a command that failed or was never sent).
+    slots: Vec<usize>,
 }
 
 impl ReplyAction for Invalidate {
@@ -426,6 +436,27 @@ impl ReplyAction for Invalidate {
             .metrics
             .cache_invalidations(Reason::Write.label())
             .inc_by(n as u64);
+    }
+}
+
+impl Drop for Invalidate {
+    fn drop(&mut self) {
+        // Whatever became of the write, fills that overlapped it do not
+        // land (its fate may be unknown).
+        match &self.keys {
+            Some(keys) => {
+                for k in keys {
+                    self.state.store.invalidate(k);
+                }
+            }
+            None => {
+                self.state.store.flush();
+                self.state.store.flush_done();
+            }
+        }
+        for &slot in &self.slots {
+            self.state.store.write_done(slot);
+        }
     }
 }
 
@@ -452,6 +483,7 @@ impl Stage for Cache {
         if ctx.mode != Mode::Normal
             || ctx.upstream_auth
             || self.state.tracker.refused.load(Ordering::Relaxed)
+            || self.state.store.write_pending(&keys)
         {
             rule.bypass.inc();
             return Verdict::Continue;

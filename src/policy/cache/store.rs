@@ -94,6 +94,11 @@ struct Stale {
 pub struct Store {
     inner: Mutex<Inner>,
     stale: Mutex<Stale>,
+    /// Writes through the sidecar not yet answered, per slot (and of
+    /// every key: FLUSHALL). A read of such a key is not cached: a fill
+    /// runs on another connection and could overtake the write in Redis.
+    pending: Box<[AtomicU64]>,
+    pending_all: AtomicU64,
     max_bytes: AtomicUsize,
     epoch: AtomicU64,
     slots: Box<[AtomicU64]>,
@@ -106,6 +111,8 @@ impl Store {
         Store {
             inner: Mutex::new(Inner::default()),
             stale: Mutex::new(Stale::default()),
+            pending: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            pending_all: AtomicU64::new(0),
             max_bytes: AtomicUsize::new(max_bytes),
             epoch: AtomicU64::new(0),
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
@@ -259,6 +266,36 @@ impl Store {
             }
         }
         true
+    }
+
+    /// A write of `key` is on its way: reads of it are not cached until
+    /// [`Store::write_done`] with the returned slot.
+    pub fn write_begins(&self, key: &[u8]) -> usize {
+        let i = self.slot(key);
+        self.pending[i].fetch_add(1, Ordering::AcqRel);
+        i
+    }
+
+    pub fn write_done(&self, slot: usize) {
+        self.pending[slot].fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A FLUSHALL/FLUSHDB/SWAPDB is on its way: no read is cached until
+    /// [`Store::flush_done`].
+    pub fn flush_begins(&self) {
+        self.pending_all.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn flush_done(&self) {
+        self.pending_all.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A write of one of `keys` through the sidecar is not answered yet.
+    pub fn write_pending(&self, keys: &[Bytes]) -> bool {
+        self.pending_all.load(Ordering::Acquire) > 0
+            || keys
+                .iter()
+                .any(|k| self.pending[self.slot(k)].load(Ordering::Acquire) > 0)
     }
 
     /// Drop every entry that read `key` (in any db); fills in flight that
