@@ -70,6 +70,7 @@ fn words(s: &str) -> Vec<Vec<u8>> {
 /// gives a client of the same protocol.
 #[tokio::test]
 async fn hits_are_byte_identical_to_redis() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut d = direct_raw(&redis, "3").await;
@@ -151,6 +152,7 @@ async fn hits_are_byte_identical_to_redis() {
 /// short window (Redis's invalidation push); report the largest seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_writes_invalidate_within_a_window() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut direct = redis.direct().await;
@@ -187,6 +189,7 @@ async fn direct_writes_invalidate_within_a_window() {
 /// while other clients keep the entry hot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -234,6 +237,7 @@ async fn read_your_writes() {
 /// 1,000 concurrent GETs of a missing key make one upstream read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_make_one_read() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut clients = Vec::new();
@@ -277,6 +281,7 @@ async fn concurrent_misses_make_one_read() {
 /// No entry outlives its key's TTL.
 #[tokio::test]
 async fn entries_do_not_outlive_the_key() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut c = Raw::connect(s.addr).await;
@@ -302,6 +307,7 @@ async fn entries_do_not_outlive_the_key() {
 /// loss of the tracking connection.
 #[tokio::test]
 async fn every_flush_reason() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let dir = std::env::temp_dir().join(format!("sidecar-cache-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -383,6 +389,7 @@ async fn every_flush_reason() {
 /// Redis itself are not cached.
 #[tokio::test]
 async fn bypass() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut c = Raw::connect(s.addr).await;
@@ -399,6 +406,7 @@ async fn bypass() {
 /// Filled far past max_memory, the cache stays within it.
 #[tokio::test]
 async fn memory_stays_within_max_memory() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let mut cfg = cache_config(&redis, 60_000);
     cfg.cache.max_memory = redis_sidecar::config::ByteSize(1 << 20);
@@ -449,6 +457,7 @@ fn version(reply: &[u8]) -> Option<u64> {
 /// sidecar writers' values, which is not the cache's doing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staleness_under_writes_failover_and_flushall() {
+    let _shared = serial().read().await;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let secs: u64 = std::env::var("CACHE_STALENESS_SECONDS")
@@ -677,6 +686,7 @@ async fn staleness_under_writes_failover_and_flushall() {
 /// to Redis itself is not cached at all.
 #[tokio::test]
 async fn entries_are_per_user() {
+    let _shared = serial().read().await;
     use redis_sidecar::config::{ClientAuthConfig, ClientUser};
     let redis = RedisServer::start();
     let mut cfg = cache_config(&redis, 60_000);
@@ -728,6 +738,7 @@ async fn entries_are_per_user() {
 /// never cached gets the error; a rule without it gets the error.
 #[tokio::test]
 async fn stale_if_error_stands_in_for_an_unreachable_upstream() {
+    let _shared = serial().read().await;
     let mut redis = RedisServer::start();
     let mut cfg = cache_config(&redis, 60_000);
     cfg.cache.rule[0].stale_if_error = Some(Duration::from_secs(30));
@@ -772,6 +783,7 @@ async fn stale_if_error_stands_in_for_an_unreachable_upstream() {
 /// ttl; writes through the sidecar still invalidate.
 #[tokio::test]
 async fn ttl_invalidation_mode() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let mut cfg = cache_config(&redis, 300);
     cfg.cache.invalidation = redis_sidecar::config::CacheInvalidation::Ttl;
@@ -816,6 +828,7 @@ async fn ttl_invalidation_mode() {
 /// bypassed (said in the log), reads still work.
 #[tokio::test]
 async fn tracking_refused_bypasses_the_cache() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let mut d = redis.direct().await;
     let _: () = redis::cmd("ACL")
@@ -853,6 +866,7 @@ async fn tracking_refused_bypasses_the_cache() {
 /// drops its entries in every db.
 #[tokio::test]
 async fn an_invalidation_drops_the_key_in_every_db() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut c0 = Raw::connect(s.addr).await;
@@ -918,6 +932,8 @@ fn rss_kib() -> u64 {
 /// Redis itself (DEBUG POPULATE), so the test's own buffers do not count.
 #[tokio::test]
 async fn rss_stays_within_max_memory() {
+    // Measures the process's memory: alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let mut cfg = cache_config(&redis, 60_000);
     cfg.cache.max_memory = redis_sidecar::config::ByteSize(8 << 20);
@@ -959,6 +975,7 @@ async fn rss_stays_within_max_memory() {
 /// is unanswered (found by ioredis's pipeline through a caching sidecar).
 #[tokio::test]
 async fn a_pipelined_read_behind_its_write_sees_it() {
+    let _shared = serial().read().await;
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut c = Raw::connect(s.addr).await;

@@ -87,6 +87,8 @@ async fn hammer_until(
 /// Several clients, pipelined and not, against one global rule: the
 /// allowed count is within 2 % of burst + rate × time.
 async fn accuracy(rate: u64, burst: u64, secs: f64) {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -138,6 +140,8 @@ async fn accuracy_at_10000_per_second() {
 /// reply in order, nothing rejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_paces_a_pipeline_in_order() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -195,6 +199,8 @@ max_delay = "5s"
 /// bucket, so their bookings add up.
 #[tokio::test]
 async fn delay_past_max_delay_rejects() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -252,6 +258,8 @@ async fn quiet_latencies(addr: SocketAddr, n: usize) -> (Vec<Duration>, u64) {
 /// client's budget nor makes it wait beyond a small share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_noisy_client_does_not_hurt_a_quiet_one() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -401,6 +409,8 @@ fn rss_kib() -> u64 {
 /// under its cap, the overflow is counted, and memory stays flat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_memory_stays_flat() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -511,6 +521,8 @@ burst = 2
 /// A delay rule inside MULTI delays the queueing; EXEC runs everything.
 #[tokio::test]
 async fn multi_with_a_delayed_command_waits_then_runs() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -785,6 +797,8 @@ fn shared_rule(name: &str, rate: &str, burst: u32, on_error: &str) -> String {
 /// reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_scope_two_sidecars_one_limit() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let rate = 1000u64;
     let burst = 100u64;
@@ -991,6 +1005,8 @@ async fn shared_scope_concurrent_misses_make_one_call() {
 /// client waits that long once, then the fallback decides at once.
 #[tokio::test]
 async fn shared_scope_slow_upstream_falls_back_after_the_refill_timeout() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let hop = FaultHop::start(redis.port).await;
     let mut c = config(&format!("redis://127.0.0.1:{}", hop.port));
@@ -1041,6 +1057,8 @@ async fn shared_scope_observe_counts() {
 /// command waits or falls back.
 #[tokio::test]
 async fn shared_scope_refills_ahead_of_need() {
+    // Measures time (or memory): alone.
+    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let hop = FaultHop::start(redis.port).await;
     let mut c = config(&format!("redis://127.0.0.1:{}", hop.port));

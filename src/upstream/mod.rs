@@ -12,6 +12,7 @@
 //! that order; this is what makes "a reply always reaches the request that
 //! caused it" hold by construction.
 
+pub mod cluster;
 pub mod conn;
 pub mod endpoint;
 pub mod failover;

@@ -574,3 +574,86 @@ pub fn metric(s: &Sidecar, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Tests of one binary that measure time or the process's memory take
+/// this: `write()` to run alone, `read()` to run alongside each other but
+/// not alongside a `write()` holder.
+pub fn serial() -> &'static tokio::sync::RwLock<()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::RwLock<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::RwLock::new(()))
+}
+
+/// A Redis Cluster of `masters` masters with one replica each, on free
+/// ports (each port's cluster bus, port + 10000, free too), created with
+/// `redis-cli --cluster create` and waited on until every node says
+/// `cluster_state:ok`. Nodes stop when it is dropped.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    pub fn start(masters: usize) -> Cluster {
+        let mut nodes = Vec::new();
+        while nodes.len() < masters * 2 {
+            let port = free_port();
+            if port > 55_000 || StdListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            if let Some(n) = RedisServer::start_on(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                ],
+            ) {
+                nodes.push(n);
+            }
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend([
+            "--cluster-replicas".into(),
+            "1".into(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new(which("redis-cli").expect("redis-cli is not installed"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "CLUSTER", "INFO"])
+                    .output()
+                    .unwrap();
+                let nodes_out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "CLUSTER", "NODES"])
+                    .output()
+                    .unwrap();
+                // Every replica known as one everywhere.
+                let replicas = String::from_utf8_lossy(&nodes_out.stdout)
+                    .lines()
+                    .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("slave")))
+                    .count();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+                    && replicas == masters
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Cluster { nodes }
+    }
+}

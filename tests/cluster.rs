@@ -1,0 +1,69 @@
+//! Redis Cluster groundwork against a real 3-master, 3-replica cluster:
+//! key slots as the cluster computes them, and the slot map read from
+//! `CLUSTER SHARDS` and `CLUSTER SLOTS`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use redis_protocol::resp2::types::OwnedFrame;
+use redis_sidecar::upstream::cluster::{SLOTS, SlotMap, key_slot};
+
+use support::*;
+
+async fn frame(port: u16, args: &[&[u8]]) -> OwnedFrame {
+    let mut c = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let raw = c.call(args).await;
+    redis_protocol::resp2::decode::decode(&raw)
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+#[tokio::test]
+async fn slots_and_slot_map_match_a_real_cluster() {
+    let cluster = Cluster::start(3);
+    let port = cluster.nodes[0].port;
+    let mut c = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    // Key slots: plain keys, hash tags, odd braces, binary.
+    let mut keys: Vec<Vec<u8>> = (0..500).map(|i| format!("key:{i}").into_bytes()).collect();
+    keys.extend((0..100).map(|i| format!("{{user{i}}}.feed").into_bytes()));
+    for k in ["{}", "{}x", "a{}{b}", "a{{b}}c", "{a}{b}", "}{", "{"] {
+        keys.push(k.as_bytes().to_vec());
+    }
+    keys.push(vec![0, 255, b'{', 1, b'}', 7]);
+    for k in &keys {
+        let r = c.call(&[b"CLUSTER", b"KEYSLOT", k]).await;
+        let want: u16 = std::str::from_utf8(&r[1..r.len() - 2])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(key_slot(k), want, "{k:?}");
+    }
+    // The slot map, both ways, agrees with where the cluster puts keys.
+    let shards =
+        SlotMap::from_shards(&frame(port, &[b"CLUSTER", b"SHARDS"]).await, "127.0.0.1").unwrap();
+    let slots =
+        SlotMap::from_slots(&frame(port, &[b"CLUSTER", b"SLOTS"]).await, "127.0.0.1").unwrap();
+    assert!(shards.complete() && slots.complete());
+    assert_eq!(shards.masters.len(), 3);
+    assert!(
+        shards.replicas.iter().all(|r| r.len() == 1),
+        "{:?}",
+        shards.replicas
+    );
+    for slot in 0..SLOTS as u16 {
+        let (a, b) = (shards.owner(slot).unwrap(), slots.owner(slot).unwrap());
+        assert_eq!((a.port, &a.id), (b.port, &b.id), "slot {slot}");
+    }
+    // A key's owner accepts it; another master answers MOVED to it.
+    for k in keys.iter().take(50) {
+        let owner = shards.owner(key_slot(k)).unwrap();
+        let mut o = Raw::connect(format!("{}:{}", owner.host, owner.port).parse().unwrap()).await;
+        assert_eq!(&o.call(&[b"SET", k, b"v"]).await[..], b"+OK\r\n");
+        let other = shards.masters.iter().find(|m| m.id != owner.id).unwrap();
+        let mut x = Raw::connect(format!("{}:{}", other.host, other.port).parse().unwrap()).await;
+        let r = x.call(&[b"GET", k]).await;
+        let moved = format!("-MOVED {} 127.0.0.1:{}\r\n", key_slot(k), owner.port);
+        assert_eq!(String::from_utf8_lossy(&r), moved);
+    }
+}
