@@ -5,7 +5,11 @@
 //! are allowed (`-ERR upstream ...`); a reply meant for another request
 //! never is, and every write acknowledged must be in Redis afterwards.
 //!
-//! `CHAOS_SECONDS` sets how long the faults go on (default 90).
+//! `CHAOS_SECONDS` sets how long the faults go on (default 90). A second,
+//! shorter run (`CHAOS_POLICY_SECONDS`, default 30) does the same with
+//! every policy on (the L1 cache, rate limits, a TTL rule) and a `GET`
+//! after each `SET`: a read must return its own write (or an error, or
+//! nil when that write's fate is unknown), never an older value.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -29,9 +33,15 @@ struct Stats {
     misrouted: AtomicU64,
 }
 
-/// One client: batches of `SET chaos:{id}:{n} {n}` + `ECHO e{id}-{n}`;
-/// returns the writes Redis acknowledged.
-async fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<Stats>) -> Vec<u64> {
+/// One client: batches of `SET chaos:{id}:{n} {n}` (+ `GET` of it when
+/// `read`) + `ECHO e{id}-{n}`; returns the writes Redis acknowledged.
+async fn client(
+    addr: SocketAddr,
+    id: usize,
+    read: bool,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+) -> Vec<u64> {
     let mut acked = Vec::new();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -50,13 +60,21 @@ async fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
                     format!("chaos:{id}:{i}"),
                     i.to_string(),
                 ]));
+                if read {
+                    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                        "GET".to_string(),
+                        format!("chaos:{id}:{i}"),
+                    ]));
+                }
                 batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
                     "ECHO".to_string(),
                     format!("e{id}-{i}"),
                 ]));
             }
             n += 8;
-            stats.sent.fetch_add(16, Ordering::Relaxed);
+            stats
+                .sent
+                .fetch_add(if read { 24 } else { 16 }, Ordering::Relaxed);
             if c.write_all(&batch).await.is_err() {
                 break;
             }
@@ -64,7 +82,12 @@ async fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
             // stays tens of MB over the run.
             tokio::time::sleep(Duration::from_millis(50)).await;
             for i in first..first + 8 {
-                for echo in [false, true] {
+                // The write's fate: acknowledged, or unknown (an error).
+                let mut written = false;
+                for kind in [Kind::Set, Kind::Get, Kind::Echo] {
+                    if kind == Kind::Get && !read {
+                        continue;
+                    }
                     // A reply may take a command timeout (paused upstream)
                     // or more (queued behind a dripping connection).
                     let reply = tokio::time::timeout(Duration::from_secs(30), async {
@@ -88,26 +111,41 @@ async fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, stats: Arc<S
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let want = if echo {
-                        let p = format!("e{id}-{i}");
-                        format!("${}\r\n{p}\r\n", p.len()).into_bytes()
-                    } else {
-                        b"+OK\r\n".to_vec()
+                    let want = match kind {
+                        Kind::Echo => {
+                            let p = format!("e{id}-{i}");
+                            format!("${}\r\n{p}\r\n", p.len()).into_bytes()
+                        }
+                        Kind::Set => b"+OK\r\n".to_vec(),
+                        Kind::Get => {
+                            let v = i.to_string();
+                            format!("${}\r\n{v}\r\n", v.len()).into_bytes()
+                        }
                     };
-                    if reply[..] == want[..] {
+                    // A write whose fate is unknown may not have happened.
+                    let unknown_nil = kind == Kind::Get && !written && &reply[..] == b"$-1\r\n";
+                    if reply[..] == want[..] || unknown_nil {
                         stats.ok.fetch_add(1, Ordering::Relaxed);
-                        if !echo {
+                        if kind == Kind::Set {
+                            written = true;
                             acked.push(i);
                         }
                     } else {
                         stats.misrouted.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("client {id}, request {i}: got {reply:?}");
+                        eprintln!("client {id}, request {i} ({kind:?}): got {reply:?}");
                     }
                 }
             }
         }
     }
     acked
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Set,
+    Get,
+    Echo,
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -134,6 +172,22 @@ async fn chaos_loses_nothing_acknowledged_and_misroutes_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(90);
+    let _alone = serial().write().await;
+    chaos(seconds, false).await;
+}
+
+/// The same with the cache, rate limits and a TTL rule on, and reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_every_policy_on() {
+    let seconds: u64 = std::env::var("CHAOS_POLICY_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let _alone = serial().write().await;
+    chaos(seconds, true).await;
+}
+
+async fn chaos(seconds: u64, policies: bool) {
     let aof = ["--appendonly", "yes", "--appendfsync", "always"];
     let mut redis = vec![RedisServer::start_with(&aof)];
     let port = redis[0].port;
@@ -141,11 +195,38 @@ async fn chaos_loses_nothing_acknowledged_and_misroutes_nothing() {
     let mut cfg = config(&format!("redis://127.0.0.1:{}", hop.port));
     cfg.timeouts.command = Duration::from_secs(2);
     cfg.timeouts.connect = Duration::from_millis(500);
+    if policies {
+        use redis_sidecar::config::{CacheConfig, CacheRule, RuleMode, TtlRule};
+        cfg.cache = CacheConfig {
+            enabled: true,
+            rule: vec![CacheRule {
+                pattern: "chaos:*".into(),
+                name: None,
+                ttl: Duration::from_secs(60),
+                commands: None,
+                stale_if_error: None,
+            }],
+            ..CacheConfig::default()
+        };
+        cfg.rate_limit = vec![
+            toml::from_str("name = \"per-client\"\nper = \"client\"\nrate = \"100000/s\"\n")
+                .unwrap(),
+        ];
+        cfg.ttl = vec![TtlRule {
+            pattern: "chaos:*".into(),
+            name: None,
+            default: Some(Duration::from_secs(3600)),
+            max: None,
+            mode: RuleMode::Enforce,
+            sweep_rate: None,
+            sweep_every: Duration::from_secs(600),
+        }];
+    }
     let s = sidecar_with(cfg, Default::default()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let clients: Vec<_> = (0..100)
-        .map(|id| tokio::spawn(client(s.addr, id, stop.clone(), stats.clone())))
+        .map(|id| tokio::spawn(client(s.addr, id, policies, stop.clone(), stats.clone())))
         .collect();
 
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -220,7 +301,16 @@ async fn chaos_loses_nothing_acknowledged_and_misroutes_nothing() {
         }
     }
     let report = format!(
-        "chaos for {seconds} s ({round} faults): {} commands sent, {} answered as sent, {} errors, {} misrouted; {} writes acknowledged, {missing} missing afterwards; max RSS of the test process (sidecar and clients) {} MiB",
+        "chaos{} for {seconds} s ({round} faults): {} commands sent, {} answered as sent, {} errors, {} misrouted; {} writes acknowledged, {missing} missing afterwards; max RSS of the test process (sidecar and clients) {} MiB",
+        if policies {
+            format!(
+                " with every policy on (cache hits {}, bypassed {})",
+                metric(&s, "cache_requests_total", &[("result", "hit")]),
+                metric(&s, "cache_requests_total", &[("result", "bypass")])
+            )
+        } else {
+            String::new()
+        },
         stats.sent.load(Ordering::Relaxed),
         stats.ok.load(Ordering::Relaxed),
         stats.errors.load(Ordering::Relaxed),
