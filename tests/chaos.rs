@@ -70,11 +70,19 @@ async fn client(
                     "ECHO".to_string(),
                     format!("e{id}-{i}"),
                 ]));
+                if read {
+                    // A hot key nobody writes: hits, and fills after each
+                    // flush.
+                    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                        "GET".to_string(),
+                        format!("chaos:hot:{id}"),
+                    ]));
+                }
             }
             n += 8;
             stats
                 .sent
-                .fetch_add(if read { 24 } else { 16 }, Ordering::Relaxed);
+                .fetch_add(if read { 32 } else { 16 }, Ordering::Relaxed);
             if c.write_all(&batch).await.is_err() {
                 break;
             }
@@ -84,8 +92,8 @@ async fn client(
             for i in first..first + 8 {
                 // The write's fate: acknowledged, or unknown (an error).
                 let mut written = false;
-                for kind in [Kind::Set, Kind::Get, Kind::Echo] {
-                    if kind == Kind::Get && !read {
+                for kind in [Kind::Set, Kind::Get, Kind::Echo, Kind::Hot] {
+                    if matches!(kind, Kind::Get | Kind::Hot) && !read {
                         continue;
                     }
                     // A reply may take a command timeout (paused upstream)
@@ -121,6 +129,10 @@ async fn client(
                             let v = i.to_string();
                             format!("${}\r\n{v}\r\n", v.len()).into_bytes()
                         }
+                        Kind::Hot => {
+                            let v = id.to_string();
+                            format!("${}\r\n{v}\r\n", v.len()).into_bytes()
+                        }
                     };
                     // A write whose fate is unknown may not have happened.
                     let unknown_nil = kind == Kind::Get && !written && &reply[..] == b"$-1\r\n";
@@ -146,6 +158,7 @@ enum Kind {
     Set,
     Get,
     Echo,
+    Hot,
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -223,6 +236,17 @@ async fn chaos(seconds: u64, policies: bool) {
         }];
     }
     let s = sidecar_with(cfg, Default::default()).await;
+    if policies {
+        let mut d = redis[0].direct().await;
+        let mut pipe = redis::pipe();
+        for id in 0..100 {
+            pipe.cmd("SET")
+                .arg(format!("chaos:hot:{id}"))
+                .arg(id)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut d).await.unwrap();
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let clients: Vec<_> = (0..100)
@@ -304,9 +328,11 @@ async fn chaos(seconds: u64, policies: bool) {
         "chaos{} for {seconds} s ({round} faults): {} commands sent, {} answered as sent, {} errors, {} misrouted; {} writes acknowledged, {missing} missing afterwards; max RSS of the test process (sidecar and clients) {} MiB",
         if policies {
             format!(
-                " with every policy on (cache hits {}, bypassed {})",
+                " with every policy on (cache hits {}, misses {}, bypassed {}, flushes {})",
                 metric(&s, "cache_requests_total", &[("result", "hit")]),
-                metric(&s, "cache_requests_total", &[("result", "bypass")])
+                metric(&s, "cache_requests_total", &[("result", "miss")]),
+                metric(&s, "cache_requests_total", &[("result", "bypass")]),
+                metric(&s, "cache_invalidations_total", &[("reason", "flush")])
             )
         } else {
             String::new()
