@@ -11,6 +11,12 @@
 //!   `CLUSTER SHARDS` (Redis 7) or `CLUSTER SLOTS`. A node announced with
 //!   no endpoint (`?`, empty or null) is reached at the host that was
 //!   asked; a hostname is kept for TLS verification.
+//! - [`Redirect`]: MOVED and ASK (also as `ERR MOVED`, as some managed
+//!   services send it).
+//! - [`split_by_slot`] and [`merge`]: MGET, MSET, DEL, UNLINK, EXISTS and
+//!   TOUCH split by slot (same-slot keys stay one command) and their replies
+//!   merged into what the unsplit command returns on one Redis; commands
+//!   that cannot be split get [`CROSSSLOT`].
 
 use redis_protocol::resp2::types::OwnedFrame;
 
@@ -282,5 +288,207 @@ mod tests {
         );
         assert_eq!(map.replicas[0][0].host, "seed.example");
         assert_eq!(map.masters.len(), 2);
+    }
+}
+
+/// A cluster redirection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// The slot moved for good: refresh the map, resend to the owner.
+    Moved { slot: u16, host: String, port: u16 },
+    /// Being migrated: send `ASKING` then the command to the target once,
+    /// without changing the map.
+    Ask { slot: u16, host: String, port: u16 },
+}
+
+impl Redirect {
+    /// From an error reply: `-MOVED 3999 127.0.0.1:6381`, `-ASK ...`, and
+    /// `-ERR MOVED ...` as some managed services send it. A host may be
+    /// empty (`:6381`): the host that was asked.
+    pub fn parse(reply: &[u8], asked: &str) -> Option<Redirect> {
+        let text = std::str::from_utf8(reply.strip_prefix(b"-")?)
+            .ok()?
+            .trim_end();
+        let text = text.strip_prefix("ERR ").unwrap_or(text);
+        let mut parts = text.split(' ');
+        let kind = parts.next()?;
+        let slot: u16 = parts.next()?.parse().ok()?;
+        let (host, port) = parts.next()?.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        if usize::from(slot) >= SLOTS || parts.next().is_some() {
+            return None;
+        }
+        let host = if host.is_empty() { asked } else { host }.to_string();
+        match kind {
+            "MOVED" => Some(Redirect::Moved { slot, host, port }),
+            "ASK" => Some(Redirect::Ask { slot, host, port }),
+            _ => None,
+        }
+    }
+}
+
+/// How a multi-key command is split across slots and its replies merged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// MGET: one array, elements back in the keys' order.
+    Gather,
+    /// DEL, UNLINK, EXISTS, TOUCH: the integers summed.
+    Sum,
+    /// MSET: `+OK` when every part says so, else the first error.
+    AllOk,
+}
+
+/// How `name` (lower case) splits, and the stride of its key list (MSET:
+/// key, value).
+pub fn split_kind(name: &str) -> Option<(Split, usize)> {
+    match name {
+        "mget" => Some((Split::Gather, 1)),
+        "del" | "unlink" | "exists" | "touch" => Some((Split::Sum, 1)),
+        "mset" => Some((Split::AllOk, 2)),
+        _ => None,
+    }
+}
+
+/// One part of a split command: its slot, the arguments (name first) and
+/// the positions of its keys in the original key list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub slot: u16,
+    pub args: Vec<bytes::Bytes>,
+    pub positions: Vec<usize>,
+}
+
+/// Split a command whose keys start at argument 1 with `stride` by slot
+/// (keys of one slot stay one command, in their order); parts in the order
+/// of their first key.
+pub fn split_by_slot(args: &[bytes::Bytes], stride: usize) -> Vec<Part> {
+    let mut parts: Vec<Part> = Vec::new();
+    for (pos, chunk) in args.get(1..).unwrap_or(&[]).chunks(stride).enumerate() {
+        let slot = key_slot(&chunk[0]);
+        let part = match parts.iter_mut().find(|p| p.slot == slot) {
+            Some(p) => p,
+            None => {
+                parts.push(Part {
+                    slot,
+                    args: vec![args[0].clone()],
+                    positions: Vec::new(),
+                });
+                parts.last_mut().expect("just pushed")
+            }
+        };
+        part.args.extend(chunk.iter().cloned());
+        part.positions.push(pos);
+    }
+    parts
+}
+
+/// Merge the parts' replies (RESP2 or RESP3 raw frames, in `parts`
+/// order) into the reply the unsplit command would have had. An error in
+/// any part is the reply.
+pub fn merge(kind: Split, parts: &[Part], replies: &[bytes::Bytes]) -> Option<bytes::Bytes> {
+    use bytes::{BufMut, BytesMut};
+    if let Some(e) = replies
+        .iter()
+        .find(|r| matches!(r.first(), Some(b'-' | b'!')))
+    {
+        return Some(e.clone());
+    }
+    match kind {
+        Split::Sum => {
+            let mut total = 0i64;
+            for r in replies {
+                let t = std::str::from_utf8(r.strip_prefix(b":")?).ok()?;
+                total += t.trim_end().parse::<i64>().ok()?;
+            }
+            Some(bytes::Bytes::from(format!(":{total}\r\n")))
+        }
+        Split::AllOk => Some(bytes::Bytes::from_static(b"+OK\r\n")),
+        Split::Gather => {
+            let n: usize = parts.iter().map(|p| p.positions.len()).sum();
+            let mut slots: Vec<Option<bytes::Bytes>> = vec![None; n];
+            for (part, reply) in parts.iter().zip(replies) {
+                let els = crate::policy::cache::resp::elements(reply)?;
+                if els.len() != part.positions.len() {
+                    return None;
+                }
+                for (pos, el) in part.positions.iter().zip(els) {
+                    *slots.get_mut(*pos)? = Some(el);
+                }
+            }
+            let mut out = BytesMut::new();
+            out.put_slice(format!("*{n}\r\n").as_bytes());
+            for el in slots {
+                out.put_slice(&el?);
+            }
+            Some(out.freeze())
+        }
+    }
+}
+
+/// Redis's own error for keys of several slots where a command cannot be
+/// split.
+pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn redirects_parse() {
+        assert_eq!(
+            Redirect::parse(b"-MOVED 3999 127.0.0.1:6381\r\n", "seed"),
+            Some(Redirect::Moved {
+                slot: 3999,
+                host: "127.0.0.1".into(),
+                port: 6381
+            })
+        );
+        assert_eq!(
+            Redirect::parse(b"-ERR MOVED 1 :7000\r\n", "seed"),
+            Some(Redirect::Moved {
+                slot: 1,
+                host: "seed".into(),
+                port: 7000
+            })
+        );
+        assert!(matches!(
+            Redirect::parse(b"-ASK 5 h:1\r\n", "x"),
+            Some(Redirect::Ask { slot: 5, .. })
+        ));
+        assert_eq!(Redirect::parse(b"-MOVED 99999 h:1\r\n", "x"), None);
+        assert_eq!(Redirect::parse(b"-ERR wrong\r\n", "x"), None);
+    }
+
+    #[test]
+    fn split_and_merge_keep_order() {
+        let args: Vec<Bytes> = ["MGET", "a", "{a}x", "b", "{b}y"]
+            .iter()
+            .map(|s| Bytes::from(s.to_string()))
+            .collect();
+        let parts = split_by_slot(&args, 1);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].positions, vec![0, 1]);
+        let replies = vec![
+            Bytes::from_static(b"*2\r\n$1\r\n1\r\n$-1\r\n"),
+            Bytes::from_static(b"*2\r\n$1\r\n3\r\n$1\r\n4\r\n"),
+        ];
+        assert_eq!(
+            merge(Split::Gather, &parts, &replies),
+            Some(Bytes::from_static(
+                b"*4\r\n$1\r\n1\r\n$-1\r\n$1\r\n3\r\n$1\r\n4\r\n"
+            ))
+        );
+        let sums = vec![Bytes::from_static(b":1\r\n"), Bytes::from_static(b":2\r\n")];
+        assert_eq!(
+            merge(Split::Sum, &parts, &sums),
+            Some(Bytes::from_static(b":3\r\n"))
+        );
+        let mset: Vec<Bytes> = ["MSET", "a", "1", "b", "2"]
+            .iter()
+            .map(|s| Bytes::from(s.to_string()))
+            .collect();
+        let parts = split_by_slot(&mset, 2);
+        assert_eq!(parts[1].args.len(), 3);
     }
 }
