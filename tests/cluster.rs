@@ -142,3 +142,85 @@ async fn split_commands_merge_to_what_a_single_redis_answers() {
         })
     );
 }
+
+/// A SCAN walk across the masters with one encoded cursor visits every key
+/// present for the whole walk (exactly once here, with keys added during
+/// the walk), and a cursor from another topology epoch is refused.
+#[tokio::test]
+async fn scan_cursor_walks_every_master() {
+    use redis_sidecar::upstream::cluster::{CursorError, ScanCursor};
+    let cluster = Cluster::start(3);
+    let seed = cluster.nodes[0].port;
+    let map =
+        SlotMap::from_shards(&frame(seed, &[b"CLUSTER", b"SHARDS"]).await, "127.0.0.1").unwrap();
+    let mut conns = Vec::new();
+    for m in &map.masters {
+        conns.push(Raw::connect(format!("{}:{}", m.host, m.port).parse().unwrap()).await);
+    }
+    let owner_index = |k: &[u8]| {
+        let o = map.owner(key_slot(k)).unwrap();
+        map.masters.iter().position(|m| m.id == o.id).unwrap()
+    };
+    for i in 0..3000 {
+        let k = format!("s:{i}");
+        let c = &mut conns[owner_index(k.as_bytes())];
+        assert_eq!(&c.call(&[b"SET", k.as_bytes(), b"1"]).await[..], b"+OK\r\n");
+    }
+    let epoch = 3u8;
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    let mut cursor = b"0".to_vec();
+    let mut added = 0;
+    let mut steps = 0;
+    loop {
+        let at = ScanCursor::decode(&cursor, epoch, map.masters.len()).unwrap();
+        let (node, inner) = at.map_or((0, 0), |c| (c.node, c.inner));
+        let inner_text = inner.to_string();
+        let reply = conns[usize::from(node)]
+            .call(&[
+                b"SCAN",
+                inner_text.as_bytes(),
+                b"MATCH",
+                b"s:*",
+                b"COUNT",
+                b"100",
+            ])
+            .await;
+        let OwnedFrame::Array(parts) = redis_protocol::resp2::decode::decode(&reply)
+            .unwrap()
+            .unwrap()
+            .0
+        else {
+            panic!("{reply:?}");
+        };
+        let (OwnedFrame::BulkString(next), OwnedFrame::Array(keys)) = (&parts[0], &parts[1]) else {
+            panic!("{reply:?}");
+        };
+        for k in keys {
+            if let OwnedFrame::BulkString(k) = k {
+                *seen
+                    .entry(String::from_utf8_lossy(k).into_owned())
+                    .or_default() += 1;
+            }
+        }
+        // Keys arrive while the walk goes on.
+        let k = format!("s:new:{added}");
+        added += 1;
+        let c = &mut conns[owner_index(k.as_bytes())];
+        c.call(&[b"SET", k.as_bytes(), b"1"]).await;
+        let next: u64 = std::str::from_utf8(next).unwrap().parse().unwrap();
+        steps += 1;
+        match ScanCursor::after(epoch, node, next, map.masters.len()) {
+            Some(c) => cursor = c.encode().unwrap().into_bytes(),
+            None => break,
+        }
+        // A cursor of another epoch is refused.
+        assert_eq!(
+            ScanCursor::decode(&cursor, epoch + 1, map.masters.len()),
+            Err(CursorError::Stale)
+        );
+    }
+    for i in 0..3000 {
+        assert_eq!(seen.get(&format!("s:{i}")), Some(&1), "s:{i}");
+    }
+    assert!(steps > 3, "{steps}");
+}

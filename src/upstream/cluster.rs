@@ -17,6 +17,8 @@
 //!   TOUCH split by slot (same-slot keys stay one command) and their replies
 //!   merged into what the unsplit command returns on one Redis; commands
 //!   that cannot be split get [`CROSSSLOT`].
+//! - [`ScanCursor`]: one numeric SCAN cursor across the masters (topology
+//!   epoch, master, that master's cursor); a stale one is refused.
 
 use redis_protocol::resp2::types::OwnedFrame;
 
@@ -490,5 +492,124 @@ mod split_tests {
             .collect();
         let parts = split_by_slot(&mset, 2);
         assert_eq!(parts[1].args.len(), 3);
+    }
+}
+
+/// A SCAN cursor across the masters of a cluster, as one decimal number
+/// (clients such as redis-py parse cursors as integers): the topology
+/// epoch it was issued under (8 bits), the index of the master being
+/// walked (8 bits) and that master's own cursor (48 bits; Redis's cursors
+/// index hash-table buckets and stay far below that). `0` starts and ends
+/// the walk, as on one Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub epoch: u8,
+    pub node: u8,
+    pub inner: u64,
+}
+
+/// Why a client's cursor cannot continue a walk.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CursorError {
+    #[error("invalid cursor")]
+    Invalid,
+    #[error("the cluster's topology changed since this SCAN started; start again from 0")]
+    Stale,
+    #[error("a node's cursor is too large to encode")]
+    TooLarge,
+}
+
+const INNER_BITS: u32 = 48;
+
+impl ScanCursor {
+    pub fn encode(&self) -> Result<String, CursorError> {
+        if self.inner >> INNER_BITS != 0 {
+            return Err(CursorError::TooLarge);
+        }
+        let v = (u64::from(self.epoch) << 56) | (u64::from(self.node) << INNER_BITS) | self.inner;
+        Ok(v.to_string())
+    }
+
+    /// `None` for `0` (a new walk, from the first master).
+    pub fn decode(
+        text: &[u8],
+        epoch: u8,
+        masters: usize,
+    ) -> Result<Option<ScanCursor>, CursorError> {
+        let v: u64 = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(CursorError::Invalid)?;
+        if v == 0 {
+            return Ok(None);
+        }
+        let c = ScanCursor {
+            epoch: (v >> 56) as u8,
+            node: ((v >> INNER_BITS) & 0xFF) as u8,
+            inner: v & ((1 << INNER_BITS) - 1),
+        };
+        if c.epoch != epoch {
+            return Err(CursorError::Stale);
+        }
+        if usize::from(c.node) >= masters {
+            return Err(CursorError::Invalid);
+        }
+        Ok(Some(c))
+    }
+
+    /// The cursor to hand back after master `node` answered `next`: the
+    /// same master again, the next master from 0, or `0` when the last
+    /// master is done.
+    pub fn after(epoch: u8, node: u8, next: u64, masters: usize) -> Option<ScanCursor> {
+        if next != 0 {
+            return Some(ScanCursor {
+                epoch,
+                node,
+                inner: next,
+            });
+        }
+        let following = usize::from(node) + 1;
+        (following < masters).then_some(ScanCursor {
+            epoch,
+            node: following as u8,
+            inner: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_stale_ones() {
+        let c = ScanCursor {
+            epoch: 7,
+            node: 2,
+            inner: 12345,
+        };
+        let text = c.encode().unwrap_or_default();
+        assert_eq!(ScanCursor::decode(text.as_bytes(), 7, 3), Ok(Some(c)));
+        assert_eq!(
+            ScanCursor::decode(text.as_bytes(), 8, 3),
+            Err(CursorError::Stale)
+        );
+        assert_eq!(
+            ScanCursor::decode(text.as_bytes(), 7, 2),
+            Err(CursorError::Invalid)
+        );
+        assert_eq!(ScanCursor::decode(b"0", 7, 3), Ok(None));
+        assert_eq!(ScanCursor::decode(b"x", 7, 3), Err(CursorError::Invalid));
+        let huge = ScanCursor {
+            epoch: 0,
+            node: 0,
+            inner: 1 << 48,
+        };
+        assert_eq!(huge.encode(), Err(CursorError::TooLarge));
+        // Node 0 at epoch 0 from its start: a non-zero number all the same
+        // once its own cursor moved.
+        assert_eq!(ScanCursor::after(0, 0, 0, 3).map(|c| c.node), Some(1));
+        assert_eq!(ScanCursor::after(0, 2, 0, 3), None);
+        assert_eq!(ScanCursor::after(0, 1, 9, 3).map(|c| c.inner), Some(9));
     }
 }
