@@ -283,11 +283,7 @@ impl Cache {
         if matches!(name, "flushall" | "flushdb" | "swapdb") {
             self.state.store.flush_begins();
             self.state.flush(Reason::Write);
-            ex.on_reply(Arc::new(Invalidate {
-                state: self.state.clone(),
-                keys: None,
-                slots: Vec::new(),
-            }));
+            ex.on_reply(Arc::new(Invalidate::new(&self.state, None, Vec::new())));
             return;
         }
         let keys: Vec<Bytes> = info
@@ -309,11 +305,7 @@ impl Cache {
             .metrics
             .cache_invalidations(Reason::Write.label())
             .inc_by(n as u64);
-        ex.on_reply(Arc::new(Invalidate {
-            state: self.state.clone(),
-            keys: Some(keys),
-            slots,
-        }));
+        ex.on_reply(Arc::new(Invalidate::new(&self.state, Some(keys), slots)));
     }
 
     fn fill(
@@ -424,14 +416,36 @@ struct Invalidate {
     /// The pending-write slots it holds, released when it goes (after the
     /// reply, or with a command that failed or was never sent).
     slots: Vec<usize>,
+    /// The write's reply came (and its invalidation is done).
+    answered: std::sync::atomic::AtomicBool,
+}
+
+impl Invalidate {
+    fn new(state: &Arc<CacheState>, keys: Option<Vec<Bytes>>, slots: Vec<usize>) -> Invalidate {
+        Invalidate {
+            state: state.clone(),
+            keys,
+            slots,
+            answered: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Drop the entries of the write's keys (everything, for a flush).
+    fn invalidate(&self) -> usize {
+        match &self.keys {
+            Some(keys) => keys.iter().map(|k| self.state.store.invalidate(k)).sum(),
+            None => self.state.store.flush(),
+        }
+    }
 }
 
 impl ReplyAction for Invalidate {
     fn on_reply(&self, _index: u32, _reply: &Bytes) {
-        let n = match &self.keys {
-            Some(keys) => keys.iter().map(|k| self.state.store.invalidate(k)).sum(),
-            None => self.state.store.flush(),
-        };
+        // Once: the replies of commands appended to the write come here too.
+        if self.answered.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let n = self.invalidate();
         self.state
             .metrics
             .cache_invalidations(Reason::Write.label())
@@ -441,18 +455,13 @@ impl ReplyAction for Invalidate {
 
 impl Drop for Invalidate {
     fn drop(&mut self) {
-        // Whatever became of the write, fills that overlapped it do not
-        // land (its fate may be unknown).
-        match &self.keys {
-            Some(keys) => {
-                for k in keys {
-                    self.state.store.invalidate(k);
-                }
-            }
-            None => {
-                self.state.store.flush();
-                self.state.store.flush_done();
-            }
+        // No reply: the write's fate is unknown, so fills that overlapped
+        // it do not land either.
+        if !self.answered.load(Ordering::Acquire) {
+            self.invalidate();
+        }
+        if self.keys.is_none() {
+            self.state.store.flush_done();
         }
         for &slot in &self.slots {
             self.state.store.write_done(slot);
