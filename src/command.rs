@@ -246,6 +246,23 @@ pub enum Local {
     ClientUnblock,
 }
 
+impl Local {
+    /// The CLIENT subcommands answered from the sidecar's own client
+    /// registry (not CLIENT SETNAME, which changes state).
+    pub fn about_clients(self) -> bool {
+        matches!(
+            self,
+            Local::ClientId
+                | Local::ClientGetName
+                | Local::ClientList
+                | Local::ClientInfo
+                | Local::ClientSetInfo
+                | Local::ClientKill
+                | Local::ClientUnblock
+        )
+    }
+}
+
 /// Classify a command by its arguments (`args[0]` is the name).
 pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
     let Some(name) = args.first() else {

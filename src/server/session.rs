@@ -673,11 +673,8 @@ impl Session {
         metrics: &Arc<CommandMetrics>,
     ) -> Flow {
         let change = match class {
-            Class::Local(Local::Quit | Local::Reset) => {
+            Class::Local(l @ (Local::Quit | Local::Reset)) => {
                 // Run at once, as on Redis (RESET discards the transaction).
-                let Class::Local(l) = class else {
-                    return Flow::Go;
-                };
                 return self.local(l, ex, metrics).await;
             }
             Class::Local(
@@ -886,15 +883,9 @@ impl Session {
             // In RESP2 Redis refuses these while subscribed (its own error
             // comes back); in RESP3 they are answered, and describe the
             // sidecar's client, never the upstream connection.
-            Class::Local(
-                l @ (Local::ClientId
-                | Local::ClientGetName
-                | Local::ClientList
-                | Local::ClientInfo
-                | Local::ClientKill
-                | Local::ClientUnblock
-                | Local::ClientSetInfo),
-            ) if self.proto == Proto::Resp3 => return self.local(l, ex, metrics).await,
+            Class::Local(l) if l.about_clients() && self.proto == Proto::Resp3 => {
+                return self.local(l, ex, metrics).await;
+            }
             // Mirrored for CLIENT LIST: in RESP3 Redis runs them (in RESP2
             // it refuses them while subscribed).
             Class::Local(Local::Select) if self.proto == Proto::Resp3 => {
