@@ -441,6 +441,13 @@ async fn memory_stays_within_max_memory() {
     s.shutdown().await;
 }
 
+/// Run a write on both endpoints, straight (not through the sidecar).
+async fn set_on_both(both: &mut [redis::aio::MultiplexedConnection; 2], cmd: &redis::Cmd) {
+    for d in both {
+        let _: () = cmd.query_async(d).await.unwrap();
+    }
+}
+
 /// Version numbers in a reply (`$n\r\n<v>\r\n`), `None` for nil.
 fn version(reply: &[u8]) -> Option<u64> {
     std::str::from_utf8(reply)
@@ -522,21 +529,14 @@ async fn staleness_under_writes_failover_and_flushall() {
     let worst = Arc::new(AtomicU64::new(0));
     {
         let (stop, epoch, worst) = (stop.clone(), epoch.clone(), worst.clone());
-        let (mut da, mut db) = (a.direct().await, b.direct().await);
+        let mut both = [a.direct().await, b.direct().await];
         tasks.push(tokio::spawn(async move {
             let mut c = Raw::connect(addr).await;
             let mut v = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 v += 1;
                 let key = format!("c:d{}", v % 5);
-                for d in [&mut da, &mut db] {
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(v)
-                        .query_async(d)
-                        .await
-                        .unwrap();
-                }
+                set_on_both(&mut both, redis::cmd("SET").arg(&key).arg(v)).await;
                 let e0 = epoch.load(Ordering::SeqCst);
                 let acked = Instant::now();
                 loop {
@@ -602,23 +602,18 @@ async fn staleness_under_writes_failover_and_flushall() {
     let ttl_checks = Arc::new(AtomicU64::new(0));
     {
         let (stop, violations, ttl_checks) = (stop.clone(), violations.clone(), ttl_checks.clone());
-        let (mut da, mut db) = (a.direct().await, b.direct().await);
+        let mut both = [a.direct().await, b.direct().await];
         tasks.push(tokio::spawn(async move {
             let mut c = Raw::connect(addr).await;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let key = format!("c:t{}", i % 3);
-                for d in [&mut da, &mut db] {
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(i)
-                        .arg("PX")
-                        .arg(150)
-                        .query_async(d)
-                        .await
-                        .unwrap();
-                }
+                set_on_both(
+                    &mut both,
+                    redis::cmd("SET").arg(&key).arg(i).arg("PX").arg(150),
+                )
+                .await;
                 let set = Instant::now();
                 // Fill and hit while it lives.
                 c.call(&[b"GET", key.as_bytes()]).await;

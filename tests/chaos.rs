@@ -209,7 +209,7 @@ async fn chaos(seconds: u64, policies: bool) {
     cfg.timeouts.command = Duration::from_secs(2);
     cfg.timeouts.connect = Duration::from_millis(500);
     if policies {
-        use redis_sidecar::config::{CacheConfig, CacheRule, RuleMode, TtlRule};
+        use redis_sidecar::config::{CacheConfig, CacheRule};
         cfg.cache = CacheConfig {
             enabled: true,
             rule: vec![CacheRule {
@@ -225,15 +225,7 @@ async fn chaos(seconds: u64, policies: bool) {
             toml::from_str("name = \"per-client\"\nper = \"client\"\nrate = \"100000/s\"\n")
                 .unwrap(),
         ];
-        cfg.ttl = vec![TtlRule {
-            pattern: "chaos:*".into(),
-            name: None,
-            default: Some(Duration::from_secs(3600)),
-            max: None,
-            mode: RuleMode::Enforce,
-            sweep_rate: None,
-            sweep_every: Duration::from_secs(600),
-        }];
+        cfg.ttl = vec![ttl_rule("chaos:*", Some(Duration::from_secs(3600)), None)];
     }
     let s = sidecar_with(cfg, Default::default()).await;
     if policies {

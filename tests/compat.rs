@@ -127,7 +127,6 @@ async fn python_redis_py_resp3_and_resp2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs npm packages: run by scripts/test.sh after it installs them"]
 async fn node_apps_under_ttl_rules() {
-    use redis_sidecar::config::{RuleMode, TtlRule};
     use std::time::Duration;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/node");
     assert!(
@@ -135,15 +134,7 @@ async fn node_apps_under_ttl_rules() {
         "run `npm ci` in compat/node (scripts/test.sh does)"
     );
     let h = Duration::from_secs(3600);
-    let rule = |pattern: &str, default: Option<Duration>, max: Option<Duration>| TtlRule {
-        pattern: pattern.into(),
-        name: None,
-        default,
-        max,
-        mode: RuleMode::Enforce,
-        sweep_rate: None,
-        sweep_every: Duration::from_secs(600),
-    };
+    let rule = ttl_rule;
     for mode in ["exempt", "catchall"] {
         let redis = RedisServer::start();
         let mut cfg = config(&redis.url());
@@ -226,7 +217,7 @@ async fn redis_cli_rdb_through_the_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs npm packages and redis-py: run by scripts/test.sh after it installs them"]
 async fn node_and_python_apps_with_every_policy_on() {
-    use redis_sidecar::config::{CacheConfig, CacheRule, RuleMode, TtlRule};
+    use redis_sidecar::config::{CacheConfig, CacheRule};
     use std::time::Duration;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (node, python) = (root.join("compat/node"), root.join("compat/python"));
@@ -252,24 +243,8 @@ async fn node_and_python_apps_with_every_policy_on() {
         toml::from_str("name = \"generous\"\nper = \"client\"\nrate = \"1000000/s\"\n").unwrap(),
     ];
     cfg.ttl = vec![
-        TtlRule {
-            pattern: "bull:*".into(),
-            name: None,
-            default: None,
-            max: None,
-            mode: RuleMode::Enforce,
-            sweep_rate: None,
-            sweep_every: Duration::from_secs(600),
-        },
-        TtlRule {
-            pattern: "*".into(),
-            name: None,
-            default: Some(Duration::from_secs(3600)),
-            max: None,
-            mode: RuleMode::Enforce,
-            sweep_rate: None,
-            sweep_every: Duration::from_secs(600),
-        },
+        ttl_rule("bull:*", None, None),
+        ttl_rule("*", Some(Duration::from_secs(3600)), None),
     ];
     let s = sidecar_with(cfg, Default::default()).await;
     let url = url(&s);

@@ -657,3 +657,20 @@ impl Cluster {
         Cluster { nodes }
     }
 }
+
+/// An enforcing `[[ttl]]` rule without a sweeper.
+pub fn ttl_rule(
+    pattern: &str,
+    default: Option<Duration>,
+    max: Option<Duration>,
+) -> redis_sidecar::config::TtlRule {
+    redis_sidecar::config::TtlRule {
+        pattern: pattern.into(),
+        name: None,
+        default,
+        max,
+        mode: redis_sidecar::config::RuleMode::Enforce,
+        sweep_rate: None,
+        sweep_every: Duration::from_secs(600),
+    }
+}
