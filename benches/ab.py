@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import cpu_seconds as proc_cpu, free_port, stop, wait_port  # noqa: E402
+from e2e import cpu_seconds as proc_cpu, start_redis, start_sidecar, stop  # noqa: E402
 
 
 def measure(pid, port, clients, pipeline, requests, test):
@@ -75,22 +75,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-ab-")
     procs = []
     try:
-        rport = free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--maxclients", "20000", "--dir", tmp],
-                                      stdout=subprocess.DEVNULL))
-        wait_port(rport)
+        rport = start_redis(tmp, procs)
         sides = {}
         for name, binary in (("A", args.a), ("B", args.b)):
-            port, admin = free_port(), free_port()
-            extra = ["--config", args.b_config] if name == "B" and args.b_config else []
-            p = subprocess.Popen([binary, *extra, "--listen", f"127.0.0.1:{port}", "--admin-listen",
-                                  f"127.0.0.1:{admin}", "--upstream", f"redis://127.0.0.1:{rport}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "RUST_LOG": "warn"})
-            procs.append(p)
-            wait_port(port)
-            sides[name] = (p.pid, port)
+            config = args.b_config if name == "B" else None
+            pid, port, _ = start_sidecar(binary, rport, procs, config)
+            sides[name] = (pid, port)
         scenarios = [tuple(int(x) for x in s.split(":")) for s in args.scenarios.split(",")]
         tests = args.tests.split(",")
         res = {}

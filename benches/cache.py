@@ -29,7 +29,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import cpu_seconds, free_port, stop, wait_port  # noqa: E402
+from e2e import cpu_seconds, free_port, start_redis, start_sidecar, stop, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "redis-sidecar")
@@ -83,10 +83,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-cache-")
     procs = []
     try:
-        rport, hport = free_port(), free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL))
-        wait_port(rport)
+        rport, hport = start_redis(tmp, procs), free_port()
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "benches", "hop.py"), "--listen",
                                        str(hport), "--target", str(rport), "--delay-ms", str(args.delay_ms)]))
         wait_port(hport)
@@ -97,15 +94,7 @@ def main():
         sidecars = {}
         for name, upstream, cached in (("nocache-hop", hport, False), ("cache-hop", hport, True),
                                        ("nocache-0", rport, False), ("cache-0", rport, True)):
-            port, admin = free_port(), free_port()
-            extra = ["--config", conf] if cached else []
-            p = subprocess.Popen([BIN, *extra, "--listen", f"127.0.0.1:{port}", "--admin-listen",
-                                  f"127.0.0.1:{admin}", "--upstream", f"redis://127.0.0.1:{upstream}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "RUST_LOG": "warn"})
-            procs.append(p)
-            wait_port(port)
-            sidecars[name] = (p.pid, port, admin)
+            sidecars[name] = start_sidecar(BIN, upstream, procs, conf if cached else None)
         subprocess.run(["redis-cli", "-p", str(rport), "SET", "key:__rand_int__", "x"], check=True,
                        capture_output=True)
         hop_rtt = rtt_ms(hport)

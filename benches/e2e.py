@@ -55,6 +55,30 @@ def wait_port(port, timeout=10):
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def start_redis(tmp, procs):
+    """A redis-server on a free port, added to `procs`; its port."""
+    port = free_port()
+    procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--maxclients", "20000", "--dir", tmp],
+                                  stdout=subprocess.DEVNULL))
+    wait_port(port)
+    return port
+
+
+def start_sidecar(binary, upstream_port, procs, config=None):
+    """A sidecar on free ports in front of 127.0.0.1:`upstream_port` (with
+    `config` when given), added to `procs`: (pid, port, admin port)."""
+    port, admin = free_port(), free_port()
+    extra = ["--config", config] if config else []
+    p = subprocess.Popen([binary, *extra, "--listen", f"127.0.0.1:{port}", "--admin-listen",
+                          f"127.0.0.1:{admin}", "--upstream", f"redis://127.0.0.1:{upstream_port}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(p)
+    wait_port(port)
+    return p.pid, port, admin
+
+
 def cpu_seconds(pid):
     if pid is None:
         return 0.0
@@ -114,26 +138,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-bench-")
     procs = []
     try:
-        rport, sport, aport, tport, tstats = (free_port() for _ in range(5))
-        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--maxclients", "20000", "--dir", tmp],
-                                 stdout=subprocess.DEVNULL)
-        procs.append(redis)
-        wait_port(rport)
-        sidecar = subprocess.Popen([args.sidecar, "--listen", f"127.0.0.1:{sport}", "--admin-listen",
-                                    f"127.0.0.1:{aport}", "--upstream", f"redis://127.0.0.1:{rport}"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(sidecar)
-        baseline = None
-        if args.baseline:
-            bport, baport = free_port(), free_port()
-            baseline = subprocess.Popen([args.baseline, "--listen", f"127.0.0.1:{bport}", "--admin-listen",
-                                         f"127.0.0.1:{baport}", "--upstream", f"redis://127.0.0.1:{rport}"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        env={**os.environ, "RUST_LOG": "warn"})
-            procs.append(baseline)
-            wait_port(bport)
+        tport, tstats = free_port(), free_port()
+        rport = start_redis(tmp, procs)
+        spid, sport, _ = start_sidecar(args.sidecar, rport, procs)
+        baseline = start_sidecar(args.baseline, rport, procs) if args.baseline else None
         conf = os.path.join(tmp, "nutcracker.yml")
         with open(conf, "w") as f:
             f.write(f"bench:\n  listen: 127.0.0.1:{tport}\n  hash: fnv1a_64\n  distribution: ketama\n"
@@ -141,11 +149,10 @@ def main():
         twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats), "-o", os.path.join(tmp, "nc.log")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(twem)
-        wait_port(sport)
         wait_port(tport)
-        targets = [("direct", rport, None), ("sidecar", sport, sidecar.pid), ("twemproxy", tport, twem.pid)]
+        targets = [("direct", rport, None), ("sidecar", sport, spid), ("twemproxy", tport, twem.pid)]
         if baseline:
-            targets.append(("baseline", bport, baseline.pid))
+            targets.append(("baseline", baseline[1], baseline[0]))
 
         results = {}  # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op)
         for rnd in range(args.rounds):
@@ -163,7 +170,7 @@ def main():
                     print(f"round {rnd + 1} {name:>13} {tname:>9}: "
                           + ", ".join(f"{t} {v[0]:.0f} rps" for t, v in rows.items()), file=sys.stderr, flush=True)
 
-        rss = {"sidecar": idle_rss(sidecar.pid, sport), "twemproxy": idle_rss(twem.pid, tport)}
+        rss = {"sidecar": idle_rss(spid, sport), "twemproxy": idle_rss(twem.pid, tport)}
 
         print(f"\nredis-benchmark -n {args.requests}, {args.rounds} interleaved rounds, medians; "
               "ratios are to direct Redis in the same rounds\n")
