@@ -4,6 +4,8 @@
 # two binaries can be compared without noise (user space only; the kernel's
 # share, most of the CPU time, is not counted).
 #   benches/callgrind.sh BINARY [BINARY...]
+# CALLGRIND_CONFIG=FILE runs each with that configuration file (a policy's
+# cost: the same binary with and without it).
 # Workload: redis-benchmark -c 10, 20,000 GET+SET at -P 1, 40,000 at -P 16.
 set -euo pipefail
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
@@ -12,7 +14,7 @@ for bin in "$@"; do
   redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
   rpid=$!
   sleep 0.3
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --listen "127.0.0.1:$sp" \
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" ${CALLGRIND_CONFIG:+--config "$CALLGRIND_CONFIG"} --listen "127.0.0.1:$sp" \
     --admin-listen "" --upstream "redis://127.0.0.1:$rp" >/dev/null 2>&1 &
   vpid=$!
   for _ in $(seq 100); do redis-cli -p "$sp" ping >/dev/null 2>&1 && break; sleep 0.2; done
