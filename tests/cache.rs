@@ -407,6 +407,21 @@ async fn bypass() {
     assert_eq!(&c.call(&[b"GET", b"c:b"]).await[..], b"$-1\r\n");
     assert_eq!(requests(&s, "bypass"), 2.0);
     assert_eq!(requests(&s, "miss") + requests(&s, "hit"), 0.0);
+    // A client that authenticates to Redis itself (AUTH forwarded): its
+    // reads run as that user there, never from the cache.
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "reader", "on", ">pw", "~*", "+@all"])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let mut u = Raw::connect(s.addr).await;
+    assert_eq!(&u.call(&[b"AUTH", b"reader", b"pw"]).await[..], b"+OK\r\n");
+    for _ in 0..2 {
+        assert_eq!(&u.call(&[b"GET", b"c:b"]).await[..], b"$-1\r\n");
+    }
+    assert_eq!(requests(&s, "bypass"), 4.0);
+    assert_eq!(requests(&s, "miss") + requests(&s, "hit"), 0.0);
     s.shutdown().await;
 }
 
@@ -684,8 +699,8 @@ async fn staleness_under_writes_failover_and_flushall() {
 }
 
 /// Entries are per user: a value one user's read filled is not served to
-/// another (sidecar users, `[client_auth]`); a client that authenticated
-/// to Redis itself is not cached at all.
+/// another (sidecar users, `[client_auth]`; a client that authenticated to
+/// Redis itself is not cached at all, see `bypass`).
 #[tokio::test]
 async fn entries_are_per_user() {
     let _shared = serial().read().await;
