@@ -244,6 +244,33 @@ impl Admin {
     }
 }
 
+/// A cluster endpoint's slot map: masters with their slot ranges and
+/// replicas, the map's epoch and age.
+fn cluster_json(t: &crate::upstream::cluster::Topology) -> serde_json::Value {
+    use crate::upstream::cluster::SlotMap;
+    let map = t.map();
+    let masters: Vec<serde_json::Value> = map
+        .ranges()
+        .into_iter()
+        .map(|(i, ranges)| {
+            let m = &map.masters[i];
+            serde_json::json!({
+                "address": SlotMap::addr(m),
+                "id": m.id,
+                "slots": ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
+                "slot_count": ranges.iter().map(|(a, b)| usize::from(b - a) + 1).sum::<usize>(),
+                "replicas": map.replicas[i].iter().map(SlotMap::addr).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "epoch": t.epoch(),
+        "complete": map.complete(),
+        "map_age_s": t.refreshed().map(|r| r.elapsed().as_secs_f64()),
+        "masters": masters,
+    })
+}
+
 /// `GET /upstreams`: URLs are redacted (their `Display`), errors carry
 /// host and port only.
 fn upstreams_json(pool: &Pool) -> String {
@@ -265,6 +292,7 @@ fn upstreams_json(pool: &Pool) -> String {
                 "address": h.address,
                 "last_error": h.last_error,
                 "up_for_s": h.up_since.map(|t| t.elapsed().as_secs_f64()),
+                "cluster": e.cluster.as_ref().map(|t| cluster_json(t)),
             })
         })
         .collect();

@@ -868,10 +868,14 @@ fn validate_upstream(
             "upstream[{i}].url: {url} is this sidecar's own listen address"
         ));
     }
-    let is_tls = matches!(&target, Some(Target::Direct(u)) if u.tls);
+    let is_tls = match &target {
+        Some(Target::Direct(u)) => u.tls,
+        Some(Target::Cluster(c)) => c.tls,
+        _ => false,
+    };
     if !is_tls && (u.tls_ca_file.is_some() || u.tls_server_name.is_some()) {
         errors.push(format!(
-            "upstream[{i}]: tls_ca_file and tls_server_name need a rediss:// URL"
+            "upstream[{i}]: tls_ca_file and tls_server_name need a rediss:// or rediss-cluster:// URL"
         ));
     }
     let tls = if is_tls {
@@ -1085,7 +1089,10 @@ mod tests {
         .unwrap();
         let e = two.validate().unwrap_err().to_string();
         assert!(e.contains("may only contain"), "{e}");
-        assert!(e.contains("need a rediss:// URL"), "{e}");
+        assert!(
+            e.contains("need a rediss:// or rediss-cluster:// URL"),
+            "{e}"
+        );
         assert!(e.contains("used twice"), "{e}");
         assert!(e.contains("/does/not/exist.pem"), "{e}");
         let e = Config::from_toml("bogus = 1\n", &env).unwrap_err();

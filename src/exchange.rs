@@ -76,6 +76,36 @@ struct More {
     exec: Option<Vec<TxItem>>,
     /// The session wants a copy of the client's reply.
     tee: Option<oneshot::Sender<Reply>>,
+    /// One part of a split or fanned-out command.
+    part: Option<PartOf>,
+}
+
+/// Where the replies of the parts of a command split across cluster nodes
+/// go (see [`ReplyPlan::part`]).
+pub trait PartSink: Send + Sync {
+    /// Part `index` got its reply, or failed.
+    fn part(&self, index: usize, reply: Reply);
+}
+
+/// A part's place in its sink; a part dropped unanswered reports the
+/// connection lost, so the whole never waits forever.
+struct PartOf {
+    sink: Option<Arc<dyn PartSink>>,
+    index: usize,
+}
+
+impl PartOf {
+    fn complete(&mut self, reply: Reply) {
+        if let Some(s) = self.sink.take() {
+            s.part(self.index, reply);
+        }
+    }
+}
+
+impl Drop for PartOf {
+    fn drop(&mut self) {
+        self.complete(Err(crate::upstream::UpstreamError::ConnectionLost));
+    }
 }
 
 impl std::fmt::Debug for Exchange {
@@ -259,6 +289,21 @@ impl ReplyPlan {
         }
     }
 
+    /// The plan of part `index` of a split command: its reply goes to
+    /// `sink`, not to a client entry.
+    pub fn part(sink: Arc<dyn PartSink>, index: usize) -> ReplyPlan {
+        ReplyPlan {
+            count: 1,
+            more: Some(Box::new(More {
+                part: Some(PartOf {
+                    sink: Some(sink),
+                    index,
+                }),
+                ..More::default()
+            })),
+        }
+    }
+
     /// Upstream replies that belong to the exchange.
     pub fn count(&self) -> u32 {
         self.count
@@ -285,13 +330,21 @@ impl ReplyPlan {
         if let Some(t) = m.tee.take() {
             let _ = t.send(Ok(reply.clone()));
         }
+        if let Some(mut p) = m.part.take() {
+            p.complete(Ok(reply.clone()));
+        }
         reply
     }
 
     /// The exchange failed (never sent, or lost in flight).
     pub fn fail(&mut self, err: &crate::upstream::UpstreamError) {
-        if let Some(t) = self.more.as_mut().and_then(|m| m.tee.take()) {
-            let _ = t.send(Err(err.clone()));
+        if let Some(m) = self.more.as_mut() {
+            if let Some(t) = m.tee.take() {
+                let _ = t.send(Err(err.clone()));
+            }
+            if let Some(mut p) = m.part.take() {
+                p.complete(Err(err.clone()));
+            }
         }
     }
 }

@@ -139,6 +139,7 @@ impl Sidecar {
             metrics.clone(),
             tasks.clone(),
         );
+        pool.set_advertised(addr);
         let builder = builder.with_env(policy::Env {
             pool: pool.clone(),
             tasks: tasks.clone(),

@@ -53,6 +53,10 @@ struct Inner {
     cache_entries: IntGauge,
     cache_evictions: IntCounter,
     cache_joins: IntCounter,
+    cluster_redirects: IntCounterVec,
+    cluster_refreshes: IntCounterVec,
+    cluster_map_age: IntGaugeVec,
+    cluster_nodes: IntGaugeVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -275,8 +279,44 @@ impl Metrics {
             "Cache misses that waited for another client's fill of the same entry",
         )
         .expect("static metric");
+        let cluster_redirects = IntCounterVec::new(
+            Opts::new(
+                "cluster_redirects_total",
+                "Cluster redirections followed, by kind (moved|ask|retry|exhausted)",
+            ),
+            &["upstream", "kind"],
+        )
+        .expect("static metric");
+        let cluster_refreshes = IntCounterVec::new(
+            Opts::new(
+                "cluster_slot_map_refreshes_total",
+                "Slot map reads from the cluster, by result (changed|same|error)",
+            ),
+            &["upstream", "result"],
+        )
+        .expect("static metric");
+        let cluster_map_age = IntGaugeVec::new(
+            Opts::new(
+                "cluster_slot_map_age_seconds",
+                "Seconds since the slot map was last read from the cluster (set on each check)",
+            ),
+            &["upstream"],
+        )
+        .expect("static metric");
+        let cluster_nodes = IntGaugeVec::new(
+            Opts::new(
+                "cluster_nodes",
+                "Cluster nodes in the slot map, by role (master|replica)",
+            ),
+            &["upstream", "role"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cluster_redirects.clone()),
+            Box::new(cluster_refreshes.clone()),
+            Box::new(cluster_map_age.clone()),
+            Box::new(cluster_nodes.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_invalidations.clone()),
             Box::new(cache_bytes.clone()),
@@ -337,6 +377,10 @@ impl Metrics {
             cache_entries,
             cache_evictions,
             cache_joins,
+            cluster_redirects,
+            cluster_refreshes,
+            cluster_map_age,
+            cluster_nodes,
             by_command: Mutex::new(HashMap::new()),
         }))
     }
@@ -486,6 +530,43 @@ impl Metrics {
         let _ = self.0.upstream_up.remove_label_values(&[upstream]);
         let _ = self.0.upstream_active.remove_label_values(&[upstream]);
         let _ = self.0.check_duration.remove_label_values(&[upstream]);
+    }
+
+    pub fn cluster_redirect(&self, upstream: &str, kind: &str) {
+        self.0
+            .cluster_redirects
+            .with_label_values(&[upstream, kind])
+            .inc();
+    }
+
+    /// A slot map read; `map` is what was read (`None`: the read failed).
+    pub fn cluster_refresh(
+        &self,
+        upstream: &str,
+        result: &str,
+        map: Option<&crate::upstream::cluster::SlotMap>,
+    ) {
+        self.0
+            .cluster_refreshes
+            .with_label_values(&[upstream, result])
+            .inc();
+        if let Some(m) = map {
+            self.0
+                .cluster_nodes
+                .with_label_values(&[upstream, "master"])
+                .set(m.masters.len() as i64);
+            self.0
+                .cluster_nodes
+                .with_label_values(&[upstream, "replica"])
+                .set(m.replicas.iter().map(Vec::len).sum::<usize>() as i64);
+        }
+    }
+
+    pub fn cluster_map_age(&self, upstream: &str, age: std::time::Duration) {
+        self.0
+            .cluster_map_age
+            .with_label_values(&[upstream])
+            .set(age.as_secs() as i64);
     }
 
     pub fn protocol_error(&self, kind: &str) {

@@ -275,5 +275,8 @@ async fn bad_tls_settings_are_config_errors() {
     let mut cfg = config("redis://unused");
     cfg.upstream = vec![tls_upstream("redis://h:1".into(), None, Some("x"))];
     let e = cfg.validate().unwrap_err().to_string();
-    assert!(e.contains("need a rediss:// URL"), "{e}");
+    assert!(
+        e.contains("need a rediss:// or rediss-cluster:// URL"),
+        "{e}"
+    );
 }

@@ -602,6 +602,44 @@ pub fn parse_int(s: &[u8]) -> Option<i64> {
     }
 }
 
+/// One command at `at` of a payload the sidecar sends upstream (well
+/// formed: multibulk, or an inline line as a client sent it): its
+/// arguments, sliced from `payload`, and the offset where it ends.
+pub fn command_at(payload: &Bytes, at: usize) -> Option<(Vec<Bytes>, usize)> {
+    let b = payload.get(at..)?;
+    if b.first() != Some(&b'*') {
+        let nl = memchr::memchr(b'\n', b)?;
+        let line = &b[..nl];
+        let args = line
+            .split(|c| c.is_ascii_whitespace())
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                let start = at + (a.as_ptr() as usize - b.as_ptr() as usize);
+                payload.slice(start..start + a.len())
+            })
+            .collect();
+        return Some((args, at + nl + 1));
+    }
+    let nl = find_crlf(payload, at + 1)?;
+    let n = usize::try_from(parse_int(&payload[at + 1..nl])?).ok()?;
+    let mut pos = nl + 2;
+    let mut args = Vec::with_capacity(n);
+    for _ in 0..n {
+        if payload.get(pos) != Some(&b'$') {
+            return None;
+        }
+        let nl = find_crlf(payload, pos + 1)?;
+        let len = usize::try_from(parse_int(&payload[pos + 1..nl])?).ok()?;
+        let start = nl + 2;
+        if payload.len() < start + len + 2 {
+            return None;
+        }
+        args.push(payload.slice(start..start + len));
+        pos = start + len + 2;
+    }
+    Some((args, pos))
+}
+
 /// Split a complete RESP array reply into (header length, element ranges).
 /// Returns `None` when `frame` is not a non-null array or is malformed.
 pub fn split_array(frame: &Bytes) -> Option<Vec<(usize, usize)>> {

@@ -35,7 +35,7 @@ use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
 use crate::protocol::scan::parse_int;
 use crate::protocol::{Proto, Request, RequestScanner, Value};
 use crate::upstream::pool::{Dedicated, SharedSet};
-use crate::upstream::{Auth, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
+use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -1134,6 +1134,7 @@ impl Session {
             },
             client: self.entry.client.clone(),
             enqueued: now,
+            hop: Hop::default(),
         };
         if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
             // The connection is gone and the job was never sent.
@@ -1157,6 +1158,7 @@ impl Session {
             },
             client: self.entry.client.clone(),
             enqueued: Instant::now(),
+            hop: Hop::default(),
         }
     }
 
@@ -1214,6 +1216,7 @@ impl Session {
             kind,
             client: self.entry.client.clone(),
             enqueued: Instant::now(),
+            hop: Hop::default(),
         };
         if tx.send(job).await.is_err() {
             self.entry.client.kill.cancel();
@@ -1542,6 +1545,15 @@ impl Session {
                 if db < 0 || db > i64::from(i32::MAX) {
                     self.reply(Value::error("ERR DB index is out of range"), metrics)
                         .await;
+                    return Flow::Go;
+                }
+                if db != 0 && self.shared.pool.ups.active().endpoint.cluster.is_some() {
+                    // As Redis Cluster: database 0 only.
+                    self.reply(
+                        Value::error("ERR SELECT is not allowed in cluster mode"),
+                        metrics,
+                    )
+                    .await;
                     return Flow::Go;
                 }
                 let upstream = vec![Bytes::from_static(b"SELECT"), Bytes::from(db.to_string())];

@@ -1,8 +1,5 @@
-//! Redis Cluster groundwork: key slots and the slot map.
-//!
-//! Not wired into routing yet (`redis-cluster://` URLs are still refused
-//! at startup): this is the part of a cluster upstream that stands on its
-//! own and is checked against a real cluster (`tests/cluster.rs`).
+//! Redis Cluster: key slots, the slot map and what is learned of the
+//! cluster ([`Topology`]); routing is in [`super::router`].
 //!
 //! - [`key_slot`]: CRC16 (XMODEM) of the key, or of its hash tag (the
 //!   bytes between the first `{` and the first `}` after it, when not
@@ -20,7 +17,12 @@
 //! - [`ScanCursor`]: one numeric SCAN cursor across the masters (topology
 //!   epoch, master, that master's cursor); a stale one is refused.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
+
 use redis_protocol::resp2::types::OwnedFrame;
+use tokio::sync::Notify;
 
 pub const SLOTS: usize = 16384;
 
@@ -124,7 +126,64 @@ impl SlotMap {
         self.owners.iter().all(Option::is_some)
     }
 
-    fn empty() -> SlotMap {
+    /// Where `node` is reached: `host:port`.
+    pub fn addr(node: &Node) -> String {
+        super::url::host_port(&node.host, node.port)
+    }
+
+    /// The index of the master owning `slot` in [`SlotMap::masters`].
+    pub fn owner_index(&self, slot: u16) -> Option<usize> {
+        self.owners
+            .get(usize::from(slot))
+            .copied()
+            .flatten()
+            .map(usize::from)
+    }
+
+    /// Slot ranges per master (for `/upstreams`): `(master, ranges)`.
+    pub fn ranges(&self) -> Vec<(usize, Vec<(u16, u16)>)> {
+        let mut out: Vec<(usize, Vec<(u16, u16)>)> =
+            (0..self.masters.len()).map(|i| (i, Vec::new())).collect();
+        let mut start = 0usize;
+        while start < SLOTS {
+            let owner = self.owners[start];
+            let mut end = start;
+            while end + 1 < SLOTS && self.owners[end + 1] == owner {
+                end += 1;
+            }
+            if let Some(o) = owner
+                && let Some((_, r)) = out.get_mut(usize::from(o))
+            {
+                r.push((start as u16, end as u16));
+            }
+            start = end + 1;
+        }
+        out
+    }
+
+    /// Masters in a stable order (by address), whichever node was asked:
+    /// a SCAN cursor names a master by its index.
+    fn normalized(mut self) -> SlotMap {
+        let mut order: Vec<usize> = (0..self.masters.len()).collect();
+        order.sort_by_key(|&i| (self.masters[i].host.clone(), self.masters[i].port));
+        let mut new_index = vec![0u16; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old] = new as u16;
+        }
+        for o in self.owners.iter_mut().flatten() {
+            *o = new_index[usize::from(*o)];
+        }
+        let masters = order.iter().map(|&i| self.masters[i].clone()).collect();
+        let replicas = order
+            .iter()
+            .map(|&i| std::mem::take(&mut self.replicas[i]))
+            .collect();
+        self.masters = masters;
+        self.replicas = replicas;
+        self
+    }
+
+    pub(crate) fn empty() -> SlotMap {
         SlotMap {
             owners: vec![None; SLOTS],
             masters: Vec::new(),
@@ -612,4 +671,110 @@ mod cursor_tests {
         assert_eq!(ScanCursor::after(0, 2, 0, 3), None);
         assert_eq!(ScanCursor::after(0, 1, 9, 3).map(|c| c.inner), Some(9));
     }
+}
+
+/// What the sidecar knows of one cluster endpoint: the slot map (learned by
+/// the endpoint's health checker, on its interval and, debounced, when a
+/// router asks after a MOVED or a failed connection) and its epoch.
+#[derive(Debug)]
+pub struct Topology {
+    map: RwLock<Arc<SlotMap>>,
+    /// Bumped on every change of the map.
+    epoch: AtomicU64,
+    refreshed: Mutex<Option<Instant>>,
+    /// Ask the checker for a refresh now.
+    pub refresh: Notify,
+    /// `redis_version` by node address, from the connections' handshakes.
+    versions: Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            map: RwLock::new(Arc::new(SlotMap::empty())),
+            epoch: AtomicU64::new(1),
+            refreshed: Mutex::new(None),
+            refresh: Notify::new(),
+            versions: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl Topology {
+    pub fn map(&self) -> Arc<SlotMap> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Install a freshly read map; `true` if it differs from the last.
+    pub fn set(&self, map: SlotMap) -> bool {
+        let map = map.normalized();
+        *self
+            .refreshed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        let mut cur = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if **cur == map {
+            return false;
+        }
+        *cur = Arc::new(map);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// A node's `redis_version`, learned when connecting to it.
+    pub fn set_version(&self, addr: &str, version: &str) {
+        if version.is_empty() {
+            return;
+        }
+        self.versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_string(), version.to_string());
+    }
+
+    pub fn versions(&self) -> std::collections::HashMap<String, String> {
+        self.versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// When the map was last read from the cluster.
+    pub fn refreshed(&self) -> Option<Instant> {
+        *self
+            .refreshed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Read the slot map from a cluster node's replies to `CLUSTER SHARDS`
+/// (preferred) or `CLUSTER SLOTS` (RESP2 bytes).
+pub fn parse_map(shards: &[u8], slots: Option<&[u8]>, asked: &str) -> Option<SlotMap> {
+    let decode = |b: &[u8]| {
+        redis_protocol::resp2::decode::decode(&bytes::Bytes::copy_from_slice(b))
+            .ok()
+            .flatten()
+            .map(|(f, _)| f)
+    };
+    if let Some(m) = decode(shards).and_then(|f| SlotMap::from_shards(&f, asked))
+        && !m.masters.is_empty()
+    {
+        return Some(m);
+    }
+    slots
+        .and_then(decode)
+        .and_then(|f| SlotMap::from_slots(&f, asked))
+}
+
+/// `cluster_state:ok` in a `CLUSTER INFO` reply.
+pub fn state_ok(info: &[u8]) -> bool {
+    memchr::memmem::find(info, b"cluster_state:ok").is_some()
 }

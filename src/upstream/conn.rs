@@ -20,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::{Node, Redirect};
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
-use super::{ClientShared, DEFAULT_DB, Identity, Job, JobKind, Oob, UpstreamError};
+use super::{ClientShared, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
 use crate::exchange::ReplyPlan;
 use crate::metrics::Metrics;
 use crate::protocol::{ReplyScanner, scan};
@@ -72,8 +73,25 @@ pub async fn connect(
     client_name: Option<&Bytes>,
     settings: &ConnSettings,
 ) -> Result<Connected, UpstreamError> {
+    connect_to(endpoint, None, ident, client_name, settings).await
+}
+
+/// [`connect`] to one node of a cluster endpoint (`None`: the endpoint
+/// itself; for a cluster, any node that answers, replicas included, for
+/// the control and health paths).
+pub async fn connect_to(
+    endpoint: &Endpoint,
+    node: Option<&Node>,
+    ident: &Identity,
+    client_name: Option<&Bytes>,
+    settings: &ConnSettings,
+) -> Result<Connected, UpstreamError> {
+    let any_node = node.is_none() && endpoint.cluster.is_some();
     let fut = async {
-        let (mut stream, addr) = endpoint.open(settings.connect_timeout).await?;
+        let (mut stream, addr) = match node {
+            Some(n) => endpoint.open_node(n).await?,
+            None => endpoint.open(settings.connect_timeout).await?,
+        };
         // AUTH goes first, exactly as the client gave it (one argument when
         // it gave no user: Redis answers that form differently), then HELLO
         // for the protocol, then SELECT, CLIENT SETNAME and ROLE.
@@ -138,7 +156,7 @@ pub async fn connect(
             if i == role_at {
                 // A replica is not a writable primary. An error (ROLE not
                 // allowed or not supported) leaves the role unknown.
-                if let Some(role) = role_of(r).filter(|r| r != "master") {
+                if let Some(role) = role_of(r).filter(|r| r != "master" && !any_node) {
                     return Err(UpstreamError::Unavailable(format!(
                         "{addr} is a {role}, not a primary"
                     )));
@@ -222,6 +240,72 @@ struct Pending {
     start_stream: bool,
     /// Marker: from here on the connection's bytes pass unparsed.
     start_raw: bool,
+    /// On a cluster node's connection: the job's bytes, kept to resend it
+    /// after a redirection (`None`: never redirected).
+    resend: Option<Resend>,
+    /// An `ASK` resend: every other reply is `ASKING`'s, dropped.
+    asking: bool,
+    /// Replies read for this job, `ASKING`'s included.
+    raw: u32,
+    /// The command's reply was a redirection: the job goes back to the
+    /// router instead of to the client.
+    bounced: Option<Bounced>,
+}
+
+/// What a redirectable job needs to be sent again.
+struct Resend {
+    payload: Bytes,
+    hop: Hop,
+    blocking: bool,
+    enqueued: Instant,
+}
+
+/// Why a node sent a job back.
+#[derive(Debug)]
+pub enum Bounced {
+    Redirect(Redirect),
+    /// TRYAGAIN or CLUSTERDOWN: resend after a pause.
+    Retry,
+}
+
+/// A job a cluster node did not run, back to its router.
+#[derive(Debug)]
+pub struct Bounce {
+    pub job: Job,
+    pub why: Bounced,
+    /// The node's reply, for the client when the router gives up.
+    pub reply: Bytes,
+}
+
+/// Where a cluster node's connection sends jobs it did not run.
+pub type BounceTx = mpsc::Sender<Bounce>;
+
+/// Whether `reply` says the command did not run on this node and where to
+/// go instead.
+fn bounced(reply: &[u8], asked: &str) -> Option<Bounced> {
+    if reply.first() != Some(&b'-') {
+        return None;
+    }
+    if reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN") {
+        return Some(Bounced::Retry);
+    }
+    Redirect::parse(reply, asked).map(Bounced::Redirect)
+}
+
+/// `ASKING` before every command of `payload` (the flag lasts one command).
+pub fn with_asking(payload: &Bytes) -> Bytes {
+    const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
+    let mut out = BytesMut::with_capacity(payload.len() + 2 * ASKING.len());
+    let mut at = 0;
+    while at < payload.len() {
+        let Some((_, end)) = crate::protocol::scan::command_at(payload, at) else {
+            break;
+        };
+        out.extend_from_slice(ASKING);
+        out.extend_from_slice(&payload[at..end]);
+        at = end;
+    }
+    out.freeze()
 }
 
 impl Pending {
@@ -263,6 +347,7 @@ pub enum End {
 /// are awaited (at most the command timeout) and then `End::Retired` is
 /// returned with the connection still open until here, so Redis never sees
 /// a half-closed socket with replies pending.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     conn: Connected,
     backlog: &mut VecDeque<Job>,
@@ -271,38 +356,55 @@ pub async fn serve(
     oob: Option<&Oob>,
     metrics: &Metrics,
     retire: &CancellationToken,
+    bounce: Option<&BounceTx>,
 ) -> End {
-    let Connected { stream, rbuf, .. } = conn;
+    let Connected {
+        stream, rbuf, addr, ..
+    } = conn;
+    let io = Io {
+        settings,
+        oob,
+        metrics,
+        bounce: bounce.map(|b| (b, addr.as_str())),
+    };
     match stream {
         Stream::Tcp(s) => {
             let (r, mut w) = s.into_split();
-            serve_io(r, &mut w, rbuf, backlog, rx, settings, oob, metrics, retire).await
+            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire).await
         }
         Stream::Tls(s) => {
             let (r, mut w) = tokio::io::split(*s);
-            serve_io(r, &mut w, rbuf, backlog, rx, settings, oob, metrics, retire).await
+            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire).await
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the reader and writer of one connection share.
+struct Io<'a> {
+    settings: &'a ConnSettings,
+    oob: Option<&'a Oob>,
+    metrics: &'a Metrics,
+    /// A cluster node's connection: where jobs it did not run go, and the
+    /// node's address (a redirection may name only a port).
+    bounce: Option<(&'a BounceTx, &'a str)>,
+}
+
 async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: R,
     w: &mut W,
     rbuf: BytesMut,
     backlog: &mut VecDeque<Job>,
     rx: &mut mpsc::Receiver<Job>,
-    settings: &ConnSettings,
-    oob: Option<&Oob>,
-    metrics: &Metrics,
+    io: &Io<'_>,
     retire: &CancellationToken,
 ) -> End {
+    let settings = io.settings;
     let fifo: Fifo = Arc::new(Mutex::new(VecDeque::new()));
     let draining = AtomicBool::new(false);
-    let read = read_loop(r, rbuf, &fifo, settings, oob, metrics, &draining);
+    let read = read_loop(r, rbuf, &fifo, io, &draining);
     tokio::pin!(read);
     let mut end = tokio::select! {
-        e = write_loop(w, backlog, rx, &fifo, settings, retire) => e,
+        e = write_loop(w, backlog, rx, &fifo, settings, retire, io.bounce.is_some()) => e,
         e = &mut read => End::Failed(e.err().unwrap_or(UpstreamError::ConnectionLost)),
     };
     if end == End::Retired {
@@ -333,6 +435,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     fifo: &Fifo,
     settings: &ConnSettings,
     retire: &CancellationToken,
+    redirectable: bool,
 ) -> End {
     let mut wbuf = BytesMut::with_capacity(WRITE_BATCH);
     loop {
@@ -364,7 +467,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         let mut next = Some(job);
         while let Some(job) = next.take() {
-            let payload = enqueue(job, fifo, settings);
+            let payload = enqueue(job, fifo, settings, redirectable);
             if payload.len() >= DIRECT_WRITE {
                 if !wbuf.is_empty() {
                     if let Err(e) = w.write_all(&wbuf).await {
@@ -397,22 +500,42 @@ fn write_error(e: std::io::Error) -> UpstreamError {
 }
 
 /// Record a job in the FIFO (before its bytes are written) and return them.
-fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
+/// On a cluster node's connection (`redirectable`) the bytes are kept to
+/// send the job again after a redirection, and an ASK resend gets its
+/// `ASKING`s.
+fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -> Bytes {
+    let mut payload = job.payload;
     let pending = match job.kind {
         JobKind::Request {
             plan,
             slot,
             blocking,
-        } => Some(Pending {
-            plan: Some(plan),
-            got: 0,
-            keep: None,
-            slot,
-            client: job.client,
-            deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
-            start_stream: false,
-            start_raw: false,
-        }),
+        } => {
+            let asking = redirectable && job.hop.asking;
+            let resend = (redirectable && !job.hop.pinned).then(|| Resend {
+                payload: payload.clone(),
+                hop: job.hop,
+                blocking,
+                enqueued: job.enqueued,
+            });
+            if asking {
+                payload = with_asking(&payload);
+            }
+            Some(Pending {
+                plan: Some(plan),
+                got: 0,
+                keep: None,
+                slot,
+                client: job.client,
+                deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
+                start_stream: false,
+                start_raw: false,
+                resend,
+                asking,
+                raw: 0,
+                bounced: None,
+            })
+        }
         JobKind::StartStream | JobKind::StartRaw => Some(Pending {
             plan: None,
             got: 0,
@@ -422,13 +545,17 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings) -> Bytes {
             deadline: None,
             start_stream: !matches!(job.kind, JobKind::StartRaw),
             start_raw: matches!(job.kind, JobKind::StartRaw),
+            resend: None,
+            asking: false,
+            raw: 0,
+            bounced: None,
         }),
         JobKind::Stream => None,
     };
     if let Some(p) = pending {
         lock(fifo).push_back(p);
     }
-    job.payload
+    payload
 }
 
 /// Read and dispatch replies until the connection fails (`Err`) or, once
@@ -437,11 +564,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut r: R,
     mut rbuf: BytesMut,
     fifo: &Fifo,
-    settings: &ConnSettings,
-    oob: Option<&Oob>,
-    metrics: &Metrics,
+    io: &Io<'_>,
     draining: &AtomicBool,
 ) -> Result<(), UpstreamError> {
+    let (settings, oob, metrics) = (io.settings, io.oob, io.metrics);
     let mut scanner = ReplyScanner::new(settings.max_reply_bulk);
     let mut streaming = false;
     let mut raw = false;
@@ -471,20 +597,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break;
             }
             match scanner.next(&mut rbuf) {
-                Ok(Some(frame)) => {
-                    match dispatch(frame, fifo, &mut streaming, oob, metrics, settings) {
-                        Ok(Some(c)) => {
-                            if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
-                                touched.push(c);
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            result = Err(e);
-                            break;
+                Ok(Some(frame)) => match dispatch(frame, fifo, &mut streaming, io) {
+                    Ok(Some(c)) => {
+                        if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
+                            touched.push(c);
                         }
                     }
-                }
+                    Ok(None) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                },
                 Ok(None) => break,
                 Err(e) => {
                     metrics.protocol_error(e.kind());
@@ -527,10 +651,9 @@ fn dispatch(
     frame: Bytes,
     fifo: &Fifo,
     streaming: &mut bool,
-    oob: Option<&Oob>,
-    metrics: &Metrics,
-    settings: &ConnSettings,
+    io: &Io<'_>,
 ) -> Result<Option<Arc<ClientShared>>, UpstreamError> {
+    let (settings, oob, metrics) = (io.settings, io.oob, io.metrics);
     let mut q = lock(fifo);
     while !*streaming && q.front().is_some_and(|p| p.start_stream) {
         q.pop_front();
@@ -555,13 +678,26 @@ fn dispatch(
         metrics.protocol_error("unsolicited_reply");
         return Err(UpstreamError::Protocol("reply without a request".into()));
     };
+    front.raw += 1;
+    if front.asking && front.raw % 2 == 1 {
+        // ASKING's own reply.
+        return Ok(None);
+    }
     let expected = front.plan.as_ref().map_or(1, ReplyPlan::count);
-    if let Some(p) = &front.plan {
+    if front.got == 0
+        && front.resend.is_some()
+        && let Some((_, asked)) = io.bounce
+    {
+        front.bounced = bounced(&frame, asked);
+    }
+    if front.bounced.is_none()
+        && let Some(p) = &front.plan
+    {
         p.observe(front.got, &frame);
     }
     if front.got == 0 {
         front.keep = Some(frame);
-    } else if crate::protocol::is_error(&frame) {
+    } else if crate::protocol::is_error(&frame) && front.bounced.is_none() {
         tracing::debug!(error = %error_text(&frame), "appended command failed");
     }
     front.got += 1;
@@ -580,6 +716,48 @@ fn dispatch(
     }
     drop(q);
     let mut reply = done.keep.take().unwrap_or_default();
+    if done.bounced.is_some()
+        && let (Some(why), Some(resend), Some((tx, _)), Some(plan)) = (
+            done.bounced.take(),
+            done.resend.take(),
+            io.bounce,
+            done.plan.take(),
+        )
+    {
+        // Not run here: back to the router, which sends it where the
+        // cluster says (the client's entry waits meanwhile).
+        let job = Job {
+            payload: resend.payload,
+            kind: JobKind::Request {
+                plan,
+                slot: done.slot,
+                blocking: resend.blocking,
+            },
+            client: done.client,
+            enqueued: resend.enqueued,
+            hop: resend.hop,
+        };
+        match tx.try_send(Bounce {
+            job,
+            why,
+            reply: reply.clone(),
+        }) {
+            Ok(()) => return Ok(None),
+            Err(e) => {
+                // The router is gone or swamped: the client gets the
+                // node's own answer (nothing ran).
+                let b = e.into_inner();
+                let JobKind::Request { mut plan, slot, .. } = b.job.kind else {
+                    return Ok(None);
+                };
+                let reply = plan.finish(b.reply);
+                return Ok(slot.map(|seq| {
+                    b.job.client.deliver(seq, Ok(reply));
+                    b.job.client
+                }));
+            }
+        }
+    }
     if let Some(p) = done.plan.as_mut() {
         reply = p.finish(reply);
     }

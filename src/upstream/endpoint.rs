@@ -4,7 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::UpstreamError;
-use super::url::{Target, host_port};
+use super::cluster::{Node, Topology};
+use super::url::{ClusterUrl, Target, host_port};
 use crate::config::EndpointSpec;
 use crate::protocol::{ReplyScanner, encode_command};
 
@@ -114,20 +115,25 @@ pub struct Endpoint {
     pub stop: CancellationToken,
     /// Wakes the checker early (a connection to the endpoint failed).
     pub nudge: Notify,
+    /// A cluster endpoint's slot map.
+    pub cluster: Option<Arc<Topology>>,
 }
 
 impl Endpoint {
     pub fn new(spec: EndpointSpec) -> Endpoint {
         let order = match &spec.target {
             Target::Sentinel(s) => s.sentinels.clone(),
-            Target::Direct(_) => Vec::new(),
+            Target::Direct(_) | Target::Cluster(_) => Vec::new(),
         };
+        let cluster =
+            matches!(spec.target, Target::Cluster(_)).then(|| Arc::new(Topology::default()));
         Endpoint {
             spec,
             sentinel_order: Mutex::new(order),
             health: Mutex::new(Health::default()),
             stop: CancellationToken::new(),
             nudge: Notify::new(),
+            cluster,
         }
     }
 
@@ -167,8 +173,51 @@ impl Endpoint {
                 let (h, p) = self.ask_sentinels(&s.master, timeout).await?;
                 (h, p, None)
             }
+            Target::Cluster(c) => return self.open_cluster(c).await,
         };
-        let addr = host_port(&host, port);
+        self.open_at(&host, port, None, tls).await
+    }
+
+    /// A cluster endpoint (control and health paths): the masters of the
+    /// map first, then the seeds of the URL; the first that answers.
+    async fn open_cluster(&self, c: &ClusterUrl) -> Result<(Stream, String), UpstreamError> {
+        let map = self.cluster.as_ref().map(|t| t.map());
+        let nodes: Vec<Node> = map
+            .iter()
+            .flat_map(|m| m.masters.iter().cloned())
+            .chain(c.seeds.iter().map(|(h, p)| Node {
+                id: String::new(),
+                host: h.clone(),
+                port: *p,
+                hostname: None,
+            }))
+            .collect();
+        let mut last = UpstreamError::Unavailable("no cluster node to connect to".into());
+        for n in &nodes {
+            match self.open_node(n).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// One node of a cluster endpoint. TLS verifies the announced hostname
+    /// (or `tls_server_name`) while connecting by address.
+    pub async fn open_node(&self, node: &Node) -> Result<(Stream, String), UpstreamError> {
+        let name = node.hostname.as_deref();
+        self.open_at(&node.host, node.port, name, self.spec.tls.as_ref())
+            .await
+    }
+
+    async fn open_at(
+        &self,
+        host: &str,
+        port: u16,
+        verify_as: Option<&str>,
+        tls: Option<&crate::upstream::tls::TlsSettings>,
+    ) -> Result<(Stream, String), UpstreamError> {
+        let addr = host_port(host, port);
         // `TcpStream::connect` with a host name resolves it now: an
         // endpoint whose address changes is followed on the next connect.
         let tcp = TcpStream::connect(&addr)
@@ -178,7 +227,7 @@ impl Endpoint {
         let stream = match tls {
             None => Stream::Tcp(tcp),
             Some(t) => Stream::Tls(Box::new(
-                t.connect(&host, tcp)
+                t.connect(verify_as.unwrap_or(host), tcp)
                     .await
                     .map_err(|e| UpstreamError::Unavailable(format!("{addr}: {e}")))?,
             )),

@@ -22,6 +22,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cluster::{self, Topology};
 use super::conn::{self, ConnSettings};
 use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
 use super::url::Target;
@@ -80,6 +81,18 @@ pub mod reason {
     pub const MANUAL: &str = "manual";
     pub const RELOAD: &str = "reload";
     pub const SENTINEL: &str = "sentinel_switch_master";
+}
+
+/// Slot map reads a router asks for are this far apart at least.
+const MIN_REFRESH: Duration = Duration::from_millis(100);
+
+/// Resolves when a router asks `e`'s checker to read the slot map now
+/// (never for an endpoint that is not a cluster).
+async fn refresh_asked(e: &Endpoint) {
+    match &e.cluster {
+        Some(t) => t.refresh.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why the endpoints could not start.
@@ -356,6 +369,14 @@ impl Upstreams {
                             continue;
                         }
                     }
+                    // A router saw a MOVED or lost a node: read the slot
+                    // map now, at most every `MIN_REFRESH`.
+                    _ = refresh_asked(&e) => {
+                        let since = at.elapsed();
+                        if since < MIN_REFRESH {
+                            tokio::time::sleep(MIN_REFRESH - since).await;
+                        }
+                    }
                     _ = e.stop.cancelled() => return,
                     _ = self.shutdown.cancelled() => return,
                 }
@@ -402,6 +423,9 @@ impl Upstreams {
         let Some((stream, rbuf)) = conn.as_mut() else {
             return Err(UpstreamError::ConnectionLost);
         };
+        if let Some(topo) = &e.cluster {
+            return self.check_cluster(e, topo, stream, rbuf).await;
+        }
         let cmds = [
             vec![Bytes::from_static(b"PING")],
             vec![Bytes::from_static(b"ROLE")],
@@ -422,6 +446,55 @@ impl Upstreams {
             )));
         }
         Ok(e.lock_health().address.clone().unwrap_or_default())
+    }
+
+    /// A cluster endpoint: read the slot map (`CLUSTER SHARDS`, else
+    /// `CLUSTER SLOTS`) and its state. Up when `cluster_state:ok` and every
+    /// slot has an owner.
+    async fn check_cluster(
+        &self,
+        e: &Endpoint,
+        topo: &Topology,
+        stream: &mut Stream,
+        rbuf: &mut BytesMut,
+    ) -> Result<String, UpstreamError> {
+        let cmd =
+            |a: &'static [u8], b: &'static [u8]| vec![Bytes::from_static(a), Bytes::from_static(b)];
+        let cmds = [
+            cmd(b"CLUSTER", b"INFO"),
+            cmd(b"CLUSTER", b"SHARDS"),
+            cmd(b"CLUSTER", b"SLOTS"),
+        ];
+        let replies = roundtrip(stream, rbuf, &cmds, self.settings.max_reply_bulk).await?;
+        let addr = e.lock_health().address.clone().unwrap_or_default();
+        if crate::protocol::is_error(&replies[0]) {
+            self.metrics.cluster_refresh(e.name(), "error", None);
+            return Err(UpstreamError::Refused(conn::error_text(&replies[0])));
+        }
+        let asked = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        let asked = asked.trim_start_matches('[').trim_end_matches(']');
+        let Some(map) = cluster::parse_map(&replies[1], Some(&replies[2]), asked) else {
+            self.metrics.cluster_refresh(e.name(), "error", None);
+            return Err(UpstreamError::Protocol("unreadable slot map".into()));
+        };
+        let complete = map.complete();
+        let masters = map.masters.len();
+        self.metrics.cluster_refresh(e.name(), "read", Some(&map));
+        if topo.set(map) {
+            tracing::info!(upstream = %e.name(), masters, complete, "cluster slot map changed");
+            self.metrics.cluster_refresh(e.name(), "changed", None);
+        }
+        self.metrics
+            .cluster_map_age(e.name(), std::time::Duration::ZERO);
+        if !cluster::state_ok(&replies[0]) {
+            return Err(UpstreamError::Unavailable("cluster_state is not ok".into()));
+        }
+        if !complete {
+            return Err(UpstreamError::Unavailable(
+                "some slots have no master".into(),
+            ));
+        }
+        Ok(addr)
     }
 
     /// Update `e`'s health with one check result; `true` if its state

@@ -17,6 +17,7 @@ pub mod conn;
 pub mod endpoint;
 pub mod failover;
 pub mod pool;
+pub mod router;
 pub mod tls;
 pub mod url;
 
@@ -190,6 +191,20 @@ pub struct Job {
     pub kind: JobKind,
     pub client: Arc<ClientShared>,
     pub enqueued: Instant,
+    /// Cluster routing state (ignored by a single Redis).
+    pub hop: Hop,
+}
+
+/// A job's way through a cluster ([`router`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hop {
+    /// Redirections and retries so far.
+    pub redirects: u8,
+    /// Send `ASKING` before each command (an ASK redirection).
+    pub asking: bool,
+    /// Never sent again (inside a transaction: a redirection there ends
+    /// the client's transaction instead).
+    pub pinned: bool,
 }
 
 impl Job {

@@ -11,6 +11,7 @@
 //! and the jobs still queued go to the new endpoint.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -19,8 +20,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{self, ConnSettings, Connected, End};
+use super::cluster::{Node, SlotMap};
+use super::conn::{self, Bounce, BounceTx, Bounced, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
+use super::router::{Router, RouterEnd};
 use super::{DEFAULT_DB, Identity, Job, Oob, UpstreamError};
 use crate::command::Table;
 use crate::metrics::Metrics;
@@ -47,6 +50,8 @@ pub struct Pool {
     metrics: Metrics,
     /// Every connection task (shared managers, dedicated connections).
     tasks: TaskTracker,
+    /// The sidecar's own address, for `CLUSTER SLOTS` and friends.
+    advertised: Mutex<SocketAddr>,
 }
 
 /// The shared connections of one identity; a client always uses the same
@@ -98,7 +103,35 @@ impl Pool {
             server_version: Mutex::new(String::new()),
             metrics,
             tasks,
+            advertised: Mutex::new(SocketAddr::from(([127, 0, 0, 1], 6380))),
         })
+    }
+
+    pub fn settings(&self) -> &ConnSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The address clients reach the sidecar at (an unspecified listen
+    /// address is given as loopback: the sidecar runs beside the app).
+    pub fn set_advertised(&self, mut addr: SocketAddr) {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        *self
+            .advertised
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = addr;
+    }
+
+    pub fn advertised(&self) -> SocketAddr {
+        *self
+            .advertised
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current command table.
@@ -194,6 +227,7 @@ impl Pool {
 
     /// Serve `conn` until it ends; it retires when the choice it was made
     /// for is replaced.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         conn: Connected,
@@ -202,6 +236,7 @@ impl Pool {
         backlog: &mut VecDeque<Job>,
         rx: &mut mpsc::Receiver<Job>,
         oob: Option<&Oob>,
+        bounce: Option<&BounceTx>,
     ) -> End {
         let gauge = self
             .metrics
@@ -215,6 +250,7 @@ impl Pool {
             oob,
             &self.metrics,
             &made_for.retired,
+            bounce,
         )
         .await;
         gauge.dec();
@@ -235,6 +271,15 @@ impl Pool {
         let mut backlog: VecDeque<Job> = VecDeque::new();
         let mut backoff = Duration::from_millis(50);
         loop {
+            let active = self.ups.active();
+            if let Some(mut router) = Router::new(self.clone(), ident.clone(), active, None, None) {
+                // A cluster: this "connection" routes to the nodes.
+                first = None;
+                match router.run(&mut rx, &mut backlog).await {
+                    RouterEnd::Closed => return,
+                    RouterEnd::Retired => continue,
+                }
+            }
             let (conn, made_for) = match first.take() {
                 Some(c) => c,
                 None => match self
@@ -247,7 +292,7 @@ impl Pool {
             };
             backoff = Duration::from_millis(50);
             match self
-                .serve(conn, &made_for, "shared", &mut backlog, &mut rx, None)
+                .serve(conn, &made_for, "shared", &mut backlog, &mut rx, None, None)
                 .await
             {
                 End::Closed => return,
@@ -309,6 +354,10 @@ impl Pool {
         name: Option<&Bytes>,
         oob: Oob,
     ) -> Result<Dedicated, UpstreamError> {
+        let active = self.ups.active();
+        if active.endpoint.cluster.is_some() {
+            return Ok(self.dedicated_router(ident, name, oob, active));
+        }
         let (conn, made_for) = self.connect(ident, name).await?;
         let upstream_id = conn.client_id;
         let (tx, mut rx) = mpsc::channel(DEDICATED_QUEUE);
@@ -325,6 +374,7 @@ impl Pool {
                     &mut backlog,
                     &mut rx,
                     Some(&oob),
+                    None,
                 )
                 .await;
             al.store(false, Ordering::Release);
@@ -352,6 +402,189 @@ impl Pool {
             alive,
             upstream_id,
         })
+    }
+
+    /// A pinned client of a cluster endpoint: a router of its own, whose
+    /// node connections are the client's (its transaction, blocking
+    /// commands and subscriptions live there).
+    fn dedicated_router(
+        self: &Arc<Self>,
+        ident: &Identity,
+        name: Option<&Bytes>,
+        oob: Oob,
+        active: Active,
+    ) -> Dedicated {
+        let (tx, mut rx) = mpsc::channel(DEDICATED_QUEUE);
+        let holds_state = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut router = Router::new(
+            self.clone(),
+            ident.clone(),
+            active,
+            Some((oob.clone(), holds_state.clone())),
+            name.cloned(),
+        );
+        let (hs, al) = (holds_state.clone(), alive.clone());
+        self.tasks.spawn(async move {
+            let end = match router.as_mut() {
+                Some(r) => r.run(&mut rx, &mut VecDeque::new()).await,
+                None => RouterEnd::Retired,
+            };
+            drop(router);
+            al.store(false, Ordering::Release);
+            rx.close();
+            let unsent = UpstreamError::Unavailable(
+                "the upstream connection closed before the request was sent".into(),
+            );
+            while let Ok(job) = rx.try_recv() {
+                job.fail(unsent.clone());
+            }
+            if end != RouterEnd::Closed && hs.load(Ordering::Acquire) {
+                oob.close();
+            }
+        });
+        Dedicated {
+            tx,
+            holds_state,
+            alive,
+            upstream_id: None,
+        }
+    }
+
+    /// A connection to one node of a cluster for a router: jobs it did not
+    /// run go back on `bounce`. Shared (`pinned` is `None`): reconnects
+    /// with backoff, and jobs that find no connection go back to the router
+    /// to be routed again (they were never sent). A pinned client's: one
+    /// connection; its loss while the client holds state closes the client.
+    pub fn node_connection(
+        self: &Arc<Self>,
+        ident: &Identity,
+        active: &Active,
+        node: Node,
+        bounce: BounceTx,
+        pinned: Option<(Oob, Arc<AtomicBool>)>,
+        name: Option<Bytes>,
+    ) -> mpsc::Sender<Job> {
+        let cap = if pinned.is_some() {
+            DEDICATED_QUEUE
+        } else {
+            SHARED_QUEUE
+        };
+        let (tx, rx) = mpsc::channel(cap);
+        self.tasks.spawn(self.clone().manage_node(
+            ident.clone(),
+            active.clone(),
+            node,
+            rx,
+            bounce,
+            pinned,
+            name,
+        ));
+        tx
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn manage_node(
+        self: Arc<Self>,
+        ident: Identity,
+        active: Active,
+        node: Node,
+        mut rx: mpsc::Receiver<Job>,
+        bounce: BounceTx,
+        pinned: Option<(Oob, Arc<AtomicBool>)>,
+        name: Option<Bytes>,
+    ) {
+        let mut backlog: VecDeque<Job> = VecDeque::new();
+        let mut backoff = Duration::from_millis(50);
+        let addr = SlotMap::addr(&node);
+        let kind = if pinned.is_some() {
+            "dedicated"
+        } else {
+            "shared"
+        };
+        let refresh = || {
+            if let Some(t) = &active.endpoint.cluster {
+                t.refresh.notify_one();
+            }
+        };
+        loop {
+            if active.retired.is_cancelled() {
+                break;
+            }
+            let connected = conn::connect_to(
+                &active.endpoint,
+                Some(&node),
+                &ident,
+                name.as_ref(),
+                &self.settings,
+            )
+            .await;
+            match connected {
+                Ok(c) => {
+                    if let Some(t) = &active.endpoint.cluster {
+                        t.set_version(&addr, &c.server_version);
+                    }
+                    backoff = Duration::from_millis(50);
+                    let oob = pinned.as_ref().map(|(o, _)| o);
+                    let end = self
+                        .serve(c, &active, kind, &mut backlog, &mut rx, oob, Some(&bounce))
+                        .await;
+                    match end {
+                        End::Closed => return,
+                        End::Retired => break,
+                        End::Failed(_) => {
+                            refresh();
+                            if let Some((o, hs)) = &pinned {
+                                if hs.load(Ordering::Acquire) {
+                                    o.close();
+                                }
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(node = %addr, error = %e, "cluster node connect failed");
+                    refresh();
+                    if pinned.is_some() {
+                        fail_all(&mut backlog, &mut rx, &e);
+                        break;
+                    }
+                    // Never sent: back to the router, which routes them
+                    // again after a pause (the map may have moved on).
+                    let reply = e.to_reply();
+                    let give_back = |job: Job| {
+                        if job.hop.pinned {
+                            return job.fail(e.clone());
+                        }
+                        if let Err(err) = bounce.try_send(Bounce {
+                            job,
+                            why: Bounced::Retry,
+                            reply: reply.clone(),
+                        }) {
+                            err.into_inner().job.fail(e.clone());
+                        }
+                    };
+                    backlog.drain(..).for_each(give_back);
+                    let pause = tokio::time::sleep(backoff);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            _ = &mut pause => break,
+                            j = rx.recv() => match j {
+                                Some(j) => give_back(j),
+                                None => return,
+                            },
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        // Retired (the endpoint was switched) or a pinned connection lost:
+        // what is left was never sent.
+        let err = UpstreamError::Unavailable("the cluster node connection closed".into());
+        fail_all(&mut backlog, &mut rx, &err);
     }
 
     /// Learn the command table from the upstream's `COMMAND`. Best effort:
@@ -423,20 +656,49 @@ impl Pool {
         ident: &Identity,
         cmd: &'static [u8],
     ) -> Result<Bytes, UpstreamError> {
-        let mut conn = self.control(ident).await?;
+        let mut conn = self.control_node(ident, None).await?;
         let mut replies = conn.call(&[vec![Bytes::from_static(cmd)]]).await?;
         replies.pop().ok_or(UpstreamError::ConnectionLost)
     }
 
     /// A plain connection to the active endpoint for the control path (the
     /// TTL sweeper, readiness, learning the table).
-    pub async fn control(&self, ident: &Identity) -> Result<ControlConn, UpstreamError> {
+    pub async fn control(self: &Arc<Self>, ident: &Identity) -> Result<ControlConn, UpstreamError> {
         let (conn, made_for) = self.connect(ident, None).await?;
-        Ok(ControlConn::new(
+        let mut c = ControlConn::new(
             conn,
             self.settings.max_reply_bulk,
             self.settings.command_timeout,
             made_for.generation,
+        );
+        if made_for.endpoint.cluster.is_some() {
+            c.cluster = Some(ClusterControl {
+                pool: self.clone(),
+                ident: ident.clone(),
+                active: made_for,
+                nodes: HashMap::new(),
+            });
+        }
+        Ok(c)
+    }
+
+    /// A plain connection to one node of the active cluster endpoint (the
+    /// cache's tracking connection per node); the endpoint itself when
+    /// `node` is `None`.
+    pub async fn control_node(
+        &self,
+        ident: &Identity,
+        node: Option<&Node>,
+    ) -> Result<ControlConn, UpstreamError> {
+        let active = self.ups.active();
+        let conn = conn::connect_to(&active.endpoint, node, ident, None, &self.settings)
+            .await
+            .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
+        Ok(ControlConn::new(
+            conn,
+            self.settings.max_reply_bulk,
+            self.settings.command_timeout,
+            active.generation,
         ))
     }
 
@@ -473,16 +735,39 @@ pub fn supports_expire_options(version: &str) -> Option<bool> {
     Some(major >= 7)
 }
 
-/// A plain upstream connection for the control path: batches of commands,
-/// replies in order, each batch bounded by the command timeout.
+/// A connection for the control path (the TTL sweeper, shared rate
+/// limits, readiness, learning the table): batches of commands, replies in
+/// order, each batch bounded by the command timeout. On a cluster it is
+/// one connection per node, made as needed: each command goes to its
+/// key's master (a MOVED is followed once), SCAN walks the masters with
+/// the same cursors clients get, SCRIPT LOAD/FLUSH go to every master and
+/// SELECT 0 is answered.
 pub struct ControlConn {
-    stream: super::endpoint::Stream,
-    rbuf: bytes::BytesMut,
+    first: (super::endpoint::Stream, bytes::BytesMut),
     max_bulk: usize,
     timeout: Duration,
     /// The active choice's generation it was made for: a switch since
     /// means it talks to the old endpoint.
     pub generation: u64,
+    cluster: Option<ClusterControl>,
+}
+
+/// What a cluster's control connection needs beyond its first connection.
+struct ClusterControl {
+    pool: Arc<Pool>,
+    ident: Identity,
+    active: Active,
+    nodes: HashMap<String, (super::endpoint::Stream, bytes::BytesMut)>,
+}
+
+/// Where one control command goes on a cluster.
+enum ControlRoute {
+    Node(Node),
+    /// The first connection (any node).
+    Any,
+    Every,
+    Scan(u8, u8, usize, Vec<Bytes>),
+    Answer(Bytes),
 }
 
 impl ControlConn {
@@ -492,26 +777,180 @@ impl ControlConn {
         timeout: Duration,
         generation: u64,
     ) -> ControlConn {
-        let (stream, rbuf) = conn.into_parts();
         ControlConn {
-            stream,
-            rbuf,
+            first: conn.into_parts(),
             max_bulk,
             timeout,
             generation,
+            cluster: None,
         }
     }
 
-    /// The connection and what was read past the last reply.
+    /// The connection and what was read past the last reply (on a cluster,
+    /// the node first reached).
     pub fn into_parts(self) -> (super::endpoint::Stream, bytes::BytesMut) {
-        (self.stream, self.rbuf)
+        self.first
     }
 
     pub async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, UpstreamError> {
-        let fut = super::endpoint::roundtrip(&mut self.stream, &mut self.rbuf, cmds, self.max_bulk);
-        tokio::time::timeout(self.timeout, fut)
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.call_inner(cmds))
             .await
             .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    async fn call_inner(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, UpstreamError> {
+        let max_bulk = self.max_bulk;
+        let Some(cl) = self.cluster.as_mut() else {
+            let (stream, rbuf) = &mut self.first;
+            return super::endpoint::roundtrip(stream, rbuf, cmds, max_bulk).await;
+        };
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let reply = match cl.route(cmd) {
+                ControlRoute::Answer(r) => r,
+                ControlRoute::Any => {
+                    let (stream, rbuf) = &mut self.first;
+                    one(stream, rbuf, cmd, max_bulk).await?
+                }
+                ControlRoute::Node(n) => cl.at(&n, cmd, max_bulk, true).await?,
+                ControlRoute::Every => {
+                    let masters = cl.active.endpoint.cluster.as_ref().map(|t| t.map());
+                    let mut replies = Vec::new();
+                    for m in masters.iter().flat_map(|m| m.masters.iter()) {
+                        replies.push(cl.at(m, cmd, max_bulk, false).await?);
+                    }
+                    super::router::merge(&super::router::Merge::First, &replies)
+                        .ok_or(UpstreamError::Protocol("no master answered".into()))?
+                }
+                ControlRoute::Scan(epoch, node, masters, args) => {
+                    let map = cl.active.endpoint.cluster.as_ref().map(|t| t.map());
+                    let target = map
+                        .and_then(|m| m.masters.get(usize::from(node)).cloned())
+                        .ok_or(UpstreamError::Unavailable(
+                            "the cluster has no master".into(),
+                        ))?;
+                    let r = cl.at(&target, &args, max_bulk, false).await?;
+                    let merge = super::router::Merge::Scan {
+                        epoch,
+                        node,
+                        masters,
+                    };
+                    super::router::merge(&merge, &[r])
+                        .ok_or(UpstreamError::Protocol("unexpected SCAN reply".into()))?
+                }
+            };
+            out.push(reply);
+        }
+        Ok(out)
+    }
+}
+
+/// One command, one reply.
+async fn one(
+    stream: &mut super::endpoint::Stream,
+    rbuf: &mut bytes::BytesMut,
+    cmd: &[Bytes],
+    max_bulk: usize,
+) -> Result<Bytes, UpstreamError> {
+    super::endpoint::roundtrip(stream, rbuf, &[cmd.to_vec()], max_bulk)
+        .await?
+        .pop()
+        .ok_or(UpstreamError::ConnectionLost)
+}
+
+impl ClusterControl {
+    fn route(&self, cmd: &[Bytes]) -> ControlRoute {
+        let Some(topo) = self.active.endpoint.cluster.as_ref() else {
+            return ControlRoute::Any;
+        };
+        let map = topo.map();
+        let name = cmd
+            .first()
+            .map(|a| a.to_ascii_lowercase())
+            .unwrap_or_default();
+        let sub = cmd
+            .get(1)
+            .map(|a| a.to_ascii_lowercase())
+            .unwrap_or_default();
+        match (&name[..], &sub[..]) {
+            (b"select", b"0") => return ControlRoute::Answer(Bytes::from_static(b"+OK\r\n")),
+            (b"script", b"load" | b"flush") => return ControlRoute::Every,
+            (b"scan", cursor) => {
+                let masters = map.masters.len();
+                let epoch = topo.epoch() as u8;
+                return match super::cluster::ScanCursor::decode(cursor, epoch, masters) {
+                    Ok(c) => {
+                        let (node, inner) = c.map_or((0, 0), |c| (c.node, c.inner));
+                        let mut args = cmd.to_vec();
+                        args[1] = Bytes::from(inner.to_string());
+                        ControlRoute::Scan(epoch, node, masters, args)
+                    }
+                    Err(e) => ControlRoute::Answer(Bytes::from(format!("-ERR {e}\r\n"))),
+                };
+            }
+            _ => {}
+        }
+        let table = self.pool.table();
+        let slot = table
+            .lookup(cmd)
+            .and_then(|i| i.keys(cmd).first().and_then(|k| cmd.get(k.index)).cloned())
+            .map(|k| super::cluster::key_slot(&k));
+        match slot.and_then(|s| map.owner(s).cloned()) {
+            Some(n) => ControlRoute::Node(n),
+            None => ControlRoute::Any,
+        }
+    }
+
+    /// `cmd` on `node` (connecting if needed); a MOVED is followed once
+    /// when `follow` (the command did not run).
+    async fn at(
+        &mut self,
+        node: &Node,
+        cmd: &[Bytes],
+        max_bulk: usize,
+        follow: bool,
+    ) -> Result<Bytes, UpstreamError> {
+        let mut node = node.clone();
+        for _ in 0..2 {
+            let addr = SlotMap::addr(&node);
+            if !self.nodes.contains_key(&addr) {
+                let c = conn::connect_to(
+                    &self.active.endpoint,
+                    Some(&node),
+                    &self.ident,
+                    None,
+                    self.pool.settings(),
+                )
+                .await?;
+                self.nodes.insert(addr.clone(), c.into_parts());
+            }
+            let Some((stream, rbuf)) = self.nodes.get_mut(&addr) else {
+                return Err(UpstreamError::ConnectionLost);
+            };
+            let r = match one(stream, rbuf, cmd, max_bulk).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.nodes.remove(&addr);
+                    return Err(e);
+                }
+            };
+            match super::cluster::Redirect::parse(&r, &node.host) {
+                Some(super::cluster::Redirect::Moved { host, port, .. }) if follow => {
+                    if let Some(t) = &self.active.endpoint.cluster {
+                        t.refresh.notify_one();
+                    }
+                    node = Node {
+                        id: String::new(),
+                        host,
+                        port,
+                        hostname: None,
+                    };
+                }
+                _ => return Ok(r),
+            }
+        }
+        Err(UpstreamError::Unavailable("redirected twice".into()))
     }
 }
 
@@ -547,6 +986,17 @@ impl Held<'_> {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+    }
+}
+
+/// Fail every job held or queued (never sent).
+fn fail_all(backlog: &mut VecDeque<Job>, rx: &mut mpsc::Receiver<Job>, err: &UpstreamError) {
+    rx.close();
+    for job in backlog
+        .drain(..)
+        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+    {
+        job.fail(err.clone());
     }
 }
 

@@ -1,6 +1,8 @@
 //! Upstream endpoint URLs: `redis://` and `rediss://`
 //! `[user:password@]host:port[/db]`, and
-//! `redis-sentinel://[user:password@]host:port[,host:port]/master[/db]`.
+//! `redis-sentinel://[user:password@]host:port[,host:port]/master[/db]`,
+//! and `redis-cluster://` / `rediss-cluster://`
+//! `[user:password@]host:port[,host:port...]` (seed nodes of a cluster).
 //!
 //! User and password are percent-decoded. The password lives in a
 //! [`Secret`], whose `Debug` and `Display` print `***`; [`UpstreamUrl`]'s
@@ -51,11 +53,23 @@ pub struct SentinelUrl {
     pub db: i64,
 }
 
+/// A parsed `redis-cluster://` or `rediss-cluster://` URL: seed nodes
+/// (any node of the cluster; the slot map is learned from them) and the
+/// credentials every node is reached with. A cluster has database 0 only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterUrl {
+    pub tls: bool,
+    pub seeds: Vec<(String, u16)>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+}
+
 /// What an `[[upstream]]` URL points at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     Direct(UpstreamUrl),
     Sentinel(SentinelUrl),
+    Cluster(ClusterUrl),
 }
 
 fn write_userinfo(
@@ -100,11 +114,29 @@ impl fmt::Display for SentinelUrl {
     }
 }
 
+impl fmt::Display for ClusterUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://",
+            if self.tls {
+                "rediss-cluster"
+            } else {
+                "redis-cluster"
+            }
+        )?;
+        write_userinfo(f, &self.user, &self.password)?;
+        let hosts: Vec<String> = self.seeds.iter().map(|(h, p)| host_port(h, *p)).collect();
+        f.write_str(&hosts.join(","))
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Direct(u) => u.fmt(f),
             Target::Sentinel(s) => s.fmt(f),
+            Target::Cluster(c) => c.fmt(f),
         }
     }
 }
@@ -113,8 +145,12 @@ impl fmt::Display for Target {
 /// URL: the text may hold a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("must start with redis://, rediss:// or redis-sentinel://")]
+    #[error(
+        "must start with redis://, rediss://, redis-sentinel://, redis-cluster:// or rediss-cluster://"
+    )]
     Scheme,
+    #[error("a cluster has database 0 only (no /db in a redis-cluster:// URL)")]
+    ClusterDb,
     #[error("missing master name (redis-sentinel://host:port/master_name)")]
     MissingMaster,
     #[error("missing host")]
@@ -138,6 +174,26 @@ pub enum UrlError {
 impl Target {
     /// Parse any supported URL; the error never contains the password.
     pub fn parse(s: &str) -> Result<Target, UrlError> {
+        let cluster = match s.strip_prefix("redis-cluster://") {
+            Some(r) => Some((false, r)),
+            None => s.strip_prefix("rediss-cluster://").map(|r| (true, r)),
+        };
+        if let Some((tls, rest)) = cluster {
+            let (user, password, hosts, path) = split_url(rest)?;
+            if !path.is_empty() && path != "0" {
+                return Err(UrlError::ClusterDb);
+            }
+            let mut seeds = Vec::new();
+            for h in hosts.split(',') {
+                seeds.push(parse_host_port(h, 6379)?);
+            }
+            return Ok(Target::Cluster(ClusterUrl {
+                tls,
+                seeds,
+                user,
+                password,
+            }));
+        }
         if let Some(rest) = s.strip_prefix("redis-sentinel://") {
             let (user, password, hosts, path) = split_url(rest)?;
             let mut sentinels = Vec::new();
@@ -166,6 +222,7 @@ impl Target {
         match self {
             Target::Direct(u) => u.db,
             Target::Sentinel(s) => s.db,
+            Target::Cluster(_) => 0,
         }
     }
 
@@ -174,6 +231,7 @@ impl Target {
         let (user, password) = match self {
             Target::Direct(u) => (&u.user, &u.password),
             Target::Sentinel(s) => (&s.user, &s.password),
+            Target::Cluster(c) => (&c.user, &c.password),
         };
         password.as_ref().map(|p| (user.as_deref(), p))
     }

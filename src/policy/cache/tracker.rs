@@ -11,11 +11,15 @@
 //! of the connection (what it would have said is lost with it) and a switch
 //! of the active endpoint.
 //!
+//! On a cluster there is one such connection per master, made on first
+//! use: a fill goes to its keys' master, whose tracking connection then
+//! carries that key's invalidations.
+//!
 //! With `invalidation = "ttl"` the connection does not track: fills are
 //! the same without `CLIENT CACHING`, and entries live at most their
 //! rule's ttl (writes through the sidecar still invalidate).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,6 +34,7 @@ use super::resp::elements;
 use super::store::{Reason, Store};
 use crate::metrics::Metrics;
 use crate::protocol::{Proto, ReplyScanner, encode_command};
+use crate::upstream::cluster::{Node, SlotMap};
 use crate::upstream::pool::Pool;
 use crate::upstream::{DEFAULT_DB, Identity, UpstreamError};
 
@@ -114,7 +119,7 @@ impl Tracker {
             keep_stale: keep_stale.clone(),
             down_until: AtomicU64::new(0),
         };
-        tasks.spawn(task.run(rx, shutdown));
+        tasks.spawn(Arc::new(task).run(rx, shutdown, tasks.clone()));
         Tracker {
             tx,
             refused,
@@ -195,13 +200,74 @@ impl Task {
             .inc_by(n as u64);
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+    /// Hand each fill to the connection of its keys' node (one node
+    /// unless the upstream is a cluster).
+    async fn run(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        let mut nodes: HashMap<String, mpsc::Sender<Request>> = HashMap::new();
+        let spawn = |node: Option<Node>| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tasks.spawn(self.clone().serve_node(node, rx, shutdown.clone()));
+            tx
+        };
+        if self.pool.ups.active().endpoint.cluster.is_none() {
+            nodes.insert(String::new(), spawn(None));
+        }
+        loop {
+            let req = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+            };
+            let node =
+                match &self.pool.ups.active().endpoint.cluster {
+                    None => None,
+                    Some(t) => match req.keys.first().and_then(|k| {
+                        t.map()
+                            .owner(crate::upstream::cluster::key_slot(k))
+                            .cloned()
+                    }) {
+                        Some(n) => Some(n),
+                        None => {
+                            let _ = req.reply.send(Err(FillError::Upstream(
+                                UpstreamError::Unavailable("no cluster node owns the key".into()),
+                            )));
+                            continue;
+                        }
+                    },
+                };
+            let key = node.as_ref().map(SlotMap::addr).unwrap_or_default();
+            let tx = nodes.entry(key).or_insert_with(|| spawn(node));
+            if let Err(e) = tx.try_send(req) {
+                let (req, err) = match e {
+                    mpsc::error::TrySendError::Full(r) => (r, FillError::Busy),
+                    mpsc::error::TrySendError::Closed(r) => (r, FillError::Stopped),
+                };
+                let _ = req.reply.send(Err(err));
+            }
+        }
+    }
+
+    /// One node's tracking connection and its fills.
+    async fn serve_node(
+        self: Arc<Self>,
+        node: Option<Node>,
+        mut rx: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+    ) {
         // Connect at once, so that an upstream refusing CLIENT TRACKING is
         // found (and said) at startup; an unreachable one is retried by
         // the first fill.
+        let node = node.as_ref();
         let mut conn: Option<Conn> = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = self.connect() => c.ok(),
+            c = self.connect(node) => c.ok(),
         };
         loop {
             let reading = conn.is_some();
@@ -210,7 +276,7 @@ impl Task {
                 _ = shutdown.cancelled() => return,
                 req = rx.recv(), if room => {
                     let Some(req) = req else { return };
-                    self.send(&mut conn, req).await;
+                    self.send(&mut conn, req, node).await;
                 }
                 r = async {
                     match conn.as_mut() {
@@ -249,7 +315,7 @@ impl Task {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, FillError> {
+    async fn connect(&self, node: Option<&Node>) -> Result<Conn, FillError> {
         if now_ms() < self.down_until.load(Ordering::Relaxed) {
             return Err(FillError::Upstream(UpstreamError::Unavailable(
                 "the last connection attempt failed".into(),
@@ -260,7 +326,7 @@ impl Task {
             db: DEFAULT_DB,
             auth: None,
         };
-        let c = self.pool.control(&ident).await.map_err(|e| {
+        let c = self.pool.control_node(&ident, node).await.map_err(|e| {
             self.down_until
                 .store(now_ms() + DOWN_HOLD.as_millis() as u64, Ordering::Relaxed);
             FillError::Upstream(e)
@@ -301,7 +367,7 @@ impl Task {
         })
     }
 
-    async fn send(&self, conn: &mut Option<Conn>, req: Request) {
+    async fn send(&self, conn: &mut Option<Conn>, req: Request, node: Option<&Node>) {
         let active = self.pool.ups.active();
         if conn
             .as_ref()
@@ -318,7 +384,7 @@ impl Task {
             self.flush(Reason::Switch);
         }
         if conn.is_none() {
-            match self.connect().await {
+            match self.connect(node).await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => {
                     let _ = req.reply.send(Err(e));

@@ -368,7 +368,7 @@ async fn run(
 }
 
 /// A control connection with the script loaded: (connection, its SHA1).
-async fn connect(pool: &Pool) -> Result<(ControlConn, Bytes), UpstreamError> {
+async fn connect(pool: &Arc<Pool>) -> Result<(ControlConn, Bytes), UpstreamError> {
     let ident = Identity {
         proto: Proto::Resp2,
         db: DEFAULT_DB,

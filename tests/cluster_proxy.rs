@@ -1,0 +1,470 @@
+//! The sidecar in front of a real 3-master, 3-replica Redis Cluster: the
+//! app sees one plain Redis. Replies are compared byte for byte with a
+//! single Redis given the same commands (RESP2 and RESP3).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use redis_sidecar::Sidecar;
+use redis_sidecar::policy::Builder;
+use support::*;
+
+async fn cluster_sidecar(cluster: &Cluster) -> Sidecar {
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .take(2)
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let s = sidecar_with(
+        config(&format!("redis-cluster://{}", seeds.join(","))),
+        Builder::default(),
+    )
+    .await;
+    // Up once the slot map is read and the cluster says ok.
+    assert!(
+        eventually(|| async {
+            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
+        })
+        .await,
+        "{}",
+        upstreams(&s).await
+    );
+    s
+}
+
+fn args(line: &str) -> Vec<Vec<u8>> {
+    line.split(' ').map(|a| a.as_bytes().to_vec()).collect()
+}
+
+async fn call(c: &mut Raw, line: &str) -> bytes::Bytes {
+    let a = args(line);
+    let refs: Vec<&[u8]> = a.iter().map(|x| &x[..]).collect();
+    c.call(&refs).await
+}
+
+/// Every command family, and multi-key commands split across slots,
+/// answer exactly what a single Redis answers.
+#[tokio::test]
+async fn commands_answer_what_a_single_redis_answers() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let script = [
+        "PING",
+        "ECHO hello",
+        "SELECT 0",
+        "SET a 1",
+        "SET b 2 PX 100000",
+        "GET a",
+        "INCR counter",
+        "INCRBY counter 41",
+        "GET nope",
+        "MSET k1 v1 k2 v2 k3 v3 {k1}x vx k4 v4",
+        "MGET k1 k2 nope k3 {k1}x k4 k1",
+        "EXISTS k1 k2 nope k1 {k1}x",
+        "TOUCH k1 k4 nope",
+        "DEL k1 nope k4",
+        "MGET k1 k2 k3 k4",
+        "UNLINK k2 k3 {k1}x",
+        "HSET h f1 v1 f2 v2",
+        "HGETALL h",
+        "HINCRBY h n 5",
+        "LPUSH l a b c",
+        "LRANGE l 0 -1",
+        "RPOP l",
+        "SADD s x y",
+        "SISMEMBER s x",
+        "ZADD z 1 one 2.5 two",
+        "ZRANGE z 0 -1 WITHSCORES",
+        "ZSCORE z two",
+        "XADD st 1-1 f v",
+        "XRANGE st - +",
+        "XLEN st",
+        "EVAL return(redis.call('GET',KEYS[1])) 1 a",
+        "EVAL return(ARGV[1]) 0 hi",
+        "SCRIPT LOAD return(1)",
+        "EVALSHA e0e1f9fabfc9d4800c877a703b823ac0578ff8db 0",
+        "SCRIPT EXISTS e0e1f9fabfc9d4800c877a703b823ac0578ff8db 0000000000000000000000000000000000000000",
+        "TYPE h",
+        "EXPIRE a 100",
+        "PERSIST a",
+        "TTL a",
+        "GETDEL a",
+        "SET {t}1 x",
+        "RENAME {t}1 {t}2",
+        "GET {t}2",
+        "DBSIZE",
+        "FLUSHALL",
+        "DBSIZE",
+        "MGET a b",
+        "RANDOMKEY",
+        "KEYS *",
+    ];
+    for proto in ["2", "3"] {
+        let mut direct = Raw::connect(format!("127.0.0.1:{}", single.port).parse().unwrap()).await;
+        let mut via = Raw::connect(s.addr).await;
+        call(&mut direct, "FLUSHALL").await;
+        call(&mut via, "FLUSHALL").await;
+        let hello = format!("HELLO {proto}");
+        call(&mut direct, &hello).await;
+        call(&mut via, &hello).await;
+        for line in script {
+            let want = call(&mut direct, line).await;
+            let got = call(&mut via, line).await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "RESP{proto}: {line}"
+            );
+        }
+        // What a cluster cannot do without changing its meaning is refused
+        // with Redis's own error, before anything runs.
+        call(&mut via, "SET x 1").await;
+        for line in [
+            "RENAME x y",
+            "MSETNX x 1 y 2",
+            "SMOVE x y m",
+            "SUNIONSTORE d x y",
+            "LMOVE x y LEFT RIGHT",
+            "EVAL return(1) 2 x y",
+            "PFCOUNT x y",
+        ] {
+            let got = call(&mut via, line).await;
+            assert_eq!(
+                &got[..],
+                b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+                "{line}"
+            );
+        }
+        assert_eq!(&call(&mut via, "GET x").await[..], b"$1\r\n1\r\n");
+        let e = call(&mut via, "SELECT 1").await;
+        assert_eq!(&e[..], b"-ERR SELECT is not allowed in cluster mode\r\n");
+    }
+    // The writes really went to the owners: every key is where the
+    // cluster says.
+    let mut via = Raw::connect(s.addr).await;
+    for i in 0..200 {
+        call(&mut via, &format!("SET spread:{i} {i}")).await;
+    }
+    let mut total = 0;
+    for n in &cluster.nodes {
+        let mut c = Raw::connect(format!("127.0.0.1:{}", n.port).parse().unwrap()).await;
+        let role = call(&mut c, "ROLE").await;
+        if !role.starts_with(b"*3\r\n$6\r\nmaster") {
+            continue;
+        }
+        let d = call(&mut c, "DBSIZE").await;
+        let n: i64 = std::str::from_utf8(&d[1..d.len() - 2])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n > 20, "{n} keys on one master");
+        total += n;
+    }
+    assert_eq!(total, 201);
+    assert_eq!(&call(&mut via, "DBSIZE").await[..], b":201\r\n");
+}
+
+/// SCAN through the sidecar visits every key exactly once while keys are
+/// added, and KEYS sees them all.
+#[tokio::test]
+async fn scan_visits_every_key_once() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut c = client(&s).await;
+    for chunk in (0..3000).collect::<Vec<_>>().chunks(500) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            p.set(format!("s:{i}"), 1).ignore();
+        }
+        let () = p.query_async(&mut c).await.unwrap();
+    }
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    let mut cursor: u64 = 0;
+    let mut added = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("s:*")
+            .arg("COUNT")
+            .arg(200)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for k in keys {
+            *seen.entry(k).or_default() += 1;
+        }
+        let () = redis::cmd("SET")
+            .arg(format!("s:new:{added}"))
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        added += 1;
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    for i in 0..3000 {
+        assert_eq!(seen.get(&format!("s:{i}")), Some(&1), "s:{i}");
+    }
+    assert!(seen.values().all(|&n| n == 1));
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("s:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3000 + added);
+    // A cursor the sidecar never gave is refused clearly.
+    let e = redis::cmd("SCAN")
+        .arg("12345678901234567890")
+        .query_async::<redis::Value>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("cursor") || e.to_string().contains("SCAN"),
+        "{e}"
+    );
+}
+
+/// MULTI/EXEC and WATCH in one slot, cross-slot refusal inside a
+/// transaction, blocking pops released by another client, pub/sub and
+/// sharded pub/sub across nodes.
+#[tokio::test]
+async fn stateful_clients() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut c = Raw::connect(s.addr).await;
+    // A transaction in one slot.
+    assert_eq!(&call(&mut c, "MULTI").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "SET {u1}a 1").await[..], b"+QUEUED\r\n");
+    assert_eq!(&call(&mut c, "INCR {u1}b").await[..], b"+QUEUED\r\n");
+    assert_eq!(&call(&mut c, "EXEC").await[..], b"*2\r\n+OK\r\n:1\r\n");
+    // Another slot inside it: CROSSSLOT at queue time, EXECABORT.
+    assert_eq!(&call(&mut c, "MULTI").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "SET {u1}a 2").await[..], b"+QUEUED\r\n");
+    assert_eq!(
+        &call(&mut c, "SET {u2}a 2").await[..],
+        b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+    );
+    assert_eq!(
+        &call(&mut c, "EXEC").await[..],
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(&call(&mut c, "GET {u1}a").await[..], b"$1\r\n1\r\n");
+    // WATCH: a write by another client aborts the transaction.
+    let mut other = Raw::connect(s.addr).await;
+    assert_eq!(&call(&mut c, "WATCH {u1}a").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut other, "SET {u1}a 9").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "MULTI").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "SET {u1}a 3").await[..], b"+QUEUED\r\n");
+    assert_eq!(&call(&mut c, "EXEC").await[..], b"*-1\r\n");
+    assert_eq!(&call(&mut c, "GET {u1}a").await[..], b"$1\r\n9\r\n");
+    // Blocking pops on several nodes, released by another client.
+    for key in ["q:1", "q:2", "q:3", "q:4"] {
+        let mut b = Raw::connect(s.addr).await;
+        b.cmd(&[b"BLPOP", key.as_bytes(), b"5"]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            &call(&mut other, &format!("RPUSH {key} job")).await[..],
+            b":1\r\n"
+        );
+        let r = b.read().await;
+        assert_eq!(
+            String::from_utf8_lossy(&r),
+            format!("*2\r\n$3\r\n{key}\r\n$3\r\njob\r\n")
+        );
+    }
+    // Pub/sub: a message published through any node reaches the
+    // subscriber.
+    let mut sub = Raw::connect(s.addr).await;
+    let r = call(&mut sub, "SUBSCRIBE news").await;
+    assert!(r.starts_with(b"*3\r\n$9\r\nsubscribe"), "{r:?}");
+    for n in &cluster.nodes {
+        let mut p = Raw::connect(format!("127.0.0.1:{}", n.port).parse().unwrap()).await;
+        call(&mut p, &format!("PUBLISH news from-{}", n.port)).await;
+        let m = sub.read().await;
+        let want = format!("from-{}", n.port);
+        assert!(String::from_utf8_lossy(&m).contains(&want), "{m:?} {want}");
+    }
+    // Sharded pub/sub: routed by the channel's slot.
+    let mut ssub = Raw::connect(s.addr).await;
+    let r = call(&mut ssub, "SSUBSCRIBE orders").await;
+    assert!(r.starts_with(b"*3\r\n$10\r\nssubscribe"), "{r:?}");
+    assert_eq!(&call(&mut other, "SPUBLISH orders o1").await[..], b":1\r\n");
+    let m = ssub.read().await;
+    assert!(String::from_utf8_lossy(&m).contains("o1"), "{m:?}");
+}
+
+/// Cluster-aware clients probing the sidecar see one node owning every
+/// slot (so they stay in single-node mode); INFO says it is a single node
+/// and where its fields came from.
+#[tokio::test]
+async fn cluster_probes_see_one_node() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut c = Raw::connect(s.addr).await;
+    let port = s.addr.port();
+    let slots = call(&mut c, "CLUSTER SLOTS").await;
+    let text = String::from_utf8_lossy(&slots);
+    assert!(
+        text.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*4\r\n$9\r\n127.0.0.1\r\n")
+            && text.contains(&format!(":{port}\r\n")),
+        "{text}"
+    );
+    let nodes = call(&mut c, "CLUSTER NODES").await;
+    let text = String::from_utf8_lossy(&nodes);
+    assert!(
+        text.contains(&format!(
+            "127.0.0.1:{port}@{port} myself,master - 0 0 1 connected 0-16383"
+        )),
+        "{text}"
+    );
+    let shards = call(&mut c, "CLUSTER SHARDS").await;
+    assert!(String::from_utf8_lossy(&shards).contains("16383"));
+    let info = call(&mut c, "INFO").await;
+    let text = String::from_utf8_lossy(&info);
+    assert!(text.contains("cluster_enabled:0\r\n"), "{text}");
+    assert!(text.contains("maxmemory_policy:"), "{text}");
+    assert!(text.contains("sidecar_info_from_node:127.0.0.1:"), "{text}");
+    // redis-py and the redis crate in cluster mode would follow these; a
+    // plain client simply works.
+    let mut r = client(&s).await;
+    let v: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(v.contains("redis_version:"));
+}
+
+/// The policies work on a cluster: a TTL rule's appended PEXPIRE reaches
+/// the key's node, the sweeper walks every master, the L1 cache tracks
+/// per node (a write straight to a node invalidates), and a shared rate
+/// limit keeps its buckets on their keys' nodes.
+#[tokio::test]
+async fn policies_work_on_a_cluster() {
+    let cluster = Cluster::start(3);
+    let seed = format!("redis-cluster://127.0.0.1:{}", cluster.nodes[0].port);
+    let mut c = config(&seed);
+    let mut rule = ttl_rule("sess:*", Some(Duration::from_secs(600)), None);
+    rule.sweep_rate = std::num::NonZeroU32::new(100_000);
+    rule.sweep_every = Duration::from_millis(200);
+    c.ttl = vec![rule];
+    c.cache =
+        toml::from_str("enabled = true\n[[rule]]\npattern = \"c:*\"\nttl = \"60s\"\n").unwrap();
+    c.rate_limit = vec![
+        toml::from_str(
+            "name = \"rl\"\npattern = \"rl:*\"\nper = \"key\"\nscope = \"shared\"\nrate = \"1/min\"\nburst = 5\n",
+        )
+        .unwrap(),
+    ];
+    let s = sidecar_with(c, Builder::default()).await;
+    assert!(
+        eventually(|| async {
+            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
+        })
+        .await
+    );
+    let mut via = Raw::connect(s.addr).await;
+    // Where each key lives: ask the cluster.
+    let owner = |key: &str| {
+        let key = key.to_string();
+        let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+        async move {
+            for p in ports {
+                let mut n = Raw::connect(format!("127.0.0.1:{p}").parse().unwrap()).await;
+                let r = n.call(&[b"READONLY"]).await;
+                let _ = r;
+                let t = call(&mut n, &format!("PTTL {key}")).await;
+                if !t.starts_with(b"-MOVED")
+                    && n.call(&[b"ROLE"]).await.starts_with(b"*3\r\n$6\r\nmaster")
+                {
+                    return n;
+                }
+            }
+            panic!("no master owns {key}");
+        }
+    };
+    // TTL rule: the PEXPIRE appended to each SET ran on the key's node.
+    for i in 0..30 {
+        assert_eq!(
+            &call(&mut via, &format!("SET sess:{i} v")).await[..],
+            b"+OK\r\n"
+        );
+        let mut n = owner(&format!("sess:{i}")).await;
+        let t = call(&mut n, &format!("PTTL sess:{i}")).await;
+        let ms: i64 = std::str::from_utf8(&t[1..t.len() - 2])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ms > 590_000, "sess:{i}: {ms}");
+    }
+    // The sweeper finds keys written around the sidecar on every master.
+    for i in 0..30 {
+        let mut n = owner(&format!("sess:old:{i}")).await;
+        call(&mut n, &format!("SET sess:old:{i} v")).await;
+    }
+    assert!(
+        eventually(|| async {
+            let mut all = true;
+            for i in 0..30 {
+                let t = call(
+                    &mut Raw::connect(s.addr).await,
+                    &format!("PTTL sess:old:{i}"),
+                )
+                .await;
+                all &= &t[..] != b":-1\r\n";
+            }
+            all
+        })
+        .await,
+        "the sweeper did not reach every master"
+    );
+    // The cache: hits, and a write straight to the key's node invalidates
+    // through that node's tracking connection.
+    for i in 0..12 {
+        let key = format!("c:{i}");
+        call(&mut via, &format!("SET {key} one")).await;
+        assert_eq!(
+            &call(&mut via, &format!("GET {key}")).await[..],
+            b"$3\r\none\r\n"
+        );
+        assert_eq!(
+            &call(&mut via, &format!("GET {key}")).await[..],
+            b"$3\r\none\r\n"
+        );
+        let mut n = owner(&key).await;
+        call(&mut n, &format!("SET {key} two")).await;
+        assert!(
+            eventually(|| async {
+                &call(&mut Raw::connect(s.addr).await, &format!("GET {key}")).await[..]
+                    == b"$3\r\ntwo\r\n"
+            })
+            .await,
+            "{key} stayed stale"
+        );
+    }
+    assert!(metric(&s, "cache_requests_total", &[("result", "hit")]) >= 12.0);
+    // A shared rate limit: buckets of keys on different nodes, each with
+    // its burst of 5.
+    for key in ["rl:a", "rl:b", "rl:c"] {
+        let mut allowed = 0;
+        for _ in 0..10 {
+            let r = call(&mut via, &format!("GET {key}")).await;
+            if !r.starts_with(b"-ERR rate limit exceeded") {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 5, "{key}");
+    }
+    assert_eq!(
+        metric(&s, "ratelimit_shared_calls_total", &[("result", "error")]),
+        0.0
+    );
+}
