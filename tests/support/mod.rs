@@ -586,7 +586,7 @@ pub fn serial() -> &'static tokio::sync::RwLock<()> {
 /// A Redis Cluster of `masters` masters with one replica each, on free
 /// ports (each port's cluster bus, port + 10000, free too), created with
 /// `redis-cli --cluster create` and waited on until every node says
-/// `cluster_state:ok`. Nodes stop when it is dropped.
+/// `cluster_state:ok` and every replica has synced with its master. Nodes stop when it is dropped.
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -606,6 +606,10 @@ impl Cluster {
                     "yes",
                     "--cluster-node-timeout",
                     "2000",
+                    // Replicas sync at once (the default waits 5 s), so a
+                    // master can fail over as soon as the cluster is up.
+                    "--repl-diskless-sync-delay",
+                    "0",
                     "--cluster-config-file",
                     &format!("nodes-{port}.conf"),
                 ],
@@ -645,8 +649,16 @@ impl Cluster {
                     .lines()
                     .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("slave")))
                     .count();
+                let repl = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "INFO", "replication"])
+                    .output()
+                    .unwrap();
+                let repl = String::from_utf8_lossy(&repl.stdout);
+                // A replica has its data (it could take over).
+                let synced = !repl.contains("role:slave") || repl.contains("master_link_status:up");
                 if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
                     && replicas == masters
+                    && synced
                 {
                     break;
                 }
