@@ -282,7 +282,7 @@ impl Metrics {
         let cluster_redirects = IntCounterVec::new(
             Opts::new(
                 "cluster_redirects_total",
-                "Cluster redirections followed, by kind (moved|ask|retry|exhausted)",
+                "Cluster redirections followed, by kind (moved|ask|retry|noscript|exhausted)",
             ),
             &["upstream", "kind"],
         )

@@ -468,3 +468,33 @@ async fn policies_work_on_a_cluster() {
         0.0
     );
 }
+
+/// A script loaded through the sidecar is loaded again on a node that lost
+/// it (a failover, a resharding to a node that never had it): the EVALSHA
+/// that got NOSCRIPT runs once more there, and the client never sees it.
+/// A script the sidecar never saw loaded still gets Redis's NOSCRIPT.
+#[tokio::test]
+async fn evalsha_survives_a_node_without_the_script() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut via = Raw::connect(s.addr).await;
+    let sha = call(&mut via, "SCRIPT LOAD return(redis.call('INCR',KEYS[1]))").await;
+    assert!(sha.starts_with(b"$40\r\n"), "{sha:?}");
+    let sha = String::from_utf8_lossy(&sha[5..45]).into_owned();
+    // Every node forgets its scripts behind the sidecar's back.
+    for n in &cluster.nodes {
+        let mut d = Raw::connect(format!("127.0.0.1:{}", n.port).parse().unwrap()).await;
+        call(&mut d, "SCRIPT FLUSH").await;
+    }
+    for i in 0..20 {
+        let r = call(&mut via, &format!("EVALSHA {sha} 1 n:{i}")).await;
+        assert_eq!(&r[..], b":1\r\n", "n:{i}");
+    }
+    assert!(metric(&s, "cluster_redirects_total", &[("kind", "noscript")]) >= 1.0);
+    let r = call(
+        &mut via,
+        "EVALSHA 0000000000000000000000000000000000000000 1 x",
+    )
+    .await;
+    assert!(r.starts_with(b"-NOSCRIPT"), "{r:?}");
+}

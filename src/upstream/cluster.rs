@@ -686,7 +686,15 @@ pub struct Topology {
     pub refresh: Notify,
     /// `redis_version` by node address, from the connections' handshakes.
     versions: Mutex<std::collections::HashMap<String, String>>,
+    /// Scripts clients loaded through the sidecar (SHA1 → body), to load
+    /// them again on a node that answers an EVALSHA with NOSCRIPT.
+    scripts: Mutex<std::collections::HashMap<Vec<u8>, bytes::Bytes>>,
 }
+
+/// Scripts remembered per cluster endpoint (past this, no new one is).
+const MAX_SCRIPTS: usize = 4096;
+/// Bytes of script bodies remembered per cluster endpoint.
+const MAX_SCRIPT_BYTES: usize = 16 << 20;
 
 impl Default for Topology {
     fn default() -> Self {
@@ -696,6 +704,7 @@ impl Default for Topology {
             refreshed: Mutex::new(None),
             refresh: Notify::new(),
             versions: Mutex::new(std::collections::HashMap::new()),
+            scripts: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -737,6 +746,24 @@ impl Topology {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(addr.to_string(), version.to_string());
+    }
+
+    /// A script loaded through the sidecar: `sha` as Redis answered it.
+    pub fn remember_script(&self, sha: &[u8], body: bytes::Bytes) {
+        let mut m = self.scripts.lock().unwrap_or_else(PoisonError::into_inner);
+        let used: usize = m.values().map(bytes::Bytes::len).sum();
+        if m.len() < MAX_SCRIPTS && used + body.len() <= MAX_SCRIPT_BYTES {
+            m.insert(sha.to_ascii_lowercase(), body);
+        }
+    }
+
+    /// The body of a script loaded through the sidecar.
+    pub fn script(&self, sha: &[u8]) -> Option<bytes::Bytes> {
+        self.scripts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&sha.to_ascii_lowercase())
+            .cloned()
     }
 
     pub fn versions(&self) -> std::collections::HashMap<String, String> {

@@ -266,6 +266,8 @@ pub enum Bounced {
     Redirect(Redirect),
     /// TRYAGAIN or CLUSTERDOWN: resend after a pause.
     Retry,
+    /// An EVALSHA of a script this node does not have.
+    NoScript,
 }
 
 /// A job a cluster node did not run, back to its router.
@@ -288,6 +290,9 @@ fn bounced(reply: &[u8], asked: &str) -> Option<Bounced> {
     }
     if reply.starts_with(b"-TRYAGAIN") || reply.starts_with(b"-CLUSTERDOWN") {
         return Some(Bounced::Retry);
+    }
+    if reply.starts_with(b"-NOSCRIPT") {
+        return Some(Bounced::NoScript);
     }
     Redirect::parse(reply, asked).map(Bounced::Redirect)
 }

@@ -205,6 +205,8 @@ pub struct Hop {
     /// Never sent again (inside a transaction: a redirection there ends
     /// the client's transaction instead).
     pub pinned: bool,
+    /// Sent again once after NOSCRIPT, its script loaded first.
+    pub reloaded: bool,
 }
 
 impl Job {

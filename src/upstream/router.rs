@@ -83,8 +83,10 @@ pub enum Merge {
     Concat(usize),
     /// The first reply that is not null (RANDOMKEY).
     FirstNonNull,
-    /// All the same; the first (SCRIPT LOAD).
+    /// All the same; the first.
     First,
+    /// SCRIPT LOAD: the first reply, and the script remembered under it.
+    ScriptLoad(Bytes, Arc<Topology>),
     /// 0/1 arrays, element-wise AND (SCRIPT EXISTS).
     AndArrays,
     /// One master's SCAN reply, its cursor rewritten.
@@ -193,6 +195,13 @@ pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
         Merge::Sum => cluster::merge(Split::Sum, &[], replies),
         Merge::AllOk => first_error().or(Some(Bytes::from_static(b"+OK\r\n"))),
         Merge::First => first_error().or_else(|| replies.first().cloned()),
+        Merge::ScriptLoad(body, topo) => {
+            let r = first_error().or_else(|| replies.first().cloned())?;
+            if let Some(sha) = bulk_text(&r) {
+                topo.remember_script(sha, body.clone());
+            }
+            Some(r)
+        }
         Merge::FirstNonNull => first_error()
             .or_else(|| replies.iter().find(|r| !is_null(r)).cloned())
             .or_else(|| replies.first().cloned()),
@@ -393,7 +402,7 @@ fn route_of(args: &[Bytes], table: &Table, me: SocketAddr, proto: Proto, key_cap
         b"randomkey" => return Route::Fan(Merge::FirstNonNull),
         b"scan" => return Route::Scan,
         b"script" => match &sub()[..] {
-            b"load" => return Route::Fan(Merge::First),
+            b"load" => return Route::Fan(Merge::First), // body added by the router
             b"flush" => return Route::Fan(Merge::AllOk),
             b"exists" => return Route::Fan(Merge::AndArrays),
             _ => {}
@@ -669,6 +678,12 @@ impl Router {
                 self.send_appended(appended, &client).await;
             }
             Route::Fan(merge) => {
+                let merge = match (merge, args.get(2)) {
+                    (Merge::First, Some(body)) => {
+                        Merge::ScriptLoad(body.clone(), self.topo.clone())
+                    }
+                    (m, _) => m,
+                };
                 let payload = job.payload.slice(..end);
                 let parts = self
                     .map
@@ -1045,6 +1060,37 @@ impl Router {
                 let node = self.node_at(host, port);
                 job.hop.asking = true;
                 self.send(Some(node), job).await;
+            }
+            Bounced::NoScript => {
+                // After a failover or a resharding the node may lack a
+                // script the client loaded through the sidecar: load it
+                // there and run the EVALSHA again, once (it did not run).
+                let body = command_at(&job.payload, 0)
+                    .and_then(|(args, _)| args.get(1).and_then(|sha| self.topo.script(sha)));
+                let Some(body) = body.filter(|_| !job.hop.reloaded) else {
+                    return answer(job, reply);
+                };
+                metrics.cluster_redirect(&name, "noscript");
+                job.hop.reloaded = true;
+                let load = encode_command(&[&b"SCRIPT"[..], b"LOAD", &body]);
+                for m in self.map.masters.clone() {
+                    let j = Job {
+                        payload: load.clone(),
+                        kind: JobKind::Request {
+                            plan: ReplyPlan::single(),
+                            slot: None,
+                            blocking: false,
+                        },
+                        client: job.client.clone(),
+                        enqueued: Instant::now(),
+                        hop: Hop {
+                            pinned: true,
+                            ..Hop::default()
+                        },
+                    };
+                    self.send(Some(m), j).await;
+                }
+                self.route(job).await;
             }
             Bounced::Retry => {
                 metrics.cluster_redirect(&name, "retry");
