@@ -294,3 +294,48 @@ async fn node_and_python_apps_with_every_policy_on() {
         0.0
     );
 }
+
+/// The Node and Python apps through the sidecar in front of a 3-master,
+/// 3-replica Redis Cluster: unchanged, except that BullMQ gets a `{bull}`
+/// hash-tag prefix (its scripts touch several keys of a queue, which a
+/// cluster runs only in one slot) and SELECT is refused as a cluster does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs npm packages and redis-py: run by scripts/test.sh after it installs them"]
+async fn node_and_python_apps_on_a_cluster() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (node, python) = (root.join("compat/node"), root.join("compat/python"));
+    assert!(node.join("node_modules/bullmq").exists() && python.join(".venv/bin/python").exists());
+    let cluster = Cluster::start(3);
+    let s = sidecar_with(
+        config(&format!("redis-cluster://127.0.0.1:{}", cluster.nodes[0].port)),
+        Default::default(),
+    )
+    .await;
+    assert!(
+        eventually(|| async {
+            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
+        })
+        .await
+    );
+    let url = url(&s);
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        run_script(
+            "node",
+            &["compat.mjs"],
+            &node,
+            &[("SIDECAR_URL", &u), ("CLUSTER", "1")],
+        )
+    })
+    .await
+    .unwrap();
+    let py = python
+        .join(".venv/bin/python")
+        .to_string_lossy()
+        .to_string();
+    tokio::task::spawn_blocking(move || {
+        run_script(&py, &["compat.py"], &python, &[("SIDECAR_URL", &url)])
+    })
+    .await
+    .unwrap();
+}

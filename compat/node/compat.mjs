@@ -2,6 +2,8 @@
 // (RESP2 and RESP3), BullMQ (retries, a delayed job, a worker, QueueEvents),
 // express-session with connect-redis 7 (ioredis) and 9 (node-redis).
 // Usage: SIDECAR_URL=redis://127.0.0.1:6380 node compat.mjs
+// (CLUSTER=1 when the sidecar fronts a Redis Cluster: BullMQ then uses the
+// `{bull}` prefix, and SELECT is expected to be refused.)
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { createClient } from "redis";
@@ -111,14 +113,25 @@ for (const protocol of [2, 3]) {
   });
 }
 
-await check("ioredis: SELECT via URL db, CLIENT SETNAME", async () => {
-  const r2 = ioredis({ db: 2, connectionName: "compat-node" });
-  await r2.set("n:db", "two");
-  const r0 = ioredis();
-  assert.equal(await r0.get("n:db"), null);
-  assert.equal(await r2.get("n:db"), "two");
-  assert.equal(await r2.client("GETNAME"), "compat-node");
-});
+// In front of a Redis Cluster (CLUSTER=1) there is database 0 only.
+const cluster = process.env.CLUSTER === "1";
+
+if (cluster) {
+  await check("ioredis: SELECT refused as a cluster does, CLIENT SETNAME", async () => {
+    const r = ioredis({ connectionName: "compat-node" });
+    await assert.rejects(r.select(2), /SELECT is not allowed in cluster mode/);
+    assert.equal(await r.client("GETNAME"), "compat-node");
+  });
+} else {
+  await check("ioredis: SELECT via URL db, CLIENT SETNAME", async () => {
+    const r2 = ioredis({ db: 2, connectionName: "compat-node" });
+    await r2.set("n:db", "two");
+    const r0 = ioredis();
+    assert.equal(await r0.get("n:db"), null);
+    assert.equal(await r2.get("n:db"), "two");
+    assert.equal(await r2.client("GETNAME"), "compat-node");
+  });
+}
 
 await check("node-redis: RESP2 and RESP3, multi, pub/sub", async () => {
   for (const RESP of [2, 3]) {

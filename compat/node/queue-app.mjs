@@ -7,10 +7,13 @@ export async function startQueue(url, prefix, processor, concurrency) {
   const { hostname: host, port } = new URL(url);
   const connection = { host, port: Number(port), maxRetriesPerRequest: null };
   const name = `${prefix}${Date.now()}`;
-  const queue = new Queue(name, { connection });
-  const events = new QueueEvents(name, { connection });
+  // On a Redis Cluster every key of a queue must hash to one slot (its Lua
+  // scripts touch several): a hash-tag prefix does that.
+  const opts = { connection, ...(process.env.CLUSTER === "1" ? { prefix: "{bull}" } : {}) };
+  const queue = new Queue(name, opts);
+  const events = new QueueEvents(name, opts);
   await events.waitUntilReady();
-  const worker = new Worker(name, processor, { connection, concurrency });
+  const worker = new Worker(name, processor, { ...opts, concurrency });
   const completed = new Map();
   events.on("completed", ({ jobId, returnvalue }) => completed.set(jobId, returnvalue));
   const close = async () => {
