@@ -498,3 +498,32 @@ async fn evalsha_survives_a_node_without_the_script() {
     .await;
     assert!(r.starts_with(b"-NOSCRIPT"), "{r:?}");
 }
+
+/// A client that leaves while blocked on a cluster node leaves nothing
+/// blocked there: the next push is not stolen.
+#[tokio::test]
+async fn a_blocked_client_that_leaves_leaves_nothing_on_the_node() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    for key in ["gone:1", "gone:2", "gone:3"] {
+        let mut b = Raw::connect(s.addr).await;
+        b.cmd(&[b"BLPOP", key.as_bytes(), b"0"]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut c = Raw::connect(s.addr).await;
+        assert_eq!(
+            &call(&mut c, &format!("RPUSH {key} job")).await[..],
+            b":1\r\n"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            &call(&mut c, &format!("LLEN {key}")).await[..],
+            b":1\r\n",
+            "{key}"
+        );
+    }
+    for n in &cluster.nodes {
+        assert_eq!(blocked_clients(n).await, 0, "node {}", n.port);
+    }
+}

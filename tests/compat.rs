@@ -307,7 +307,10 @@ async fn node_and_python_apps_on_a_cluster() {
     assert!(node.join("node_modules/bullmq").exists() && python.join(".venv/bin/python").exists());
     let cluster = Cluster::start(3);
     let s = sidecar_with(
-        config(&format!("redis-cluster://127.0.0.1:{}", cluster.nodes[0].port)),
+        config(&format!(
+            "redis-cluster://127.0.0.1:{}",
+            cluster.nodes[0].port
+        )),
         Default::default(),
     )
     .await;

@@ -410,4 +410,42 @@ mod tests {
         );
         assert!(Target::parse("redis-sentinel://h:1").is_err());
     }
+
+    #[test]
+    fn cluster_urls() {
+        let Target::Cluster(c) =
+            Target::parse("rediss-cluster://app:s%40cret@node1.example:7000,10.0.0.2,[::1]:7002")
+                .unwrap()
+        else {
+            panic!("not a cluster URL")
+        };
+        assert!(c.tls);
+        assert_eq!(
+            c.seeds,
+            vec![
+                ("node1.example".to_string(), 7000),
+                ("10.0.0.2".to_string(), 6379),
+                ("::1".to_string(), 7002)
+            ]
+        );
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s@cret"));
+        assert_eq!(
+            c.to_string(),
+            "rediss-cluster://app:***@node1.example:7000,10.0.0.2:6379,[::1]:7002"
+        );
+        assert!(!format!("{c:?}").contains("cret"));
+        let t = Target::parse("redis-cluster://h:7000/0").unwrap();
+        assert_eq!((t.db(), t.credentials().is_none()), (0, true));
+        assert_eq!(
+            Target::parse("redis-cluster://:pw@h:7000/1"),
+            Err(UrlError::ClusterDb)
+        );
+        assert!(
+            Target::parse("redis-cluster://:pw@h:x")
+                .unwrap_err()
+                .to_string()
+                .find("pw")
+                .is_none()
+        );
+    }
 }
