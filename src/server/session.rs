@@ -34,7 +34,7 @@ use crate::metrics::CommandMetrics;
 use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
 use crate::protocol::scan::parse_int;
 use crate::protocol::{Proto, Request, RequestScanner, Value};
-use crate::upstream::pool::{Dedicated, SharedSet};
+use crate::upstream::pool::{ClusterSet, Dedicated, SharedSet};
 use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
 
 /// Read size from a client socket.
@@ -175,6 +175,16 @@ impl Mode {
     }
 }
 
+/// A session's view of a cluster upstream.
+struct ClusterCache {
+    /// The active choice's generation this is for.
+    generation: u64,
+    /// The identity's node connections (`None`: not a cluster).
+    set: Option<Arc<ClusterSet>>,
+    /// The last request went straight to a node's connection.
+    direct: bool,
+}
+
 struct Session {
     shared: Arc<Shared>,
     /// This client in the registry (what CLIENT LIST shows of it); its
@@ -193,6 +203,11 @@ struct Session {
     dedicated: Option<Dedicated>,
     /// The job channel used last, for the ordering barrier.
     last_tx: Option<mpsc::Sender<Job>>,
+    /// The identity's node connections when the active endpoint is a
+    /// cluster, and the active choice's generation they are for (`None`:
+    /// look again). Boxed: the session future of every idle client
+    /// carries this field.
+    cluster: Option<Box<ClusterCache>>,
     /// The command table and its generation, refreshed when it changes.
     table: (u64, Arc<crate::command::Table>),
     /// The policy chain and its generation, refreshed when it changes.
@@ -227,6 +242,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         shared_set: None,
         dedicated: None,
         last_tx: None,
+        cluster: None,
         table: (shared.pool.table_generation(), shared.pool.table()),
         chain: (shared.policies.generation(), shared.policies.current()),
         kill_self: false,
@@ -535,6 +551,13 @@ impl Session {
                     Mode::Normal => Target::Shared,
                     _ => Target::Dedicated,
                 };
+                if let Target::Shared = target
+                    && let Some(tx) = self.cluster_tx(&ex, info.as_deref())
+                {
+                    // A cluster: straight to the key's node.
+                    self.barrier_direct().await;
+                    return self.send_on(tx, ex, false, &metrics).await;
+                }
                 return self.send_job(target, ex, false, &metrics).await;
             }
             _ => Box::pin(self.route(ex, class, &metrics)).await,
@@ -1085,14 +1108,80 @@ impl Session {
 
     /// Wait until every reply queued so far was written, when the client
     /// moves to another upstream connection, so its commands run in order.
+    /// After requests sent straight to cluster nodes, the identity's router
+    /// needs no wait: what it sends to a node queues behind them.
     async fn barrier(&mut self, tx: &mpsc::Sender<Job>) {
-        let same = self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx));
+        let same = if self.direct() {
+            self.shared_set
+                .as_ref()
+                .is_some_and(|s| s.pick(self.entry.id).same_channel(tx))
+        } else {
+            self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx))
+        };
         if !same {
-            let want = self.queued;
-            self.entry.client.flush();
-            self.entry.client.progress.wait_for(want).await;
+            self.wait_written().await;
+        }
+        if let Some(c) = self.cluster.as_mut() {
+            c.direct = false;
+        }
+        if !self.last_tx.as_ref().is_some_and(|l| l.same_channel(tx)) {
             self.last_tx = Some(tx.clone());
         }
+    }
+
+    async fn wait_written(&mut self) {
+        let want = self.queued;
+        self.entry.client.flush();
+        self.entry.client.progress.wait_for(want).await;
+    }
+
+    /// Before a request goes straight to a cluster node: what went through
+    /// another channel (the router, a dedicated connection) is answered
+    /// first, so it ran first.
+    async fn barrier_direct(&mut self) {
+        if !self.direct() {
+            if self.last_tx.is_some() {
+                self.wait_written().await;
+            }
+            self.last_tx = None;
+            if let Some(c) = self.cluster.as_mut() {
+                c.direct = true;
+            }
+        }
+    }
+
+    fn direct(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.direct)
+    }
+
+    /// The node connection for a request whose keys are in one slot, when
+    /// the active endpoint is a cluster.
+    fn cluster_tx(
+        &mut self,
+        ex: &Exchange,
+        info: Option<&CommandInfo>,
+    ) -> Option<mpsc::Sender<Job>> {
+        let generation = self.shared.pool.ups.generation();
+        if self
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.generation != generation)
+        {
+            let ident = self.identity();
+            let set = self.shared.pool.cluster_set(&ident);
+            if set.is_some() && self.shared_set.is_none() {
+                // The identity's routers handle what nodes send back.
+                self.shared_set = self.shared.pool.shared(&ident).ok();
+            }
+            self.cluster = Some(Box::new(ClusterCache {
+                generation,
+                set,
+                direct: false,
+            }));
+        }
+        let set = self.cluster.as_ref()?.set.as_ref()?;
+        let slot = crate::upstream::router::direct_slot(ex.args(), info?)?;
+        set.for_slot(&self.shared.pool, slot, &self.entry.client)
     }
 
     async fn send_job(
@@ -1110,6 +1199,17 @@ impl Session {
             }
         };
         self.barrier(&tx).await;
+        self.send_on(tx, exchange, blocking, metrics).await
+    }
+
+    /// Queue the client's output entry and send the request on `tx`.
+    async fn send_on(
+        &mut self,
+        tx: mpsc::Sender<Job>,
+        exchange: Exchange,
+        blocking: bool,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
         self.room().await;
         if blocking {
             // Output entries queued up to and including this one: while
@@ -1238,6 +1338,7 @@ impl Session {
     /// dedicated connection is replaced on next use.
     fn identity_changed(&mut self) {
         self.shared_set = None;
+        self.cluster = None;
         if !self.holds_state() {
             self.drop_dedicated(false);
         }
@@ -1853,8 +1954,9 @@ mod tests {
         );
         // 3024 bytes when written, 2712 with the writer in the session,
         // 1960 with the output queue, 2056 with the session modes, the
-        // request record and client auth; 10,000 idle clients x this is
-        // most of the idle RSS (README, Performance).
-        assert!(size <= 2064, "session future is {size} bytes");
+        // request record and client auth, 2072 with the cluster's direct
+        // path; 10,000 idle clients x this is most of the idle RSS
+        // (README, Performance).
+        assert!(size <= 2072, "session future is {size} bytes");
     }
 }

@@ -64,6 +64,8 @@ struct State {
 /// The endpoints, their health and the active choice.
 pub struct Upstreams {
     state: Mutex<State>,
+    /// The active choice's generation, readable without a lock.
+    generation: std::sync::atomic::AtomicU64,
     active_tx: watch::Sender<Active>,
     settings: ConnSettings,
     metrics: Metrics,
@@ -127,6 +129,7 @@ impl Upstreams {
         };
         let (active_tx, _) = watch::channel(active.clone());
         let ups = Arc::new(Upstreams {
+            generation: std::sync::atomic::AtomicU64::new(1),
             state: Mutex::new(State {
                 endpoints: endpoints.clone(),
                 active,
@@ -156,6 +159,11 @@ impl Upstreams {
     /// The current choice.
     pub fn active(&self) -> Active {
         self.active_tx.borrow().clone()
+    }
+
+    /// The current choice's generation (one atomic load).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Follow the choice.
@@ -200,6 +208,8 @@ impl Upstreams {
         });
         self.metrics.failover(&from, to.name(), why);
         tracing::warn!(from = %from, to = %to.name(), url = %to.spec.target, reason = why, "switching the active upstream");
+        self.generation
+            .store(st.active.generation, std::sync::atomic::Ordering::Release);
         self.active_tx.send_replace(st.active.clone());
     }
 

@@ -52,6 +52,81 @@ pub struct Pool {
     tasks: TaskTracker,
     /// The sidecar's own address, for `CLUSTER SLOTS` and friends.
     advertised: Mutex<SocketAddr>,
+    /// Per identity, the shared connections to the nodes of the active
+    /// cluster endpoint.
+    clusters: Mutex<HashMap<Identity, Arc<ClusterSet>>>,
+}
+
+/// The shared connections of one identity to the nodes of a cluster
+/// endpoint: sessions send single-slot requests straight to them; the
+/// identity's routers send the rest (split, fanned out, redirected).
+pub struct ClusterSet {
+    pub active: Active,
+    ident: Identity,
+    per_node: usize,
+    nodes: RwLock<HashMap<String, Arc<[mpsc::Sender<Job>]>>>,
+    /// Where the node connections send what they did not run.
+    bounce_tx: BounceTx,
+    /// Taken by the first router of the identity, which handles bounces.
+    pub bounce_rx: Mutex<Option<mpsc::Receiver<Bounce>>>,
+}
+
+impl ClusterSet {
+    /// The connection to `node` a client uses (the same one for all its
+    /// requests to that node, so they run in order), made on first use.
+    pub fn sender(
+        &self,
+        pool: &Arc<Pool>,
+        node: &Node,
+        client: &Arc<super::ClientShared>,
+    ) -> mpsc::Sender<Job> {
+        let addr = SlotMap::addr(node);
+        let pick = (Arc::as_ptr(client) as usize >> 6) % self.per_node;
+        if let Some(c) = self
+            .nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&addr)
+            && !c[pick].is_closed()
+        {
+            return c[pick].clone();
+        }
+        let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = nodes.get(&addr)
+            && !c[pick].is_closed()
+        {
+            return c[pick].clone();
+        }
+        let conns: Arc<[mpsc::Sender<Job>]> = (0..self.per_node)
+            .map(|_| {
+                pool.node_connection(
+                    &self.ident,
+                    &self.active,
+                    node.clone(),
+                    self.bounce_tx.clone(),
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        let tx = conns[pick].clone();
+        nodes.insert(addr, conns);
+        tx
+    }
+
+    /// The connection for a request whose keys are all in `slot`, if the
+    /// map names its master.
+    pub fn for_slot(
+        &self,
+        pool: &Arc<Pool>,
+        slot: u16,
+        client: &Arc<super::ClientShared>,
+    ) -> Option<mpsc::Sender<Job>> {
+        let topo = self.active.endpoint.cluster.as_ref()?;
+        let map = topo.map();
+        let node = map.owner(slot)?;
+        Some(self.sender(pool, node, client))
+    }
 }
 
 /// The shared connections of one identity; a client always uses the same
@@ -104,7 +179,34 @@ impl Pool {
             metrics,
             tasks,
             advertised: Mutex::new(SocketAddr::from(([127, 0, 0, 1], 6380))),
+            clusters: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The shared node connections of `ident` on the active endpoint, if
+    /// it is a cluster (a new set after a switch).
+    pub fn cluster_set(self: &Arc<Self>, ident: &Identity) -> Option<Arc<ClusterSet>> {
+        let active = self.ups.active();
+        active.endpoint.cluster.as_ref()?;
+        let mut sets = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = sets.get(ident)
+            && s.active.generation == active.generation
+        {
+            return Some(s.clone());
+        }
+        let (bounce_tx, bounce_rx) = mpsc::channel(super::router::BOUNCE_QUEUE);
+        let set = Arc::new(ClusterSet {
+            active,
+            ident: ident.clone(),
+            // One per node: the cluster already spreads the load over its
+            // nodes, and fuller batches cost fewer syscalls per command.
+            per_node: 1,
+            nodes: RwLock::new(HashMap::new()),
+            bounce_tx,
+            bounce_rx: Mutex::new(Some(bounce_rx)),
+        });
+        sets.insert(ident.clone(), set.clone());
+        Some(set)
     }
 
     pub fn settings(&self) -> &ConnSettings {
@@ -721,6 +823,10 @@ impl Pool {
     /// job channel, so each manager writes what it holds and ends.
     pub fn close(&self) {
         self.lock_shared().clear();
+        self.clusters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// How many shared connection sets exist (one per identity).

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use super::cluster::{self, Node, Redirect, ScanCursor, SlotMap, Split, Topology};
 use super::conn::{Bounce, BounceTx, Bounced};
 use super::failover::Active;
-use super::pool::Pool;
+use super::pool::{ClusterSet, Pool};
 use super::{ClientShared, Hop, Identity, Job, JobKind, Oob, Reply, UpstreamError};
 
 use crate::command::Table;
@@ -40,7 +40,7 @@ use crate::protocol::{Proto, Value, encode_command};
 /// Redirections and retries one request may take.
 pub const MAX_REDIRECTS: u8 = 5;
 /// Jobs sent back by nodes, waiting for the router.
-const BOUNCE_QUEUE: usize = 1024;
+pub const BOUNCE_QUEUE: usize = 1024;
 /// Jobs waiting to be sent again after TRYAGAIN/CLUSTERDOWN.
 const RETRY_QUEUE: usize = 4096;
 
@@ -445,6 +445,40 @@ fn route_of(args: &[Bytes], table: &Table, me: SocketAddr, proto: Proto, key_cap
     }
 }
 
+/// The slot of a request a session may send straight to the shared
+/// connection of its node: every key in that one slot, and not a command
+/// the router splits, fans out or answers.
+pub fn direct_slot(args: &[Bytes], info: &crate::command::CommandInfo) -> Option<u16> {
+    const ROUTED: [&[u8]; 12] = [
+        b"cluster",
+        b"info",
+        b"dbsize",
+        b"flushall",
+        b"flushdb",
+        b"keys",
+        b"randomkey",
+        b"scan",
+        b"script",
+        b"spublish",
+        b"ssubscribe",
+        b"sunsubscribe",
+    ];
+    let name = args.first()?;
+    if ROUTED.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+        return None;
+    }
+    let mut slot = None;
+    for k in info.keys(args) {
+        let s = cluster::key_slot(args.get(k.index)?);
+        match slot {
+            None => slot = Some(s),
+            Some(first) if first != s => return None,
+            _ => {}
+        }
+    }
+    slot
+}
+
 /// One client job's completion with a reply the router makes itself.
 fn answer(job: Job, reply: Bytes) {
     if let JobKind::Request { mut plan, slot, .. } = job.kind {
@@ -467,10 +501,14 @@ pub struct Router {
     epoch: u64,
     /// MOVED answers since the map was last read: slot → owner.
     moved: HashMap<u16, Node>,
-    /// Connections to nodes, by address.
+    /// A pinned client's connections to nodes, by address.
     nodes: HashMap<String, mpsc::Sender<Job>>,
+    /// The identity's shared node connections (shared routers).
+    set: Option<Arc<ClusterSet>>,
     bounce_tx: BounceTx,
-    bounce_rx: mpsc::Receiver<Bounce>,
+    /// Bounced jobs this router handles: a pinned router's own, or the
+    /// identity's shared ones (one router of the identity takes them).
+    bounce_rx: Option<mpsc::Receiver<Bounce>>,
     retries: VecDeque<(Instant, Job)>,
     table: (u64, Arc<Table>),
     /// A pinned client's stream and whether it holds state (dedicated
@@ -507,9 +545,22 @@ impl Router {
         name: Option<Bytes>,
     ) -> Option<Router> {
         let topo = active.endpoint.cluster.clone()?;
-        let (bounce_tx, bounce_rx) = mpsc::channel(BOUNCE_QUEUE);
+        let (bounce_tx, own_rx) = mpsc::channel(BOUNCE_QUEUE);
+        let (set, bounce_rx, active) = if pinned.is_some() {
+            (None, Some(own_rx), active)
+        } else {
+            let set = pool.cluster_set(&ident)?;
+            let rx = set
+                .bounce_rx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let active = set.active.clone();
+            (Some(set), rx, active)
+        };
         let table = (pool.table_generation(), pool.table());
         Some(Router {
+            set,
             map: topo.map(),
             epoch: topo.epoch(),
             topo,
@@ -544,11 +595,7 @@ impl Router {
             let next_retry = self.retries.front().map(|(t, _)| *t);
             tokio::select! {
                 biased;
-                b = self.bounce_rx.recv() => {
-                    if let Some(b) = b {
-                        self.bounced(b).await;
-                    }
-                }
+                Some(b) = recv(&mut self.bounce_rx) => self.bounced(b).await,
                 j = rx.recv() => match j {
                     Some(j) => self.route(j).await,
                     None => return RouterEnd::Closed,
@@ -1009,6 +1056,15 @@ impl Router {
                 "the cluster's slot map is not known yet".into(),
             ));
         };
+        if let Some(set) = &self.set {
+            let tx = set.sender(&self.pool, &node, &job.client);
+            if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
+                job.fail(UpstreamError::Unavailable(
+                    "the cluster node's connection closed".into(),
+                ));
+            }
+            return;
+        }
         let addr = SlotMap::addr(&node);
         let tx = match self.nodes.get(&addr) {
             Some(tx) if !tx.is_closed() => tx.clone(),
@@ -1120,6 +1176,14 @@ impl Router {
                 port,
                 hostname: None,
             })
+    }
+}
+
+/// The next bounced job, if this router takes them (never otherwise).
+async fn recv(rx: &mut Option<mpsc::Receiver<Bounce>>) -> Option<Bounce> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
