@@ -249,13 +249,20 @@ impl Admin {
 fn cluster_json(t: &crate::upstream::cluster::Topology) -> serde_json::Value {
     use crate::upstream::cluster::SlotMap;
     let map = t.map();
+    let health = t.node_health();
+    let node = |addr: &str| {
+        let h = health.get(addr).cloned().unwrap_or_default();
+        serde_json::json!({ "connections": h.connections, "last_error": h.last_error })
+    };
     let masters: Vec<serde_json::Value> = map
         .ranges()
         .into_iter()
         .map(|(i, ranges)| {
             let m = &map.masters[i];
+            let addr = SlotMap::addr(m);
             serde_json::json!({
-                "address": SlotMap::addr(m),
+                "node": node(&addr),
+                "address": addr,
                 "id": m.id,
                 "slots": ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
                 "slot_count": ranges.iter().map(|(a, b)| usize::from(b - a) + 1).sum::<usize>(),

@@ -57,6 +57,7 @@ struct Inner {
     cluster_refreshes: IntCounterVec,
     cluster_map_age: IntGaugeVec,
     cluster_nodes: IntGaugeVec,
+    cluster_node_connections: IntGaugeVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
 }
 
@@ -311,8 +312,17 @@ impl Metrics {
             &["upstream", "role"],
         )
         .expect("static metric");
+        let cluster_node_connections = IntGaugeVec::new(
+            Opts::new(
+                "cluster_node_connections",
+                "Connections open to each node of a cluster endpoint (shared and pinned clients')",
+            ),
+            &["upstream", "node"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cluster_node_connections.clone()),
             Box::new(cluster_redirects.clone()),
             Box::new(cluster_refreshes.clone()),
             Box::new(cluster_map_age.clone()),
@@ -381,6 +391,7 @@ impl Metrics {
             cluster_refreshes,
             cluster_map_age,
             cluster_nodes,
+            cluster_node_connections,
             by_command: Mutex::new(HashMap::new()),
         }))
     }
@@ -560,6 +571,13 @@ impl Metrics {
                 .with_label_values(&[upstream, "replica"])
                 .set(m.replicas.iter().map(Vec::len).sum::<usize>() as i64);
         }
+    }
+
+    /// `node` is a cluster node's address (bounded by the cluster's size).
+    pub fn cluster_node_connections(&self, upstream: &str, node: &str) -> IntGauge {
+        self.0
+            .cluster_node_connections
+            .with_label_values(&[upstream, node])
     }
 
     pub fn cluster_map_age(&self, upstream: &str, age: std::time::Duration) {

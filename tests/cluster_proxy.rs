@@ -527,3 +527,54 @@ async fn a_blocked_client_that_leaves_leaves_nothing_on_the_node() {
         assert_eq!(blocked_clients(n).await, 0, "node {}", n.port);
     }
 }
+
+/// A slot that moves under a client's transaction ends that client's
+/// state as a failover does: the command gets an error that says so and
+/// the client is closed (it reconnects and retries the transaction).
+#[tokio::test]
+async fn a_slot_moving_under_a_transaction_closes_the_client() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut c = Raw::connect(s.addr).await;
+    assert_eq!(&call(&mut c, "MULTI").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "SET {mv}a 1").await[..], b"+QUEUED\r\n");
+    // Move the (empty) slot to another master behind the sidecar's back.
+    let slot = redis_sidecar::upstream::cluster::key_slot(b"{mv}a");
+    let mut masters = Vec::new();
+    for n in &cluster.nodes {
+        let mut d = Raw::connect(format!("127.0.0.1:{}", n.port).parse().unwrap()).await;
+        if call(&mut d, "ROLE")
+            .await
+            .starts_with(b"*3\r\n$6\r\nmaster")
+        {
+            let id = call(&mut d, "CLUSTER MYID").await;
+            let id = String::from_utf8_lossy(&id[5..45]).into_owned();
+            let owns = !call(&mut d, "GET {mv}a").await.starts_with(b"-MOVED");
+            masters.push((d, id, owns));
+        }
+    }
+    let to = masters.iter().position(|m| !m.2).unwrap();
+    let to_id = masters[to].1.clone();
+    let mut order: Vec<usize> = vec![to];
+    order.extend((0..masters.len()).filter(|&i| i != to));
+    for i in order {
+        let r = call(
+            &mut masters[i].0,
+            &format!("CLUSTER SETSLOT {slot} NODE {to_id}"),
+        )
+        .await;
+        assert_eq!(&r[..], b"+OK\r\n");
+    }
+    let r = call(&mut c, "SET {mv}b 2").await;
+    assert!(
+        String::from_utf8_lossy(&r).contains("moved this key's slot"),
+        "{r:?}"
+    );
+    assert!(
+        c.closed().await,
+        "the client stays open after losing its transaction"
+    );
+    // A new connection works against the new owner.
+    let mut again = Raw::connect(s.addr).await;
+    assert_eq!(&call(&mut again, "SET {mv}a 1").await[..], b"+OK\r\n");
+}

@@ -213,6 +213,12 @@ impl SlotMap {
     /// From a `CLUSTER SHARDS` reply (RESP2); `asked` is the host the
     /// reply came from.
     pub fn from_shards(reply: &OwnedFrame, asked: &str) -> Option<SlotMap> {
+        SlotMap::from_shards_tls(reply, asked, false)
+    }
+
+    /// [`SlotMap::from_shards`], taking each node's `tls-port` when `tls`
+    /// (a node may announce both ports).
+    pub fn from_shards_tls(reply: &OwnedFrame, asked: &str, tls: bool) -> Option<SlotMap> {
         let OwnedFrame::Array(shards) = reply else {
             return None;
         };
@@ -234,9 +240,15 @@ impl SlotMap {
                     return None;
                 };
                 let get = |k: &str| field(n, k).and_then(text);
-                let port = field(n, "port")
-                    .or_else(|| field(n, "tls-port"))
+                let (first, second) = if tls {
+                    ("tls-port", "port")
+                } else {
+                    ("port", "tls-port")
+                };
+                let port = field(n, first)
                     .and_then(int)
+                    .filter(|p| *p > 0)
+                    .or_else(|| field(n, second).and_then(int))
                     .and_then(|p| u16::try_from(p).ok())?;
                 let node = Node {
                     id: get("id")?,
@@ -689,6 +701,16 @@ pub struct Topology {
     /// Scripts clients loaded through the sidecar (SHA1 → body), to load
     /// them again on a node that answers an EVALSHA with NOSCRIPT.
     scripts: Mutex<std::collections::HashMap<Vec<u8>, bytes::Bytes>>,
+    /// By node address: connections open to it, and why the last attempt
+    /// to connect failed (cleared by a success).
+    nodes: Mutex<std::collections::HashMap<String, NodeHealth>>,
+}
+
+/// What the sidecar's connections know of one node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeHealth {
+    pub connections: i64,
+    pub last_error: Option<String>,
 }
 
 /// Scripts remembered per cluster endpoint (past this, no new one is).
@@ -705,6 +727,7 @@ impl Default for Topology {
             refresh: Notify::new(),
             versions: Mutex::new(std::collections::HashMap::new()),
             scripts: Mutex::new(std::collections::HashMap::new()),
+            nodes: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -748,6 +771,34 @@ impl Topology {
             .insert(addr.to_string(), version.to_string());
     }
 
+    /// A connection to `addr` opened (`+1`) or closed (`-1`); the count.
+    pub fn node_connections(&self, addr: &str, delta: i64) -> i64 {
+        let mut m = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = m.entry(addr.to_string()).or_default();
+        h.connections += delta;
+        if delta > 0 {
+            h.last_error = None;
+        }
+        h.connections
+    }
+
+    /// A connection to `addr` could not be made.
+    pub fn node_failed(&self, addr: &str, error: String) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr.to_string())
+            .or_default()
+            .last_error = Some(error);
+    }
+
+    pub fn node_health(&self) -> std::collections::HashMap<String, NodeHealth> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// A script loaded through the sidecar: `sha` as Redis answered it.
     pub fn remember_script(&self, sha: &[u8], body: bytes::Bytes) {
         let mut m = self.scripts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -784,14 +835,14 @@ impl Topology {
 
 /// Read the slot map from a cluster node's replies to `CLUSTER SHARDS`
 /// (preferred) or `CLUSTER SLOTS` (RESP2 bytes).
-pub fn parse_map(shards: &[u8], slots: Option<&[u8]>, asked: &str) -> Option<SlotMap> {
+pub fn parse_map(shards: &[u8], slots: Option<&[u8]>, asked: &str, tls: bool) -> Option<SlotMap> {
     let decode = |b: &[u8]| {
         redis_protocol::resp2::decode::decode(&bytes::Bytes::copy_from_slice(b))
             .ok()
             .flatten()
             .map(|(f, _)| f)
     };
-    if let Some(m) = decode(shards).and_then(|f| SlotMap::from_shards(&f, asked))
+    if let Some(m) = decode(shards).and_then(|f| SlotMap::from_shards_tls(&f, asked, tls))
         && !m.masters.is_empty()
     {
         return Some(m);

@@ -250,6 +250,9 @@ struct Pending {
     /// The command's reply was a redirection: the job goes back to the
     /// router instead of to the client.
     bounced: Option<Bounced>,
+    /// A pinned client's transaction or WATCH met a slot that moved: its
+    /// state is gone, so the client is closed after this reply.
+    moved_under: bool,
 }
 
 /// What a redirectable job needs to be sent again.
@@ -539,6 +542,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
                 asking,
                 raw: 0,
                 bounced: None,
+                moved_under: false,
             })
         }
         JobKind::StartStream | JobKind::StartRaw => Some(Pending {
@@ -554,6 +558,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             asking: false,
             raw: 0,
             bounced: None,
+            moved_under: false,
         }),
         JobKind::Stream => None,
     };
@@ -690,10 +695,13 @@ fn dispatch(
     }
     let expected = front.plan.as_ref().map_or(1, ReplyPlan::count);
     if front.got == 0
-        && front.resend.is_some()
         && let Some((_, asked)) = io.bounce
     {
-        front.bounced = bounced(&frame, asked);
+        if front.resend.is_some() {
+            front.bounced = bounced(&frame, asked);
+        } else if io.oob.is_some() && Redirect::parse(&frame, asked).is_some() {
+            front.moved_under = true;
+        }
     }
     if front.bounced.is_none()
         && let Some(p) = &front.plan
@@ -772,6 +780,25 @@ fn dispatch(
     // Redis would close it; the others in flight learn the connection is
     // lost, never that they erred.
     let refused = reply.starts_with(b"-ERR Protocol error");
+    if done.moved_under {
+        // As a failover ends a client's transaction: it learns, and
+        // reconnects.
+        tracing::warn!(
+            "a cluster slot moved under a client's transaction or WATCH; closing that client"
+        );
+        reply = Bytes::from_static(
+            b"-ERR the cluster moved this key's slot while the client held a transaction or WATCH on it; reconnect\r\n",
+        );
+    }
+    if done.moved_under
+        && let Some(o) = io.oob
+    {
+        if let Some(seq) = done.slot {
+            done.client.deliver(seq, Ok(reply));
+        }
+        o.close();
+        return Ok(Some(done.client));
+    }
     match done.slot {
         Some(seq) => {
             // The client may be gone; its reply is then dropped.

@@ -483,7 +483,8 @@ impl Upstreams {
         }
         let asked = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
         let asked = asked.trim_start_matches('[').trim_end_matches(']');
-        let Some(map) = cluster::parse_map(&replies[1], Some(&replies[2]), asked) else {
+        let tls = matches!(&e.spec.target, Target::Cluster(c) if c.tls);
+        let Some(map) = cluster::parse_map(&replies[1], Some(&replies[2]), asked, tls) else {
             self.metrics.cluster_refresh(e.name(), "error", None);
             return Err(UpstreamError::Protocol("unreadable slot map".into()));
         };

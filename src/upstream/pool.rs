@@ -623,14 +623,21 @@ impl Pool {
             .await;
             match connected {
                 Ok(c) => {
+                    let gauge = self
+                        .metrics
+                        .cluster_node_connections(active.endpoint.name(), &addr);
                     if let Some(t) = &active.endpoint.cluster {
                         t.set_version(&addr, &c.server_version);
+                        gauge.set(t.node_connections(&addr, 1));
                     }
                     backoff = Duration::from_millis(50);
                     let oob = pinned.as_ref().map(|(o, _)| o);
                     let end = self
                         .serve(c, &active, kind, &mut backlog, &mut rx, oob, Some(&bounce))
                         .await;
+                    if let Some(t) = &active.endpoint.cluster {
+                        gauge.set(t.node_connections(&addr, -1));
+                    }
                     match end {
                         End::Closed => return,
                         End::Retired => break,
@@ -647,6 +654,9 @@ impl Pool {
                 }
                 Err(e) => {
                     tracing::debug!(node = %addr, error = %e, "cluster node connect failed");
+                    if let Some(t) = &active.endpoint.cluster {
+                        t.node_failed(&addr, e.to_string());
+                    }
                     refresh();
                     if pinned.is_some() {
                         fail_all(&mut backlog, &mut rx, &e);
