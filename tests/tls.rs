@@ -18,89 +18,6 @@ use support::*;
 const PASSWORD: &str = "tls-default-pw-51";
 const ACL_PASSWORD: &str = "p:ss-acl-93";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is not installed: run ./scripts/test.sh, which installs it");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`ca.pem`), a server certificate it signed for `localhost` and
-/// 127.0.0.1 (`server.pem`, `server.key`), and an unrelated CA
-/// (`other-ca.pem`).
-fn make_certs(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (key, pem, cn) in [
-        ("ca.key", "ca.pem", "sidecar test CA"),
-        ("other-ca.key", "other-ca.pem", "another CA"),
-    ] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                key,
-                "-out",
-                pem,
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-    }
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    );
-}
-
 struct TlsRedis {
     server: RedisServer,
     tls_port: u16,
@@ -113,7 +30,7 @@ fn start_tls_redis() -> TlsRedis {
         std::process::id(),
         std::thread::current().id()
     ));
-    make_certs(&dir);
+    make_certs(&dir, "DNS:localhost,IP:127.0.0.1");
     let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,4 +196,127 @@ async fn bad_tls_settings_are_config_errors() {
         e.contains("need a rediss:// or rediss-cluster:// URL"),
         "{e}"
     );
+}
+
+/// `rediss-cluster://` against a 3-master cluster on TLS ports whose
+/// certificate names only `localhost`: nodes announce their IP as the
+/// endpoint and `localhost` as their hostname, so the sidecar connects by
+/// address and verifies the hostname (by IP alone verification fails).
+/// The password never shows in `/upstreams`.
+#[tokio::test]
+async fn tls_cluster_verifies_announced_hostnames() {
+    let dir = std::env::temp_dir().join(format!("sidecar-tls-cluster-{}", std::process::id()));
+    make_certs(&dir, "DNS:localhost");
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let mut nodes = Vec::new();
+    let mut tls_ports = Vec::new();
+    while nodes.len() < 3 {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (port, tls_port) = (free(), free());
+        if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+            continue;
+        }
+        let (ts, conf) = (tls_port.to_string(), format!("nodes-{port}.conf"));
+        let args = [
+            "--tls-port",
+            &ts,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf,
+            "--cluster-announce-hostname",
+            "localhost",
+            "--cluster-preferred-endpoint-type",
+            "ip",
+            "--requirepass",
+            PASSWORD,
+            "--masterauth",
+            PASSWORD,
+        ];
+        if let Some(n) = RedisServer::start_on(port, &args) {
+            nodes.push(n);
+            tls_ports.push(tls_port);
+        }
+    }
+    let mut create = vec![
+        "-a".to_string(),
+        PASSWORD.into(),
+        "--cluster".into(),
+        "create".into(),
+    ];
+    create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+    create.push("--cluster-yes".into());
+    let out = Command::new("redis-cli").args(&create).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let s = sidecar_with(
+        {
+            let mut c = config("redis://unused");
+            c.upstream = vec![tls_upstream(
+                format!("rediss-cluster://:{PASSWORD}@localhost:{}", tls_ports[0]),
+                Some(dir.join("ca.pem")),
+                None,
+            )];
+            c
+        },
+        Builder::default(),
+    )
+    .await;
+    assert!(
+        eventually(|| async {
+            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
+        })
+        .await,
+        "{}",
+        upstreams(&s).await
+    );
+    let mut c = client(&s).await;
+    for i in 0..100 {
+        let _: () = c.set(format!("tls:{i}"), i).await.unwrap();
+    }
+    let vals: Vec<i64> = redis::cmd("MGET")
+        .arg((0..100).map(|i| format!("tls:{i}")).collect::<Vec<_>>())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(vals, (0..100).collect::<Vec<i64>>());
+    let u = upstreams(&s).await;
+    let masters = u["upstreams"][0]["cluster"]["masters"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(masters.len(), 3);
+    // Every master was reached over its TLS port.
+    for m in &masters {
+        let addr = m["address"].as_str().unwrap();
+        assert!(
+            tls_ports.iter().any(|p| addr.ends_with(&format!(":{p}"))),
+            "{addr} is not a TLS port"
+        );
+        assert!(m["node"]["connections"].as_i64().unwrap() >= 1, "{m}");
+    }
+    assert!(!u.to_string().contains(PASSWORD));
+    s.shutdown().await;
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
 }
