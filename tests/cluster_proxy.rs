@@ -578,3 +578,75 @@ async fn a_slot_moving_under_a_transaction_closes_the_client() {
     let mut again = Raw::connect(s.addr).await;
     assert_eq!(&call(&mut again, "SET {mv}a 1").await[..], b"+OK\r\n");
 }
+
+/// A cluster endpoint in the failover list like any other: an app on a
+/// single Redis is switched live to the cluster (and back), its
+/// connection kept; its writes land where the active endpoint is.
+#[tokio::test]
+async fn live_switch_between_a_single_redis_and_a_cluster() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = sidecar_with(
+        config_multi(&[
+            ("single", single.url()),
+            (
+                "cluster",
+                format!("redis-cluster://127.0.0.1:{}", cluster.nodes[0].port),
+            ),
+        ]),
+        Builder::default(),
+    )
+    .await;
+    assert!(
+        eventually(|| async {
+            upstreams(&s).await["upstreams"][1]["health"].as_str() == Some("up")
+        })
+        .await
+    );
+    let mut c = client(&s).await;
+    let () = redis::cmd("SET")
+        .arg("where")
+        .arg("single")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let (st, body) = http(
+        s.admin_addr.unwrap(),
+        "POST",
+        "/upstreams/cluster/activate",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    // The same connection now writes to the cluster (keys on every master).
+    for i in 0..50 {
+        let () = redis::cmd("SET")
+            .arg(format!("moved:{i}"))
+            .arg(i)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 50);
+    let mut d = single.direct().await;
+    let on_single: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+    assert_eq!(
+        on_single, 1,
+        "writes after the switch went to the single Redis"
+    );
+    let (st, _) = http(
+        s.admin_addr.unwrap(),
+        "POST",
+        "/upstreams/single/activate",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let v: String = redis::cmd("GET")
+        .arg("where")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(v, "single");
+}
