@@ -12,28 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_sidecar::Sidecar;
-use redis_sidecar::policy::Builder;
 use support::*;
-
-async fn cluster_sidecar(cluster: &Cluster) -> Sidecar {
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let s = sidecar_with(
-        config(&format!("redis-cluster://{}", seeds.join(","))),
-        Builder::default(),
-    )
-    .await;
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
-        })
-        .await
-    );
-    s
-}
 
 #[derive(Default)]
 struct Tally {

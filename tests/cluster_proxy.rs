@@ -7,33 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use redis_sidecar::Sidecar;
 use redis_sidecar::policy::Builder;
 use support::*;
-
-async fn cluster_sidecar(cluster: &Cluster) -> Sidecar {
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .take(2)
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let s = sidecar_with(
-        config(&format!("redis-cluster://{}", seeds.join(","))),
-        Builder::default(),
-    )
-    .await;
-    // Up once the slot map is read and the cluster says ok.
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
-        })
-        .await,
-        "{}",
-        upstreams(&s).await
-    );
-    s
-}
 
 fn args(line: &str) -> Vec<Vec<u8>> {
     line.split(' ').map(|a| a.as_bytes().to_vec()).collect()
@@ -365,12 +340,7 @@ async fn policies_work_on_a_cluster() {
         .unwrap(),
     ];
     let s = sidecar_with(c, Builder::default()).await;
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
-        })
-        .await
-    );
+    wait_up(&s, 0).await;
     let mut via = Raw::connect(s.addr).await;
     // Where each key lives: ask the cluster.
     let owner = |key: &str| {
@@ -597,12 +567,7 @@ async fn live_switch_between_a_single_redis_and_a_cluster() {
         Builder::default(),
     )
     .await;
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][1]["health"].as_str() == Some("up")
-        })
-        .await
-    );
+    wait_up(&s, 1).await;
     let mut c = client(&s).await;
     let () = redis::cmd("SET")
         .arg("where")

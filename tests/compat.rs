@@ -314,12 +314,7 @@ async fn node_and_python_apps_on_a_cluster() {
         Default::default(),
     )
     .await;
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
-        })
-        .await
-    );
+    wait_up(&s, 0).await;
     let url = url(&s);
     let u = url.clone();
     tokio::task::spawn_blocking(move || {

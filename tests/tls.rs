@@ -282,14 +282,7 @@ async fn tls_cluster_verifies_announced_hostnames() {
         Builder::default(),
     )
     .await;
-    assert!(
-        eventually(|| async {
-            upstreams(&s).await["upstreams"][0]["health"].as_str() == Some("up")
-        })
-        .await,
-        "{}",
-        upstreams(&s).await
-    );
+    wait_up(&s, 0).await;
     let mut c = client(&s).await;
     for i in 0..100 {
         let _: () = c.set(format!("tls:{i}"), i).await.unwrap();

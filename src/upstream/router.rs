@@ -479,6 +479,26 @@ pub fn direct_slot(args: &[Bytes], info: &crate::command::CommandInfo) -> Option
     slot
 }
 
+/// A command the router sends for its own purposes (a MULTI it holds, a
+/// DISCARD, a script to load, an appended command): nobody waits for its
+/// reply; `pinned` ones are never redirected.
+fn own_job(payload: Bytes, client: &Arc<ClientShared>, pinned: bool) -> Job {
+    Job {
+        payload,
+        kind: JobKind::Request {
+            plan: ReplyPlan::single(),
+            slot: None,
+            blocking: false,
+        },
+        client: client.clone(),
+        enqueued: Instant::now(),
+        hop: Hop {
+            pinned,
+            ..Hop::default()
+        },
+    }
+}
+
 /// One client job's completion with a reply the router makes itself.
 fn answer(job: Job, reply: Bytes) {
     if let JobKind::Request { mut plan, slot, .. } = job.kind {
@@ -810,20 +830,8 @@ impl Router {
                         // sent there, first.
                         let client = job.client.clone();
                         answer(job, Bytes::from_static(b"+OK\r\n"));
-                        self.tx.held_multi = Some(Job {
-                            payload: encode_command(&["MULTI"]),
-                            kind: JobKind::Request {
-                                plan: ReplyPlan::single(),
-                                slot: None,
-                                blocking: false,
-                            },
-                            client,
-                            enqueued: Instant::now(),
-                            hop: Hop {
-                                pinned: true,
-                                ..Hop::default()
-                            },
-                        });
+                        self.tx.held_multi =
+                            Some(own_job(encode_command(&["MULTI"]), &client, true));
                     }
                 }
                 return;
@@ -837,20 +845,7 @@ impl Router {
                 if exec && dirty {
                     // As Redis after a command refused at queue time.
                     if let Some(n) = node {
-                        let discard = Job {
-                            payload: encode_command(&["DISCARD"]),
-                            kind: JobKind::Request {
-                                plan: ReplyPlan::single(),
-                                slot: None,
-                                blocking: false,
-                            },
-                            client: job.client.clone(),
-                            enqueued: Instant::now(),
-                            hop: Hop {
-                                pinned: true,
-                                ..Hop::default()
-                            },
-                        };
+                        let discard = own_job(encode_command(&["DISCARD"]), &job.client, true);
                         self.send(Some(n), discard).await;
                     }
                     return answer(
@@ -1033,18 +1028,7 @@ impl Router {
                 Some(k) => self.owner(cluster::key_slot(k)),
                 None => self.default_node(client),
             };
-            let job = Job {
-                payload: cmd,
-                kind: JobKind::Request {
-                    plan: ReplyPlan::single(),
-                    slot: None,
-                    blocking: false,
-                },
-                client: client.clone(),
-                enqueued: Instant::now(),
-                hop: Hop::default(),
-            };
-            self.send(node, job).await;
+            self.send(node, own_job(cmd, client, false)).await;
         }
     }
 
@@ -1130,20 +1114,7 @@ impl Router {
                 job.hop.reloaded = true;
                 let load = encode_command(&[&b"SCRIPT"[..], b"LOAD", &body]);
                 for m in self.map.masters.clone() {
-                    let j = Job {
-                        payload: load.clone(),
-                        kind: JobKind::Request {
-                            plan: ReplyPlan::single(),
-                            slot: None,
-                            blocking: false,
-                        },
-                        client: job.client.clone(),
-                        enqueued: Instant::now(),
-                        hop: Hop {
-                            pinned: true,
-                            ..Hop::default()
-                        },
-                    };
+                    let j = own_job(load.clone(), &job.client, true);
                     self.send(Some(m), j).await;
                 }
                 self.route(job).await;

@@ -671,6 +671,35 @@ impl Cluster {
     }
 }
 
+/// Wait until `/upstreams` says endpoint `index` is up (a cluster: its
+/// slot map read and `cluster_state:ok`); panics with what it says if not.
+pub async fn wait_up(s: &Sidecar, index: usize) {
+    if !eventually(|| async {
+        upstreams(s).await["upstreams"][index]["health"].as_str() == Some("up")
+    })
+    .await
+    {
+        panic!("endpoint {index} is not up: {}", upstreams(s).await);
+    }
+}
+
+/// The sidecar in front of `cluster` (seeds: its first two nodes), up.
+pub async fn cluster_sidecar(cluster: &Cluster) -> Sidecar {
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .take(2)
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let s = sidecar_with(
+        config(&format!("redis-cluster://{}", seeds.join(","))),
+        Builder::default(),
+    )
+    .await;
+    wait_up(&s, 0).await;
+    s
+}
+
 /// An enforcing `[[ttl]]` rule without a sweeper.
 pub fn ttl_rule(
     pattern: &str,
