@@ -247,22 +247,7 @@ async fn node_and_python_apps_with_every_policy_on() {
         ttl_rule("*", Some(Duration::from_secs(3600)), None),
     ];
     let s = sidecar_with(cfg, Default::default()).await;
-    let url = url(&s);
-    let u = url.clone();
-    tokio::task::spawn_blocking(move || {
-        run_script("node", &["compat.mjs"], &node, &[("SIDECAR_URL", &u)])
-    })
-    .await
-    .unwrap();
-    let py = python
-        .join(".venv/bin/python")
-        .to_string_lossy()
-        .to_string();
-    tokio::task::spawn_blocking(move || {
-        run_script(&py, &["compat.py"], &python, &[("SIDECAR_URL", &url)])
-    })
-    .await
-    .unwrap();
+    node_and_python_apps(url(&s), false).await;
     let count = |result: &str| metric(&s, "cache_requests_total", &[("result", result)]);
     let observed = metric(&s, "ratelimit_decisions_total", &[("result", "observed")]);
     println!(
@@ -315,14 +300,22 @@ async fn node_and_python_apps_on_a_cluster() {
     )
     .await;
     wait_up(&s, 0).await;
-    let url = url(&s);
+    node_and_python_apps(url(&s), true).await;
+}
+
+/// compat/node/compat.mjs, then compat/python/compat.py, against `url`
+/// (`cluster`: the sidecar fronts a Redis Cluster).
+async fn node_and_python_apps(url: String, cluster: bool) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (node, python) = (root.join("compat/node"), root.join("compat/python"));
     let u = url.clone();
+    let flag = if cluster { "1" } else { "0" };
     tokio::task::spawn_blocking(move || {
         run_script(
             "node",
             &["compat.mjs"],
             &node,
-            &[("SIDECAR_URL", &u), ("CLUSTER", "1")],
+            &[("SIDECAR_URL", &u), ("CLUSTER", flag)],
         )
     })
     .await
