@@ -615,3 +615,82 @@ async fn live_switch_between_a_single_redis_and_a_cluster() {
         .unwrap();
     assert_eq!(v, "single");
 }
+
+/// A slot in the middle of a migration, set up by hand (`CLUSTER SETSLOT
+/// ... MIGRATING/IMPORTING` + `MIGRATE`): a key already moved is read
+/// through ASK (ASKING + the command on the target), a multi-key read of a
+/// half-moved slot gets TRYAGAIN and is retried until the move completes;
+/// the client sees only the values.
+#[tokio::test]
+async fn ask_and_tryagain_during_a_migration() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut via = Raw::connect(s.addr).await;
+    call(&mut via, "MSET {mig}a 1 {mig}b 2").await;
+    let slot = redis_sidecar::upstream::cluster::key_slot(b"{mig}a");
+    // The owner and another master.
+    let mut src = None;
+    let mut dst = None;
+    for n in &cluster.nodes {
+        let mut d = Raw::connect(format!("127.0.0.1:{}", n.port).parse().unwrap()).await;
+        if !call(&mut d, "ROLE")
+            .await
+            .starts_with(b"*3\r\n$6\r\nmaster")
+        {
+            continue;
+        }
+        let id = call(&mut d, "CLUSTER MYID").await;
+        let id = String::from_utf8_lossy(&id[5..45]).into_owned();
+        if call(&mut d, "GET {mig}a").await.starts_with(b"-MOVED") {
+            dst.get_or_insert((d, id, n.port));
+        } else {
+            src = Some((d, id, n.port));
+        }
+    }
+    let (mut src, src_id, _) = src.unwrap();
+    let (mut dst, dst_id, dst_port) = dst.unwrap();
+    assert_eq!(
+        &call(
+            &mut dst,
+            &format!("CLUSTER SETSLOT {slot} IMPORTING {src_id}")
+        )
+        .await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        &call(
+            &mut src,
+            &format!("CLUSTER SETSLOT {slot} MIGRATING {dst_id}")
+        )
+        .await[..],
+        b"+OK\r\n"
+    );
+    let r = call(
+        &mut src,
+        &format!("MIGRATE 127.0.0.1 {dst_port} {{mig}}a 0 5000"),
+    )
+    .await;
+    assert_eq!(&r[..], b"+OK\r\n");
+    // Moved already: ASK to the target.
+    assert_eq!(&call(&mut via, "GET {mig}a").await[..], b"$1\r\n1\r\n");
+    assert!(metric(&s, "cluster_redirects_total", &[("kind", "ask")]) >= 1.0);
+    // Half moved: TRYAGAIN until the rest moves and the slot changes owner.
+    let sidecar = s.addr;
+    let read = tokio::spawn(async move {
+        let mut c = Raw::connect(sidecar).await;
+        call(&mut c, "MGET {mig}a {mig}b").await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = call(
+        &mut src,
+        &format!("MIGRATE 127.0.0.1 {dst_port} {{mig}}b 0 5000"),
+    )
+    .await;
+    assert_eq!(&r[..], b"+OK\r\n");
+    for d in [&mut dst, &mut src] {
+        call(d, &format!("CLUSTER SETSLOT {slot} NODE {dst_id}")).await;
+    }
+    let got = read.await.unwrap();
+    assert_eq!(&got[..], b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
+    assert!(metric(&s, "cluster_redirects_total", &[("kind", "retry")]) >= 1.0);
+}
