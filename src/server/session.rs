@@ -1181,7 +1181,7 @@ impl Session {
         }
         let set = self.cluster.as_ref()?.set.as_ref()?;
         let slot = crate::upstream::router::direct_slot(ex.args(), info?)?;
-        set.for_slot(&self.shared.pool, slot, &self.entry.client)
+        set.for_slot(&self.shared.pool, slot)
     }
 
     async fn send_job(

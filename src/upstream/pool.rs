@@ -57,14 +57,19 @@ pub struct Pool {
     clusters: Mutex<HashMap<Identity, Arc<ClusterSet>>>,
 }
 
+/// Node connections by port, then host.
+type NodeConns = HashMap<u16, Vec<(String, mpsc::Sender<Job>)>>;
+
 /// The shared connections of one identity to the nodes of a cluster
 /// endpoint: sessions send single-slot requests straight to them; the
 /// identity's routers send the rest (split, fanned out, redirected).
 pub struct ClusterSet {
     pub active: Active,
     ident: Identity,
-    per_node: usize,
-    nodes: RwLock<HashMap<String, Arc<[mpsc::Sender<Job>]>>>,
+    /// One shared connection per node (the cluster already spreads the
+    /// load over its nodes, and fuller batches cost fewer syscalls per
+    /// command), by port then host.
+    nodes: RwLock<NodeConns>,
     /// Where the node connections send what they did not run.
     bounce_tx: BounceTx,
     /// Taken by the first router of the identity, which handles bounces.
@@ -72,60 +77,44 @@ pub struct ClusterSet {
 }
 
 impl ClusterSet {
-    /// The connection to `node` a client uses (the same one for all its
-    /// requests to that node, so they run in order), made on first use.
-    pub fn sender(
-        &self,
-        pool: &Arc<Pool>,
-        node: &Node,
-        client: &Arc<super::ClientShared>,
-    ) -> mpsc::Sender<Job> {
-        let addr = SlotMap::addr(node);
-        let pick = (Arc::as_ptr(client) as usize >> 6) % self.per_node;
-        if let Some(c) = self
-            .nodes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&addr)
-            && !c[pick].is_closed()
-        {
-            return c[pick].clone();
+    /// The shared connection to `node` (made on first use). Looked up by
+    /// port, then host: no allocation on the request path.
+    pub fn sender(&self, pool: &Arc<Pool>, node: &Node) -> mpsc::Sender<Job> {
+        let find = |nodes: &NodeConns| {
+            nodes
+                .get(&node.port)?
+                .iter()
+                .find(|(h, tx)| *h == node.host && !tx.is_closed())
+                .map(|(_, tx)| tx.clone())
+        };
+        if let Some(tx) = find(&self.nodes.read().unwrap_or_else(PoisonError::into_inner)) {
+            return tx;
         }
         let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = nodes.get(&addr)
-            && !c[pick].is_closed()
-        {
-            return c[pick].clone();
+        if let Some(tx) = find(&nodes) {
+            return tx;
         }
-        let conns: Arc<[mpsc::Sender<Job>]> = (0..self.per_node)
-            .map(|_| {
-                pool.node_connection(
-                    &self.ident,
-                    &self.active,
-                    node.clone(),
-                    self.bounce_tx.clone(),
-                    None,
-                    None,
-                )
-            })
-            .collect();
-        let tx = conns[pick].clone();
-        nodes.insert(addr, conns);
+        let tx = pool.node_connection(
+            &self.ident,
+            &self.active,
+            node.clone(),
+            self.bounce_tx.clone(),
+            None,
+            None,
+        );
+        let at = nodes.entry(node.port).or_default();
+        at.retain(|(h, _)| *h != node.host);
+        at.push((node.host.clone(), tx.clone()));
         tx
     }
 
     /// The connection for a request whose keys are all in `slot`, if the
     /// map names its master.
-    pub fn for_slot(
-        &self,
-        pool: &Arc<Pool>,
-        slot: u16,
-        client: &Arc<super::ClientShared>,
-    ) -> Option<mpsc::Sender<Job>> {
+    pub fn for_slot(&self, pool: &Arc<Pool>, slot: u16) -> Option<mpsc::Sender<Job>> {
         let topo = self.active.endpoint.cluster.as_ref()?;
         let map = topo.map();
         let node = map.owner(slot)?;
-        Some(self.sender(pool, node, client))
+        Some(self.sender(pool, node))
     }
 }
 
@@ -198,9 +187,6 @@ impl Pool {
         let set = Arc::new(ClusterSet {
             active,
             ident: ident.clone(),
-            // One per node: the cluster already spreads the load over its
-            // nodes, and fuller batches cost fewer syscalls per command.
-            per_node: 1,
             nodes: RwLock::new(HashMap::new()),
             bounce_tx,
             bounce_rx: Mutex::new(Some(bounce_rx)),

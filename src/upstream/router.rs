@@ -1041,7 +1041,7 @@ impl Router {
             ));
         };
         if let Some(set) = &self.set {
-            let tx = set.sender(&self.pool, &node, &job.client);
+            let tx = set.sender(&self.pool, &node);
             if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
                 job.fail(UpstreamError::Unavailable(
                     "the cluster node's connection closed".into(),
