@@ -1154,8 +1154,9 @@ impl Session {
         self.cluster.as_ref().is_some_and(|c| c.direct)
     }
 
-    /// The node connection for a request whose keys are in one slot, when
-    /// the active endpoint is a cluster.
+    /// The node connection for a request the session sends straight to
+    /// its node (keys in one slot, or none), when the active endpoint is a
+    /// cluster.
     fn cluster_tx(
         &mut self,
         ex: &Exchange,
@@ -1180,8 +1181,8 @@ impl Session {
             }));
         }
         let set = self.cluster.as_ref()?.set.as_ref()?;
-        let slot = crate::upstream::router::direct_slot(ex.args(), info?)?;
-        set.for_slot(&self.shared.pool, slot)
+        let to = crate::upstream::router::direct(ex.args(), info?)?;
+        set.direct(&self.shared.pool, to, &self.entry.client)
     }
 
     async fn send_job(

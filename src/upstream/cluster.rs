@@ -121,6 +121,18 @@ impl SlotMap {
             .and_then(|i| self.masters.get(usize::from(i)))
     }
 
+    /// The master a client's keyless commands go to: the same one for all
+    /// of them (so they run in order), spread over the masters across
+    /// clients.
+    pub fn keyless_node<T>(&self, client: &Arc<T>) -> Option<&Node> {
+        let n = self.masters.len();
+        if n == 0 {
+            return None;
+        }
+        self.masters
+            .get((Arc::as_ptr(client) as *const u8 as usize >> 6) % n)
+    }
+
     /// Every slot has an owner.
     pub fn complete(&self) -> bool {
         self.owners.iter().all(Option::is_some)
@@ -704,6 +716,11 @@ pub struct Topology {
     /// By node address: connections open to it, and why the last attempt
     /// to connect failed (cleared by a success).
     nodes: Mutex<std::collections::HashMap<String, NodeHealth>>,
+    /// Owners MOVED replies named since the map last changed (newer than
+    /// the map); every router and session routes by them.
+    moved: RwLock<std::collections::HashMap<u16, Node>>,
+    /// `moved` is not empty (checked without a lock on every request).
+    any_moved: std::sync::atomic::AtomicBool,
 }
 
 /// What the sidecar's connections know of one node.
@@ -728,6 +745,8 @@ impl Default for Topology {
             versions: Mutex::new(std::collections::HashMap::new()),
             scripts: Mutex::new(std::collections::HashMap::new()),
             nodes: Mutex::new(std::collections::HashMap::new()),
+            moved: RwLock::new(std::collections::HashMap::new()),
+            any_moved: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -757,7 +776,39 @@ impl Topology {
         }
         *cur = Arc::new(map);
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        drop(cur);
+        self.moved
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.any_moved.store(false, Ordering::Release);
         true
+    }
+
+    /// A MOVED reply: `node` owns `slot` now, until the map changes.
+    pub fn moved(&self, slot: u16, node: Node) {
+        self.moved
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(slot, node);
+        self.any_moved.store(true, Ordering::Release);
+    }
+
+    /// The owner of `slot` a MOVED named since the map last changed.
+    pub fn moved_owner(&self, slot: u16) -> Option<Node> {
+        if !self.any_moved.load(Ordering::Acquire) {
+            return None;
+        }
+        self.moved
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&slot)
+            .cloned()
+    }
+
+    /// The owner of `slot`: as a MOVED said, else as `map` says.
+    pub fn owner(&self, map: &SlotMap, slot: u16) -> Option<Node> {
+        self.moved_owner(slot).or_else(|| map.owner(slot).cloned())
     }
 
     /// A node's `redis_version`, learned when connecting to it.

@@ -108,13 +108,27 @@ impl ClusterSet {
         tx
     }
 
-    /// The connection for a request whose keys are all in `slot`, if the
-    /// map names its master.
-    pub fn for_slot(&self, pool: &Arc<Pool>, slot: u16) -> Option<mpsc::Sender<Job>> {
+    /// The connection for a request the session sends straight to its
+    /// node, if the map names that node.
+    pub fn direct(
+        &self,
+        pool: &Arc<Pool>,
+        to: super::router::Direct,
+        client: &Arc<super::ClientShared>,
+    ) -> Option<mpsc::Sender<Job>> {
         let topo = self.active.endpoint.cluster.as_ref()?;
+        let slot = match to {
+            super::router::Direct::Slot(s) => s,
+            super::router::Direct::Keyless => {
+                let map = topo.map();
+                return Some(self.sender(pool, map.keyless_node(client)?));
+            }
+        };
+        if let Some(n) = topo.moved_owner(slot) {
+            return Some(self.sender(pool, &n));
+        }
         let map = topo.map();
-        let node = map.owner(slot)?;
-        Some(self.sender(pool, node))
+        Some(self.sender(pool, map.owner(slot)?))
     }
 }
 

@@ -445,10 +445,17 @@ fn route_of(args: &[Bytes], table: &Table, me: SocketAddr, proto: Proto, key_cap
     }
 }
 
-/// The slot of a request a session may send straight to the shared
-/// connection of its node: every key in that one slot, and not a command
-/// the router splits, fans out or answers.
-pub fn direct_slot(args: &[Bytes], info: &crate::command::CommandInfo) -> Option<u16> {
+/// Where a session may send a request straight to a node's shared
+/// connection (not a command the router splits, fans out or answers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direct {
+    /// Every key in this one slot.
+    Slot(u16),
+    /// No key: the client's own node (see [`SlotMap::keyless_node`]).
+    Keyless,
+}
+
+pub fn direct(args: &[Bytes], info: &crate::command::CommandInfo) -> Option<Direct> {
     const ROUTED: [&[u8]; 12] = [
         b"cluster",
         b"info",
@@ -476,7 +483,7 @@ pub fn direct_slot(args: &[Bytes], info: &crate::command::CommandInfo) -> Option
             _ => {}
         }
     }
-    slot
+    Some(slot.map_or(Direct::Keyless, Direct::Slot))
 }
 
 /// A command the router sends for its own purposes (a MULTI it holds, a
@@ -519,8 +526,6 @@ pub struct Router {
     topo: Arc<Topology>,
     map: Arc<SlotMap>,
     epoch: u64,
-    /// MOVED answers since the map was last read: slot → owner.
-    moved: HashMap<u16, Node>,
     /// A pinned client's connections to nodes, by address.
     nodes: HashMap<String, mpsc::Sender<Job>>,
     /// The identity's shared node connections (shared routers).
@@ -587,7 +592,6 @@ impl Router {
             pool,
             ident,
             active,
-            moved: HashMap::new(),
             nodes: HashMap::new(),
             bounce_tx,
             bounce_rx,
@@ -644,32 +648,23 @@ impl Router {
         self.sync_map();
     }
 
-    /// Pick up a newer slot map; MOVED answers older than it are dropped.
+    /// Pick up a newer slot map.
     fn sync_map(&mut self) {
         let epoch = self.topo.epoch();
         if epoch != self.epoch {
             self.map = self.topo.map();
             self.epoch = epoch;
-            self.moved.clear();
         }
     }
 
     fn owner(&self, slot: u16) -> Option<Node> {
-        self.moved
-            .get(&slot)
-            .or_else(|| self.map.owner(slot))
-            .cloned()
+        self.topo.owner(&self.map, slot)
     }
 
     /// The client's node for commands without a key: the same one for all
     /// its keyless commands, spread over the masters across clients.
     fn default_node(&self, client: &Arc<ClientShared>) -> Option<Node> {
-        let n = self.map.masters.len();
-        if n == 0 {
-            return None;
-        }
-        let i = (Arc::as_ptr(client) as usize >> 6) % n;
-        self.map.masters.get(i).cloned()
+        self.map.keyless_node(client).cloned()
     }
 
     fn me(&self) -> SocketAddr {
@@ -1090,7 +1085,7 @@ impl Router {
             Bounced::Redirect(Redirect::Moved { slot, host, port }) => {
                 metrics.cluster_redirect(&name, "moved");
                 let node = self.node_at(host, port);
-                self.moved.insert(slot, node.clone());
+                self.topo.moved(slot, node.clone());
                 self.topo.refresh.notify_one();
                 job.hop.asking = false;
                 self.send(Some(node), job).await;
