@@ -660,6 +660,22 @@ impl ScanCursor {
     }
 }
 
+/// A client's SCAN as one step of the walk over the masters: the index of
+/// the master to ask, and the command with that master's own cursor.
+/// `args[1]` is the client's cursor.
+pub fn scan_step(
+    args: &[bytes::Bytes],
+    epoch: u8,
+    masters: usize,
+) -> Result<(u8, Vec<bytes::Bytes>), CursorError> {
+    let cursor = args.get(1).ok_or(CursorError::Invalid)?;
+    let (node, inner) =
+        ScanCursor::decode(cursor, epoch, masters)?.map_or((0, 0), |c| (c.node, c.inner));
+    let mut step = args.to_vec();
+    step[1] = bytes::Bytes::from(inner.to_string());
+    Ok((node, step))
+}
+
 #[cfg(test)]
 mod cursor_tests {
     use super::*;

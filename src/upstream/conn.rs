@@ -746,28 +746,23 @@ fn dispatch(
                 slot: done.slot,
                 blocking: resend.blocking,
             },
-            client: done.client,
+            client: done.client.clone(),
             enqueued: resend.enqueued,
             hop: resend.hop,
         };
-        match tx.try_send(Bounce {
+        let bounce = Bounce {
             job,
             why,
             reply: reply.clone(),
-        }) {
+        };
+        match tx.try_send(bounce) {
             Ok(()) => return Ok(None),
+            // The router is gone or swamped: the client gets the node's
+            // own answer (nothing ran), as below.
             Err(e) => {
-                // The router is gone or swamped: the client gets the
-                // node's own answer (nothing ran).
-                let b = e.into_inner();
-                let JobKind::Request { mut plan, slot, .. } = b.job.kind else {
-                    return Ok(None);
-                };
-                let reply = plan.finish(b.reply);
-                return Ok(slot.map(|seq| {
-                    b.job.client.deliver(seq, Ok(reply));
-                    b.job.client
-                }));
+                if let JobKind::Request { plan, .. } = e.into_inner().job.kind {
+                    done.plan = Some(plan);
+                }
             }
         }
     }
@@ -779,7 +774,13 @@ fn dispatch(
     // that client's request caused it, so that client is closed too, as
     // Redis would close it; the others in flight learn the connection is
     // lost, never that they erred.
-    let refused = reply.starts_with(b"-ERR Protocol error");
+    let refused = reply.starts_with(b"-ERR Protocol error") && done.slot.is_some();
+    if refused {
+        metrics.protocol_error("upstream_refused_request");
+        tracing::warn!(
+            "the upstream refused a client's request as a protocol error; closing that client"
+        );
+    }
     if done.moved_under {
         // As a failover ends a client's transaction: it learns, and
         // reconnects.
@@ -790,30 +791,14 @@ fn dispatch(
             b"-ERR the cluster moved this key's slot while the client held a transaction or WATCH on it; reconnect\r\n",
         );
     }
-    if done.moved_under
-        && let Some(o) = io.oob
-    {
-        if let Some(seq) = done.slot {
-            done.client.deliver(seq, Ok(reply));
-        }
-        o.close();
-        return Ok(Some(done.client));
+    if let Some(seq) = done.slot {
+        // The client may be gone; its reply is then dropped.
+        done.client.deliver(seq, Ok(reply));
     }
-    match done.slot {
-        Some(seq) => {
-            // The client may be gone; its reply is then dropped.
-            done.client.deliver(seq, Ok(reply));
-            if refused {
-                metrics.protocol_error("upstream_refused_request");
-                tracing::warn!(
-                    "the upstream refused a client's request as a protocol error; closing that client"
-                );
-                done.client.close();
-            }
-            Ok(Some(done.client))
-        }
-        None => Ok(None),
+    if refused || done.moved_under {
+        done.client.close();
     }
+    Ok(done.slot.is_some().then_some(done.client))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::cluster::{Node, SlotMap};
 use super::conn::{self, Bounce, BounceTx, Bounced, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
-use super::router::{Router, RouterEnd};
+use super::router::{Named, Router, RouterEnd, Slots, slots_of};
 use super::{DEFAULT_DB, Identity, Job, Oob, UpstreamError};
 use crate::command::Table;
 use crate::metrics::Metrics;
@@ -479,24 +479,7 @@ impl Pool {
                     None,
                 )
                 .await;
-            al.store(false, Ordering::Release);
-            // Jobs queued but never written fail as never sent.
-            rx.close();
-            let unsent = UpstreamError::Unavailable(
-                "the upstream connection closed before the request was sent".into(),
-            );
-            for job in backlog
-                .into_iter()
-                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-            {
-                job.fail(unsent.clone());
-            }
-            if end != End::Closed && hs.load(Ordering::Acquire) {
-                // MULTI, WATCH or subscriptions were lost with the
-                // connection (it failed, or the endpoint was switched): the
-                // client must learn it, as with Redis, and reconnect.
-                oob.close();
-            }
+            end_pinned(end == End::Closed, &mut backlog, &mut rx, &al, &hs, &oob);
         });
         Ok(Dedicated {
             tx,
@@ -533,17 +516,8 @@ impl Pool {
                 None => RouterEnd::Retired,
             };
             drop(router);
-            al.store(false, Ordering::Release);
-            rx.close();
-            let unsent = UpstreamError::Unavailable(
-                "the upstream connection closed before the request was sent".into(),
-            );
-            while let Ok(job) = rx.try_recv() {
-                job.fail(unsent.clone());
-            }
-            if end != RouterEnd::Closed && hs.load(Ordering::Acquire) {
-                oob.close();
-            }
+            let closed = end == RouterEnd::Closed;
+            end_pinned(closed, &mut VecDeque::new(), &mut rx, &al, &hs, &oob);
         });
         Dedicated {
             tx,
@@ -981,39 +955,27 @@ impl ClusterControl {
             return ControlRoute::Any;
         };
         let map = topo.map();
-        let name = cmd
-            .first()
-            .map(|a| a.to_ascii_lowercase())
-            .unwrap_or_default();
-        let sub = cmd
-            .get(1)
-            .map(|a| a.to_ascii_lowercase())
-            .unwrap_or_default();
-        match (&name[..], &sub[..]) {
-            (b"select", b"0") => return ControlRoute::Answer(Bytes::from_static(b"+OK\r\n")),
-            (b"script", b"load" | b"flush") => return ControlRoute::Every,
-            (b"scan", cursor) => {
-                let masters = map.masters.len();
-                let epoch = topo.epoch() as u8;
-                return match super::cluster::ScanCursor::decode(cursor, epoch, masters) {
-                    Ok(c) => {
-                        let (node, inner) = c.map_or((0, 0), |c| (c.node, c.inner));
-                        let mut args = cmd.to_vec();
-                        args[1] = Bytes::from(inner.to_string());
-                        ControlRoute::Scan(epoch, node, masters, args)
-                    }
+        if cmd.len() == 2 && cmd[0].eq_ignore_ascii_case(b"select") && &cmd[1][..] == b"0" {
+            return ControlRoute::Answer(Bytes::from_static(b"+OK\r\n"));
+        }
+        match super::router::named(cmd) {
+            Some(Named::ScriptLoad | Named::ScriptFlush) => return ControlRoute::Every,
+            Some(Named::Scan) => {
+                let (masters, epoch) = (map.masters.len(), topo.epoch() as u8);
+                return match super::cluster::scan_step(cmd, epoch, masters) {
+                    Ok((node, args)) => ControlRoute::Scan(epoch, node, masters, args),
                     Err(e) => ControlRoute::Answer(Bytes::from(format!("-ERR {e}\r\n"))),
                 };
             }
             _ => {}
         }
         let table = self.pool.table();
-        let slot = table
-            .lookup(cmd)
-            .and_then(|i| i.keys(cmd).first().and_then(|k| cmd.get(k.index)).cloned())
-            .map(|k| super::cluster::key_slot(&k));
-        match slot.and_then(|s| map.owner(s).cloned()) {
-            Some(n) => ControlRoute::Node(n),
+        let slot = match table.lookup(cmd).map(|i| slots_of(cmd, i)) {
+            Some(Slots::One(s)) => s,
+            _ => return ControlRoute::Any,
+        };
+        match map.owner(slot) {
+            Some(n) => ControlRoute::Node(n.clone()),
             None => ControlRoute::Any,
         }
     }
@@ -1102,6 +1064,28 @@ impl Held<'_> {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+    }
+}
+
+/// A pinned client's connection (or cluster router) ended: what was queued
+/// was never sent. Unless the client left (`closed`), MULTI, WATCH or
+/// subscriptions it held there are lost (the connection failed, or the
+/// endpoint was switched): it must learn it, as with Redis, and reconnect.
+fn end_pinned(
+    closed: bool,
+    backlog: &mut VecDeque<Job>,
+    rx: &mut mpsc::Receiver<Job>,
+    alive: &AtomicBool,
+    holds_state: &AtomicBool,
+    oob: &Oob,
+) {
+    alive.store(false, Ordering::Release);
+    let unsent = UpstreamError::Unavailable(
+        "the upstream connection closed before the request was sent".into(),
+    );
+    fail_all(backlog, rx, &unsent);
+    if !closed && holds_state.load(Ordering::Acquire) {
+        oob.close();
     }
 }
 

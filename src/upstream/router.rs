@@ -61,6 +61,9 @@ enum Route {
     Any,
     /// Keys of several slots, split and merged.
     Split(Split, usize),
+    /// Keys of several slots in a command that cannot be split: Redis's
+    /// own CROSSSLOT error.
+    CrossSlot,
     /// To every master, replies merged.
     Fan(Merge),
     /// SCAN across the masters.
@@ -378,68 +381,130 @@ fn masquerade(sub: &[u8], me: SocketAddr, proto: Proto) -> Option<Value> {
     })
 }
 
-/// Where a job's commands go, decided from its first command.
-fn route_of(args: &[Bytes], table: &Table, me: SocketAddr, proto: Proto, key_cap: usize) -> Route {
-    let Some(name) = args.first() else {
-        return Route::Any;
-    };
-    let lower = name.to_ascii_lowercase();
-    let sub = || {
+/// Commands routed by their name, whatever their keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Named {
+    /// CLUSTER SLOTS/SHARDS/NODES/INFO/MYID.
+    Masquerade,
+    Info,
+    Dbsize,
+    Flush,
+    Keys,
+    RandomKey,
+    Scan,
+    ScriptLoad,
+    ScriptFlush,
+    ScriptExists,
+    /// SPUBLISH/SSUBSCRIBE/SUNSUBSCRIBE: by the channel's slot.
+    ShardChannel,
+}
+
+/// Which [`Named`] command `args` is (no allocation: it runs for every
+/// request the session sends to a cluster).
+pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
+    let name = args.first()?;
+    let sub = |options: &[&[u8]]| {
         args.get(1)
-            .map(|a| a.to_ascii_lowercase())
-            .unwrap_or_default()
+            .is_some_and(|s| options.iter().any(|o| s.eq_ignore_ascii_case(o)))
     };
-    match &lower[..] {
-        b"cluster" => {
-            if let Some(v) = masquerade(&sub(), me, proto) {
-                return Route::Answer(v.encode(proto));
-            }
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    Some(if is(b"cluster") {
+        if !sub(&[b"slots", b"shards", b"nodes", b"info", b"myid"]) {
+            return None;
         }
-        b"info" => return Route::Info,
-        b"dbsize" => return Route::Fan(Merge::Sum),
-        b"flushall" | b"flushdb" => return Route::Fan(Merge::AllOk),
-        b"keys" => return Route::Fan(Merge::Concat(key_cap)),
-        b"randomkey" => return Route::Fan(Merge::FirstNonNull),
-        b"scan" => return Route::Scan,
-        b"script" => match &sub()[..] {
-            b"load" => return Route::Fan(Merge::First), // body added by the router
-            b"flush" => return Route::Fan(Merge::AllOk),
-            b"exists" => return Route::Fan(Merge::AndArrays),
-            _ => {}
-        },
-        b"spublish" | b"ssubscribe" | b"sunsubscribe" => {
-            return match args.get(1) {
-                Some(ch) => Route::Slot(cluster::key_slot(ch)),
-                None => Route::Any,
-            };
+        Named::Masquerade
+    } else if is(b"info") {
+        Named::Info
+    } else if is(b"dbsize") {
+        Named::Dbsize
+    } else if is(b"flushall") || is(b"flushdb") {
+        Named::Flush
+    } else if is(b"keys") {
+        Named::Keys
+    } else if is(b"randomkey") {
+        Named::RandomKey
+    } else if is(b"scan") {
+        Named::Scan
+    } else if is(b"script") {
+        if sub(&[b"load"]) {
+            Named::ScriptLoad
+        } else if sub(&[b"flush"]) {
+            Named::ScriptFlush
+        } else if sub(&[b"exists"]) {
+            Named::ScriptExists
+        } else {
+            return None;
         }
-        _ => {}
-    }
-    let Some(info) = table.lookup(args) else {
-        return Route::Any;
-    };
-    let keys = info.keys(args);
+    } else if is(b"spublish") || is(b"ssubscribe") || is(b"sunsubscribe") {
+        Named::ShardChannel
+    } else {
+        return None;
+    })
+}
+
+/// The slots of a command's keys.
+pub(crate) enum Slots {
+    None,
+    One(u16),
+    Many,
+}
+
+pub(crate) fn slots_of(args: &[Bytes], info: &crate::command::CommandInfo) -> Slots {
     let mut slot = None;
-    let mut many = false;
-    for k in &keys {
+    for k in info.keys(args) {
         let Some(key) = args.get(k.index) else {
             continue;
         };
         let s = cluster::key_slot(key);
         match slot {
             None => slot = Some(s),
-            Some(first) if first != s => many = true,
+            Some(first) if first != s => return Slots::Many,
             _ => {}
         }
     }
-    match (slot, many) {
-        (None, _) => Route::Any,
-        (Some(s), false) => Route::Slot(s),
-        (Some(_), true) => {
-            let name = String::from_utf8_lossy(&lower);
+    slot.map_or(Slots::None, Slots::One)
+}
+
+/// Where a job's commands go, decided from its first command.
+fn route_of(args: &[Bytes], table: &Table, pool: &Pool, proto: Proto) -> Route {
+    if let Some(n) = named(args) {
+        return match n {
+            Named::Masquerade => match args
+                .get(1)
+                .and_then(|s| masquerade(s, pool.advertised(), proto))
+            {
+                Some(v) => Route::Answer(v.encode(proto)),
+                None => Route::Any,
+            },
+            Named::Info => Route::Info,
+            Named::Dbsize => Route::Fan(Merge::Sum),
+            Named::Flush | Named::ScriptFlush => Route::Fan(Merge::AllOk),
+            Named::Keys => Route::Fan(Merge::Concat(pool.settings().max_reply_bulk)),
+            Named::RandomKey => Route::Fan(Merge::FirstNonNull),
+            Named::Scan => Route::Scan,
+            // The body is remembered by the router (Merge::ScriptLoad).
+            Named::ScriptLoad => Route::Fan(Merge::First),
+            Named::ScriptExists => Route::Fan(Merge::AndArrays),
+            Named::ShardChannel => match args.get(1) {
+                Some(ch) => Route::Slot(cluster::key_slot(ch)),
+                None => Route::Any,
+            },
+        };
+    }
+    let Some(info) = table.lookup(args) else {
+        return Route::Any;
+    };
+    match slots_of(args, info) {
+        Slots::None => Route::Any,
+        Slots::One(s) => Route::Slot(s),
+        Slots::Many => {
+            let name = args
+                .first()
+                .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+                .unwrap_or_default();
             match cluster::split_kind(&name) {
                 Some((kind, stride)) => Route::Split(kind, stride),
-                None => Route::Answer(Bytes::from_static(cluster::CROSSSLOT)),
+                None => Route::CrossSlot,
             }
         }
     }
@@ -456,34 +521,14 @@ pub enum Direct {
 }
 
 pub fn direct(args: &[Bytes], info: &crate::command::CommandInfo) -> Option<Direct> {
-    const ROUTED: [&[u8]; 12] = [
-        b"cluster",
-        b"info",
-        b"dbsize",
-        b"flushall",
-        b"flushdb",
-        b"keys",
-        b"randomkey",
-        b"scan",
-        b"script",
-        b"spublish",
-        b"ssubscribe",
-        b"sunsubscribe",
-    ];
-    let name = args.first()?;
-    if ROUTED.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+    if named(args).is_some() {
         return None;
     }
-    let mut slot = None;
-    for k in info.keys(args) {
-        let s = cluster::key_slot(args.get(k.index)?);
-        match slot {
-            None => slot = Some(s),
-            Some(first) if first != s => return None,
-            _ => {}
-        }
+    match slots_of(args, info) {
+        Slots::None => Some(Direct::Keyless),
+        Slots::One(s) => Some(Direct::Slot(s)),
+        Slots::Many => None,
     }
-    Some(slot.map_or(Direct::Keyless, Direct::Slot))
 }
 
 /// A command the router sends for its own purposes (a MULTI it holds, a
@@ -667,10 +712,6 @@ impl Router {
         self.map.keyless_node(client).cloned()
     }
 
-    fn me(&self) -> SocketAddr {
-        self.pool.advertised()
-    }
-
     async fn route(&mut self, job: Job) {
         self.sync_map();
         let generation = self.pool.table_generation();
@@ -682,13 +723,7 @@ impl Router {
             let node = self.default_node(&job.client);
             return self.send(node, job).await;
         };
-        let route = route_of(
-            &args,
-            &self.table.1,
-            self.me(),
-            self.ident.proto,
-            self.pool.settings().max_reply_bulk,
-        );
+        let route = route_of(&args, &self.table.1, &self.pool, self.ident.proto);
         if self.pinned.is_some() {
             let name = args
                 .first()
@@ -725,6 +760,7 @@ impl Router {
                 self.send(node, job).await
             }
             Route::Answer(reply) => answer(job, reply),
+            Route::CrossSlot => answer(job, Bytes::from_static(cluster::CROSSSLOT)),
             Route::Split(kind, stride) => {
                 let parts = cluster::split_by_slot(&args, stride);
                 let payloads: Vec<(Option<Node>, Bytes)> = parts
@@ -779,16 +815,12 @@ impl Router {
     /// blocking commands on their keys' nodes, its subscriptions on its
     /// default node (shard channels on their slots' nodes).
     async fn route_pinned(&mut self, mut job: Job, name: &[u8], route: Route) {
-        let slot = match &route {
-            Route::Slot(s) => Some(*s),
-            Route::Answer(r) if &r[..] == cluster::CROSSSLOT => {
-                if self.tx.in_multi {
-                    self.tx.dirty = true;
-                }
-                return answer(job, r.clone());
-            }
-            Route::Answer(r) => return answer(job, r.clone()),
-            Route::Split(..) => {
+        let slot = match route {
+            Route::Slot(s) => Some(s),
+            Route::Answer(r) => return answer(job, r),
+            // Keys of several slots: not split for a pinned client (a
+            // transaction runs on one node); refused as Redis refuses it.
+            Route::CrossSlot | Route::Split(..) => {
                 if self.tx.in_multi {
                     self.tx.dirty = true;
                 }
@@ -927,18 +959,17 @@ impl Router {
 
     /// SCAN across the masters in order: the client's cursor names the
     /// master and its own cursor.
-    async fn scan(&mut self, job: Job, mut args: Vec<Bytes>) {
+    async fn scan(&mut self, job: Job, args: Vec<Bytes>) {
         let masters = self.map.masters.len();
         let epoch = self.epoch as u8;
-        let Some(cursor) = args.get(1) else {
+        if args.len() < 2 {
             return answer(
                 job,
                 Bytes::from_static(b"-ERR wrong number of arguments for 'scan' command\r\n"),
             );
-        };
-        let (node, inner) = match ScanCursor::decode(cursor, epoch, masters) {
-            Ok(Some(c)) => (c.node, c.inner),
-            Ok(None) => (0, 0),
+        }
+        let (node, args) = match cluster::scan_step(&args, epoch, masters) {
+            Ok(step) => step,
             Err(e) => return answer(job, Bytes::from(format!("-ERR {e}\r\n"))),
         };
         let Some(target) = self.map.masters.get(usize::from(node)).cloned() else {
@@ -947,7 +978,6 @@ impl Router {
                 Bytes::from_static(b"-ERR the cluster has no master\r\n"),
             );
         };
-        args[1] = Bytes::from(inner.to_string());
         let payload = encode_command(&args);
         self.gather(
             job,
@@ -1035,29 +1065,25 @@ impl Router {
                 "the cluster's slot map is not known yet".into(),
             ));
         };
-        if let Some(set) = &self.set {
-            let tx = set.sender(&self.pool, &node);
-            if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
-                job.fail(UpstreamError::Unavailable(
-                    "the cluster node's connection closed".into(),
-                ));
-            }
-            return;
-        }
-        let addr = SlotMap::addr(&node);
-        let tx = match self.nodes.get(&addr) {
-            Some(tx) if !tx.is_closed() => tx.clone(),
-            _ => {
-                let tx = self.pool.node_connection(
-                    &self.ident,
-                    &self.active,
-                    node,
-                    self.bounce_tx.clone(),
-                    self.pinned.clone(),
-                    self.name.clone(),
-                );
-                self.nodes.insert(addr, tx.clone());
-                tx
+        let tx = match &self.set {
+            Some(set) => set.sender(&self.pool, &node),
+            None => {
+                let addr = SlotMap::addr(&node);
+                match self.nodes.get(&addr) {
+                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    _ => {
+                        let tx = self.pool.node_connection(
+                            &self.ident,
+                            &self.active,
+                            node,
+                            self.bounce_tx.clone(),
+                            self.pinned.clone(),
+                            self.name.clone(),
+                        );
+                        self.nodes.insert(addr, tx.clone());
+                        tx
+                    }
+                }
             }
         };
         if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
