@@ -302,6 +302,32 @@ async fn cluster_probes_see_one_node() {
     );
     let shards = call(&mut c, "CLUSTER SHARDS").await;
     assert!(String::from_utf8_lossy(&shards).contains("16383"));
+    let info = call(&mut c, "CLUSTER INFO").await;
+    let text = String::from_utf8_lossy(&info);
+    assert!(
+        text.contains("cluster_state:ok") && text.contains("cluster_known_nodes:1"),
+        "{text}"
+    );
+    let id = call(&mut c, "CLUSTER MYID").await;
+    assert!(id.starts_with(b"$40\r\n"), "{id:?}");
+    // What the sidecar knows of the cluster, in its metrics.
+    assert_eq!(metric(&s, "cluster_nodes", &[("role", "master")]), 3.0);
+    assert_eq!(metric(&s, "cluster_nodes", &[("role", "replica")]), 3.0);
+    assert!(
+        metric(
+            &s,
+            "cluster_slot_map_refreshes_total",
+            &[("result", "read")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &s,
+            "cluster_slot_map_refreshes_total",
+            &[("result", "changed")]
+        ) >= 1.0
+    );
+    assert_eq!(metric(&s, "cluster_slot_map_age_seconds", &[]), 0.0);
     let info = call(&mut c, "INFO").await;
     let text = String::from_utf8_lossy(&info);
     assert!(text.contains("cluster_enabled:0\r\n"), "{text}");
@@ -316,6 +342,8 @@ async fn cluster_probes_see_one_node() {
         .await
         .unwrap();
     assert!(v.contains("redis_version:"));
+    // INFO went to a node: a connection to it is counted.
+    assert!(metric(&s, "cluster_node_connections", &[]) >= 1.0);
 }
 
 /// The policies work on a cluster: a TTL rule's appended PEXPIRE reaches
@@ -674,6 +702,14 @@ async fn ask_and_tryagain_during_a_migration() {
     // Moved already: ASK to the target.
     assert_eq!(&call(&mut via, "GET {mig}a").await[..], b"$1\r\n1\r\n");
     assert!(metric(&s, "cluster_redirects_total", &[("kind", "ask")]) >= 1.0);
+    // Half moved and left so: after 5 retries (about 1.5 s) the client gets
+    // the node's own TRYAGAIN.
+    let r = call(&mut via, "MGET {mig}a {mig}b").await;
+    assert!(r.starts_with(b"-TRYAGAIN"), "{r:?}");
+    assert_eq!(
+        metric(&s, "cluster_redirects_total", &[("kind", "exhausted")]),
+        1.0
+    );
     // Half moved: TRYAGAIN until the rest moves and the slot changes owner.
     let sidecar = s.addr;
     let read = tokio::spawn(async move {
@@ -693,4 +729,46 @@ async fn ask_and_tryagain_during_a_migration() {
     let got = read.await.unwrap();
     assert_eq!(&got[..], b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n");
     assert!(metric(&s, "cluster_redirects_total", &[("kind", "retry")]) >= 1.0);
+}
+
+/// A client's pipeline keeps its order across the two ways requests take
+/// on a cluster: a write split by the router (MSET over two slots) is seen
+/// by the single-key read that follows it, sent straight to the node.
+#[tokio::test]
+async fn a_pipeline_keeps_its_order_between_router_and_nodes() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let mut c = Raw::connect(s.addr).await;
+    let mut out = Vec::new();
+    for i in 0..500 {
+        let v = format!("v{i}");
+        out.extend_from_slice(
+            &redis_sidecar::protocol::encode_command(&[
+                b"MSET" as &[u8],
+                b"order:a",
+                v.as_bytes(),
+                b"order:b",
+                v.as_bytes(),
+            ])[..],
+        );
+        out.extend_from_slice(
+            &redis_sidecar::protocol::encode_command(&[b"GET" as &[u8], b"order:a"])[..],
+        );
+        out.extend_from_slice(
+            &redis_sidecar::protocol::encode_command(&[b"GET" as &[u8], b"order:b"])[..],
+        );
+    }
+    c.send(&out).await;
+    for i in 0..500 {
+        assert_eq!(&c.read().await[..], b"+OK\r\n");
+        let want = format!("${}\r\nv{i}\r\n", format!("v{i}").len());
+        for key in ["a", "b"] {
+            let got = c.read().await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                want,
+                "round {i}, order:{key}"
+            );
+        }
+    }
 }
