@@ -228,11 +228,11 @@ impl Task {
             let node =
                 match &self.pool.ups.active().endpoint.cluster {
                     None => None,
-                    Some(t) => match req.keys.first().and_then(|k| {
-                        t.map()
-                            .owner(crate::upstream::cluster::key_slot(k))
-                            .cloned()
-                    }) {
+                    Some(t) => match req
+                        .keys
+                        .first()
+                        .and_then(|k| t.owner(&t.map(), crate::upstream::cluster::key_slot(k)))
+                    {
                         Some(n) => Some(n),
                         None => {
                             let _ = req.reply.send(Err(FillError::Upstream(
