@@ -55,7 +55,7 @@ struct Inner {
     cache_joins: IntCounter,
     cluster_redirects: IntCounterVec,
     cluster_refreshes: IntCounterVec,
-    cluster_map_age: IntGaugeVec,
+    cluster_map_read: IntGaugeVec,
     cluster_nodes: IntGaugeVec,
     cluster_node_connections: IntGaugeVec,
     by_command: Mutex<HashMap<String, Arc<CommandMetrics>>>,
@@ -291,15 +291,15 @@ impl Metrics {
         let cluster_refreshes = IntCounterVec::new(
             Opts::new(
                 "cluster_slot_map_refreshes_total",
-                "Slot map reads from the cluster, by result (changed|same|error)",
+                "Slot map reads from the cluster, by result (read|changed|error)",
             ),
             &["upstream", "result"],
         )
         .expect("static metric");
-        let cluster_map_age = IntGaugeVec::new(
+        let cluster_map_read = IntGaugeVec::new(
             Opts::new(
-                "cluster_slot_map_age_seconds",
-                "Seconds since the slot map was last read from the cluster (set on each check)",
+                "cluster_slot_map_read_timestamp_seconds",
+                "Unix time of the last successful read of the slot map (its age: time() minus this)",
             ),
             &["upstream"],
         )
@@ -325,7 +325,7 @@ impl Metrics {
             Box::new(cluster_node_connections.clone()),
             Box::new(cluster_redirects.clone()),
             Box::new(cluster_refreshes.clone()),
-            Box::new(cluster_map_age.clone()),
+            Box::new(cluster_map_read.clone()),
             Box::new(cluster_nodes.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_invalidations.clone()),
@@ -389,7 +389,7 @@ impl Metrics {
             cache_joins,
             cluster_redirects,
             cluster_refreshes,
-            cluster_map_age,
+            cluster_map_read,
             cluster_nodes,
             cluster_node_connections,
             by_command: Mutex::new(HashMap::new()),
@@ -580,11 +580,15 @@ impl Metrics {
             .with_label_values(&[upstream, node])
     }
 
-    pub fn cluster_map_age(&self, upstream: &str, age: std::time::Duration) {
+    /// The slot map was just read.
+    pub fn cluster_map_read(&self, upstream: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         self.0
-            .cluster_map_age
+            .cluster_map_read
             .with_label_values(&[upstream])
-            .set(age.as_secs() as i64);
+            .set(now as i64);
     }
 
     pub fn protocol_error(&self, kind: &str) {

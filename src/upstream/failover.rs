@@ -495,8 +495,7 @@ impl Upstreams {
             tracing::info!(upstream = %e.name(), masters, complete, "cluster slot map changed");
             self.metrics.cluster_refresh(e.name(), "changed", None);
         }
-        self.metrics
-            .cluster_map_age(e.name(), std::time::Duration::ZERO);
+        self.metrics.cluster_map_read(e.name());
         if !cluster::state_ok(&replies[0]) {
             return Err(UpstreamError::Unavailable("cluster_state is not ok".into()));
         }
