@@ -266,6 +266,10 @@ async fn a_killed_master_is_replaced_by_its_replica() {
     // until the replica takes over.
     let mut first_ok = None;
     let mut failures = 0;
+    // /upstreams shows why the dead master cannot be reached, while the
+    // map still names it.
+    let mut seen_error = None;
+    let victim_addr = format!("127.0.0.1:{victim}");
     while killed.elapsed() < Duration::from_secs(30) {
         let r: redis::RedisResult<()> = redis::cmd("SET")
             .arg(&victim_key)
@@ -279,6 +283,15 @@ async fn a_killed_master_is_replaced_by_its_replica() {
             }
             Err(e) => {
                 failures += 1;
+                if seen_error.is_none() {
+                    let u = upstreams(&s).await;
+                    seen_error = u["upstreams"][0]["cluster"]["masters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|m| m["address"] == victim_addr.as_str())
+                        .and_then(|m| m["node"]["last_error"].as_str().map(str::to_string));
+                }
                 if failures % 40 == 1 {
                     println!("{:?} {e}", killed.elapsed());
                 }
@@ -295,6 +308,8 @@ async fn a_killed_master_is_replaced_by_its_replica() {
     println!(
         "kill -9 of a master: its slots served again after {gap:?} ({failures} failed writes meanwhile)"
     );
+    let e = seen_error.expect("no connect error shown for the dead master");
+    assert!(e.contains(&victim_addr), "{e}");
     let v: String = redis::cmd("GET")
         .arg(&victim_key)
         .query_async(&mut c)
