@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use crate::protocol::{encode_command, scan};
+use crate::protocol::{Request, encode_command, scan};
 use crate::upstream::Reply;
 
 /// A stage's hook on the replies of one exchange, run on the upstream
@@ -49,8 +49,11 @@ pub enum TxItem {
 pub struct Exchange {
     args: Vec<Bytes>,
     /// The bytes to send for the command: as they arrived, or re-encoded
-    /// after a rewrite.
+    /// after a rewrite; always canonical RESP (see [`Request`]).
     raw: Bytes,
+    /// Length of `raw`'s array header, as the scanner found it: where
+    /// the arguments start.
+    head: usize,
     /// What stages and transactions add; boxed, as most commands have
     /// none and the exchange is moved through the connection's FIFO.
     more: Option<Box<More>>,
@@ -117,10 +120,11 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    pub fn new(raw: Bytes, args: Vec<Bytes>) -> Exchange {
+    pub fn new(req: Request) -> Exchange {
         Exchange {
-            args,
-            raw,
+            args: req.args,
+            raw: req.raw,
+            head: req.head,
             more: None,
             flags: 0,
         }
@@ -128,13 +132,11 @@ impl Exchange {
 
     /// A command the sidecar makes itself (DISCARD, a state change).
     pub fn command<A: AsRef<[u8]>>(args: &[A]) -> Exchange {
-        let raw = encode_command(args);
-        Exchange::new(
-            raw,
+        Exchange::new(Request::from_args(
             args.iter()
                 .map(|a| Bytes::copy_from_slice(a.as_ref()))
                 .collect(),
-        )
+        ))
     }
 
     fn more(&mut self) -> &mut More {
@@ -148,25 +150,24 @@ impl Exchange {
     /// Replace the command (it is re-encoded; untouched commands are
     /// forwarded as the bytes that arrived).
     pub fn rewrite(&mut self, args: Vec<Bytes>) {
-        self.raw = encode_command(&args);
-        self.args = args;
+        let Request { raw, args, head } = Request::from_args(args);
+        (self.raw, self.args, self.head) = (raw, args, head);
     }
 
     /// Add arguments at the end of the command: `encoded` is their RESP
     /// encoding (built once by the stage), so the command is not encoded
-    /// again, only its array header patched.
+    /// again, only its array header replaced. The header's end is the
+    /// scanner's (never a search for a line end, which a value can hold:
+    /// that is how a value becomes a command).
     pub fn extend(&mut self, encoded: &Bytes, args: &[Bytes]) {
-        let header_end = self
-            .raw
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
         let mut out = BytesMut::with_capacity(self.raw.len() + encoded.len() + 4);
         self.args.extend_from_slice(args);
         scan::push_header(&mut out, b'*', self.args.len());
-        out.extend_from_slice(&self.raw[header_end..]);
+        let head = out.len();
+        out.extend_from_slice(&self.raw[self.head..]);
         out.extend_from_slice(encoded);
         self.raw = out.freeze();
+        self.head = head;
     }
 
     /// Send this already-encoded command right after the command (see
@@ -398,11 +399,11 @@ mod tests {
 
     #[test]
     fn extend_patches_the_header_and_keeps_the_bytes() {
-        let raw = encode_command(&["SET", "k", "v"]);
-        let mut ex = Exchange::new(
-            raw,
-            vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("v")],
-        );
+        let mut ex = Exchange::new(Request::from_args(vec![
+            Bytes::from("SET"),
+            Bytes::from("k"),
+            Bytes::from("v"),
+        ]));
         let encoded = Bytes::from_static(b"$2\r\nPX\r\n$3\r\n100\r\n");
         ex.extend(&encoded, &[Bytes::from("PX"), Bytes::from("100")]);
         assert_eq!(ex.args().len(), 5);

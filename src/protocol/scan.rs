@@ -116,12 +116,45 @@ impl ProtocolError {
 }
 
 /// One client command: the exact bytes to forward and its arguments.
+///
+/// `raw` is always canonical RESP (`*<n>\r\n` then `$<len>\r\n<arg>\r\n`
+/// per argument): Redis, and the scanner, accept line ends of `\r` and any
+/// byte, and any two bytes after a bulk; a request that came in such a form
+/// (or inline) is re-encoded from its arguments, so what reaches an
+/// upstream connection parses one way only, whoever splices it.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// RESP-encoded command (inline commands are re-encoded as RESP arrays).
+    /// RESP-encoded command.
     pub raw: Bytes,
-    /// Arguments, slices of `raw` (copies for inline commands).
+    /// Arguments, slices of the bytes that arrived (copies for inline
+    /// commands).
     pub args: Vec<Bytes>,
+    /// Length of the array header in `raw` (`*<n>\r\n`): where the
+    /// arguments start, for a stage that adds arguments.
+    pub head: usize,
+}
+
+impl Request {
+    /// A request from its arguments (encoded canonically).
+    pub fn from_args(args: Vec<Bytes>) -> Request {
+        let raw = encode_command(&args);
+        Request {
+            head: header_len(args.len()),
+            raw,
+            args,
+        }
+    }
+}
+
+/// Length of a canonical header `*<n>\r\n` (or `$<n>\r\n`).
+pub fn header_len(n: usize) -> usize {
+    let mut digits = 1;
+    let mut n = n / 10;
+    while n > 0 {
+        digits += 1;
+        n /= 10;
+    }
+    1 + digits + 2
 }
 
 /// Resumable scanner for client requests (RESP arrays of bulk strings, or inline).
@@ -137,6 +170,11 @@ pub struct RequestScanner {
     /// Bytes the current request declared so far (headers and bulks).
     declared: usize,
     args: Vec<(usize, usize)>,
+    /// Every line of the current request ended `\r\n` and every bulk was
+    /// followed by `\r\n`: its bytes can be forwarded as they came.
+    canonical: bool,
+    /// Length of the current request's array header.
+    head: usize,
 }
 
 impl RequestScanner {
@@ -148,6 +186,8 @@ impl RequestScanner {
             bulk_len: None,
             declared: 0,
             args: Vec::new(),
+            canonical: true,
+            head: 0,
         }
     }
 
@@ -183,6 +223,8 @@ impl RequestScanner {
                 self.remaining = Some(n as usize);
                 self.declared = nl + 2;
                 self.pos = nl + 2;
+                self.head = nl + 2;
+                self.canonical = buf[nl + 1] == b'\n';
                 self.args.clear();
                 // Capacity from a client-declared count is capped: memory
                 // grows with bytes that actually arrived, not with claims.
@@ -208,6 +250,7 @@ impl RequestScanner {
                             .filter(|&l| l >= 0 && l as u64 <= self.limits.max_bulk as u64)
                             .ok_or(ProtocolError::InvalidBulkLength)?;
                         self.bulk_len = Some(len as usize);
+                        self.canonical &= buf[nl + 1] == b'\n';
                         // The whole request's declared size, checked
                         // before its bytes are buffered.
                         self.declared = self
@@ -228,6 +271,7 @@ impl RequestScanner {
                             return Ok(None);
                         }
                         self.args.push((self.pos, self.pos + len));
+                        self.canonical &= buf[end - 2..end] == *b"\r\n";
                         self.pos = end;
                         self.bulk_len = None;
                         remaining -= 1;
@@ -235,10 +279,17 @@ impl RequestScanner {
                 }
             }
             let raw = buf.split_to(self.pos).freeze();
-            let args = self.args.drain(..).map(|(s, e)| raw.slice(s..e)).collect();
+            let args: Vec<Bytes> = self.args.drain(..).map(|(s, e)| raw.slice(s..e)).collect();
             self.remaining = None;
             self.pos = 0;
-            return Ok(Some(Request { raw, args }));
+            if !self.canonical {
+                return Ok(Some(Request::from_args(args)));
+            }
+            return Ok(Some(Request {
+                raw,
+                args,
+                head: self.head,
+            }));
         }
     }
 
@@ -268,8 +319,7 @@ impl RequestScanner {
         if args.len() > self.limits.max_array {
             return Err(ProtocolError::InvalidMultibulkLength);
         }
-        let raw = encode_command(&args);
-        Ok(Inline::Request(Request { raw, args }))
+        Ok(Inline::Request(Request::from_args(args)))
     }
 }
 
@@ -666,6 +716,25 @@ pub fn split_array(frame: &Bytes) -> Option<Vec<(usize, usize)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn odd_line_ends_are_forwarded_canonical() {
+        // Line ends of `\r` and any byte, and any two bytes after a bulk,
+        // are accepted (as Redis does) and re-encoded: the bytes forwarded
+        // parse one way only, and `head` is where the arguments start.
+        let mut s = RequestScanner::new(Limits::default());
+        let mut buf = BytesMut::from(&b"*2\rX$3\rYSETab$3\r\nk\nvZZ*1\r\n$4\r\nPING\r\n"[..]);
+        let r = s.next(&mut buf).unwrap().unwrap();
+        assert_eq!(r.args, vec![Bytes::from("SET"), Bytes::from("k\nv")]);
+        assert_eq!(r.raw, encode_command(&["SET", "k\nv"]));
+        assert_eq!(r.head, 4);
+        let r = s.next(&mut buf).unwrap().unwrap();
+        assert_eq!(&r.raw[..], b"*1\r\n$4\r\nPING\r\n");
+        assert_eq!(r.head, 4);
+        assert_eq!(header_len(9), 4);
+        assert_eq!(header_len(10), 5);
+        assert_eq!(header_len(1000), 7);
+    }
 
     fn reqs(input: &[u8]) -> Vec<Vec<Bytes>> {
         let mut s = RequestScanner::new(Limits::default());

@@ -489,7 +489,7 @@ impl Session {
         if let Some(i) = &info {
             self.entry.touch_cmd(i.id);
         }
-        let mut ex = Exchange::new(req.raw, req.args);
+        let mut ex = Exchange::new(req);
         if let (Class::Local(_), Some(i)) = (class, info.as_deref())
             && let Some(err) = arity_error(i, ex.args())
         {
