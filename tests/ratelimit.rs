@@ -518,6 +518,50 @@ burst = 2
     s.shutdown().await;
 }
 
+/// A refused EXEC or DISCARD ends the transaction, as Redis never leaves
+/// MULTI open after either: the client's next commands run (they are not
+/// answered QUEUED and lost), and nothing queued ran.
+#[tokio::test]
+async fn a_refused_exec_or_discard_ends_the_transaction() {
+    let redis = RedisServer::start();
+    let s = limited(
+        &redis,
+        &[r#"name = "tx-end"
+commands = ["exec", "discard"]
+rate = "1/min"
+burst = 1
+"#],
+    )
+    .await;
+    let mut direct = redis.direct().await;
+    for end in [&b"EXEC"[..], b"DISCARD"] {
+        let mut c = Raw::connect(s.addr).await;
+        // The bucket's one token goes to a transaction that runs.
+        if end == b"EXEC" {
+            assert_eq!(&c.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+            assert_eq!(&c.call(&[b"INCR", b"ran"]).await[..], b"+QUEUED\r\n");
+            assert_eq!(&c.call(&[b"EXEC"]).await[..], b"*1\r\n:1\r\n");
+        }
+        assert_eq!(&c.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+        assert_eq!(
+            &c.call(&[b"SET", b"queued", b"1"]).await[..],
+            b"+QUEUED\r\n"
+        );
+        assert!(is_limited(&c.call(&[end]).await));
+        // Out of the transaction: a command runs at once.
+        assert_eq!(&c.call(&[b"SET", b"after", b"1"]).await[..], b"+OK\r\n");
+        assert_eq!(&c.call(&[b"GET", b"after"]).await[..], b"$1\r\n1\r\n");
+        let queued: bool = redis::AsyncCommands::exists(&mut direct, "queued")
+            .await
+            .unwrap();
+        assert!(!queued, "a command of the refused transaction ran");
+        let _: () = redis::AsyncCommands::del(&mut direct, "after")
+            .await
+            .unwrap();
+    }
+    s.shutdown().await;
+}
+
 /// A delay rule inside MULTI delays the queueing; EXEC runs everything.
 #[tokio::test]
 async fn multi_with_a_delayed_command_waits_then_runs() {

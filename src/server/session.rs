@@ -607,6 +607,16 @@ impl Session {
                 Verdict::Answer(r) => (r, false),
                 Verdict::Refuse(r) => (r, true),
             };
+            if matches!(self.mode, Mode::Transaction(_))
+                && class == Class::Pin(Pin::EndTransaction)
+                && !is_unwatch(ex.args())
+            {
+                // EXEC or DISCARD refused (or answered) by a stage: the
+                // transaction ends all the same, as Redis never leaves
+                // MULTI open after either; left open, the client's next
+                // commands would be answered QUEUED and never run.
+                return Some(self.discard_tx(reply, metrics).await);
+            }
             if let Mode::Transaction(tx) = &mut self.mode
                 && queued_in_tx(class)
             {
@@ -642,10 +652,7 @@ impl Session {
             Class::Pin(Pin::EndTransaction) => {
                 // EXEC/DISCARD without MULTI: Redis's own error, and WATCH
                 // stays; UNWATCH ends it.
-                let unwatch = ex
-                    .args()
-                    .first()
-                    .is_some_and(|a| a.eq_ignore_ascii_case(b"unwatch"));
+                let unwatch = is_unwatch(ex.args());
                 let target = if matches!(self.mode, Mode::Normal) {
                     Target::Shared
                 } else {
@@ -1028,16 +1035,31 @@ impl Session {
 
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
     async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
-        if let Some(d) = &self.dedicated {
-            let job = self.unanswered(Exchange::command(&[&b"DISCARD"[..]]));
-            let _ = d.tx.send(job).await;
-        }
+        self.discard_upstream().await;
         self.reply(
             Value::error("EXECABORT Transaction discarded because of previous errors."),
             metrics,
         )
         .await;
         Flow::Go
+    }
+
+    /// End the open transaction without running it (an EXEC or DISCARD
+    /// a stage refused): DISCARD upstream, the client gets `reply`.
+    async fn discard_tx(&mut self, reply: Bytes, metrics: &Arc<CommandMetrics>) -> Flow {
+        self.transition(Event::EndTransaction);
+        self.discard_upstream().await;
+        self.now(reply, Some(metrics)).await;
+        self.publish();
+        Flow::Go
+    }
+
+    /// Send DISCARD on the dedicated connection; its reply is consumed.
+    async fn discard_upstream(&mut self) {
+        if let Some(d) = &self.dedicated {
+            let job = self.unanswered(Exchange::command(&[&b"DISCARD"[..]]));
+            let _ = d.tx.send(job).await;
+        }
     }
 
     fn update_holds_state(&self) {
@@ -1818,6 +1840,11 @@ fn arity_error(info: &CommandInfo, args: &[Bytes]) -> Option<Bytes> {
 }
 
 /// Commands that are queued inside MULTI (the others run at once).
+fn is_unwatch(args: &[Bytes]) -> bool {
+    args.first()
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"unwatch"))
+}
+
 fn queued_in_tx(class: Class) -> bool {
     !matches!(
         class,
