@@ -126,10 +126,21 @@ impl CommandInfo {
     }
 
     /// Keys of this invocation, from key specs. Specs Redis itself marks
-    /// unknown (SORT BY/STORE, MIGRATE KEYS) yield nothing here.
+    /// unknown yield nothing here (MIGRATE KEYS; SORT's BY/GET patterns
+    /// are not keys), except SORT's STORE destination, found by reading
+    /// SORT's options as Redis does.
     pub fn keys(&self, args: &[Bytes]) -> Vec<KeyRef> {
         let argc = args.len();
         let mut out = Vec::new();
+        if self.name == "sort"
+            && let Some(index) = sort_store(args)
+        {
+            out.push(KeyRef {
+                index,
+                write: true,
+                stores: true,
+            });
+        }
         for spec in &self.key_specs {
             let first = match &spec.begin {
                 Begin::Index(i) => *i,
@@ -193,6 +204,37 @@ impl CommandInfo {
         }
         out
     }
+}
+
+/// The index of `SORT key [BY p] [LIMIT o c] [GET p ...] [ASC|DESC]
+/// [ALPHA] [STORE dst]`'s destination: options read as Redis's
+/// `sortCommand` does (LIMIT takes two arguments, BY, GET and STORE one);
+/// the last STORE wins, as in Redis. `None` without STORE, or when the
+/// options do not parse (Redis answers a syntax error).
+fn sort_store(args: &[Bytes]) -> Option<usize> {
+    let mut store = None;
+    let mut i = 2;
+    while i < args.len() {
+        let a = &args[i];
+        let is = |o: &[u8]| a.eq_ignore_ascii_case(o);
+        let takes = if is(b"ASC") || is(b"DESC") || is(b"ALPHA") {
+            0
+        } else if is(b"LIMIT") {
+            2
+        } else if is(b"BY") || is(b"GET") {
+            1
+        } else if is(b"STORE") {
+            store = Some(i + 1);
+            1
+        } else {
+            return None;
+        };
+        if i + takes >= args.len() {
+            return None;
+        }
+        i += takes + 1;
+    }
+    store
 }
 
 /// Why a command needs a dedicated upstream connection.
@@ -636,6 +678,31 @@ mod tests {
         s.split(' ')
             .map(|a| Bytes::copy_from_slice(a.as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn sort_store_destination_is_a_stored_key() {
+        let t = Table::builtin();
+        let keys = |s: &str| -> Vec<(usize, bool)> {
+            let a = args(s);
+            let info = t.lookup(&a).unwrap();
+            assert!(info.may_store() || !s.contains("STORE"), "{s}");
+            info.keys(&a)
+                .iter()
+                .filter(|k| k.stores)
+                .map(|k| (k.index, k.write))
+                .collect()
+        };
+        assert_eq!(keys("SORT l STORE dst"), vec![(3, true)]);
+        assert_eq!(
+            keys("SORT l BY w_* LIMIT 0 10 GET # GET h_* DESC ALPHA STORE d"),
+            vec![(14, true)]
+        );
+        // A LIMIT argument or a GET pattern named STORE is not the option.
+        assert_eq!(keys("SORT l GET STORE"), vec![]);
+        assert_eq!(keys("SORT l LIMIT 0 1 STORE a STORE b"), vec![(8, true)]);
+        assert_eq!(keys("SORT l STORE"), vec![]);
+        assert_eq!(keys("SORT l"), vec![]);
     }
 
     #[test]

@@ -1027,3 +1027,48 @@ async fn a_pipelined_read_behind_its_write_sees_it() {
     assert!(requests(&s, "bypass") > 0.0);
     s.shutdown().await;
 }
+
+/// `SORT .. STORE dst` is a write of `dst` (its key spec says "unknown"):
+/// a cached read of `dst` is dropped before the SORT is forwarded, so the
+/// client's pipelined read right behind it sees what SORT stored.
+#[tokio::test]
+async fn sort_store_invalidates_its_destination() {
+    let _shared = serial().read().await;
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut c = Raw::connect(s.addr).await;
+    assert_eq!(
+        &c.call(&[b"RPUSH", b"src", b"2", b"1"]).await[..],
+        b":2\r\n"
+    );
+    for round in 0..20u32 {
+        let old = round.to_string();
+        let _ = c.call(&[b"DEL", b"c:sorted"]).await;
+        assert_eq!(
+            &c.call(&[b"RPUSH", b"c:sorted", old.as_bytes()]).await[..],
+            b":1\r\n"
+        );
+        let want_old = format!("*1\r\n${}\r\n{old}\r\n", old.len());
+        // Filled, then a hit.
+        for _ in 0..2 {
+            let r = c.call(&[b"LRANGE", b"c:sorted", b"0", b"-1"]).await;
+            assert_eq!(r[..], *want_old.as_bytes());
+        }
+        let mut batch = Vec::new();
+        for cmd in [
+            &[&b"SORT"[..], b"src", b"STORE", b"c:sorted"][..],
+            &[b"LRANGE", b"c:sorted", b"0", b"-1"],
+        ] {
+            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(cmd));
+        }
+        c.send(&batch).await;
+        assert_eq!(&c.read().await[..], b":2\r\n");
+        assert_eq!(
+            &c.read().await[..],
+            b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
+            "round {round}: a stale entry after SORT .. STORE"
+        );
+    }
+    assert!(requests(&s, "hit") > 0.0);
+    s.shutdown().await;
+}

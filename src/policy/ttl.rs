@@ -269,6 +269,27 @@ impl<'r> Plan<'_, 'r> {
     }
 }
 
+/// A relative expiry (`EX`/`SETEX` in seconds, `PX`/`PSETEX` in ms) in
+/// milliseconds, only where Redis accepts it (`getExpireMillisecondsOrReply`
+/// in t_string.c): positive, at most `LLONG_MAX / 1000` seconds, and with
+/// the current time added still within `i64`. `None`: Redis answers
+/// `invalid expire time`, so the command is left for it to refuse (a
+/// clamp would turn its error into `+OK`).
+fn relative_ms(v: i64, seconds: bool) -> Option<u64> {
+    let ms = if seconds {
+        if v > i64::MAX / 1000 {
+            return None;
+        }
+        v.checked_mul(1000)?
+    } else {
+        v
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    (ms > 0 && ms.checked_add(now).is_some()).then_some(ms as u64)
+}
+
 /// A SET's expiry option: its position, name and value.
 type Expiry = (usize, &'static str, Option<i64>);
 
@@ -323,14 +344,9 @@ impl Stage for Ttl {
                     match set_expiry(args) {
                         Ok(None) => plan.add_px(rule),
                         Ok(Some((at, opt, Some(v)))) if opt == "EX" || opt == "PX" => {
-                            let t = if opt == "EX" {
-                                v.saturating_mul(1000)
-                            } else {
-                                v
-                            };
                             if let Some(m) = rule.max
-                                && t > 0
-                                && t as u64 > m
+                                && let Some(t) = relative_ms(v, opt == "EX")
+                                && t > m
                             {
                                 plan.set_px(rule, at, 2, m, &rule.counted_clamp);
                             }
@@ -346,12 +362,9 @@ impl Stage for Ttl {
                     && let (Some(v), Some(m), [_, _, _, value]) =
                         (args.get(2).and_then(|v| parse_int(v)), rule.max, args)
                 {
-                    let t = if info.name == "setex" {
-                        v.saturating_mul(1000)
-                    } else {
-                        v
-                    };
-                    if t > 0 && t as u64 > m {
+                    if let Some(t) = relative_ms(v, info.name == "setex")
+                        && t > m
+                    {
                         if rule.observe {
                             rule.counted_observe.inc();
                         } else {
@@ -371,14 +384,9 @@ impl Stage for Ttl {
                     let opt = args.get(2).map(|o| o.to_ascii_uppercase());
                     match (opt.as_deref(), args.get(3).and_then(|v| parse_int(v))) {
                         (Some(o @ (b"EX" | b"PX")), Some(v)) if args.len() == 4 => {
-                            let t = if o == b"EX" {
-                                v.saturating_mul(1000)
-                            } else {
-                                v
-                            };
                             if let Some(m) = rule.max
-                                && t > 0
-                                && t as u64 > m
+                                && let Some(t) = relative_ms(v, o == b"EX")
+                                && t > m
                             {
                                 plan.set_px(rule, 2, 2, m, &rule.counted_clamp);
                             }
