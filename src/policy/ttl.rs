@@ -361,21 +361,19 @@ impl Stage for Ttl {
                 if let Some((key, rule)) = key_rule(1)
                     && let (Some(v), Some(m), [_, _, _, value]) =
                         (args.get(2).and_then(|v| parse_int(v)), rule.max, args)
+                    && let Some(t) = relative_ms(v, info.name == "setex")
+                    && t > m
                 {
-                    if let Some(t) = relative_ms(v, info.name == "setex")
-                        && t > m
-                    {
-                        if rule.observe {
-                            rule.counted_observe.inc();
-                        } else {
-                            rule.counted_clamp.inc();
-                            plan.rewrite = Some(vec![
-                                Bytes::from_static(b"PSETEX"),
-                                key.clone(),
-                                Bytes::from(m.to_string()),
-                                value.clone(),
-                            ]);
-                        }
+                    if rule.observe {
+                        rule.counted_observe.inc();
+                    } else {
+                        rule.counted_clamp.inc();
+                        plan.rewrite = Some(vec![
+                            Bytes::from_static(b"PSETEX"),
+                            key.clone(),
+                            Bytes::from(m.to_string()),
+                            value.clone(),
+                        ]);
                     }
                 }
             }
