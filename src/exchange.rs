@@ -250,10 +250,32 @@ impl Exchange {
         (out.freeze(), plan)
     }
 
-    /// Only the command's bytes, for a connection that streams (where no
-    /// reply of an appended command could be told from a message).
+    /// Only the command's bytes, for a connection that streams where the
+    /// appended commands cannot run (no reply of theirs could be told
+    /// from a message).
     pub fn into_command(self) -> Bytes {
         self.raw
+    }
+
+    /// The command, then each appended command behind `CLIENT REPLY
+    /// SKIP`, for a connection that streams: the appended commands run
+    /// and no reply of theirs comes back (under `CLIENT REPLY OFF` the
+    /// SKIP changes nothing). Reply actions are not run there.
+    pub fn into_streamed(self) -> Bytes {
+        const SKIP: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n";
+        let appended = match self.more {
+            Some(m) if !m.appended.is_empty() => m.appended,
+            _ => return self.raw,
+        };
+        let mut out = BytesMut::with_capacity(
+            self.raw.len() + appended.iter().map(|a| a.len() + SKIP.len()).sum::<usize>(),
+        );
+        out.extend_from_slice(&self.raw);
+        for a in &appended {
+            out.extend_from_slice(SKIP);
+            out.extend_from_slice(a);
+        }
+        out.freeze()
     }
 
     /// The exchange will not be sent: whoever waits for its reply learns.

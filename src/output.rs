@@ -426,7 +426,8 @@ impl ClientShared {
     }
 }
 
-fn count(m: &CommandMetrics, reply: &[u8]) {
+/// Count a reply as ok or error in its command's metrics.
+pub fn count(m: &CommandMetrics, reply: &[u8]) {
     if crate::protocol::is_error(reply) {
         m.err.inc()
     } else {

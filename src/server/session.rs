@@ -33,9 +33,9 @@ use crate::exchange::{Exchange, TxItem};
 use crate::metrics::CommandMetrics;
 use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
 use crate::protocol::scan::parse_int;
-use crate::protocol::{Proto, Request, RequestScanner, Value};
+use crate::protocol::{Proto, Request, RequestScanner, Value, encode_command};
 use crate::upstream::pool::{ClusterSet, Dedicated, SharedSet};
-use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
+use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Mark, Oob, UpstreamError};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -87,7 +87,8 @@ struct Tx {
     changes: Vec<(usize, Change)>,
 }
 
-/// Subscriptions of a streaming client (for `CLIENT LIST`).
+/// Subscriptions of a streaming client (for `CLIENT LIST`), and what the
+/// sidecar needs to answer it in order.
 #[derive(Default)]
 struct Subs {
     channels: HashSet<Bytes>,
@@ -96,6 +97,83 @@ struct Subs {
     monitor: bool,
     /// SYNC/PSYNC: the client is a replica.
     replica: bool,
+    /// What `CLIENT REPLY` set: the sidecar's own replies follow it too.
+    replies: Replies,
+    /// The argument of the PINGs that hold the sidecar's own replies in
+    /// order ([`crate::upstream::Mark`]); made on first use.
+    token: Option<Bytes>,
+}
+
+/// `CLIENT REPLY ON|OFF|SKIP` as Redis applies it.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    #[default]
+    On,
+    Off,
+    /// The next command's reply is not sent.
+    SkipNext,
+}
+
+impl Subs {
+    /// Whether a stage's appended commands can go after the command on
+    /// this connection (each behind `CLIENT REPLY SKIP`, so no reply of
+    /// theirs reaches the stream): not while subscribed in RESP2, where
+    /// Redis refuses writes anyway, nor for MONITOR or a replica.
+    fn can_append(&self, proto: Proto) -> bool {
+        !self.monitor && !self.replica && self.runs_commands(proto)
+    }
+
+    /// See [`Session::runs_commands`].
+    fn runs_commands(&self, proto: Proto) -> bool {
+        let subscribed =
+            !(self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty());
+        !self.replica && (proto == Proto::Resp3 || !subscribed)
+    }
+
+    fn token(&mut self, client: u64) -> Bytes {
+        self.token
+            .get_or_insert_with(|| {
+                use std::hash::BuildHasher;
+                // RandomState is keyed from the OS's randomness: another
+                // client cannot guess this session's token.
+                let s = std::collections::hash_map::RandomState::new();
+                Bytes::from(format!(
+                    "redis-sidecar-mark-{:016x}{:016x}",
+                    s.hash_one(client),
+                    s.hash_one(Instant::now())
+                ))
+            })
+            .clone()
+    }
+
+    /// Follow `CLIENT REPLY` in a command forwarded on the stream.
+    fn note_replies(&mut self, args: &[Bytes]) {
+        let mode = match args {
+            [c, r, m] if c.eq_ignore_ascii_case(b"client") && r.eq_ignore_ascii_case(b"reply") => {
+                if m.eq_ignore_ascii_case(b"on") {
+                    Some(Replies::On)
+                } else if m.eq_ignore_ascii_case(b"off") {
+                    Some(Replies::Off)
+                } else if m.eq_ignore_ascii_case(b"skip") {
+                    // Redis ignores SKIP while replies are off.
+                    Some(if self.replies == Replies::Off {
+                        Replies::Off
+                    } else {
+                        Replies::SkipNext
+                    })
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        self.replies = match mode {
+            Some(m) => m,
+            // This command used up a SKIP.
+            None if self.replies == Replies::SkipNext => Replies::On,
+            None => self.replies,
+        };
+    }
 }
 
 /// A connection-state change queued in a transaction.
@@ -421,12 +499,66 @@ impl Session {
         if let Some(m) = metrics {
             m.duration.observe(self.read_at.elapsed().as_secs_f64());
         }
+        let reply = match self.stream_reply(reply, false).await {
+            Ok(()) => return,
+            Err(reply) => reply,
+        };
         self.room().await;
         self.entry.client.reply(reply, metrics);
     }
 
-    /// Close the client once everything queued is written.
+    /// A reply the sidecar made itself for a client whose dedicated
+    /// connection streams: it goes to the client in the place of a marked
+    /// PING sent upstream, so after the replies to everything forwarded
+    /// before it (queued at once, it would overtake them); and, as Redis,
+    /// not at all while the client has replies off or skips this one (a
+    /// skip is used up upstream by a PING, whose reply Redis skips).
+    /// `wait`: return once it is queued. `Err`: not streaming (or a
+    /// replica's unparsed stream), queue it as usual.
+    async fn stream_reply(&mut self, reply: Bytes, wait: bool) -> Result<(), Bytes> {
+        let id = self.entry.id;
+        let (Mode::Streaming(subs), Some(d)) = (&mut self.mode, &self.dedicated) else {
+            return Err(reply);
+        };
+        if subs.replica {
+            return Err(reply);
+        }
+        let (payload, kind, done) = match subs.replies {
+            Replies::Off => return Ok(()),
+            Replies::SkipNext => {
+                subs.replies = Replies::On;
+                (encode_command(&["PING"]), JobKind::Stream, None)
+            }
+            Replies::On => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let mark = Mark {
+                    token: subs.token(id),
+                    reply,
+                    done: wait.then_some(tx),
+                };
+                (mark.payload(), JobKind::Mark(mark), wait.then_some(rx))
+            }
+        };
+        let job = Job {
+            payload,
+            kind,
+            client: self.entry.client.clone(),
+            enqueued: Instant::now(),
+            hop: Hop::default(),
+        };
+        // A connection that is gone closes the client: nothing to answer.
+        if d.tx.send(job).await.is_ok()
+            && let Some(rx) = done
+        {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
+    /// Close the client once everything queued is written (on a stream:
+    /// once what the upstream owes for earlier commands has arrived).
     async fn close(&mut self) {
+        let _ = self.stream_reply(Bytes::new(), true).await;
         self.room().await;
         self.entry.client.close();
     }
@@ -671,6 +803,9 @@ impl Session {
                 }
                 self.transition(Event::Stream);
                 self.note_subscriptions(ex.args());
+                if let Mode::Streaming(subs) = &mut self.mode {
+                    subs.note_replies(ex.args());
+                }
                 let payload = ex.into_command();
                 // A replica's connection carries an RDB, then commands:
                 // passed through unparsed.
@@ -911,19 +1046,20 @@ impl Session {
                 return self.local(l, ex, metrics).await;
             }
             // In RESP2 Redis refuses these while subscribed (its own error
-            // comes back); in RESP3 they are answered, and describe the
-            // sidecar's client, never the upstream connection.
-            Class::Local(l) if l.about_clients() && self.proto == Proto::Resp3 => {
+            // comes back); in RESP3, or after CLIENT REPLY, they are
+            // answered, and describe the sidecar's client, never the
+            // upstream connection.
+            Class::Local(l) if l.about_clients() && self.runs_commands() => {
                 return self.local(l, ex, metrics).await;
             }
             // Mirrored for CLIENT LIST: in RESP3 Redis runs them (in RESP2
             // it refuses them while subscribed).
-            Class::Local(Local::Select) if self.proto == Proto::Resp3 => {
+            Class::Local(Local::Select) if self.runs_commands() => {
                 if let Some(db) = ex.args().get(1).and_then(|a| parse_int(a)) {
                     self.db = db;
                 }
             }
-            Class::Local(Local::ClientSetName) if self.proto == Proto::Resp3 => {
+            Class::Local(Local::ClientSetName) if self.runs_commands() => {
                 if let [_, _, n] = ex.args() {
                     self.name = (!n.is_empty()).then(|| n.clone());
                 }
@@ -933,13 +1069,28 @@ impl Session {
                 self.now(reply, Some(metrics)).await;
                 return Flow::Go;
             }
-            Class::Local(Local::Auth) if self.proto == Proto::Resp3 => {
+            Class::Local(Local::Auth) if self.runs_commands() => {
                 if let Ok(a) = parse_auth(ex.args()) {
                     self.auth = Some(a);
                 }
             }
-            Class::Local(Local::Hello) if self.proto == Proto::Resp3 => {
-                if let Ok(h) = parse_hello(ex.args()) {
+            Class::Local(Local::Hello) => {
+                let Ok(mut h) = parse_hello(ex.args()) else {
+                    return self.forward_streaming(ex, metrics).await;
+                };
+                // With [client_auth] the credentials are the sidecar's:
+                // checked here, never sent upstream (in either protocol).
+                if let Some(ca) = self.shared.client_auth.clone()
+                    && let Some(a) = h.auth.take()
+                {
+                    let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
+                        self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
+                        return Flow::Go;
+                    };
+                    self.client_user = Some(u);
+                    ex.rewrite(hello_without_auth(ex.args()));
+                }
+                if self.runs_commands() {
                     self.proto = h.proto.unwrap_or(self.proto);
                     if h.auth.is_some() {
                         self.auth = h.auth;
@@ -954,14 +1105,36 @@ impl Session {
             }
             _ => {}
         }
-        self.note_subscriptions(ex.args());
-        if ex.appended() > 0 {
-            tracing::debug!(
-                client = self.entry.id,
-                "commands appended by a stage are not sent on a streaming connection"
-            );
+        self.forward_streaming(ex, metrics).await
+    }
+
+    /// Whether Redis runs any command on this client's stream: in RESP3,
+    /// or when not subscribed (CLIENT REPLY, MONITOR); in RESP2 while
+    /// subscribed it refuses all but the subscription commands.
+    fn runs_commands(&self) -> bool {
+        match &self.mode {
+            Mode::Streaming(subs) => subs.runs_commands(self.proto),
+            _ => true,
         }
-        let payload = ex.into_command();
+    }
+
+    /// Forward a command on the stream, with what stages appended (each
+    /// behind `CLIENT REPLY SKIP`, so their replies never reach the
+    /// client; where they cannot run, not sent).
+    async fn forward_streaming(&mut self, ex: Exchange, metrics: &Arc<CommandMetrics>) -> Flow {
+        self.note_subscriptions(ex.args());
+        let proto = self.proto;
+        let payload = match &mut self.mode {
+            Mode::Streaming(subs) => {
+                subs.note_replies(ex.args());
+                if subs.can_append(proto) {
+                    ex.into_streamed()
+                } else {
+                    ex.into_command()
+                }
+            }
+            _ => ex.into_command(),
+        };
         self.send_stream(payload, JobKind::Stream, metrics).await
     }
 
@@ -1983,8 +2156,10 @@ mod tests {
         // 3024 bytes when written, 2712 with the writer in the session,
         // 1960 with the output queue, 2056 with the session modes, the
         // request record and client auth, 2072 with the cluster's direct
-        // path; 10,000 idle clients x this is most of the idle RSS
-        // (README, Performance).
-        assert!(size <= 2072, "session future is {size} bytes");
+        // path, 2120 with the scanner's framing state (a request re-encoded
+        // unless its framing was canonical, and where its header ends);
+        // 10,000 idle clients x this is most of the idle RSS (README,
+        // Performance).
+        assert!(size <= 2120, "session future is {size} bytes");
     }
 }

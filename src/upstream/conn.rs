@@ -253,6 +253,8 @@ struct Pending {
     /// A pinned client's transaction or WATCH met a slot that moved: its
     /// state is gone, so the client is closed after this reply.
     moved_under: bool,
+    /// A reply of the sidecar's own, waiting for this PING's answer.
+    mark: Option<super::Mark>,
 }
 
 /// What a redirectable job needs to be sent again.
@@ -543,6 +545,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
                 raw: 0,
                 bounced: None,
                 moved_under: false,
+                mark: None,
             })
         }
         JobKind::StartStream | JobKind::StartRaw => Some(Pending {
@@ -559,6 +562,23 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             raw: 0,
             bounced: None,
             moved_under: false,
+            mark: None,
+        }),
+        JobKind::Mark(m) => Some(Pending {
+            plan: None,
+            got: 0,
+            keep: None,
+            slot: None,
+            client: job.client,
+            deadline: None,
+            start_stream: false,
+            start_raw: false,
+            resend: None,
+            asking: false,
+            raw: 0,
+            bounced: None,
+            moved_under: false,
+            mark: Some(m),
         }),
         JobKind::Stream => None,
     };
@@ -668,6 +688,27 @@ fn dispatch(
     while !*streaming && q.front().is_some_and(|p| p.start_stream) {
         q.pop_front();
         *streaming = true;
+    }
+    if q.front()
+        .and_then(|p| p.mark.as_ref())
+        .is_some_and(|m| m.answers(&frame))
+    {
+        // Everything sent before the sidecar's own reply is answered:
+        // the reply takes the PING's place.
+        let Some(mut done) = q.pop_front() else {
+            return Ok(None);
+        };
+        drop(q);
+        let Some(mut mark) = done.mark.take() else {
+            return Ok(None);
+        };
+        if !mark.reply.is_empty() {
+            done.client.push_frame(std::mem::take(&mut mark.reply));
+        }
+        if let Some(d) = mark.done.take() {
+            let _ = d.send(());
+        }
+        return Ok(Some(done.client));
     }
     if *streaming || frame.first() == Some(&b'>') {
         drop(q);

@@ -182,6 +182,45 @@ pub enum JobKind {
     StartRaw,
     /// Bytes for a connection that already streams.
     Stream,
+    /// A reply the sidecar made itself for a streaming client, held until
+    /// the upstream answers everything sent before it: the job's payload
+    /// is `PING <token>`, and its answer is replaced by `reply` (so the
+    /// sidecar's replies never overtake forwarded ones).
+    Mark(Mark),
+}
+
+/// See [`JobKind::Mark`].
+#[derive(Debug)]
+pub struct Mark {
+    /// The PING argument: per session, unguessable by other clients.
+    pub token: Bytes,
+    /// What the client gets in the PING's place (empty: nothing).
+    pub reply: Bytes,
+    /// Told once the reply is queued for the client (or the connection
+    /// is gone): a session that closes the client waits for it.
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Mark {
+    /// The PING to send upstream.
+    pub fn payload(&self) -> Bytes {
+        crate::protocol::encode_command(&[&b"PING"[..], &self.token])
+    }
+
+    /// Whether `frame` is this PING's answer: a bulk of the token, or,
+    /// while subscribed in RESP2, `["pong", token]`.
+    pub fn answers(&self, frame: &[u8]) -> bool {
+        let mut bulk = bytes::BytesMut::new();
+        crate::protocol::scan::push_header(&mut bulk, b'$', self.token.len());
+        bulk.extend_from_slice(&self.token);
+        bulk.extend_from_slice(b"\r\n");
+        if frame == &bulk[..] {
+            return true;
+        }
+        frame
+            .strip_prefix(&b"*2\r\n$4\r\npong\r\n"[..])
+            .is_some_and(|rest| rest == &bulk[..])
+    }
 }
 
 /// One unit of work for an upstream connection.

@@ -840,7 +840,9 @@ impl Router {
                 if matches!(job.kind, JobKind::Stream) && !self.tx.streaming.contains(&addr) {
                     job.kind = JobKind::StartStream;
                 }
-                self.tx.streaming.insert(addr);
+                if !matches!(job.kind, JobKind::Mark(_)) {
+                    self.tx.streaming.insert(addr);
+                }
             }
             return self.send(node, job).await;
         }
