@@ -104,6 +104,9 @@ fn main() -> ExitCode {
             validated.listen,
             ups.join(", ")
         );
+        for w in redis_sidecar::policy::access::warnings(&validated.config.access) {
+            println!("warning: {w}");
+        }
         return ExitCode::SUCCESS;
     }
     init_logging(

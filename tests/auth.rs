@@ -170,3 +170,65 @@ async fn access_lists_per_user() {
     assert_eq!(&def.call(&[b"AUTH", b"pw"]).await[..], b"+OK\r\n");
     assert!(def.call(&[b"KEYS", b"*"]).await.starts_with(b"-NOPERM"));
 }
+
+/// What the README says of deny lists and scripts: `[access] deny` does
+/// not reach inside a script (EVAL runs a denied FLUSHALL), denying
+/// `@scripting` closes that, and an upstream ACL user without the
+/// commands makes Redis refuse them inside scripts too.
+#[tokio::test]
+async fn deny_lists_and_scripts_as_the_readme_says() {
+    let redis = RedisServer::start();
+    let mut d = redis.direct().await;
+    let flush_script: &[&[u8]] = &[b"EVAL", b"return redis.call('FLUSHALL')", b"0"];
+    // A deny list alone: the script runs the denied command.
+    let mut cfg = config(&redis.url());
+    cfg.access.deny = vec!["KEYS".into(), "FLUSHALL".into()];
+    let s = sidecar_with(cfg, Default::default()).await;
+    let _: () = redis::AsyncCommands::set(&mut d, "kept", "1")
+        .await
+        .unwrap();
+    let mut c = Raw::connect(s.addr).await;
+    assert!(c.call(&[b"FLUSHALL"]).await.starts_with(b"-NOPERM"));
+    assert_eq!(&c.call(flush_script).await[..], b"+OK\r\n");
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+    assert_eq!(n, 0, "the documented gap: a script ran the denied FLUSHALL");
+    s.shutdown().await;
+    // Denying @scripting too closes it.
+    let mut cfg = config(&redis.url());
+    cfg.access.deny = vec!["KEYS".into(), "FLUSHALL".into(), "@scripting".into()];
+    let s = sidecar_with(cfg, Default::default()).await;
+    let mut c = Raw::connect(s.addr).await;
+    assert!(c.call(flush_script).await.starts_with(b"-NOPERM"));
+    s.shutdown().await;
+    // The upstream's ACL user: Redis refuses the command inside the script.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "sidecar",
+            "on",
+            ">app-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-keys",
+            "-flushall",
+            "-flushdb",
+        ])
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::AsyncCommands::set(&mut d, "kept", "1")
+        .await
+        .unwrap();
+    let url = format!("redis://sidecar:app-pw@127.0.0.1:{}", redis.port);
+    let s = sidecar_with(config(&url), Default::default()).await;
+    let mut c = Raw::connect(s.addr).await;
+    let r = c.call(flush_script).await;
+    assert!(
+        r.starts_with(b"-ERR The user executing the script can't run this command"),
+        "{r:?}"
+    );
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+    assert_eq!(n, 1, "Redis refused FLUSHALL inside the script");
+    s.shutdown().await;
+}

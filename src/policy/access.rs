@@ -163,6 +163,9 @@ impl Access {
         if !errors.is_empty() {
             return Err(errors);
         }
+        for w in script_warnings(&everyone, &users) {
+            tracing::warn!("{w}");
+        }
         let restricted = !everyone.is_empty() || !users.is_empty();
         Ok(restricted.then(|| Access {
             everyone,
@@ -170,6 +173,90 @@ impl Access {
             metrics: metrics.clone(),
         }))
     }
+}
+
+/// The commands that run scripts: what a script calls is not seen by the
+/// sidecar (Redis checks its own ACLs inside scripts; the sidecar's deny
+/// list cannot).
+const SCRIPTING: &[&str] = &[
+    "eval",
+    "evalsha",
+    "eval_ro",
+    "evalsha_ro",
+    "fcall",
+    "fcall_ro",
+];
+
+/// One warning per list that denies something a script can still run:
+/// the list denies a command or category other than scripting, and
+/// allows EVAL or FCALL (categories from the built-in command table).
+fn script_warnings(everyone: &Lists, users: &[(Vec<u8>, Lists)]) -> Vec<String> {
+    let table = crate::command::Table::builtin();
+    let categories = |name: &str| -> Vec<String> {
+        table
+            .lookup(&[Bytes::copy_from_slice(name.as_bytes())])
+            .map(|i| i.acl_categories.clone())
+            .unwrap_or_default()
+    };
+    let lists = std::iter::once(("access".to_string(), everyone)).chain(
+        users
+            .iter()
+            .enumerate()
+            .map(|(i, (_, l))| (format!("access.users[{i}]"), l)),
+    );
+    let mut out = Vec::new();
+    for (field, l) in lists {
+        let denied: Vec<String> = l
+            .deny
+            .iter()
+            .filter(|r| !SCRIPTING.iter().any(|s| r.matches(s, &categories(s))))
+            .map(|r| match r {
+                Rule::Command(c) => c.to_ascii_uppercase(),
+                Rule::Category(c) => format!("@{c}"),
+            })
+            .collect();
+        let open: Vec<&str> = SCRIPTING
+            .iter()
+            .copied()
+            .filter(|s| l.permits(s, &categories(s)))
+            .collect();
+        if denied.is_empty() || open.is_empty() {
+            continue;
+        }
+        out.push(format!(
+            "{field}: {} denied, but a script can still run it: {} {} allowed, and the sidecar cannot see the commands a script calls; deny \"@scripting\" too, or give the sidecar an upstream ACL user without these commands (Redis applies its ACLs inside scripts)",
+            denied.join(", "),
+            open.join(", ").to_ascii_uppercase(),
+            if open.len() == 1 { "is" } else { "are" },
+        ));
+    }
+    out
+}
+
+/// The warnings [`Access`] logs for this configuration (for
+/// `--check-config`); nothing when the lists do not parse.
+pub fn warnings(c: &AccessConfig) -> Vec<String> {
+    let parse = |list: &[String]| -> Vec<Rule> {
+        list.iter().filter_map(|s| Rule::parse(s).ok()).collect()
+    };
+    let everyone = Lists {
+        deny: parse(&c.deny),
+        allow: parse(&c.allow),
+    };
+    let users: Vec<(Vec<u8>, Lists)> = c
+        .users
+        .iter()
+        .map(|u| {
+            (
+                u.name.as_bytes().to_vec(),
+                Lists {
+                    deny: parse(&u.deny),
+                    allow: parse(&u.allow),
+                },
+            )
+        })
+        .collect();
+    script_warnings(&everyone, &users)
 }
 
 impl Stage for Access {
@@ -209,6 +296,49 @@ impl Stage for Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deny_list_scripts_can_sidestep_is_named() {
+        let c = |deny: &[&str], allow: &[&str]| AccessConfig {
+            deny: deny.iter().map(|s| s.to_string()).collect(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            ..AccessConfig::default()
+        };
+        let w = warnings(&c(&["KEYS", "FLUSHALL"], &[]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("KEYS, FLUSHALL denied"), "{}", w[0]);
+        assert!(w[0].contains("EVAL, EVALSHA"), "{}", w[0]);
+        assert!(w[0].contains("deny \"@scripting\""), "{}", w[0]);
+        // Closed: scripting denied too, or not allowed at all.
+        assert!(warnings(&c(&["KEYS", "@scripting"], &[])).is_empty());
+        assert!(
+            warnings(&c(
+                &[
+                    "KEYS",
+                    "EVAL",
+                    "EVALSHA",
+                    "EVAL_RO",
+                    "EVALSHA_RO",
+                    "FCALL",
+                    "FCALL_RO"
+                ],
+                &[]
+            ))
+            .is_empty()
+        );
+        assert!(warnings(&c(&["KEYS"], &["@read", "@write"])).is_empty());
+        // Nothing denied, nothing to sidestep.
+        assert!(warnings(&c(&[], &[])).is_empty());
+        // FCALL alone left open is still named.
+        let w = warnings(&c(
+            &["KEYS", "EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO"],
+            &[],
+        ));
+        assert!(
+            w.len() == 1 && w[0].contains("FCALL, FCALL_RO are allowed"),
+            "{w:?}"
+        );
+    }
 
     #[test]
     fn rules_parse_and_match() {
