@@ -1072,3 +1072,57 @@ async fn sort_store_invalidates_its_destination() {
     assert!(requests(&s, "hit") > 0.0);
     s.shutdown().await;
 }
+
+/// SWAPDB sent through the sidecar flushes the cache (Redis 7.0 sends no
+/// invalidation for it): the next read sees the swapped-in value. One
+/// sent to Redis directly is not seen (README): the entry stays until its
+/// rule's ttl, or `POST /cache/flush`.
+#[tokio::test]
+async fn swapdb_through_the_sidecar_flushes() {
+    let _shared = serial().read().await;
+    let redis = RedisServer::start();
+    let s = cached(&redis).await;
+    let mut d = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("c:s")
+        .arg("zero")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("c:s")
+        .arg("one")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let mut c = Raw::connect(s.addr).await;
+    let zero = &b"$4\r\nzero\r\n"[..];
+    let one = &b"$3\r\none\r\n"[..];
+    for _ in 0..2 {
+        assert_eq!(&c.call(&[b"GET", b"c:s"]).await[..], zero);
+    }
+    let hits = requests(&s, "hit");
+    assert!(hits >= 1.0);
+    assert_eq!(&c.call(&[b"SWAPDB", b"0", b"1"]).await[..], b"+OK\r\n");
+    assert_eq!(&c.call(&[b"GET", b"c:s"]).await[..], one);
+    // Straight to Redis: not seen, the entry stays (as documented).
+    assert_eq!(&c.call(&[b"GET", b"c:s"]).await[..], one);
+    let _: () = redis::cmd("SWAPDB")
+        .arg(0)
+        .arg(1)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        &c.call(&[b"GET", b"c:s"]).await[..],
+        one,
+        "a direct SWAPDB is not seen"
+    );
+    s.shutdown().await;
+}
