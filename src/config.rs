@@ -472,6 +472,13 @@ pub struct LimitsConfig {
     /// Close clients idle this long; "0s" never (Redis `timeout 0`).
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// A client that gets a reply this large, or leaves 16 times this
+    /// unread, moves to an upstream connection of its own (its lane): on
+    /// a shared connection its replies would be ahead of everyone's.
+    pub lane_after_reply: ByteSize,
+    /// A client with this many requests in flight moves to its lane too
+    /// (a deep pipeline of unknown replies would queue ahead of others).
+    pub lane_after_inflight: NonZeroUsize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -550,6 +557,8 @@ impl Default for LimitsConfig {
             max_inflight_per_client: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             max_output_buffer: ByteSize(64 << 20),
             idle_timeout: Duration::ZERO,
+            lane_after_reply: ByteSize(64 << 10),
+            lane_after_inflight: NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
         }
     }
 }

@@ -332,6 +332,12 @@ impl ReplyPlan {
         self.count
     }
 
+    /// One reply, straight to the client: nothing to consume, rebuild,
+    /// observe or copy (it can go to the client in parts).
+    pub fn is_plain(&self) -> bool {
+        self.count == 1 && self.more.is_none()
+    }
+
     /// Upstream reply `index` arrived (see [`ReplyAction`]). Inside an
     /// EXEC the items' actions run in [`ReplyPlan::finish`] instead.
     pub fn observe(&self, index: u32, reply: &Bytes) {

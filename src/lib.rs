@@ -188,6 +188,8 @@ impl Sidecar {
             max_inflight: c.limits.max_inflight_per_client.get(),
             max_output: c.limits.max_output_buffer.as_usize(),
             idle_timeout: c.limits.idle_timeout,
+            lane_reply: c.limits.lane_after_reply.as_usize(),
+            lane_inflight: c.limits.lane_after_inflight.get(),
         };
         let shared = Shared::new(
             pool.clone(),

@@ -35,6 +35,8 @@ struct Inner {
     failovers: IntCounterVec,
     config_reloads: IntCounterVec,
     check_duration: HistogramVec,
+    checks_late: IntCounterVec,
+    client_lanes: IntCounterVec,
     protocol_errors: IntCounterVec,
     ttl_enforced: IntCounterVec,
     ttl_append_errors: IntCounterVec,
@@ -148,6 +150,22 @@ impl Metrics {
             )
             .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("static buckets")),
             &["upstream"],
+        )
+        .expect("static metric");
+        let checks_late = IntCounterVec::new(
+            Opts::new(
+                "upstream_checks_late_total",
+                "Health checks that timed out while the data path kept reading replies from the endpoint (not counted as failures)",
+            ),
+            &["upstream"],
+        )
+        .expect("static metric");
+        let client_lanes = IntCounterVec::new(
+            Opts::new(
+                "client_lanes_total",
+                "Clients moved from shared upstream connections to one of their own",
+            ),
+            &["reason"],
         )
         .expect("static metric");
         let protocol_errors = IntCounterVec::new(
@@ -353,6 +371,8 @@ impl Metrics {
             Box::new(failovers.clone()),
             Box::new(config_reloads.clone()),
             Box::new(check_duration.clone()),
+            Box::new(checks_late.clone()),
+            Box::new(client_lanes.clone()),
             Box::new(protocol_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -369,6 +389,8 @@ impl Metrics {
             failovers,
             config_reloads,
             check_duration,
+            checks_late,
+            client_lanes,
             protocol_errors,
             ttl_enforced,
             ttl_append_errors,
@@ -536,11 +558,23 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A client moved to an upstream connection of its own
+    /// (`large_replies` or `deep_pipeline`).
+    pub fn client_lane(&self, reason: &'static str) {
+        self.0.client_lanes.with_label_values(&[reason]).inc();
+    }
+
+    /// A health check was late while the endpoint kept answering.
+    pub fn check_late(&self, upstream: &str) {
+        self.0.checks_late.with_label_values(&[upstream]).inc();
+    }
+
     /// Drop the per-endpoint gauges of an endpoint a reload removed.
     pub fn forget_upstream(&self, upstream: &str) {
         let _ = self.0.upstream_up.remove_label_values(&[upstream]);
         let _ = self.0.upstream_active.remove_label_values(&[upstream]);
         let _ = self.0.check_duration.remove_label_values(&[upstream]);
+        let _ = self.0.checks_late.remove_label_values(&[upstream]);
     }
 
     pub fn cluster_redirect(&self, upstream: &str, kind: &str) {

@@ -86,10 +86,12 @@ impl Progress {
 
 /// One entry of the queue.
 enum Entry {
-    /// A reply still to come from an upstream connection.
+    /// A reply still to come from an upstream connection (`streamed`:
+    /// its first part is already in the buffer).
     Wait {
         start: Instant,
         metrics: Arc<CommandMetrics>,
+        streamed: bool,
     },
     /// Bytes ready to go. `counted`: a request's entry (out-of-band frames
     /// are not).
@@ -135,6 +137,13 @@ struct Out {
 pub struct ClientShared {
     /// Output buffer limit (bytes): past it the client is disconnected.
     limit: usize,
+    /// A reply this large, or 16 times this unwritten, marks the client
+    /// [`ClientShared::heavy`].
+    lane_reply: usize,
+    /// Set once the client got a large reply or left much unread: its
+    /// stateless commands then go to an upstream connection of its own,
+    /// where its replies delay nobody.
+    heavy: AtomicBool,
     out: Mutex<Out>,
     /// Wakes the session's writer: the socket is full, or the output is
     /// finished.
@@ -144,6 +153,10 @@ pub struct ClientShared {
     pub kill: Signal,
     /// Shutdown: stop reading requests, answer those read, close.
     pub stop: Signal,
+    /// Wakes a dedicated connection waiting for the client to read
+    /// ([`ClientShared::drained`]); notified only while one waits.
+    drain: Notify,
+    drain_waiting: AtomicBool,
 }
 
 impl std::fmt::Debug for ClientShared {
@@ -163,9 +176,11 @@ enum Step {
 }
 
 impl ClientShared {
-    pub fn new(limit: usize) -> Arc<ClientShared> {
+    pub fn new(limit: usize, lane_reply: usize) -> Arc<ClientShared> {
         Arc::new(ClientShared {
             limit,
+            lane_reply,
+            heavy: AtomicBool::new(false),
             out: Mutex::new(Out {
                 sock: Sock::Detached,
                 base: 0,
@@ -180,6 +195,8 @@ impl ClientShared {
             progress: Progress::default(),
             kill: Signal::default(),
             stop: Signal::default(),
+            drain: Notify::new(),
+            drain_waiting: AtomicBool::new(false),
         })
     }
 
@@ -201,7 +218,11 @@ impl ClientShared {
     /// its sequence number for [`ClientShared::deliver`].
     pub fn expect(&self, start: Instant, metrics: Arc<CommandMetrics>) -> u64 {
         let mut o = self.lock();
-        o.entries.push_back(Entry::Wait { start, metrics });
+        o.entries.push_back(Entry::Wait {
+            start,
+            metrics,
+            streamed: false,
+        });
         o.base + o.entries.len() as u64 - 1
     }
 
@@ -252,11 +273,21 @@ impl ClientShared {
         let Some(entry) = o.entries.get_mut(i as usize) else {
             return;
         };
-        let Entry::Wait { start, metrics } = entry else {
+        let Entry::Wait {
+            start,
+            metrics,
+            streamed,
+        } = entry
+        else {
             return;
         };
         metrics.duration.observe(start.elapsed().as_secs_f64());
         let bytes = match reply {
+            // The rest of a reply whose first part went out.
+            Ok(b) if *streamed => {
+                metrics.ok.inc();
+                b
+            }
             Ok(b) => {
                 count(metrics, &b);
                 b
@@ -277,6 +308,30 @@ impl ClientShared {
         }
     }
 
+    /// Whether entry `seq` may get its reply in parts now: it is the next
+    /// to be written (everything before it is in the buffer).
+    pub fn can_stream(&self, seq: u64) -> bool {
+        let o = self.lock();
+        seq == o.base && matches!(o.entries.front(), Some(Entry::Wait { .. }))
+    }
+
+    /// The first part of entry `seq`'s reply (see
+    /// [`ClientShared::can_stream`]): it goes in the buffer now, the rest
+    /// with [`ClientShared::deliver`] (the end of the reply), or more
+    /// parts before that.
+    pub fn deliver_part(&self, seq: u64, part: Bytes) {
+        let mut o = self.lock();
+        if matches!(o.sock, Sock::Gone) || seq != o.base {
+            return;
+        }
+        let Some(Entry::Wait { streamed, .. }) = o.entries.front_mut() else {
+            return;
+        };
+        *streamed = true;
+        o.buf.extend_from_slice(&part);
+        self.charge(&mut o, part.len());
+    }
+
     /// Complete entry `seq` with an error now (its request failed or was
     /// never sent), and write it.
     pub fn fail(&self, seq: u64, err: crate::upstream::UpstreamError) {
@@ -284,8 +339,44 @@ impl ClientShared {
         self.flush();
     }
 
+    /// Reply bytes buffered for the client and not yet written.
+    pub fn unwritten(&self) -> usize {
+        self.lock().buffered
+    }
+
+    /// Wait until at most `low` reply bytes are unwritten, or the client
+    /// is gone. A connection that serves only this client waits here
+    /// instead of reading more from Redis: Redis then holds the rest, as
+    /// it would for a slow client of its own.
+    pub async fn drained(&self, low: usize) {
+        loop {
+            let notified = self.drain.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.drain_waiting.store(true, Ordering::SeqCst);
+            {
+                let o = self.lock();
+                if o.buffered <= low || matches!(o.sock, Sock::Gone) || self.kill.is_cancelled() {
+                    self.drain_waiting.store(false, Ordering::SeqCst);
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// See [`ClientShared::heavy`] (the field).
+    pub fn heavy(&self) -> bool {
+        self.heavy.load(Ordering::Relaxed)
+    }
+
     fn charge(&self, o: &mut Out, n: usize) {
         o.buffered += n;
+        if (n > self.lane_reply || o.buffered > self.lane_reply.saturating_mul(16))
+            && !self.heavy.load(Ordering::Relaxed)
+        {
+            self.heavy.store(true, Ordering::Relaxed);
+        }
         if o.buffered > self.limit && !self.kill.is_cancelled() {
             tracing::warn!(
                 buffered = o.buffered,
@@ -328,6 +419,10 @@ impl ClientShared {
     }
 
     fn flush_locked(&self, o: &mut Out) {
+        if self.drain_waiting.load(Ordering::Relaxed) {
+            // Whatever happens below, the waiter looks again.
+            self.drain.notify_waiters();
+        }
         let Sock::Open(w) = &o.sock else {
             return;
         };
@@ -446,7 +541,7 @@ mod tests {
         let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (ours, _) = l.accept().await.unwrap();
         let (r, w) = ours.into_split();
-        let c = ClientShared::new(1 << 20);
+        let c = ClientShared::new(1 << 20, 64 << 10);
         c.attach(w);
         (c, peer, r)
     }
@@ -497,7 +592,7 @@ mod tests {
         let _peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (ours, _) = l.accept().await.unwrap();
         let (_r, w) = ours.into_split();
-        let c = ClientShared::new(64 * 1024);
+        let c = ClientShared::new(64 * 1024, 64 << 10);
         c.attach(w);
         let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
         // The socket buffers take a few MiB first; then the output buffer

@@ -937,15 +937,6 @@ fn bad_cache_rules_are_config_errors() {
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Filled five times past max_memory, the process's RSS grows by less
 /// than twice the bound (the documented overhead: the allocator's slack,
 /// the replies passing through). The keys are made by

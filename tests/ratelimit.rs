@@ -396,15 +396,6 @@ burst = 3
     s.shutdown().await;
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A million distinct keys passing once each: the rule's buckets stay
 /// under its cap, the overflow is counted, and memory stays flat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

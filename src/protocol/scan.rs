@@ -451,6 +451,10 @@ pub struct ReplyScanner {
     pos: usize,
     levels: Vec<Level>,
     in_stream_str: bool,
+    /// Bytes of a bulk's body (and its CRLF) still to pass over: a large
+    /// bulk is scanned as it arrives, so the part scanned can be handed on
+    /// before the rest is in ([`ReplyScanner::take_scanned`]).
+    skip: usize,
 }
 
 impl ReplyScanner {
@@ -460,7 +464,22 @@ impl ReplyScanner {
             pos: 0,
             levels: Vec::new(),
             in_stream_str: false,
+            skip: 0,
         }
+    }
+
+    /// Bytes of an incomplete reply already scanned (0 between replies).
+    pub fn scanned(&self) -> usize {
+        if self.levels.is_empty() { 0 } else { self.pos }
+    }
+
+    /// Hand on the scanned bytes of an incomplete reply (the rest follows
+    /// from later calls of [`ReplyScanner::next`], whose reply is then
+    /// only what came after).
+    pub fn take_scanned(&mut self, buf: &mut BytesMut) -> Bytes {
+        let n = self.scanned();
+        self.pos = 0;
+        buf.split_to(n).freeze()
     }
 
     /// Next complete reply, `Ok(None)` when more bytes are needed.
@@ -473,6 +492,23 @@ impl ReplyScanner {
             self.levels.push(Level::Counted(1));
         }
         while !self.levels.is_empty() {
+            if self.skip > 0 {
+                let have = buf.len() - self.pos;
+                if have < self.skip {
+                    self.pos += have;
+                    self.skip -= have;
+                    // Ask for the rest in one allocation, capped so a
+                    // declared-but-unsent length costs little.
+                    buf.reserve(self.skip.min(16 << 20));
+                    return Ok(None);
+                }
+                self.pos += self.skip;
+                self.skip = 0;
+                if !self.in_stream_str {
+                    self.complete_value();
+                }
+                continue;
+            }
             let Some(nl) = find_crlf(buf, self.pos + 1) else {
                 if buf.len() - self.pos > self.max_bulk.max(MAX_COUNT_LINE) {
                     return Err(ProtocolError::BadReply("line too long"));
@@ -487,16 +523,12 @@ impl ReplyScanner {
                     return Err(ProtocolError::BadReply("expected streamed string chunk"));
                 }
                 let n = self.len(line)?;
+                self.pos = next;
                 if n == 0 {
                     self.in_stream_str = false;
-                    self.pos = next;
                     self.complete_value();
                 } else {
-                    let end = next + n + 2;
-                    if buf.len() < end {
-                        return Ok(None);
-                    }
-                    self.pos = end;
+                    self.skip = n + 2;
                 }
                 continue;
             }
@@ -517,13 +549,8 @@ impl ReplyScanner {
                         continue;
                     }
                     let n = self.len(line)?;
-                    let end = next + n + 2;
-                    if buf.len() < end {
-                        buf.reserve((end - buf.len()).min(16 << 20));
-                        return Ok(None);
-                    }
-                    self.pos = end;
-                    self.complete_value();
+                    self.pos = next;
+                    self.skip = n + 2;
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
                     self.pos = next;
@@ -716,6 +743,37 @@ pub fn split_array(frame: &Bytes) -> Option<Vec<(usize, usize)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_reply_is_handed_on_in_parts() {
+        let mut whole = b"*2\r\n$10\r\n0123456789\r\n:7\r\n".to_vec();
+        whole.extend_from_slice(b"+next\r\n");
+        // Fed a byte at a time, with the scanned part taken at each step:
+        // the parts and the tail are the reply, byte for byte.
+        let mut s = ReplyScanner::new(1 << 20);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut frames = Vec::new();
+        for &b in &whole {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match s.next(&mut buf).unwrap() {
+                    Some(f) => {
+                        out.extend_from_slice(&f);
+                        frames.push(std::mem::take(&mut out));
+                    }
+                    None => {
+                        out.extend_from_slice(&s.take_scanned(&mut buf));
+                        break;
+                    }
+                }
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(&frames[0][..], &whole[..whole.len() - 7]);
+        assert_eq!(&frames[1][..], b"+next\r\n");
+        assert_eq!(s.scanned(), 0);
+    }
 
     #[test]
     fn odd_line_ends_are_forwarded_canonical() {

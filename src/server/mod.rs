@@ -35,6 +35,9 @@ pub struct SessionLimits {
     pub max_inflight: usize,
     pub max_output: usize,
     pub idle_timeout: Duration,
+    /// See `limits.lane_after_reply` / `lane_after_inflight`.
+    pub lane_reply: usize,
+    pub lane_inflight: usize,
 }
 
 /// What every session shares (built once, cloned as `Arc`).
@@ -108,7 +111,7 @@ pub async fn serve(
             continue;
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let client = ClientShared::new(shared.limits.max_output);
+        let client = ClientShared::new(shared.limits.max_output, shared.limits.lane_reply);
         let local = stream.local_addr().unwrap_or(peer);
         let fd = i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream));
         // Live sessions, for the CLIENT family and to tell them to stop on

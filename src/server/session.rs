@@ -299,6 +299,10 @@ struct Session {
     /// sidecar as, by its index in the `ClientAuth` (`None`: not yet; every
     /// command but AUTH, HELLO, QUIT and RESET gets NOAUTH).
     client_user: Option<u32>,
+    /// The client's stateless commands go to its dedicated connection
+    /// (its lane), not a shared one: it got large replies, left them
+    /// unread, or pipelines deep ([`Session::shared_or_lane`]).
+    lane: bool,
 }
 
 /// Serve one client until it disconnects, errs, is killed
@@ -326,6 +330,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         kill_self: false,
         read_at: Instant::now(),
         client_user: None,
+        lane: false,
     };
     let reader = async {
         // Here, not before: the session then lives in one place of this
@@ -491,6 +496,54 @@ impl Session {
             self.entry.client.progress.wait_for(want).await;
         }
         self.queued += 1;
+    }
+
+    /// Where a stateless command of a normal-mode client goes: a shared
+    /// connection, or the client's lane (its dedicated connection) once
+    /// what it has shown would delay the others on a shared one. On a
+    /// shared connection replies come back in one FIFO: a client's large
+    /// replies, or a deep pipeline of them, are ahead of every neighbour's
+    /// (12 clients pipelining 1,000 GETs of 100 KB made a neighbour's GET
+    /// take seconds). So a client moves to its lane for good once it got
+    /// a reply larger than `lane_after_reply` or left 16 times that
+    /// unread, or has `lane_after_inflight` requests in flight; and until
+    /// its first reply shows what its replies are like, it has one
+    /// request in flight on a shared connection (one round trip, once).
+    async fn shared_or_lane(&mut self) -> Target {
+        if self.lane {
+            return Target::Dedicated;
+        }
+        let client = &self.entry.client;
+        let done = client.progress.done();
+        let inflight = self.queued - done;
+        let reason = if client.heavy() {
+            Some("large_replies")
+        } else if inflight >= self.shared.limits.lane_inflight as u64 {
+            Some("deep_pipeline")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.lane = true;
+            self.shared.metrics.client_lane(reason);
+            tracing::debug!(
+                client = self.entry.id,
+                reason,
+                "client moved to an upstream connection of its own"
+            );
+            return Target::Dedicated;
+        }
+        if done == 0 && inflight > 0 {
+            // The first reply is the probe.
+            client.flush();
+            client.progress.wait_for(1).await;
+            if client.heavy() {
+                self.lane = true;
+                self.shared.metrics.client_lane("large_replies");
+                return Target::Dedicated;
+            }
+        }
+        Target::Shared
     }
 
     /// Queue a reply the sidecar made itself.
@@ -680,7 +733,7 @@ impl Session {
             (Mode::Transaction(_), _) => Box::pin(self.route_tx(ex, class, &metrics)).await,
             (_, Class::Forward) => {
                 let target = match self.mode {
-                    Mode::Normal => Target::Shared,
+                    Mode::Normal => self.shared_or_lane().await,
                     _ => Target::Dedicated,
                 };
                 if let Target::Shared = target
@@ -2129,6 +2182,8 @@ mod tests {
             max_inflight: 16,
             max_output: 1 << 20,
             idle_timeout: std::time::Duration::ZERO,
+            lane_reply: 64 << 10,
+            lane_inflight: 32,
         };
         let policies = crate::policy::Policies::new(
             crate::policy::Builder::default(),
@@ -2143,7 +2198,7 @@ mod tests {
             addr,
             addr,
             0,
-            crate::upstream::ClientShared::new(1 << 20),
+            crate::upstream::ClientShared::new(1 << 20, 64 << 10),
         ));
         let fut = run(stream, shared, entry);
         let size = std::mem::size_of_val(&fut);

@@ -10,7 +10,7 @@
 //! queued for the next connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,8 @@ pub struct Connected {
     /// The upstream's `CLIENT ID` for this connection (`None` if refused),
     /// to name it in `CLIENT UNBLOCK` and `CLIENT TRACKING ... REDIRECT`.
     pub client_id: Option<i64>,
+    /// The endpoint's count of data-path reads ([`Endpoint::data_reads`]).
+    data_reads: Arc<AtomicU64>,
 }
 
 impl Connected {
@@ -183,6 +185,7 @@ pub async fn connect_to(
             server_version,
             addr,
             client_id,
+            data_reads: endpoint.data_reads.clone(),
         })
     };
     tokio::time::timeout(settings.connect_timeout, fut)
@@ -255,6 +258,9 @@ struct Pending {
     moved_under: bool,
     /// A reply of the sidecar's own, waiting for this PING's answer.
     mark: Option<super::Mark>,
+    /// Part of the reply already went to the client (see [`STREAM_AT`]):
+    /// the rest follows as it is read.
+    streamed: bool,
 }
 
 /// What a redirectable job needs to be sent again.
@@ -323,11 +329,44 @@ impl Pending {
         if let Some(p) = self.plan.as_mut() {
             p.fail(err);
         }
+        if self.streamed {
+            // Part of the reply went out: no error can follow it on the
+            // wire. The client is closed, as if Redis had died mid-reply.
+            self.client.kill.cancel();
+            return;
+        }
         if let Some(seq) = self.slot {
             self.client.fail(seq, err.clone());
         }
     }
+
+    /// Whether the reply being read for this job may go to its client in
+    /// parts: a plain command (nothing appended, no EXEC to rebuild, no
+    /// action that needs the whole reply), whose client waits for it, on
+    /// a connection that will not send it elsewhere.
+    fn can_stream(&self) -> bool {
+        self.got == 0
+            && self.slot.is_some()
+            && self.resend.is_none()
+            && !self.asking
+            && self.mark.is_none()
+            && self.plan.as_ref().is_some_and(ReplyPlan::is_plain)
+    }
 }
+
+/// A reply still incomplete past this many bytes goes to its client in
+/// parts as it arrives (when it can): a reply larger than the client's
+/// output limit then reaches a client that reads, and the sidecar holds
+/// little of it at a time.
+const STREAM_AT: usize = 1 << 20;
+
+/// A read buffer whose allocation held a reply larger than this is
+/// replaced by a new one of this size once empty.
+const KEEP_RBUF: usize = 64 * 1024;
+
+/// A dedicated connection stops reading while its client has this much
+/// unwritten (see `read_loop`).
+const PAUSE_AT: usize = 4 << 20;
 
 type Fifo = Arc<Mutex<VecDeque<Pending>>>;
 
@@ -369,13 +408,18 @@ pub async fn serve(
     bounce: Option<&BounceTx>,
 ) -> End {
     let Connected {
-        stream, rbuf, addr, ..
+        stream,
+        rbuf,
+        addr,
+        data_reads,
+        ..
     } = conn;
     let io = Io {
         settings,
         oob,
         metrics,
         bounce: bounce.map(|b| (b, addr.as_str())),
+        data_reads: &data_reads,
     };
     match stream {
         Stream::Tcp(s) => {
@@ -397,6 +441,8 @@ struct Io<'a> {
     /// A cluster node's connection: where jobs it did not run go, and the
     /// node's address (a redirection may name only a port).
     bounce: Option<(&'a BounceTx, &'a str)>,
+    /// Counted once per read that brought bytes: the upstream is alive.
+    data_reads: &'a AtomicU64,
 }
 
 async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -546,6 +592,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
                 bounced: None,
                 moved_under: false,
                 mark: None,
+                streamed: false,
             })
         }
         JobKind::StartStream | JobKind::StartRaw => Some(Pending {
@@ -563,6 +610,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             bounced: None,
             moved_under: false,
             mark: None,
+            streamed: false,
         }),
         JobKind::Mark(m) => Some(Pending {
             plan: None,
@@ -579,6 +627,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             bounced: None,
             moved_under: false,
             mark: Some(m),
+            streamed: false,
         }),
         JobKind::Stream => None,
     };
@@ -586,6 +635,16 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
         lock(fifo).push_back(p);
     }
     payload
+}
+
+/// Most bytes taken from the socket by one read: the work done between
+/// two chances for other tasks to run stays small however large a reply.
+const MAX_READ: u64 = 64 * 1024;
+
+/// One read of at most [`MAX_READ`] bytes.
+async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let mut limited = r.take(MAX_READ);
+    limited.read_buf(buf).await
 }
 
 /// Read and dispatch replies until the connection fails (`Err`) or, once
@@ -610,6 +669,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // Clients that got replies from this read: each is written to once,
     // after the whole read is dispatched.
     let mut touched: Vec<Arc<ClientShared>> = Vec::new();
+    let mut yield_next = false;
+    // A reply larger than KEEP_RBUF was split off the read buffer.
+    let mut large = false;
     loop {
         let mut result = Ok(());
         loop {
@@ -627,19 +689,28 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break;
             }
             match scanner.next(&mut rbuf) {
-                Ok(Some(frame)) => match dispatch(frame, fifo, &mut streaming, io) {
-                    Ok(Some(c)) => {
-                        if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
-                            touched.push(c);
+                Ok(Some(frame)) => {
+                    large |= frame.len() > KEEP_RBUF;
+                    match dispatch(frame, fifo, &mut streaming, io) {
+                        Ok(Some(c)) => {
+                            if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
+                                touched.push(c);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            result = Err(e);
+                            break;
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        result = Err(e);
-                        break;
+                }
+                Ok(None) => {
+                    if !streaming && scanner.scanned() >= STREAM_AT {
+                        stream_part(&mut scanner, &mut rbuf, fifo, &mut touched);
+                        large = true;
                     }
-                },
-                Ok(None) => break,
+                    break;
+                }
                 Err(e) => {
                     metrics.protocol_error(e.kind());
                     result = Err(UpstreamError::Protocol(e.to_string()));
@@ -651,13 +722,40 @@ async fn read_loop<R: AsyncRead + Unpin>(
             c.flush();
         }
         result?;
+        if large && rbuf.is_empty() {
+            // The large reply was split off this buffer's allocation, which
+            // it keeps alive (and would reuse) as long as the buffer lives:
+            // start a small one, so a connection does not keep the largest
+            // reply it ever read.
+            rbuf = BytesMut::with_capacity(KEEP_RBUF);
+            large = false;
+        }
+        if let Some(o) = oob
+            && o.0.unwritten() > PAUSE_AT
+        {
+            // This connection serves one client, which reads slower than
+            // Redis sends: read no more until it catches up (Redis holds
+            // the rest, as for a slow client of its own), rather than
+            // buffer up to its output limit and disconnect it.
+            o.0.drained(PAUSE_AT / 4).await;
+        }
         if draining.load(Ordering::Acquire) && lock(fifo).is_empty() {
             return Ok(());
         }
+        if yield_next {
+            // The last read was large: let other tasks run before the next
+            // (a connection streaming large values must not hold a worker
+            // while a neighbour's small reply waits for one).
+            yield_next = false;
+            tokio::task::yield_now().await;
+        }
         tokio::select! {
-            n = r.read_buf(&mut rbuf) => match n {
+            n = read_some(&mut r, &mut rbuf) => match n {
                 Ok(0) => return Err(UpstreamError::ConnectionLost),
-                Ok(_) => {}
+                Ok(n) => {
+                    io.data_reads.fetch_add(1, Ordering::Relaxed);
+                    yield_next = n >= MAX_READ as usize / 2;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream read failed");
                     return Err(UpstreamError::ConnectionLost);
@@ -671,6 +769,39 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+/// Hand the scanned part of a large incomplete reply to its client, when
+/// the job at the front can stream and its client's entry is the next to
+/// be written.
+fn stream_part(
+    scanner: &mut ReplyScanner,
+    rbuf: &mut BytesMut,
+    fifo: &Fifo,
+    touched: &mut Vec<Arc<ClientShared>>,
+) {
+    let mut q = lock(fifo);
+    let Some(front) = q.front_mut() else {
+        return;
+    };
+    let (true, Some(seq)) = (front.can_stream() || front.streamed, front.slot) else {
+        return;
+    };
+    if !front.client.can_stream(seq) {
+        return;
+    }
+    front.streamed = true;
+    // Bytes are flowing: the rest may take longer than a command timeout
+    // (a client reading 200 MB slowly) without anything being wrong.
+    front.deadline = None;
+    let part = scanner.take_scanned(rbuf);
+    front.client.deliver_part(seq, part);
+    if !touched
+        .last()
+        .is_some_and(|l| Arc::ptr_eq(l, &front.client))
+    {
+        touched.push(front.client.clone());
     }
 }
 
@@ -815,7 +946,8 @@ fn dispatch(
     // that client's request caused it, so that client is closed too, as
     // Redis would close it; the others in flight learn the connection is
     // lost, never that they erred.
-    let refused = reply.starts_with(b"-ERR Protocol error") && done.slot.is_some();
+    let refused =
+        !done.streamed && reply.starts_with(b"-ERR Protocol error") && done.slot.is_some();
     if refused {
         metrics.protocol_error("upstream_refused_request");
         tracing::warn!(

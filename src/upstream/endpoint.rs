@@ -117,6 +117,11 @@ pub struct Endpoint {
     pub nudge: Notify,
     /// A cluster endpoint's slot map.
     pub cluster: Option<Arc<Topology>>,
+    /// Reads that brought replies on the data path's connections to this
+    /// endpoint: a health check that times out while this moves was late
+    /// because the sidecar (or Redis) was busy, not because the upstream
+    /// is down.
+    pub data_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Endpoint {
@@ -134,6 +139,7 @@ impl Endpoint {
             stop: CancellationToken::new(),
             nudge: Notify::new(),
             cluster,
+            data_reads: Arc::default(),
         }
     }
 

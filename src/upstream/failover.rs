@@ -74,6 +74,37 @@ pub struct Upstreams {
     shutdown: CancellationToken,
     /// Every task of the endpoints (checkers, sentinel listeners).
     tasks: TaskTracker,
+    /// Where the health checks run: a runtime on a thread of its own, so
+    /// a data path busy with one client's traffic cannot make a check
+    /// late (a late check would count as a failure and fail over).
+    checks: tokio::runtime::Handle,
+}
+
+/// Start the health checks' runtime on its own thread; it runs until
+/// `shutdown`, and a task on `tasks` ends with the thread (so shutdown
+/// waits for it). `Err`: the thread or runtime could not be made.
+fn start_check_runtime(
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> std::io::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = shutdown.clone();
+    std::thread::Builder::new()
+        .name("redis-sidecar-checks".into())
+        .spawn(move || {
+            rt.block_on(stop.cancelled());
+            // The checkers end on the same signal; what is left is dropped.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            let _ = done_tx.send(());
+        })?;
+    tasks.spawn(async move {
+        let _ = done_rx.await;
+    });
+    Ok(handle)
 }
 
 /// Why a switch happened (the `reason` label of `failovers_total`).
@@ -102,6 +133,8 @@ async fn refresh_asked(e: &Endpoint) {
 pub enum FailoverError {
     #[error("no upstream configured")]
     NoEndpoint,
+    #[error("cannot start the health checks' thread")]
+    CheckThread(#[source] std::io::Error),
 }
 
 impl Upstreams {
@@ -128,6 +161,7 @@ impl Upstreams {
             retired: CancellationToken::new(),
         };
         let (active_tx, _) = watch::channel(active.clone());
+        let checks = start_check_runtime(&shutdown, &tasks).map_err(FailoverError::CheckThread)?;
         let ups = Arc::new(Upstreams {
             generation: std::sync::atomic::AtomicU64::new(1),
             state: Mutex::new(State {
@@ -143,6 +177,7 @@ impl Upstreams {
             changed: Notify::new(),
             shutdown,
             tasks,
+            checks,
         });
         for e in &endpoints {
             ups.spawn_endpoint_tasks(e);
@@ -185,7 +220,8 @@ impl Upstreams {
     }
 
     fn spawn_endpoint_tasks(self: &Arc<Self>, e: &Arc<Endpoint>) {
-        self.tasks.spawn(self.clone().check_loop(e.clone()));
+        self.tasks
+            .spawn_on(self.clone().check_loop(e.clone()), &self.checks);
         if matches!(e.spec.target, Target::Sentinel(_)) {
             self.tasks.spawn(self.clone().watch_sentinels(e.clone()));
         }
@@ -393,15 +429,28 @@ impl Upstreams {
             }
             let started = Instant::now();
             last = Some(started);
-            let result = tokio::time::timeout(cfg.check_timeout, self.check(&e, &mut conn))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(UpstreamError::Unavailable(format!(
-                        "health check timed out after {:?}",
-                        cfg.check_timeout
-                    )))
-                });
+            let reads = e.data_reads.load(std::sync::atomic::Ordering::Relaxed);
+            let result = tokio::time::timeout(cfg.check_timeout, self.check(&e, &mut conn)).await;
             let took = started.elapsed();
+            let result = match result {
+                Ok(r) => r,
+                // Late, while the data path kept reading replies from this
+                // endpoint: the sidecar or Redis was busy (a client pulling
+                // large values, say), the upstream is not down. Not a
+                // failure: one client's load must not make the sidecar
+                // fail over. The check's connection is dropped (its reply
+                // would come late).
+                Err(_) if e.data_reads.load(std::sync::atomic::Ordering::Relaxed) != reads => {
+                    conn = None;
+                    tracing::debug!(upstream = %e.name(), ?took, "health check late while the upstream kept answering the data path; not counted as a failure");
+                    self.metrics.check_late(e.name());
+                    continue;
+                }
+                Err(_) => Err(UpstreamError::Unavailable(format!(
+                    "health check timed out after {:?}",
+                    cfg.check_timeout
+                ))),
+            };
             if result.is_err() {
                 conn = None;
             }

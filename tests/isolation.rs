@@ -1,0 +1,309 @@
+//! A client may hurt only itself. Greedy clients (pipelines of 1,000 GETs
+//! of a 100 KB value, read as fast as they come), clients that send such
+//! pipelines and never read, and clients pulling 8 MB values run next to a
+//! well-behaved client doing one small GET at a time. The same load runs
+//! against Redis directly and through the sidecar; through the sidecar the
+//! well-behaved client's p99 must stay within 10x of its p99 against Redis
+//! (or 25 ms, whichever is larger: the floor keeps a loaded 2-core machine
+//! from failing it on scheduling noise; before lanes it was seconds), it
+//! gets no error, and the sidecar does not fail over to its secondary.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis_sidecar::config::Config;
+use redis_sidecar::policy::Builder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::*;
+
+const SECONDS: u64 = 4;
+
+fn get(key: &str) -> Vec<u8> {
+    redis_sidecar::protocol::encode_command(&[b"GET".as_slice(), key.as_bytes()]).to_vec()
+}
+
+/// Pipelines of `depth` GETs of `key`, each read whole, until `stop`.
+async fn greedy(
+    addr: SocketAddr,
+    key: &'static str,
+    depth: usize,
+    size: usize,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let batch: Vec<u8> = get(key).repeat(depth);
+    // `$<size>\r\n<value>\r\n` per reply.
+    let want = depth * (1 + size.to_string().len() + 2 + size + 2);
+    let mut buf = vec![0u8; 1 << 20];
+    while !stop.load(Ordering::Relaxed) {
+        if s.write_all(&batch).await.is_err() {
+            return;
+        }
+        let mut got = 0;
+        while got < want {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    }
+}
+
+/// One pipeline of `depth` GETs, never read; held open until `stop`.
+async fn non_reader(addr: SocketAddr, key: &'static str, depth: usize, stop: Arc<AtomicBool>) {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let _ = s.write_all(&get(key).repeat(depth)).await;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The well-behaved client: one small GET at a time, on a thread of its
+/// own with blocking sockets (its latencies do not wait for a busy
+/// runtime of the test's load clients); its latencies.
+fn polite(addr: SocketAddr, until: Instant) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut lat = Vec::new();
+    let mut buf = [0u8; 64];
+    while Instant::now() < until {
+        let t = Instant::now();
+        c.write_all(b"*2\r\n$3\r\nGET\r\n$5\r\nsmall\r\n").unwrap();
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "the well-behaved client was disconnected");
+            got.extend_from_slice(&buf[..n]);
+        }
+        lat.push(t.elapsed());
+        assert_eq!(
+            &got[..],
+            b"$2\r\nok\r\n",
+            "the well-behaved client got {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    lat
+}
+
+/// Run the load against `addr` on a runtime of its own; the well-behaved
+/// client's p99 and how many GETs it made.
+fn run_load(addr: SocketAddr) -> (Duration, usize) {
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        tasks.push(load.spawn(greedy(addr, "big100k", 1000, 100_000, stop.clone())));
+        tasks.push(load.spawn(non_reader(addr, "big100k", 1000, stop.clone())));
+    }
+    for _ in 0..2 {
+        tasks.push(load.spawn(greedy(addr, "big8m", 4, 8 << 20, stop.clone())));
+    }
+    // Let the load start before measuring.
+    std::thread::sleep(Duration::from_millis(300));
+    let until = Instant::now() + Duration::from_secs(SECONDS);
+    let mut lat = std::thread::spawn(move || polite(addr, until))
+        .join()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.block_on(async {
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    });
+    load.shutdown_timeout(Duration::from_secs(5));
+    lat.sort();
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    (p99, lat.len())
+}
+
+#[test]
+fn greedy_and_non_reading_clients_hurt_only_themselves() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _alone = rt.block_on(serial().write());
+    let primary = RedisServer::start();
+    let secondary = RedisServer::start();
+    rt.block_on(async {
+        for r in [&primary, &secondary] {
+            let mut d = r.direct().await;
+            let _: () = d.set("small", "ok").await.unwrap();
+            let _: () = d.set("big100k", vec![b'x'; 100_000]).await.unwrap();
+            let _: () = d.set("big8m", vec![b'y'; 8 << 20]).await.unwrap();
+        }
+    });
+    // Against Redis directly first (no sidecar checking it meanwhile).
+    let direct = SocketAddr::from(([127, 0, 0, 1], primary.port));
+    let (direct_p99, n_direct) = run_load(direct);
+    let mut cfg: Config =
+        config_multi(&[("primary", primary.url()), ("secondary", secondary.url())]);
+    // Checks every 200 ms (default timeout and failures before down): a
+    // check that the busy data path made late would fail over within the
+    // run.
+    cfg.failover.check_interval = Duration::from_millis(200);
+    let s = rt.block_on(async {
+        let s = sidecar_with(cfg, Builder::default()).await;
+        wait_up(&s, 0).await;
+        s
+    });
+    let (sidecar_p99, n_sidecar) = run_load(s.addr);
+    eprintln!(
+        "well-behaved client p99: direct {direct_p99:?} ({n_direct} GETs), sidecar {sidecar_p99:?} ({n_sidecar} GETs)"
+    );
+    let bound = (direct_p99 * 10).max(Duration::from_millis(25));
+    assert!(
+        sidecar_p99 <= bound,
+        "p99 through the sidecar {sidecar_p99:?}, direct {direct_p99:?}"
+    );
+    rt.block_on(async {
+        eprintln!(
+            "late checks {}, upstreams {}",
+            metric(&s, "upstream_checks_late_total", &[]),
+            upstreams(&s).await
+        );
+        assert_eq!(
+            active(&s).await,
+            "primary",
+            "the load made the sidecar fail over"
+        );
+        assert_eq!(metric(&s, "failovers_total", &[]), 0.0);
+        assert!(metric(&s, "client_lanes_total", &[("reason", "large_replies")]) >= 1.0);
+        s.shutdown().await;
+    });
+}
+
+/// A reply larger than the output limit (a 200 MB GET, limit 64 MiB)
+/// reaches a client that reads it: it goes to the client in parts as it
+/// arrives; first on a shared connection (a new client's first request),
+/// then on the client's lane. Byte for byte what Redis stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_output_limit_reaches_a_reader() {
+    let _alone = serial().write().await;
+    let redis = RedisServer::start();
+    let mut d = redis.direct().await;
+    let size = 200usize << 20;
+    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let _: () = d.set("huge", &value).await.unwrap();
+    let s = sidecar(&redis).await;
+    let mut c = Raw::connect(s.addr).await;
+    for round in 0..2 {
+        let r = c.call(&[b"GET", b"huge"]).await;
+        let head = format!("${size}\r\n");
+        assert!(r.starts_with(head.as_bytes()), "round {round}");
+        assert_eq!(r.len(), head.len() + size + 2, "round {round}");
+        assert!(
+            r[head.len()..head.len() + size] == value[..],
+            "round {round}: bytes differ"
+        );
+    }
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    assert_eq!(
+        metric(&s, "client_lanes_total", &[("reason", "large_replies")]),
+        1.0
+    );
+    // A client on its lane that reads slower than Redis sends (4 MiB
+    // every 20 ms): the lane stops reading from Redis while it catches
+    // up, instead of buffering past the limit and disconnecting it.
+    let want = (size + format!("${size}\r\n").len() + 2) as u64;
+    c.stream.write_all(&get("huge")).await.unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut got = 0u64;
+    while got < want {
+        let n = c.stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the slow reader was disconnected after {got} bytes");
+        got += n as u64;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, want);
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    s.shutdown().await;
+}
+
+/// Upstream connections give memory back after a large reply: one 60 MB
+/// GET in each of 6 databases (6 shared connections), and under WATCH (8
+/// dedicated ones), leave the process's RSS within 100 MiB of where it
+/// started (each connection used to keep its largest reply: +400 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_give_memory_back_after_a_large_reply() {
+    let _alone = serial().write().await;
+    let redis = RedisServer::start();
+    let mut d = redis.direct().await;
+    let size = 60usize << 20;
+    for db in 0..6 {
+        let _: () = redis::cmd("SELECT")
+            .arg(db)
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        let _: () = d.set("big", vec![b'v'; size]).await.unwrap();
+    }
+    let s = sidecar(&redis).await;
+    let before = rss_kib();
+    let mut held = Vec::new();
+    // Replies are read through a small buffer and dropped: the test's own
+    // clients hold no copy.
+    let want = (size + 13) as u64;
+    for db in 0..6 {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        let select = redis_sidecar::protocol::encode_command(&["SELECT", &db.to_string()]);
+        c.write_all(&select).await.unwrap();
+        assert_eq!(read_discard(&mut c, 5).await, 5);
+        c.write_all(&get("big")).await.unwrap();
+        assert_eq!(read_discard(&mut c, want).await, want);
+        held.push(c);
+    }
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(&redis_sidecar::protocol::encode_command(&["WATCH", "big"]))
+            .await
+            .unwrap();
+        assert_eq!(read_discard(&mut c, 5).await, 5);
+        c.write_all(&get("big")).await.unwrap();
+        assert_eq!(read_discard(&mut c, want).await, want);
+        held.push(c);
+    }
+    // The clients (and so their connections) are still open.
+    let after = rss_kib();
+    let grew = after.saturating_sub(before);
+    println!("14 GETs of 60 MB on 14 upstream connections: RSS {before} -> {after} KiB");
+    assert!(grew < 100 * 1024, "RSS grew {grew} KiB and stayed");
+    drop(held);
+    s.shutdown().await;
+}
+
+/// Read exactly `n` bytes through a 64 KiB buffer, keeping none.
+async fn read_discard(c: &mut TcpStream, n: u64) -> u64 {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0u64;
+    while got < n {
+        let want = ((n - got) as usize).min(buf.len());
+        match c.read(&mut buf[..want]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k as u64,
+        }
+    }
+    got
+}
