@@ -799,6 +799,9 @@ impl Config {
         if l.max_request.0 < 1024 {
             errors.push("limits.max_request: must be at least 1KiB".into());
         }
+        if l.max_request.0 >= 4 << 30 {
+            errors.push("limits.max_request: must be below 4GiB".into());
+        }
         if l.max_output_buffer.0 < 1024 {
             errors.push("limits.max_output_buffer: must be at least 1KiB".into());
         }

@@ -12,6 +12,10 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
+/// What one argument costs in memory beyond its bytes, counted against
+/// `max_request`: its `Bytes` handle and its offsets in the scanner.
+pub const ARG_COST: usize = std::mem::size_of::<Bytes>() + std::mem::size_of::<(u32, u32)>();
+
 /// A line without CRLF longer than this is refused (Redis: `PROTO_INLINE_MAX_SIZE`
 /// is also what it uses for multibulk and bulk count lines).
 const MAX_COUNT_LINE: usize = 64 * 1024;
@@ -25,8 +29,9 @@ pub struct Limits {
     pub max_array: usize,
     /// Longest inline command line (Redis `PROTO_INLINE_MAX_SIZE`, 64 KiB).
     pub max_inline: usize,
-    /// Largest whole request, from its declared lengths (Redis
-    /// `client-query-buffer-limit`, 1 GiB).
+    /// Largest whole request, from its declared lengths and
+    /// [`ARG_COST`] per argument (Redis `client-query-buffer-limit`, 1
+    /// GiB); below 4 GiB.
     pub max_request: usize,
 }
 
@@ -169,7 +174,10 @@ pub struct RequestScanner {
     bulk_len: Option<usize>,
     /// Bytes the current request declared so far (headers and bulks).
     declared: usize,
-    args: Vec<(usize, usize)>,
+    /// Where each argument of the current request is in the buffer (32-bit
+    /// offsets: `max_request` is below 4 GiB; 8 bytes per argument, as an
+    /// empty argument is 6 bytes on the wire).
+    args: Vec<(u32, u32)>,
     /// Every line of the current request ended `\r\n` and every bulk was
     /// followed by `\r\n`: its bytes can be forwarded as they came.
     canonical: bool,
@@ -252,10 +260,13 @@ impl RequestScanner {
                         self.bulk_len = Some(len as usize);
                         self.canonical &= buf[nl + 1] == b'\n';
                         // The whole request's declared size, checked
-                        // before its bytes are buffered.
+                        // before its bytes are buffered, with what each
+                        // argument costs in memory beyond its bytes: a
+                        // request of millions of empty arguments is
+                        // bounded by what it costs, not by its few bytes.
                         self.declared = self
                             .declared
-                            .saturating_add(nl + 2 - self.pos + len as usize + 2);
+                            .saturating_add(nl + 2 - self.pos + len as usize + 2 + ARG_COST);
                         if self.declared > self.limits.max_request {
                             return Err(ProtocolError::RequestTooBig);
                         }
@@ -270,7 +281,8 @@ impl RequestScanner {
                             self.remaining = Some(remaining);
                             return Ok(None);
                         }
-                        self.args.push((self.pos, self.pos + len));
+                        // Below max_request, which is below 4 GiB.
+                        self.args.push((self.pos as u32, (self.pos + len) as u32));
                         self.canonical &= buf[end - 2..end] == *b"\r\n";
                         self.pos = end;
                         self.bulk_len = None;
@@ -279,7 +291,16 @@ impl RequestScanner {
                 }
             }
             let raw = buf.split_to(self.pos).freeze();
-            let args: Vec<Bytes> = self.args.drain(..).map(|(s, e)| raw.slice(s..e)).collect();
+            let args: Vec<Bytes> = self
+                .args
+                .drain(..)
+                .map(|(s, e)| raw.slice(s as usize..e as usize))
+                .collect();
+            if self.args.capacity() > 4096 {
+                // A request of many arguments does not leave its offsets
+                // allocated for the life of the connection.
+                self.args = Vec::new();
+            }
             self.remaining = None;
             self.pos = 0;
             if !self.canonical {
@@ -745,6 +766,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn many_empty_arguments_count_what_they_cost() {
+        // 1,000 empty arguments are 6 KB on the wire and ~46 KB in memory:
+        // refused under a 20 KB limit, accepted under 60 KB.
+        let mut req = b"*1001\r\n$6\r\nEXISTS\r\n".to_vec();
+        req.extend(b"$0\r\n\r\n".repeat(1000));
+        let limits = |max_request| Limits {
+            max_request,
+            ..Limits::default()
+        };
+        let e = RequestScanner::new(limits(20_000))
+            .next(&mut BytesMut::from(&req[..]))
+            .unwrap_err();
+        assert_eq!(e, ProtocolError::RequestTooBig);
+        let r = RequestScanner::new(limits(60_000))
+            .next(&mut BytesMut::from(&req[..]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.args.len(), 1001);
+    }
+
+    #[test]
     fn a_large_reply_is_handed_on_in_parts() {
         let mut whole = b"*2\r\n$10\r\n0123456789\r\n:7\r\n".to_vec();
         whole.extend_from_slice(b"+next\r\n");
@@ -857,11 +899,11 @@ mod tests {
             max_bulk: 10,
             max_array: 4,
             max_inline: 8,
-            max_request: 40,
+            max_request: 4 + 2 * (17 + ARG_COST) + 10,
         };
         let mut s = RequestScanner::new(limits);
-        // The whole request's declared size: 4 + (4+10+2)*2 = 36 fits, a
-        // third bulk does not, refused from its header.
+        // The whole request's declared size: 4 + (5+10+2 + ARG_COST)*2
+        // fits, a third bulk does not, refused from its header.
         let mut r = RequestScanner::new(limits);
         let e = r
             .next(&mut BytesMut::from(
