@@ -201,19 +201,70 @@ async fn exchange(addr: SocketAddr, stream: &[u8]) -> (Vec<u8>, bool) {
     (out, closed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutated_request_streams_get_what_redis_gives() {
-    let cases: u64 = std::env::var("CONFORMANCE_CASES")
+fn cases(default: u64) -> u64 {
+    std::env::var("CONFORMANCE_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_request_streams_get_what_redis_gives() {
+    conformance(|_| {}, cases(100_000)).await;
+}
+
+/// The same with every policy stage on, none of which may change what a
+/// client sees here: a TTL rule on every key (SET gets its PX, writes
+/// their PEXPIREs), a deny list of commands the cases never send, a rate
+/// limit no case reaches, and the cache on every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_request_streams_get_what_redis_gives_with_every_policy_on() {
+    let metrics = conformance(
+        |c| {
+            c.ttl = vec![ttl_rule("*", Some(Duration::from_secs(3600)), None)];
+            c.access.deny = vec!["FLUSHALL".into(), "KEYS".into()];
+            c.rate_limit = vec![
+                toml::from_str("name = \"all\"\nrate = \"1000000/s\"\nburst = 1000000\n").unwrap(),
+            ];
+            c.cache = redis_sidecar::config::CacheConfig {
+                enabled: true,
+                rule: vec![redis_sidecar::config::CacheRule {
+                    pattern: "*".into(),
+                    name: Some("all".into()),
+                    ttl: Duration::from_secs(5),
+                    commands: None,
+                    stale_if_error: None,
+                }],
+                ..Default::default()
+            };
+        },
+        cases(25_000),
+    )
+    .await;
+    // The stages saw the traffic.
+    for seen in [
+        "redis_sidecar_ratelimit_decisions_total{result=\"allowed\",rule=\"all\"}",
+        "redis_sidecar_cache_requests_total{result=\"miss\",rule=\"all\"}",
+    ] {
+        assert!(metrics.contains(seen), "{seen} missing:\n{metrics}");
+    }
+}
+
+/// Run `cases` streams through a sidecar configured by `policies`; its
+/// metrics afterwards.
+async fn conformance(
+    policies: impl FnOnce(&mut redis_sidecar::config::Config),
+    cases: u64,
+) -> String {
     let seed: u64 = std::env::var("CONFORMANCE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_cafe);
     let direct = RedisServer::start_with(&["--maxclients", "10000"]);
     let behind = RedisServer::start_with(&["--maxclients", "10000"]);
-    let s = sidecar(&behind).await;
+    let mut cfg = config(&behind.url());
+    policies(&mut cfg);
+    let s = sidecar_with(cfg, Default::default()).await;
     let direct_addr = SocketAddr::from(([127, 0, 0, 1], direct.port));
     let sidecar_addr = s.addr;
 
@@ -304,4 +355,5 @@ async fn mutated_request_streams_get_what_redis_gives() {
         echoed.load(Ordering::Relaxed)
     );
     assert!(echoed.load(Ordering::Relaxed) > 0);
+    String::from_utf8(s.metrics.render()).unwrap()
 }
