@@ -188,14 +188,29 @@ def main():
 
         for name, run in [("huge-get", huge_get), ("dbs-60m", dbs_case),
                           ("watch-60m", watch_case), ("exists-5m", exists_case(sport))]:
-            before, peak, after = measure(pid, run)
+            failed = None
+
+            def guarded():
+                nonlocal failed
+                try:
+                    run()
+                except (RuntimeError, OSError, AssertionError) as e:
+                    failed = e or "assertion"
+            before, peak, after = measure(pid, guarded)
             print(f"{name:10} sidecar RSS before {mib(before)}, peak {mib(peak)}, after {mib(after)}"
-                  + (" (clients still connected)" if name in ("dbs-60m", "watch-60m") else ""))
+                  + (" (clients still connected)" if name in ("dbs-60m", "watch-60m") else "")
+                  + (f" FAILED: {failed}" if failed else ""))
         for c in held:
             c.s.close()
-        before, peak, after = measure(redis_pid, exists_case(rport))
+        # The same request to an empty redis-server of its own.
+        eport = free_port()
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(eport), "--save", "", "--appendonly", "no",
+             "--dir", tmp], stdout=subprocess.DEVNULL))
+        wait_port(eport)
+        before, peak, after = measure(procs[-1].pid, exists_case(eport))
         print(f"{'exists-5m':10} redis-server RSS before {mib(before)}, peak {mib(peak)}, after {mib(after)}"
-              " (the same request sent to Redis directly)")
+              " (the same request sent to an empty Redis directly)")
     finally:
         for p in procs:
             p.terminate()

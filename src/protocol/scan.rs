@@ -570,8 +570,15 @@ impl ReplyScanner {
                         continue;
                     }
                     let n = self.len(line)?;
-                    self.pos = next;
-                    self.skip = n + 2;
+                    let end = next + n + 2;
+                    if buf.len() >= end {
+                        // Whole (the usual case): no pass through `skip`.
+                        self.pos = end;
+                        self.complete_value();
+                    } else {
+                        self.pos = next;
+                        self.skip = n + 2;
+                    }
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
                     self.pos = next;

@@ -509,41 +509,46 @@ impl Session {
     /// unread, or has `lane_after_inflight` requests in flight; and until
     /// its first reply shows what its replies are like, it has one
     /// request in flight on a shared connection (one round trip, once).
-    async fn shared_or_lane(&mut self) -> Target {
+    /// `None`: wait for the client's first reply first
+    /// ([`Session::after_first_reply`]).
+    fn shared_or_lane(&mut self) -> Option<Target> {
         if self.lane {
-            return Target::Dedicated;
+            return Some(Target::Dedicated);
         }
         let client = &self.entry.client;
         let done = client.progress.done();
         let inflight = self.queued - done;
-        let reason = if client.heavy() {
-            Some("large_replies")
-        } else if inflight >= self.shared.limits.lane_inflight as u64 {
-            Some("deep_pipeline")
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            self.lane = true;
-            self.shared.metrics.client_lane(reason);
-            tracing::debug!(
-                client = self.entry.id,
-                reason,
-                "client moved to an upstream connection of its own"
-            );
-            return Target::Dedicated;
+        if client.heavy() {
+            return Some(self.to_lane("large_replies"));
+        }
+        if inflight >= self.shared.limits.lane_inflight as u64 {
+            return Some(self.to_lane("deep_pipeline"));
         }
         if done == 0 && inflight > 0 {
-            // The first reply is the probe.
-            client.flush();
-            client.progress.wait_for(1).await;
-            if client.heavy() {
-                self.lane = true;
-                self.shared.metrics.client_lane("large_replies");
-                return Target::Dedicated;
-            }
+            return None;
+        }
+        Some(Target::Shared)
+    }
+
+    /// The first reply is the probe: wait for it, then decide.
+    async fn after_first_reply(&mut self) -> Target {
+        self.entry.client.flush();
+        self.entry.client.progress.wait_for(1).await;
+        if self.entry.client.heavy() {
+            return self.to_lane("large_replies");
         }
         Target::Shared
+    }
+
+    fn to_lane(&mut self, reason: &'static str) -> Target {
+        self.lane = true;
+        self.shared.metrics.client_lane(reason);
+        tracing::debug!(
+            client = self.entry.id,
+            reason,
+            "client moved to an upstream connection of its own"
+        );
+        Target::Dedicated
     }
 
     /// Queue a reply the sidecar made itself.
@@ -552,9 +557,14 @@ impl Session {
         if let Some(m) = metrics {
             m.duration.observe(self.read_at.elapsed().as_secs_f64());
         }
-        let reply = match self.stream_reply(reply, false).await {
-            Ok(()) => return,
-            Err(reply) => reply,
+        let reply = if matches!(self.mode, Mode::Streaming(_)) {
+            // Boxed: only streaming clients pay for its future.
+            match Box::pin(self.stream_reply(reply, false)).await {
+                Ok(()) => return,
+                Err(reply) => reply,
+            }
+        } else {
+            reply
         };
         self.room().await;
         self.entry.client.reply(reply, metrics);
@@ -589,7 +599,11 @@ impl Session {
                     reply,
                     done: wait.then_some(tx),
                 };
-                (mark.payload(), JobKind::Mark(mark), wait.then_some(rx))
+                (
+                    mark.payload(),
+                    JobKind::Mark(Box::new(mark)),
+                    wait.then_some(rx),
+                )
             }
         };
         let job = Job {
@@ -611,7 +625,9 @@ impl Session {
     /// Close the client once everything queued is written (on a stream:
     /// once what the upstream owes for earlier commands has arrived).
     async fn close(&mut self) {
-        let _ = self.stream_reply(Bytes::new(), true).await;
+        if matches!(self.mode, Mode::Streaming(_)) {
+            let _ = Box::pin(self.stream_reply(Bytes::new(), true)).await;
+        }
         self.room().await;
         self.entry.client.close();
     }
@@ -733,7 +749,11 @@ impl Session {
             (Mode::Transaction(_), _) => Box::pin(self.route_tx(ex, class, &metrics)).await,
             (_, Class::Forward) => {
                 let target = match self.mode {
-                    Mode::Normal => self.shared_or_lane().await,
+                    Mode::Normal => match self.shared_or_lane() {
+                        Some(t) => t,
+                        // Boxed: once per client at most.
+                        None => Box::pin(self.after_first_reply()).await,
+                    },
                     _ => Target::Dedicated,
                 };
                 if let Target::Shared = target

@@ -257,7 +257,7 @@ struct Pending {
     /// state is gone, so the client is closed after this reply.
     moved_under: bool,
     /// A reply of the sidecar's own, waiting for this PING's answer.
-    mark: Option<super::Mark>,
+    mark: Option<Box<super::Mark>>,
     /// Part of the reply already went to the client (see [`STREAM_AT`]):
     /// the rest follows as it is read.
     streamed: bool,

@@ -186,7 +186,7 @@ pub enum JobKind {
     /// the upstream answers everything sent before it: the job's payload
     /// is `PING <token>`, and its answer is replaced by `reply` (so the
     /// sidecar's replies never overtake forwarded ones).
-    Mark(Mark),
+    Mark(Box<Mark>),
 }
 
 /// See [`JobKind::Mark`].
