@@ -519,10 +519,10 @@ impl Session {
         let done = client.progress.done();
         let inflight = self.queued - done;
         if client.heavy() {
-            return Some(self.to_lane("large_replies"));
+            return Some(self.move_to_lane("large_replies"));
         }
         if inflight >= self.shared.limits.lane_inflight as u64 {
-            return Some(self.to_lane("deep_pipeline"));
+            return Some(self.move_to_lane("deep_pipeline"));
         }
         if done == 0 && inflight > 0 {
             return None;
@@ -535,12 +535,12 @@ impl Session {
         self.entry.client.flush();
         self.entry.client.progress.wait_for(1).await;
         if self.entry.client.heavy() {
-            return self.to_lane("large_replies");
+            return self.move_to_lane("large_replies");
         }
         Target::Shared
     }
 
-    fn to_lane(&mut self, reason: &'static str) -> Target {
+    fn move_to_lane(&mut self, reason: &'static str) -> Target {
         self.lane = true;
         self.shared.metrics.client_lane(reason);
         tracing::debug!(
