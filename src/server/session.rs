@@ -606,13 +606,7 @@ impl Session {
                 )
             }
         };
-        let job = Job {
-            payload,
-            kind,
-            client: self.entry.client.clone(),
-            enqueued: Instant::now(),
-            hop: Hop::default(),
-        };
+        let job = self.stream_job(payload, kind);
         // A connection that is gone closes the client: nothing to answer.
         if d.tx.send(job).await.is_ok()
             && let Some(rx) = done
@@ -1580,18 +1574,23 @@ impl Session {
         self.barrier(&tx).await;
         metrics.ok.inc();
         self.entry.touch_time(Instant::now());
-        let job = Job {
-            payload,
-            kind,
-            client: self.entry.client.clone(),
-            enqueued: Instant::now(),
-            hop: Hop::default(),
-        };
+        let job = self.stream_job(payload, kind);
         if tx.send(job).await.is_err() {
             self.entry.client.kill.cancel();
             return Flow::Stop;
         }
         Flow::Go
+    }
+
+    /// A job for the client's streaming connection (no reply entry).
+    fn stream_job(&self, payload: Bytes, kind: JobKind) -> Job {
+        Job {
+            payload,
+            kind,
+            client: self.entry.client.clone(),
+            enqueued: Instant::now(),
+            hop: Hop::default(),
+        }
     }
 
     async fn upstream_error(&mut self, e: UpstreamError, metrics: &Arc<CommandMetrics>) -> Flow {

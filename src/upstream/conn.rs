@@ -325,6 +325,33 @@ pub fn with_asking(payload: &Bytes) -> Bytes {
 }
 
 impl Pending {
+    /// An entry that is no request: the start of a stream or of a raw
+    /// passage, or a marked PING.
+    fn marker(
+        client: Arc<ClientShared>,
+        start_stream: bool,
+        start_raw: bool,
+        mark: Option<Box<super::Mark>>,
+    ) -> Pending {
+        Pending {
+            plan: None,
+            got: 0,
+            keep: None,
+            slot: None,
+            client,
+            deadline: None,
+            start_stream,
+            start_raw,
+            resend: None,
+            asking: false,
+            raw: 0,
+            bounced: None,
+            moved_under: false,
+            mark,
+            streamed: false,
+        }
+    }
+
     fn fail(mut self, err: &UpstreamError) {
         if let Some(p) = self.plan.as_mut() {
             p.fail(err);
@@ -595,40 +622,9 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
                 streamed: false,
             })
         }
-        JobKind::StartStream | JobKind::StartRaw => Some(Pending {
-            plan: None,
-            got: 0,
-            keep: None,
-            slot: None,
-            client: job.client,
-            deadline: None,
-            start_stream: !matches!(job.kind, JobKind::StartRaw),
-            start_raw: matches!(job.kind, JobKind::StartRaw),
-            resend: None,
-            asking: false,
-            raw: 0,
-            bounced: None,
-            moved_under: false,
-            mark: None,
-            streamed: false,
-        }),
-        JobKind::Mark(m) => Some(Pending {
-            plan: None,
-            got: 0,
-            keep: None,
-            slot: None,
-            client: job.client,
-            deadline: None,
-            start_stream: false,
-            start_raw: false,
-            resend: None,
-            asking: false,
-            raw: 0,
-            bounced: None,
-            moved_under: false,
-            mark: Some(m),
-            streamed: false,
-        }),
+        JobKind::StartStream => Some(Pending::marker(job.client, true, false, None)),
+        JobKind::StartRaw => Some(Pending::marker(job.client, false, true, None)),
+        JobKind::Mark(m) => Some(Pending::marker(job.client, false, false, Some(m))),
         JobKind::Stream => None,
     };
     if let Some(p) = pending {
