@@ -9,7 +9,9 @@
 //!    streaming), with the transitions in one place. [`server::clients`]
 //!    is the registry of live clients the CLIENT family works on.
 //! 2. [`protocol::scan`] frames requests with a resumable scanner that keeps
-//!    the bytes that arrived; limits are checked before anything is buffered.
+//!    the bytes that arrived (re-encoded when their framing was not
+//!    canonical, so what reaches an upstream parses one way only); limits
+//!    are checked before anything is buffered.
 //! 3. [`command`] classifies each command (keys, write flag, blocking,
 //!    pub/sub, transaction, connection state) from the table learned from
 //!    the upstream's `COMMAND`, with a built-in fallback.
@@ -26,8 +28,11 @@
 //!    on the client's dedicated connection when it holds state there);
 //!    the rest goes [`upstream`]: stateless commands to shared,
 //!    auto-pipelined connections keyed by (protocol, db, user)
-//!    ([`upstream::pool`]); a client holding state to its own dedicated
-//!    connection. The exchange travels with the command ([`upstream::Job`])
+//!    ([`upstream::pool`]); a client holding state, or one whose large
+//!    replies, unread output or deep pipeline would delay the others on a
+//!    shared connection (its lane), to its own dedicated connection. On a
+//!    streaming connection the sidecar's own replies wait for a marked
+//!    PING ([`upstream::Mark`]) so they keep their place. The exchange travels with the command ([`upstream::Job`])
 //!    and the connection matches replies to exchanges in FIFO order
 //!    ([`upstream::conn`]).
 //! 6. The connection applies the exchange to the replies (appended
@@ -35,7 +40,9 @@
 //!    completes the client's entry in its output queue ([`output`]); the
 //!    ready replies are written, in request order, by whichever side
 //!    completed them: usually that upstream connection, once per read,
-//!    without a hop through the session's task.
+//!    without a hop through the session's task. A large reply goes to
+//!    the client in parts as it arrives; health checks run on a thread of
+//!    their own ([`upstream::failover`]).
 //!
 //! Around it: [`config`] (TOML, `${ENV}`, validation), [`control`]
 //! (reload of upstreams and policies), [`metrics`] (Prometheus registry)

@@ -244,6 +244,14 @@ async fn concurrent_misses_make_one_read() {
     for _ in 0..100 {
         clients.push(Raw::connect(s.addr).await);
     }
+    // The cache is ready (its tracking connection up) once a read hits:
+    // before that, a fill cannot land and its read goes to Redis.
+    let mut warm = Raw::connect(s.addr).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while requests(&s, "hit") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the cache never hit");
+        warm.call(&[b"GET", b"c:warm"]).await;
+    }
     let mut d = redis.direct().await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
