@@ -279,3 +279,57 @@ async fn reported_smuggling_stores_the_value() {
     c.stream.shutdown().await.unwrap();
     sidecar.shutdown().await;
 }
+
+/// The cluster split: an MSET whose keys are in several slots is split
+/// into one MSET per node, re-encoded from the arguments; in every header
+/// form, with values that hold RESP, the nodes store exactly the keys and
+/// values meant, and nothing else.
+#[tokio::test]
+async fn cluster_split_keeps_every_header_form_one_command() {
+    let cluster = Cluster::start(3);
+    let s = cluster_sidecar(&cluster).await;
+    let forms = [
+        End::Crlf,
+        End::Odd(b'X', b'X'),
+        End::Odd(b'\n', b'\n'),
+        End::Odd(b'$', b'*'),
+        End::Odd(b'\r', b'1'),
+    ];
+    let mut c = Raw::connect(s.addr).await;
+    let mut keys = 0;
+    for (i, form) in forms.iter().enumerate() {
+        let key = |k: &str| format!("{k}:{i}").into_bytes();
+        let args = vec![
+            b"MSET".to_vec(),
+            key("a"),
+            SMUGGLE.to_vec(),
+            key("b"),
+            b"v\n*1\r\n$8\r\nFLUSHALL\r\n".to_vec(),
+            key("c"),
+            b"plain".to_vec(),
+        ];
+        c.send(&encode(&args, std::slice::from_ref(form))).await;
+        assert_eq!(&c.read().await[..], b"+OK\r\n", "form {i}");
+        keys += 3;
+        let mget = c.call(&[b"MGET", &key("a"), &key("b"), &key("c")]).await;
+        let mut want = b"*3\r\n".to_vec();
+        for v in [&args[2], &args[4], &args[6]] {
+            want.extend(format!("${}\r\n", v.len()).into_bytes());
+            want.extend_from_slice(v);
+            want.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(mget, want, "form {i}");
+    }
+    // Nothing else reached the nodes: the masters hold exactly the keys.
+    let mut total = 0;
+    for n in &cluster.nodes {
+        let mut d = n.direct().await;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut d).await.unwrap();
+        if matches!(&role[0], redis::Value::BulkString(r) if r == b"master") {
+            let size: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+            total += size;
+        }
+    }
+    assert_eq!(total, keys);
+    s.shutdown().await;
+}
