@@ -211,3 +211,19 @@ async fn hello_auth_while_subscribed_stays_with_the_sidecar() {
     );
     s.shutdown().await;
 }
+
+/// QUIT on a stream: its +OK comes after the replies Redis still owed,
+/// then the connection closes (it waited for them).
+#[tokio::test]
+async fn quit_on_a_stream_answers_after_what_was_owed() {
+    let redis = RedisServer::start();
+    let s = sidecar_with(policies(&redis), Builder::default()).await;
+    let mut c = Raw::connect(s.addr).await;
+    assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+    assert!(c.call(&[b"SUBSCRIBE", b"ch"]).await.starts_with(b">3"));
+    send_all(&mut c, &[&[b"EVAL", SLOW, b"0"], &[b"QUIT"]]).await;
+    assert!(is_bulk(&c.read().await, "slow-done"));
+    assert_eq!(&c.read().await[..], b"+OK\r\n");
+    assert!(c.closed().await);
+    s.shutdown().await;
+}

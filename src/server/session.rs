@@ -40,6 +40,10 @@ use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Mark, Oob, 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Longest wait, when closing a streaming client, for the replies Redis
+/// still owes it to arrive.
+const MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where a request goes.
 enum Target {
     Shared,
@@ -611,7 +615,9 @@ impl Session {
         if d.tx.send(job).await.is_ok()
             && let Some(rx) = done
         {
-            let _ = rx.await;
+            // Bounded: a close must not wait on an upstream that stopped
+            // answering (the connection's own timeout ends it too).
+            let _ = tokio::time::timeout(MARK_WAIT, rx).await;
         }
         Ok(())
     }
