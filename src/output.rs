@@ -130,6 +130,10 @@ struct Out {
     /// The session stopped reading requests; its writer ends once
     /// everything is written.
     finished: bool,
+    /// Entries from this sequence number on are never written: the client
+    /// left while a blocking command waited (Redis drops a blocked client
+    /// that disconnects without a reply); the output closes there.
+    drop_from: Option<u64>,
 }
 
 /// What a session shares with the upstream connections serving it: its
@@ -190,6 +194,7 @@ impl ClientShared {
                 done: 0,
                 closing: false,
                 finished: false,
+                drop_from: None,
             }),
             writer: Notify::new(),
             progress: Progress::default(),
@@ -233,6 +238,16 @@ impl ClientShared {
         }
         let mut o = self.lock();
         self.push_ready(&mut o, bytes, true);
+    }
+
+    /// The client left while entry `seq` (a blocking command) waited: it
+    /// and what follows are never written; what came before still is,
+    /// then the output closes.
+    pub fn drop_from(&self, seq: u64) {
+        let mut o = self.lock();
+        o.drop_from = Some(seq);
+        self.advance(&mut o);
+        self.flush_locked(&mut o);
     }
 
     /// Close the client once everything queued before is written (at
@@ -391,6 +406,10 @@ impl ClientShared {
     fn advance(&self, o: &mut Out) {
         let before = o.done;
         while !o.closing {
+            if o.drop_from.is_some_and(|d| o.base >= d) {
+                o.closing = true;
+                break;
+            }
             match o.entries.front() {
                 None | Some(Entry::Wait { .. }) => break,
                 Some(Entry::Ready { .. }) => {

@@ -381,3 +381,40 @@ async fn blocking_commands_never_hold_a_shared_connection_before_the_table_is_le
     assert_eq!(&a.read().await[..], b"+PONG\r\n");
     assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
 }
+
+/// A client that half-closes while its blocking command waits (ioredis's
+/// `disconnect()`, BullMQ's `worker.close()`) gets what it was owed before
+/// it and nothing for the blocking command, then the close, as from Redis
+/// (which writes nothing): not `-ERR upstream connection lost`.
+#[tokio::test]
+async fn a_half_close_while_blocked_gets_what_redis_gives() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], redis.port));
+    for addr in [direct, s.addr] {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut batch = redis_sidecar::protocol::encode_command(&["PING"]).to_vec();
+        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            "BZPOPMIN", "zq", "5",
+        ]));
+        tokio::io::AsyncWriteExt::write_all(&mut c, &batch)
+            .await
+            .unwrap();
+        assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+        tokio::io::AsyncWriteExt::shutdown(&mut c).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut got),
+        )
+        .await;
+        assert!(read.is_ok(), "{addr}: not closed within 3 s");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "+PONG\r\n",
+            "{addr}: what the half-closed client got"
+        );
+        assert!(eventually(|| async { blocked_clients(&redis).await == 0 }).await);
+    }
+    s.shutdown().await;
+}

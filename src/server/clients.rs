@@ -73,6 +73,9 @@ pub struct ClientEntry {
     /// See the session's `blocked_until`: blocked while fewer output
     /// entries are complete.
     pub blocked_until: AtomicU64,
+    /// The output entry of the last blocking command sent (dropped if the
+    /// client leaves while it waits).
+    pub blocked_seq: AtomicU64,
     /// The upstream's id of the client's dedicated connection, -1 if none.
     pub upstream_id: AtomicI64,
 }
@@ -96,6 +99,7 @@ impl ClientEntry {
             last_cmd: AtomicU32::new(u32::MAX),
             last_active_s: AtomicU64::new(0),
             blocked_until: AtomicU64::new(0),
+            blocked_seq: AtomicU64::new(0),
             upstream_id: AtomicI64::new(-1),
         }
     }

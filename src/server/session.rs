@@ -464,6 +464,11 @@ impl Session {
                 client = self.entry.id,
                 "client left while blocked: closing its upstream connection"
             );
+            // As Redis: the blocked command gets no reply (not the
+            // "connection lost" its closed upstream connection would give:
+            // error trackers alert on it at every worker deploy).
+            let blocked = self.entry.blocked_seq.load(Ordering::Acquire);
+            self.entry.client.drop_from(blocked);
             self.drop_dedicated(true);
         }
     }
@@ -1493,6 +1498,9 @@ impl Session {
         let now = self.read_at;
         self.entry.touch_time(now);
         let seq = self.entry.client.expect(now, metrics.clone());
+        if blocking {
+            self.entry.blocked_seq.store(seq, Ordering::Release);
+        }
         let (payload, plan) = exchange.send();
         let job = Job {
             payload,
