@@ -418,3 +418,24 @@ async fn a_half_close_while_blocked_gets_what_redis_gives() {
     }
     s.shutdown().await;
 }
+
+/// Shutdown does not wait out the grace period for a client blocked in
+/// `BZPOPMIN .. 0` (no reply will come): it is closed at once, after what
+/// it was owed, and the sidecar stops well within the grace period.
+#[tokio::test]
+async fn shutdown_closes_a_blocked_client_at_once() {
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.url());
+    cfg.timeouts.shutdown_grace = Duration::from_secs(10);
+    let s = sidecar_with(cfg, Default::default()).await;
+    let mut c = Raw::connect(s.addr).await;
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    c.cmd(&[b"BZPOPMIN", b"zq", b"0"]).await;
+    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+    let t = std::time::Instant::now();
+    assert!(s.shutdown().await, "shutdown did not drain");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(c.closed().await);
+    assert!(eventually(|| async { blocked_clients(&redis).await == 0 }).await);
+}

@@ -130,10 +130,18 @@ pub async fn serve(
         });
     }
     drop(listener);
-    // Every session stops reading; each answers what it read, then ends.
-    for entry in shared.clients.all() {
+    // Every session stops reading; each answers what it read, then ends
+    // (a blocked one at once, without its blocking command's reply).
+    let clients = shared.clients.all();
+    let blocked = clients.iter().filter(|e| e.is_blocked()).count();
+    for entry in &clients {
         entry.client.stop.cancel();
     }
     tracker.close();
+    tracing::info!(
+        clients = clients.len(),
+        blocked,
+        "draining: waiting for the replies owed to clients (blocked ones are closed at once)"
+    );
     tracker.wait().await;
 }

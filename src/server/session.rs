@@ -441,7 +441,16 @@ impl Session {
                         return self.client_left();
                     }
                 },
-                _ = client.stop.cancelled() => return,
+                _ = client.stop.cancelled() => {
+                    // Shutdown: a blocking command has no reply to wait
+                    // for (it may wait forever); as Redis closes such a
+                    // client at once, the sidecar drops it after what was
+                    // owed before it.
+                    if self.entry.is_blocked() {
+                        self.client_left();
+                    }
+                    return;
+                }
                 _ = async { if let Some(s) = idle_sleep.as_mut() { s.await } }, if idle_applies => {
                     tracing::debug!(client = self.entry.id, "idle timeout");
                     self.shared.metrics.client_rejected("idle_timeout");
