@@ -704,6 +704,32 @@ impl EndpointSpec {
     }
 }
 
+/// A deserializer's message without the value it quotes: serde writes
+/// `invalid type: integer \`987654321\`, expected a string` and `unknown
+/// variant \`X\``, and the value may be a password or a `${VAR}` expanded
+/// into the wrong field. What comes from `, expected` on is the schema's
+/// (the variants allowed) and stays; so does the name of an unknown field
+/// (a key, not a value).
+fn without_values(msg: &str) -> String {
+    if msg.starts_with("unknown field") {
+        return msg.to_string();
+    }
+    let (head, tail) = msg.split_at(msg.find(", expected").unwrap_or(msg.len()));
+    let mut out = String::with_capacity(msg.len());
+    let mut quote = None;
+    for c in head.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '`' || c == '"' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    let mut out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    out.push_str(tail);
+    out
+}
+
 impl Config {
     /// Parse TOML text, expanding `${ENV}` with `env`.
     pub fn from_toml(
@@ -734,7 +760,7 @@ impl Config {
         // first one serde meets.
         let path_error = |e: serde_path_to_error::Error<toml::de::Error>| {
             let path = e.path().to_string();
-            let msg = e.into_inner().message().to_string();
+            let msg = without_values(e.into_inner().message());
             if path == "." {
                 msg
             } else {

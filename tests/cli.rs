@@ -340,3 +340,133 @@ async fn exposure_warnings_admin_token_from_env_and_plain_logs() {
         .await
         .unwrap();
 }
+
+/// Config errors never quote a value: every field of the example
+/// configuration (which lists them all) is set in turn to a sentinel of
+/// the wrong type and to a sentinel string, and no error names it.
+#[test]
+fn config_errors_never_quote_a_value() {
+    use redis_sidecar::config::Config;
+    let text = std::fs::read_to_string("config/redis-sidecar.example.toml").unwrap();
+    let mut example: toml::Table = text.parse().unwrap();
+    // The sections the example shows commented out, filled in.
+    let more: toml::Table = r#"
+admin_token = "token"
+[[upstream]]
+name = "cloud"
+url = "rediss://default:pw@127.0.0.1:12345"
+tls_server_name = "redis.internal"
+[[access.users]]
+name = "ops"
+allow = ["@all"]
+deny = ["KEYS"]
+[[ttl]]
+pattern = "sess:*"
+name = "sessions"
+default = "24h"
+max = "24h"
+sweep_rate = 500
+sweep_every = "10m"
+mode = "observe"
+[[rate_limit]]
+name = "feed-writes"
+commands = ["@write"]
+pattern = "feed:user:*"
+per = "key"
+rate = "20/s"
+burst = 10
+action = "delay"
+max_delay = "500ms"
+[[cache.rule]]
+pattern = "feed:*"
+name = "feed"
+ttl = "5s"
+stale_if_error = "30s"
+[client_auth]
+password = "client-pw"
+[[client_auth.users]]
+name = "app"
+password = "app-pw"
+"#
+    .parse()
+    .unwrap();
+    for (k, v) in more {
+        match (example.get_mut(&k), v) {
+            (Some(toml::Value::Array(a)), toml::Value::Array(b)) => a.extend(b),
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => a.extend(b),
+            (_, v) => {
+                example.insert(k, v);
+            }
+        }
+    }
+    let base = toml::to_string(&example).unwrap();
+    assert!(
+        Config::from_toml(&base, &|_| None)
+            .unwrap()
+            .validate()
+            .is_ok(),
+        "the filled-in example is valid"
+    );
+    // Every leaf, as a path of keys and array indexes.
+    fn leaves(v: &toml::Value, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let mut p = path.clone();
+                    p.push(k.clone());
+                    leaves(v, p, out);
+                }
+            }
+            toml::Value::Array(a) if a.iter().any(|x| x.is_table()) => {
+                for (i, v) in a.iter().enumerate() {
+                    let mut p = path.clone();
+                    p.push(i.to_string());
+                    leaves(v, p, out);
+                }
+            }
+            _ => out.push(path),
+        }
+    }
+    fn set(v: &mut toml::Value, path: &[String], to: toml::Value) {
+        let Some((first, rest)) = path.split_first() else {
+            *v = to;
+            return;
+        };
+        let next = match v {
+            toml::Value::Table(t) => t.get_mut(first).unwrap(),
+            toml::Value::Array(a) => &mut a[first.parse::<usize>().unwrap()],
+            _ => unreachable!(),
+        };
+        set(next, rest, to);
+    }
+    let mut paths = Vec::new();
+    leaves(&toml::Value::Table(example.clone()), Vec::new(), &mut paths);
+    assert!(paths.len() > 60, "{} fields", paths.len());
+    let env = |_: &str| None;
+    let mut refused = 0;
+    for path in &paths {
+        for sentinel in [
+            toml::Value::Integer(987_654_321),
+            toml::Value::String("TopSecretValue42".into()),
+            toml::Value::Array(vec![toml::Value::String("TopSecretValue42".into())]),
+        ] {
+            let mut v = toml::Value::Table(example.clone());
+            set(&mut v, path, sentinel);
+            let text = toml::to_string(&v).unwrap();
+            let err = match Config::from_toml(&text, &env) {
+                Err(e) => e.to_string(),
+                Ok(c) => match c.validate() {
+                    Err(e) => e.to_string(),
+                    Ok(_) => continue,
+                },
+            };
+            refused += 1;
+            assert!(
+                !err.contains("987654321") && !err.contains("TopSecretValue42"),
+                "{}: {err}",
+                path.join(".")
+            );
+        }
+    }
+    assert!(refused > paths.len(), "{refused} refusals");
+}

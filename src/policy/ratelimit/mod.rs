@@ -53,8 +53,9 @@ pub enum RateLimitError {
     EmptyName,
     #[error("name {0:?} is already used by another rule")]
     DuplicateName(String),
-    #[error("rate {0:?}: use <count>/<period>, e.g. 5000/s, 100/min, 10/h, 1/250ms")]
-    BadRate(String),
+    /// The value is not quoted back (it may be a `${VAR}` expanded there).
+    #[error("rate: use <count>/<period>, e.g. 5000/s, 100/min, 10/h, 1/250ms")]
+    BadRate,
     #[error("commands[{index}]: {reason}")]
     Command {
         index: usize,
@@ -295,7 +296,7 @@ impl Rule {
         }
         let rate = parse_rate(&r.rate);
         if rate.is_none() {
-            err(RateLimitError::BadRate(r.rate.clone()));
+            err(RateLimitError::BadRate);
         }
         let mut commands = Vec::new();
         for (i, c) in r.commands.iter().enumerate() {
