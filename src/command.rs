@@ -206,6 +206,52 @@ impl CommandInfo {
     }
 }
 
+/// Whether `name` (lower case; `container|sub` for a subcommand) is a
+/// command of Redis 7's built-in table; `Err` with the nearest known name
+/// when one is close (a misspelt `flushal`), for configuration lists: a
+/// deny list with a typo would otherwise deny nothing.
+pub fn check_name(name: &str) -> Result<(), Option<&'static str>> {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        let t = Table::builtin();
+        let mut v: Vec<&'static str> = t
+            .commands
+            .keys()
+            .chain(t.containers.iter())
+            .map(|n| &*Box::leak(n.clone().into_boxed_str()))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    });
+    if names.binary_search(&name).is_ok() {
+        return Ok(());
+    }
+    // The closest name within a third of the length (at least 1 edit).
+    let limit = (name.len() / 3).max(1);
+    let best = names
+        .iter()
+        .map(|n| (edit_distance(name, n), *n))
+        .filter(|(d, _)| *d <= limit)
+        .min();
+    Err(best.map(|(_, n)| n))
+}
+
+/// Levenshtein distance of two short ASCII names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// The index of `SORT key [BY p] [LIMIT o c] [GET p ...] [ASC|DESC]
 /// [ALPHA] [STORE dst]`'s destination: options read as Redis's
 /// `sortCommand` does (LIMIT takes two arguments, BY, GET and STORE one);
@@ -678,6 +724,17 @@ mod tests {
         s.split(' ')
             .map(|a| Bytes::copy_from_slice(a.as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn misspelt_names_are_named_with_the_nearest() {
+        assert_eq!(check_name("flushall"), Ok(()));
+        assert_eq!(check_name("config|set"), Ok(()));
+        assert_eq!(check_name("client"), Ok(()));
+        assert_eq!(check_name("flushal"), Err(Some("flushall")));
+        assert_eq!(check_name("sett"), Err(Some("set")));
+        assert_eq!(check_name("config|sett"), Err(Some("config|set")));
+        assert_eq!(check_name("topsecretvalue42"), Err(None));
     }
 
     #[test]

@@ -109,22 +109,39 @@ async fn sigterm_drains_and_exits_zero_second_signal_exits_at_once() {
     // SIGHUP reloads (the same flags here) and must not kill it.
     signal(&child, "HUP");
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
-    // A request in flight when SIGTERM arrives is answered, then exit 0.
-    c.cmd(&[b"BLPOP", b"q", b"2"]).await;
+    // A request in flight when SIGTERM arrives is answered, then exit 0;
+    // a client blocked in BLPOP .. 0 (no reply will come) is closed at
+    // once, as Redis closes such clients, and holds nothing up.
+    let mut blocked = Raw::connect(addr).await;
+    blocked.cmd(&[b"BLPOP", b"never", b"0"]).await;
     assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+    c.cmd(&[
+        b"EVAL",
+        b"local i = 0 while i < 3000000 do i = i + 1 end return 'done'",
+        b"0",
+    ])
+    .await;
     signal(&child, "TERM");
-    assert_eq!(&c.read().await[..], b"*-1\r\n");
+    assert_eq!(&c.read().await[..], b"$4\r\ndone\r\n");
+    assert!(blocked.closed().await);
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
 
-    // A request that never finishes holds the drain; a second signal ends it.
+    // A request that does not finish holds the drain; a second signal
+    // ends it (a script keeping Redis busy for seconds).
     let port = free_port();
     let mut child = spawn(&redis, port);
     let mut c = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
-    c.cmd(&[b"BLPOP", b"never", b"0"]).await;
-    assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    c.cmd(&[
+        b"EVAL",
+        b"local i = 0 while i < 400000000 do i = i + 1 end return 1",
+        b"0",
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&child, "TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(child.try_wait().unwrap().is_none(), "still draining");

@@ -300,6 +300,21 @@ async fn the_access_stage_refuses_as_redis_acls_do() {
         "{err}"
     );
     assert!(err.contains("access.deny[1]: not a command name"), "{err}");
+    // A misspelt command name is refused (the deny list would deny
+    // nothing), with the nearest name; so in a rate-limit rule.
+    let mut bad = config(&redis.url());
+    bad.access.deny = vec!["FLUSHAL".into(), "KEYS".into(), "CONFIG|SETT".into()];
+    bad.rate_limit =
+        vec![toml::from_str("name = \"w\"\nrate = \"5/s\"\ncommands = [\"SETT\"]\n").unwrap()];
+    let err = bad.validate().unwrap_err().to_string();
+    for want in [
+        "access.deny[0]: unknown command (did you mean FLUSHALL?)",
+        "access.deny[2]: unknown command (did you mean CONFIG|SET?)",
+        "rate_limit[0]: commands[0]: unknown command (did you mean SET?)",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+    assert!(!err.contains("access.deny[1]"), "{err}");
 }
 
 /// Clients pipelining unique ECHOs and SET/GETs while the chain is swapped

@@ -779,7 +779,10 @@ async fn reload_keeps_unchanged_buckets() {
     )
     .unwrap();
     let err = s.control.reload().unwrap_err().to_string();
-    assert!(err.contains("rate_limit[0]: rate: use <count>/<period>"), "{err}");
+    assert!(
+        err.contains("rate_limit[0]: rate: use <count>/<period>"),
+        "{err}"
+    );
     assert!(!err.contains("fast"), "the value is never quoted: {err}");
     s.shutdown().await;
 }

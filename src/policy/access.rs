@@ -45,6 +45,10 @@ pub enum AccessError {
     UnknownCategory,
     #[error("not a command name (letters, digits, '-', '_', and '|' for a subcommand)")]
     BadName,
+    /// Not in Redis's command table; the nearest name when one is close.
+    /// The name given is not quoted back (the field path says where).
+    #[error("unknown command{}", .0.map(|n| format!(" (did you mean {}?)", n.to_ascii_uppercase())).unwrap_or_default())]
+    UnknownCommand(Option<&'static str>),
 }
 
 /// One entry of a list: a command (or `container|sub`) or a category.
@@ -66,11 +70,11 @@ impl Rule {
         let ok = !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'|'));
-        if ok {
-            Ok(Rule::Command(s))
-        } else {
-            Err(AccessError::BadName)
+        if !ok {
+            return Err(AccessError::BadName);
         }
+        crate::command::check_name(&s).map_err(AccessError::UnknownCommand)?;
+        Ok(Rule::Command(s))
     }
 
     /// The entry names this command (not by category).
