@@ -127,6 +127,15 @@ fn respond_json(status: StatusCode, ok: bool, msg: &str) -> Response<Full<Bytes>
     respond(status, "application/json", body)
 }
 
+/// The credentials of `Authorization: Bearer <token>`; the scheme is
+/// case-insensitive (RFC 7235), and spaces after it are allowed.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
+}
+
 impl Admin {
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
@@ -137,7 +146,7 @@ impl Admin {
                     .headers()
                     .get(AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .and_then(bearer_token)
                     .is_some_and(|given| {
                         crate::server::auth::ct_eq(given.as_bytes(), token.as_bytes())
                     })
@@ -295,10 +304,11 @@ fn upstreams_json(pool: &Pool) -> String {
                 "url": e.spec.target.to_string(),
                 "active": Arc::ptr_eq(e, &active.endpoint),
                 "health": h.state.as_str(),
-                "latency_ms": h.latency.map(|d| d.as_secs_f64() * 1e3),
+                // Rounded to what they mean: µs for a latency, ms for an age.
+                "latency_ms": h.latency.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 "address": h.address,
                 "last_error": h.last_error,
-                "up_for_s": h.up_since.map(|t| t.elapsed().as_secs_f64()),
+                "up_for_s": h.up_since.map(|t| (t.elapsed().as_secs_f64() * 1e3).round() / 1e3),
                 "cluster": e.cluster.as_ref().map(|t| cluster_json(t)),
             })
         })
@@ -324,4 +334,18 @@ fn upstreams_json(pool: &Pool) -> String {
     })
     .to_string()
         + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer tok"), Some("tok"));
+        assert_eq!(bearer_token("bearer tok"), Some("tok"));
+        assert_eq!(bearer_token("BEARER  tok"), Some("tok"));
+        assert_eq!(bearer_token("Basic tok"), None);
+        assert_eq!(bearer_token("Bearertok"), None);
+    }
 }
