@@ -10,8 +10,8 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use redis_sidecar::command::{Table, classify};
-use redis_sidecar::protocol::{Limits, ReplyScanner, RequestScanner, encode_command};
+use redis_sidecar::request::command::{Table, classify};
+use redis_sidecar::wire::{Limits, ReplyScanner, RequestScanner, encode_command};
 
 fn mset(bytes: usize) -> Bytes {
     let mut args: Vec<Vec<u8>> = vec![b"MSET".to_vec()];

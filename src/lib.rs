@@ -1,68 +1,97 @@
 //! redis-sidecar: a Redis-protocol (RESP2/RESP3) sidecar proxy.
 //!
 //! An application points its Redis client at the sidecar and notices
-//! nothing but the port. The request flow, and the module for each step:
+//! nothing but the port.
 //!
-//! 1. [`server`] accepts clients (connection cap) and runs one
-//!    [`server::session`] per client: its connection state (protocol, db,
+//! # Layers
+//!
+//! Each module imports only from the ones above it in this list (the test
+//! `tests/layers.rs` holds the same table and fails on an import that goes
+//! up, or on a cycle between sibling modules):
+//!
+//! 1. [`wire`]: RESP scanners (requests and replies), values, element
+//!    splitting, the error a request meets below the client
+//!    ([`wire::error::UpstreamError`], with its source and whether the
+//!    request was sent).
+//! 2. [`config`]: the TOML schema, `${ENV}`, upstream URLs; no checks that
+//!    belong to another module.
+//! 3. [`metrics`]: the Prometheus registry.
+//! 4. [`request`]: the command table ([`request::command`]), the request
+//!    record the policy chain works on ([`request::exchange`]), the
+//!    client's output queue ([`request::output`]).
+//! 5. [`upstream`]: endpoints, failover, connections, the pool of shared
+//!    connections; [`upstream::slots`] and [`upstream::cluster`] for a
+//!    Redis Cluster.
+//! 6. [`policy`]: the stages (access, rate limit, cache, TTL) and their
+//!    chain.
+//! 7. [`client`]: the listener and one session per client.
+//! 8. [`app`]: validation of a whole configuration, reload, admin HTTP.
+//!
+//! This file wires them together ([`Sidecar`]).
+//!
+//! # A request's way
+//!
+//! 1. [`client`] accepts clients (connection cap) and runs one
+//!    [`client::session`] per client: its connection state (protocol, db,
 //!    user, name) and its mode (normal, pinned, watching, transaction,
-//!    streaming), with the transitions in one place. [`server::clients`]
-//!    is the registry of live clients the CLIENT family works on.
-//! 2. [`protocol::scan`] frames requests with a resumable scanner that keeps
+//!    streaming). [`client::clients`] is the registry of live clients the
+//!    CLIENT family works on.
+//! 2. [`wire::scan`] frames requests with a resumable scanner that keeps
 //!    the bytes that arrived (re-encoded when their framing was not
 //!    canonical, so what reaches an upstream parses one way only); limits
 //!    are checked before anything is buffered.
-//! 3. [`command`] classifies each command (keys, write flag, blocking,
-//!    pub/sub, transaction, connection state) from the table learned from
-//!    the upstream's `COMMAND`, with a built-in fallback.
-//! 4. The session makes one [`exchange::Exchange`] per command (the request
-//!    record) and runs the [`policy`] chain on it, whatever path the
-//!    command then takes: stages may answer, refuse, delay, rewrite, append
-//!    commands whose replies are consumed, or register a reply action. The
-//!    chain is built from the configuration and swapped on reload
-//!    ([`policy::Policies`]): [`policy::access`], then
-//!    [`policy::ratelimit`] (GCRA buckets in the sidecar or, shared, in the
-//!    upstream), then [`policy::ttl`] (with [`policy::sweep`] walking the
-//!    keyspace for what it cannot see).
+//! 3. [`request::command`] classifies each command (keys, write flag,
+//!    blocking, pub/sub, transaction, connection state) from the table
+//!    learned from the upstream's `COMMAND`, with a built-in fallback.
+//! 4. The session makes one [`request::exchange::Exchange`] per command
+//!    and runs the [`policy`] chain on it, whatever path the command then
+//!    takes: stages may answer, refuse, delay, rewrite, append commands
+//!    whose replies are consumed, or register a reply action. The chain is
+//!    built from the configuration and swapped on reload
+//!    ([`policy::Policies`]): [`policy::access`], then [`policy::ratelimit`]
+//!    (GCRA buckets in the sidecar or, shared, in the upstream), then
+//!    [`policy::cache`] (the L1 cache: a hit is answered here, kept
+//!    coherent by CLIENT TRACKING), then [`policy::ttl`] (with
+//!    [`policy::sweep`] walking the keyspace for what it cannot see).
 //! 5. Connection-state commands are answered by the session (and applied
 //!    on the client's dedicated connection when it holds state there);
 //!    the rest goes [`upstream`]: stateless commands to shared,
 //!    auto-pipelined connections keyed by (protocol, db, user)
 //!    ([`upstream::pool`]); a client holding state, or one whose large
 //!    replies, unread output or deep pipeline would delay the others on a
-//!    shared connection (its lane), to its own dedicated connection. On a
+//!    shared connection (its lane), to its own dedicated connection. In
+//!    front of a cluster, a single-slot command goes straight to its
+//!    node's shared connection; the rest (split by slot, fanned out to
+//!    the masters, redirected, or answered like `CLUSTER SLOTS`) goes
+//!    through a router task ([`upstream::cluster::router`]). On a
 //!    streaming connection the sidecar's own replies wait for a marked
-//!    PING ([`upstream::Mark`]) so they keep their place. The exchange travels with the command ([`upstream::Job`])
-//!    and the connection matches replies to exchanges in FIFO order
-//!    ([`upstream::conn`]).
+//!    PING ([`upstream::Mark`]) so they keep their place. The exchange
+//!    travels with the command ([`upstream::Job`]) and the connection
+//!    matches replies to exchanges in FIFO order ([`upstream::conn`]).
 //! 6. The connection applies the exchange to the replies (appended
 //!    replies consumed, EXEC array rebuilt, reply actions run) and
-//!    completes the client's entry in its output queue ([`output`]); the
-//!    ready replies are written, in request order, by whichever side
-//!    completed them: usually that upstream connection, once per read,
-//!    without a hop through the session's task. A large reply goes to
-//!    the client in parts as it arrives; health checks run on a thread of
-//!    their own ([`upstream::failover`]).
+//!    completes the client's entry in its output queue; the ready replies
+//!    are written, in request order, by whichever side completed them:
+//!    usually that upstream connection, once per read, without a hop
+//!    through the session's task. A large reply goes to the client in
+//!    parts as it arrives; health checks run on a thread of their own
+//!    ([`upstream::failover`]).
 //!
-//! Around it: [`config`] (TOML, `${ENV}`, validation), [`control`]
-//! (reload of upstreams and policies), [`metrics`] (Prometheus registry)
-//! and [`admin`] (`/metrics`, `/healthz`, `/readyz`, `/upstreams`,
-//! `/reload`). Which endpoint is active, and failover between them, is
-//! [`upstream::failover`]. [`Sidecar::start`] wires it all together and
-//! tracks every task it spawns, so [`Sidecar::shutdown`] ends them all;
-//! tests use it on port 0.
+//! Around it: [`app::control`] (reload of upstreams and policies) and
+//! [`app::admin`] (`/metrics`, `/healthz`, `/readyz`, `/upstreams`,
+//! `POST /upstreams/{name}/activate`, `POST /reload`, `POST
+//! /cache/flush`). [`Sidecar::start`] wires it all together and tracks
+//! every task it spawns, so [`Sidecar::shutdown`] ends them all; tests use
+//! it on port 0.
 
-pub mod admin;
-pub mod command;
+pub mod app;
+pub mod client;
 pub mod config;
-pub mod control;
-pub mod exchange;
 pub mod metrics;
-pub mod output;
 pub mod policy;
-pub mod protocol;
-pub mod server;
+pub mod request;
 pub mod upstream;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,11 +102,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Validated;
-use crate::control::{Control, Loader};
+use crate::app::Validated;
+use crate::app::control::{Control, Loader};
+use crate::client::{SessionLimits, Shared};
 use crate::metrics::Metrics;
 use crate::policy::{Builder, Policies};
-use crate::server::{SessionLimits, Shared};
 use crate::upstream::conn::ConnSettings;
 use crate::upstream::failover::Upstreams;
 use crate::upstream::pool::Pool;
@@ -168,7 +197,7 @@ impl Sidecar {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin): {e}"))?;
                 let admin_addr = l.local_addr()?;
-                tasks.spawn(admin::serve(
+                tasks.spawn(app::admin::serve(
                     l,
                     pool.clone(),
                     control.clone(),
@@ -186,7 +215,7 @@ impl Sidecar {
             shutdown.clone(),
         ));
         let limits = SessionLimits {
-            frame: protocol::Limits {
+            frame: wire::Limits {
                 max_bulk: c.limits.max_bulk.as_usize(),
                 max_array: c.limits.max_array_len.get(),
                 max_inline: c.limits.max_inline.as_usize(),
@@ -205,7 +234,7 @@ impl Sidecar {
             limits,
             v.client_auth.clone(),
         );
-        let server = tokio::spawn(server::serve(
+        let server = tokio::spawn(client::serve(
             listener,
             shared,
             c.limits.max_clients.get(),

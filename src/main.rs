@@ -152,7 +152,7 @@ fn main() -> ExitCode {
 
 /// `ttl-audit`: sample each rule's keys on the first endpoint.
 async fn ttl_audit(
-    v: &redis_sidecar::config::Validated,
+    v: &redis_sidecar::app::Validated,
     sample: u64,
     dbs: &[i64],
 ) -> anyhow::Result<String> {
@@ -171,7 +171,7 @@ async fn ttl_audit(
         max_reply_bulk: 512 << 20,
     };
     let ident = redis_sidecar::upstream::Identity {
-        proto: redis_sidecar::protocol::Proto::Resp2,
+        proto: redis_sidecar::wire::Proto::Resp2,
         db: redis_sidecar::upstream::DEFAULT_DB,
         auth: None,
     };
@@ -273,9 +273,9 @@ fn init_logging(level: &str, json: bool) {
 /// reloads the configuration (the file, with the same command-line
 /// overrides); a configuration that fails validation is refused and the
 /// running one stays.
-async fn run(v: redis_sidecar::config::Validated, cli: Cli) -> anyhow::Result<()> {
+async fn run(v: redis_sidecar::app::Validated, cli: Cli) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let loader: redis_sidecar::control::Loader = std::sync::Arc::new(move || load(&cli));
+    let loader: redis_sidecar::app::control::Loader = std::sync::Arc::new(move || load(&cli));
     let sidecar = Sidecar::start_with(v, Builder::default(), Some(loader)).await?;
     let control = sidecar.control.clone();
     let token = sidecar.shutdown_token();

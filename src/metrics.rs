@@ -584,26 +584,22 @@ impl Metrics {
             .inc();
     }
 
-    /// A slot map read; `map` is what was read (`None`: the read failed).
-    pub fn cluster_refresh(
-        &self,
-        upstream: &str,
-        result: &str,
-        map: Option<&crate::upstream::cluster::SlotMap>,
-    ) {
+    /// A slot map read; `nodes` is the (masters, replicas) of what was
+    /// read (`None`: the read failed or changed nothing to count).
+    pub fn cluster_refresh(&self, upstream: &str, result: &str, nodes: Option<(usize, usize)>) {
         self.0
             .cluster_refreshes
             .with_label_values(&[upstream, result])
             .inc();
-        if let Some(m) = map {
+        if let Some((masters, replicas)) = nodes {
             self.0
                 .cluster_nodes
                 .with_label_values(&[upstream, "master"])
-                .set(m.masters.len() as i64);
+                .set(masters as i64);
             self.0
                 .cluster_nodes
                 .with_label_values(&[upstream, "replica"])
-                .set(m.replicas.iter().map(Vec::len).sum::<usize>() as i64);
+                .set(replicas as i64);
         }
     }
 

@@ -264,7 +264,7 @@ async fn concurrent_misses_make_one_read() {
         .map(|mut c| {
             let barrier = barrier.clone();
             tokio::spawn(async move {
-                let one = redis_sidecar::protocol::encode_command(&[&b"GET"[..], b"c:none"]);
+                let one = redis_sidecar::wire::encode_command(&[&b"GET"[..], b"c:none"]);
                 let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 10).collect();
                 barrier.wait().await;
                 c.send(&batch).await;
@@ -1002,12 +1002,12 @@ async fn a_pipelined_read_behind_its_write_sees_it() {
         let mut batch = Vec::new();
         for i in 0..200 {
             let (k, v) = (format!("c:p{i}"), format!("v{round}-{i}"));
-            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                 b"SET".as_slice(),
                 k.as_bytes(),
                 v.as_bytes(),
             ]));
-            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                 b"GET".as_slice(),
                 k.as_bytes(),
             ]));
@@ -1058,7 +1058,7 @@ async fn sort_store_invalidates_its_destination() {
             &[&b"SORT"[..], b"src", b"STORE", b"c:sorted"][..],
             &[b"LRANGE", b"c:sorted", b"0", b"-1"],
         ] {
-            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(cmd));
+            batch.extend_from_slice(&redis_sidecar::wire::encode_command(cmd));
         }
         c.send(&batch).await;
         assert_eq!(&c.read().await[..], b":2\r\n");

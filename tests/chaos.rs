@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use redis_sidecar::protocol::ReplyScanner;
+use redis_sidecar::wire::ReplyScanner;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,25 +55,25 @@ async fn client(
             let first = n;
             let mut batch = Vec::new();
             for i in first..first + 8 {
-                batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                     "SET".to_string(),
                     format!("chaos:{id}:{i}"),
                     i.to_string(),
                 ]));
                 if read {
-                    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                    batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                         "GET".to_string(),
                         format!("chaos:{id}:{i}"),
                     ]));
                 }
-                batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                     "ECHO".to_string(),
                     format!("e{id}-{i}"),
                 ]));
                 if read {
                     // A hot key nobody writes: hits, and fills after each
                     // flush.
-                    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+                    batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                         "GET".to_string(),
                         format!("chaos:hot:{id}"),
                     ]));

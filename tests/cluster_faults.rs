@@ -74,7 +74,7 @@ async fn client_loop(
 }
 
 fn encode(args: &[&[u8]]) -> Vec<u8> {
-    redis_sidecar::protocol::encode_command(args).to_vec()
+    redis_sidecar::wire::encode_command(args).to_vec()
 }
 
 fn node_id(port: u16) -> String {

@@ -748,7 +748,7 @@ async fn a_pipeline_keeps_its_order_between_router_and_nodes() {
     for i in 0..500 {
         let v = format!("v{i}");
         out.extend_from_slice(
-            &redis_sidecar::protocol::encode_command(&[
+            &redis_sidecar::wire::encode_command(&[
                 b"MSET" as &[u8],
                 b"order:a",
                 v.as_bytes(),
@@ -757,10 +757,10 @@ async fn a_pipeline_keeps_its_order_between_router_and_nodes() {
             ])[..],
         );
         out.extend_from_slice(
-            &redis_sidecar::protocol::encode_command(&[b"GET" as &[u8], b"order:a"])[..],
+            &redis_sidecar::wire::encode_command(&[b"GET" as &[u8], b"order:a"])[..],
         );
         out.extend_from_slice(
-            &redis_sidecar::protocol::encode_command(&[b"GET" as &[u8], b"order:b"])[..],
+            &redis_sidecar::wire::encode_command(&[b"GET" as &[u8], b"order:b"])[..],
         );
     }
     c.send(&out).await;

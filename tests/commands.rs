@@ -274,7 +274,7 @@ async fn the_builtin_command_table_matches_redis() {
     let s = sidecar(&redis).await;
     assert!(eventually(|| async { s.pool.table_generation() > 0 }).await);
     let learned = s.pool.table().fingerprint();
-    let builtin = redis_sidecar::command::Table::builtin().fingerprint();
+    let builtin = redis_sidecar::request::command::Table::builtin().fingerprint();
     let missing: Vec<_> = learned.iter().filter(|l| !builtin.contains(l)).collect();
     let extra: Vec<_> = builtin.iter().filter(|b| !learned.contains(b)).collect();
     assert!(

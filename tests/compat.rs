@@ -41,7 +41,7 @@ async fn redis_cli_through_the_sidecar() {
         .unwrap();
     let mut input = Vec::new();
     for i in 0..1000 {
-        input.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        input.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             &b"SET"[..],
             format!("pipe:{i}").as_bytes(),
             b"v",

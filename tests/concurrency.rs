@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use redis_sidecar::protocol::encode_command;
+use redis_sidecar::wire::encode_command;
 use support::*;
 
 #[derive(Debug, Clone)]

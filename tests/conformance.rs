@@ -67,7 +67,7 @@ fn valid_command(r: &mut Rng) -> Vec<Vec<u8>> {
 }
 
 fn encode(args: &[Vec<u8>]) -> Vec<u8> {
-    redis_sidecar::protocol::encode_command(args).to_vec()
+    redis_sidecar::wire::encode_command(args).to_vec()
 }
 
 /// Inline form (`PING "a b"\r\n`), sometimes with quoting.

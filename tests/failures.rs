@@ -382,7 +382,7 @@ async fn clients_vanishing_mid_pipeline_leave_others_unaffected() {
         let mut raw = Raw::connect(s.addr).await;
         let mut batch = Vec::new();
         for j in 0..500 {
-            batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                 &b"SET"[..],
                 format!("gone:{i}:{j}").as_bytes(),
                 b"v",

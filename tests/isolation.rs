@@ -27,7 +27,7 @@ use support::*;
 const SECONDS: u64 = 4;
 
 fn get(key: &str) -> Vec<u8> {
-    redis_sidecar::protocol::encode_command(&[b"GET".as_slice(), key.as_bytes()]).to_vec()
+    redis_sidecar::wire::encode_command(&[b"GET".as_slice(), key.as_bytes()]).to_vec()
 }
 
 /// Pipelines of `depth` GETs of `key`, each read whole, until `stop`.
@@ -268,7 +268,7 @@ async fn connections_give_memory_back_after_a_large_reply() {
     let want = (size + 13) as u64;
     for db in 0..6 {
         let mut c = TcpStream::connect(s.addr).await.unwrap();
-        let select = redis_sidecar::protocol::encode_command(&["SELECT", &db.to_string()]);
+        let select = redis_sidecar::wire::encode_command(&["SELECT", &db.to_string()]);
         c.write_all(&select).await.unwrap();
         assert_eq!(read_discard(&mut c, 5).await, 5);
         c.write_all(&get("big")).await.unwrap();
@@ -277,7 +277,7 @@ async fn connections_give_memory_back_after_a_large_reply() {
     }
     for _ in 0..8 {
         let mut c = TcpStream::connect(s.addr).await.unwrap();
-        c.write_all(&redis_sidecar::protocol::encode_command(&["WATCH", "big"]))
+        c.write_all(&redis_sidecar::wire::encode_command(&["WATCH", "big"]))
             .await
             .unwrap();
         assert_eq!(read_discard(&mut c, 5).await, 5);

@@ -5,7 +5,7 @@
 mod support;
 
 use bytes::Bytes;
-use redis_sidecar::command::{Class, Pin, classify};
+use redis_sidecar::request::command::{Class, Pin, classify};
 use support::*;
 
 const CORPUS: &[&str] = &[

@@ -411,7 +411,7 @@ async fn state_commands_pipelined_behind_a_blocking_command_wait_for_it() {
         &[b"SELECT", b"1"],
         &[b"SET", b"in-db1", b"1"],
     ] {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(c));
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(c));
     }
     a.send(&batch).await;
     assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);

@@ -79,7 +79,7 @@ impl Stage for Probe {
 }
 
 fn cmd(args: &[&[u8]]) -> Vec<u8> {
-    redis_sidecar::protocol::encode_command(args).to_vec()
+    redis_sidecar::wire::encode_command(args).to_vec()
 }
 
 fn delay_arg(ms: u64) -> Vec<u8> {

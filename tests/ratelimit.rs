@@ -61,7 +61,7 @@ async fn hammer_until(
     cmd: &[&[u8]],
 ) -> (u64, u64) {
     let mut c = Raw::connect(addr).await;
-    let one = redis_sidecar::protocol::encode_command(cmd);
+    let one = redis_sidecar::wire::encode_command(cmd);
     let batch: Vec<u8> = one
         .iter()
         .copied()
@@ -158,7 +158,7 @@ max_delay = "5s"
     let mut c = Raw::connect(s.addr).await;
     let mut batch = Vec::new();
     for i in 0..n {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             b"ECHO".as_slice(),
             i.to_string().as_bytes(),
         ]));
@@ -424,7 +424,7 @@ max_tracked_keys = 20000
     while next < total {
         let mut buf = Vec::new();
         for i in next..next + batch {
-            buf.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+            buf.extend_from_slice(&redis_sidecar::wire::encode_command(&[
                 b"EXISTS".as_slice(),
                 format!("feed:user:{i}").as_bytes(),
             ]));
@@ -578,7 +578,7 @@ action = "delay"
         &[b"INCR", b"m"],
         &[b"EXEC"],
     ] {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(cmd));
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(cmd));
     }
     let t = Instant::now();
     c.send(&batch).await;
@@ -616,7 +616,7 @@ burst = 2
     let mut c = Raw::connect(s.addr).await;
     let mut batch = Vec::new();
     for i in 0..6 {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             b"ECHO".as_slice(),
             format!("e{i}").as_bytes(),
         ]));

@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use redis_protocol::resp3::types::{BytesFrame, FrameMap, VerbatimStringFormat};
-use redis_sidecar::protocol::{Limits, ReplyScanner, RequestScanner, encode_command};
+use redis_sidecar::wire::{Limits, ReplyScanner, RequestScanner, encode_command};
 
 fn leaf() -> impl Strategy<Value = BytesFrame> {
     prop_oneof![

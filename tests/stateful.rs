@@ -226,21 +226,21 @@ async fn stage_injected_commands_are_consumed_in_order() {
     // request, in order.
     let mut batch = Vec::new();
     for i in 0..50 {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             &b"SET"[..],
             format!("synth:{i}").as_bytes(),
             b"v",
         ]));
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             &b"GET"[..],
             format!("synth:{i}").as_bytes(),
         ]));
     }
-    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+    batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
         &b"GET"[..],
         b"denied",
     ]));
-    batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[&b"PING"[..]]));
+    batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[&b"PING"[..]]));
     raw.send(&batch).await;
     for _ in 0..50 {
         assert_eq!(&raw.read().await[..], b"+OK\r\n");
@@ -260,10 +260,10 @@ async fn stage_injected_commands_are_consumed_in_order() {
     // reply removed from the EXEC array.
     raw.send(
         &[
-            redis_sidecar::protocol::encode_command(&[&b"MULTI"[..]]),
-            redis_sidecar::protocol::encode_command(&[&b"SET"[..], b"synth:m", b"1"]),
-            redis_sidecar::protocol::encode_command(&[&b"INCR"[..], b"synth:m"]),
-            redis_sidecar::protocol::encode_command(&[&b"EXEC"[..]]),
+            redis_sidecar::wire::encode_command(&[&b"MULTI"[..]]),
+            redis_sidecar::wire::encode_command(&[&b"SET"[..], b"synth:m", b"1"]),
+            redis_sidecar::wire::encode_command(&[&b"INCR"[..], b"synth:m"]),
+            redis_sidecar::wire::encode_command(&[&b"EXEC"[..]]),
         ]
         .concat(),
     )
@@ -393,8 +393,8 @@ async fn a_half_close_while_blocked_gets_what_redis_gives() {
     let direct = std::net::SocketAddr::from(([127, 0, 0, 1], redis.port));
     for addr in [direct, s.addr] {
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut batch = redis_sidecar::protocol::encode_command(&["PING"]).to_vec();
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(&[
+        let mut batch = redis_sidecar::wire::encode_command(&["PING"]).to_vec();
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(&[
             "BZPOPMIN", "zq", "5",
         ]));
         tokio::io::AsyncWriteExt::write_all(&mut c, &batch)

@@ -40,7 +40,7 @@ async fn nothing_more(c: &mut Raw) -> bool {
 async fn send_all(c: &mut Raw, cmds: &[&[&[u8]]]) {
     let mut batch = Vec::new();
     for cmd in cmds {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(cmd));
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(cmd));
     }
     c.send(&batch).await;
 }

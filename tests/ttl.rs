@@ -52,7 +52,7 @@ async fn run(addr: std::net::SocketAddr, script: &[Vec<Vec<u8>>]) -> Vec<Vec<u8>
     let mut c = Raw::connect(addr).await;
     let mut batch = Vec::new();
     for cmd in script {
-        batch.extend_from_slice(&redis_sidecar::protocol::encode_command(cmd));
+        batch.extend_from_slice(&redis_sidecar::wire::encode_command(cmd));
     }
     c.send(&batch).await;
     let mut out = Vec::new();

@@ -10,8 +10,8 @@ use bytes::Bytes;
 
 use super::{Ctx, PolicyError, Stage, Verdict};
 use crate::config::AccessConfig;
-use crate::exchange::Exchange;
 use crate::metrics::Metrics;
+use crate::request::exchange::Exchange;
 
 /// Redis 7's ACL categories.
 const CATEGORIES: &[&str] = &[
@@ -73,7 +73,7 @@ impl Rule {
         if !ok {
             return Err(AccessError::BadName);
         }
-        crate::command::check_name(&s).map_err(AccessError::UnknownCommand)?;
+        crate::request::command::check_name(&s).map_err(AccessError::UnknownCommand)?;
         Ok(Rule::Command(s))
     }
 
@@ -199,7 +199,7 @@ fn script_warnings(everyone: &Lists, users: &[(Vec<u8>, Lists)]) -> Vec<String> 
         // Nothing denied: nothing to sidestep (and no table to read).
         return Vec::new();
     }
-    let table = crate::command::Table::builtin();
+    let table = crate::request::command::Table::builtin();
     let categories = |name: &str| -> Vec<String> {
         table
             .lookup(&[Bytes::copy_from_slice(name.as_bytes())])

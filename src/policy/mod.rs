@@ -5,11 +5,18 @@
 //! A stage sees the command as an [`Exchange`] with a [`Ctx`] describing its
 //! client, and returns a [`Verdict`]: continue (after rewriting the
 //! command, appending commands whose replies the sidecar consumes, or
-//! registering a [`crate::exchange::ReplyAction`]), answer it (a cache hit:
+//! registering a [`crate::request::exchange::ReplyAction`]), answer it (a cache hit:
 //! inside MULTI the client gets `+QUEUED` and the answer takes its place in
 //! the EXEC array), refuse it (inside MULTI, EXEC then answers EXECABORT as
 //! Redis does for a command refused at queue time), or delay it (the
 //! client's later commands wait behind it; other clients never do).
+//!
+//! The stages, in the order they run: [`access`] (who may run what),
+//! [`ratelimit`] (local GCRA buckets or shared ones in the upstream),
+//! [`cache`] (the L1 cache: a hit answers here), [`ttl`] (expiries by key
+//! pattern, with [`sweep`] for what it cannot see); [`glob`] is the key
+//! pattern matcher they share. [`Builder::check`] is each stage's check of
+//! its configuration section, which [`crate::app::validate`] calls.
 //!
 //! The chain is built from the configuration by one [`Builder`] and held
 //! by [`Policies`], which swaps it atomically on reload. A session picks up
@@ -30,11 +37,11 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 
-use crate::command::CommandInfo;
 use crate::config::Config;
-pub use crate::exchange::{Exchange, ReplyAction};
 use crate::metrics::Metrics;
-use crate::protocol::Proto;
+use crate::request::command::CommandInfo;
+pub use crate::request::exchange::{Exchange, ReplyAction};
+use crate::wire::Proto;
 
 /// What the client holds, as a stage sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

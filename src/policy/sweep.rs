@@ -26,9 +26,9 @@ use tokio_util::task::TaskTracker;
 use super::glob::Glob;
 use crate::config::{RuleMode, TtlRule};
 use crate::metrics::Metrics;
-use crate::protocol::Proto;
 use crate::upstream::pool::{ControlConn, Pool};
 use crate::upstream::{Identity, UpstreamError};
+use crate::wire::Proto;
 
 /// Keys asked for per SCAN step.
 const SCAN_COUNT: &str = "100";
@@ -53,10 +53,8 @@ async fn scan_step(
         .pop()
         .ok_or(UpstreamError::ConnectionLost)?;
     let bad = || UpstreamError::Protocol("unexpected SCAN reply".into());
-    if crate::protocol::is_error(&reply) {
-        return Err(UpstreamError::Refused(crate::upstream::conn::error_text(
-            &reply,
-        )));
+    if crate::wire::is_error(&reply) {
+        return Err(UpstreamError::Refused(crate::wire::error_text(&reply)));
     }
     let (frame, _) = redis_protocol::resp2::decode::decode(&reply)
         .ok()
@@ -89,8 +87,8 @@ async fn select(conn: &mut ControlConn, db: i64) -> Result<(), UpstreamError> {
         ]])
         .await?;
     match r.first() {
-        Some(r) if !crate::protocol::is_error(r) => Ok(()),
-        Some(r) => Err(UpstreamError::Refused(crate::upstream::conn::error_text(r))),
+        Some(r) if !crate::wire::is_error(r) => Ok(()),
+        Some(r) => Err(UpstreamError::Refused(crate::wire::error_text(r))),
         None => Err(UpstreamError::ConnectionLost),
     }
 }
@@ -216,9 +214,7 @@ impl Sweeper {
             let mut cursor = Bytes::from_static(b"0");
             loop {
                 if self.pool.ups.active().generation != conn.generation {
-                    return Err(UpstreamError::Unavailable(
-                        "the active endpoint changed".into(),
-                    ));
+                    return Err(UpstreamError::Routing("the active endpoint changed".into()));
                 }
                 let (next, keys) = scan_step(&mut conn, &cursor, &rule.pattern).await?;
                 let keys: Vec<Bytes> = keys.into_iter().filter(|k| self.owns(k)).collect();
@@ -292,7 +288,7 @@ fn pttl(reply: &[u8]) -> i64 {
     reply
         .strip_prefix(b":")
         .and_then(|r| r.strip_suffix(b"\r\n"))
-        .and_then(crate::protocol::scan::parse_int)
+        .and_then(crate::wire::scan::parse_int)
         .unwrap_or(-2)
 }
 

@@ -35,9 +35,9 @@ use prometheus::IntCounter;
 use super::glob::Glob;
 use super::{Ctx, PolicyError, Stage, Verdict};
 use crate::config::{RuleMode, TtlRule};
-use crate::exchange::{Exchange, ReplyAction};
 use crate::metrics::Metrics;
-use crate::protocol::scan::parse_int;
+use crate::request::exchange::{Exchange, ReplyAction};
+use crate::wire::scan::parse_int;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TtlError {
@@ -93,7 +93,7 @@ impl RuleErrors {
 
 impl ReplyAction for RuleErrors {
     fn on_reply(&self, index: u32, reply: &Bytes) {
-        if index > 0 && crate::protocol::is_error(reply) {
+        if index > 0 && crate::wire::is_error(reply) {
             self.record(reply);
         }
     }
@@ -113,7 +113,7 @@ fn pexpire_tail(ms: u64, opt: &str) -> Bytes {
 fn pexpire(key: &[u8], tail: &Bytes) -> Bytes {
     let mut out = BytesMut::with_capacity(32 + key.len() + tail.len());
     out.extend_from_slice(b"*4\r\n$7\r\nPEXPIRE\r\n");
-    crate::protocol::scan::push_header(&mut out, b'$', key.len());
+    crate::wire::scan::push_header(&mut out, b'$', key.len());
     out.extend_from_slice(key);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(tail);
@@ -455,7 +455,7 @@ struct AppendErrors {
 
 impl ReplyAction for AppendErrors {
     fn on_reply(&self, index: u32, reply: &Bytes) {
-        if index == 0 || !crate::protocol::is_error(reply) {
+        if index == 0 || !crate::wire::is_error(reply) {
             return;
         }
         if let Some(rule) = self.rules.get(index as usize - 1) {

@@ -20,12 +20,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::cluster::{Node, Redirect};
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
+use super::slots::{Node, Redirect};
 use super::{ClientShared, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
-use crate::exchange::ReplyPlan;
 use crate::metrics::Metrics;
-use crate::protocol::{ReplyScanner, scan};
+use crate::request::exchange::ReplyPlan;
+use crate::wire::{ReplyScanner, scan};
 
 /// Writes are batched up to this many bytes: enough to amortise a syscall
 /// over hundreds of small commands without holding a large buffer per
@@ -140,7 +140,7 @@ pub async fn connect_to(
         let replies = roundtrip(&mut stream, &mut rbuf, &cmds, settings.max_reply_bulk)
             .await
             .map_err(|e| match e {
-                UpstreamError::ConnectionLost => UpstreamError::Unavailable(format!(
+                UpstreamError::ConnectionLost => UpstreamError::unreachable(format!(
                     "{addr} closed the connection during the handshake"
                 )),
                 other => other,
@@ -159,13 +159,13 @@ pub async fn connect_to(
                 // A replica is not a writable primary. An error (ROLE not
                 // allowed or not supported) leaves the role unknown.
                 if let Some(role) = role_of(r).filter(|r| r != "master" && !any_node) {
-                    return Err(UpstreamError::Unavailable(format!(
+                    return Err(UpstreamError::unreachable(format!(
                         "{addr} is a {role}, not a primary"
                     )));
                 }
                 continue;
             }
-            if crate::protocol::is_error(r) {
+            if crate::wire::is_error(r) {
                 let msg = error_text(r);
                 // Without credentials, a NOAUTH to HELLO leaves a usable
                 // connection on which every command gets Redis's own NOAUTH,
@@ -191,20 +191,11 @@ pub async fn connect_to(
     tokio::time::timeout(settings.connect_timeout, fut)
         .await
         .map_err(|_| {
-            UpstreamError::Unavailable(format!("connect to {}: timed out", endpoint.name()))
+            UpstreamError::unreachable(format!("connect to {}: timed out", endpoint.name()))
         })?
 }
 
-/// The text of an error reply, without its type byte and CRLF.
-pub fn error_text(reply: &[u8]) -> String {
-    let body = reply.get(1..).unwrap_or_default();
-    let body = match reply.first() {
-        // Blob error: `!<len>\r\n<text>\r\n`
-        Some(b'!') => body.splitn(2, |&b| b == b'\n').nth(1).unwrap_or_default(),
-        _ => body,
-    };
-    String::from_utf8_lossy(body).trim_end().to_string()
-}
+pub use crate::wire::error::error_text;
 
 /// A string field of a HELLO reply (RESP3 map or RESP2 flat array).
 fn hello_field(reply: &[u8], key: &str) -> Option<String> {
@@ -314,7 +305,7 @@ pub fn with_asking(payload: &Bytes) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + 2 * ASKING.len());
     let mut at = 0;
     while at < payload.len() {
-        let Some((_, end)) = crate::protocol::scan::command_at(payload, at) else {
+        let Some((_, end)) = crate::wire::scan::command_at(payload, at) else {
             break;
         };
         out.extend_from_slice(ASKING);
@@ -404,7 +395,7 @@ fn lock(f: &Fifo) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
 }
 
 /// Why [`serve`] returned.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum End {
     /// Every job sender is gone: nothing more will come.
     Closed,
@@ -490,7 +481,7 @@ async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         e = write_loop(w, backlog, rx, &fifo, settings, retire, io.bounce.is_some()) => e,
         e = &mut read => End::Failed(e.err().unwrap_or(UpstreamError::ConnectionLost)),
     };
-    if end == End::Retired {
+    if matches!(end, End::Retired) {
         draining.store(true, Ordering::Release);
         if !lock(&fifo).is_empty() {
             end = match tokio::time::timeout(settings.command_timeout, &mut read).await {
@@ -878,7 +869,7 @@ fn dispatch(
     }
     if front.got == 0 {
         front.keep = Some(frame);
-    } else if crate::protocol::is_error(&frame) && front.bounced.is_none() {
+    } else if crate::wire::is_error(&frame) && front.bounced.is_none() {
         tracing::debug!(error = %error_text(&frame), "appended command failed");
     }
     front.got += 1;
@@ -968,15 +959,4 @@ fn dispatch(
         done.client.close();
     }
     Ok(done.slot.is_some().then_some(done.client))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_texts() {
-        assert_eq!(error_text(b"-WRONGPASS bad\r\n"), "WRONGPASS bad");
-        assert_eq!(error_text(b"!5\r\nERR x\r\n"), "ERR x");
-    }
 }

@@ -3,6 +3,7 @@
 //! TLS) and its health as the checker sees it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -16,10 +17,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::UpstreamError;
-use super::cluster::{Node, Topology};
-use super::url::{ClusterUrl, Target, host_port};
-use crate::config::EndpointSpec;
-use crate::protocol::{ReplyScanner, encode_command};
+use super::slots::{Node, Topology};
+use crate::config::UpstreamConfig;
+use crate::config::url::{ClusterUrl, Secret, Target, host_port};
+use crate::wire::{ReplyScanner, encode_command};
 
 /// A byte stream to an upstream: plain TCP or TLS over TCP.
 #[derive(Debug)]
@@ -198,7 +199,7 @@ impl Endpoint {
                 hostname: None,
             }))
             .collect();
-        let mut last = UpstreamError::Unavailable("no cluster node to connect to".into());
+        let mut last = UpstreamError::unreachable("no cluster node to connect to");
         for n in &nodes {
             match self.open_node(n).await {
                 Ok(s) => return Ok(s),
@@ -228,14 +229,14 @@ impl Endpoint {
         // endpoint whose address changes is followed on the next connect.
         let tcp = TcpStream::connect(&addr)
             .await
-            .map_err(|e| UpstreamError::Unavailable(format!("connect to {addr}: {e}")))?;
+            .map_err(|e| UpstreamError::unreachable_by(format!("connect to {addr}"), e))?;
         tcp.set_nodelay(true).ok();
         let stream = match tls {
             None => Stream::Tcp(tcp),
             Some(t) => Stream::Tls(Box::new(
                 t.connect(verify_as.unwrap_or(host), tcp)
                     .await
-                    .map_err(|e| UpstreamError::Unavailable(format!("{addr}: {e}")))?,
+                    .map_err(|e| UpstreamError::unreachable_by(addr.clone(), e))?,
             )),
         };
         Ok((stream, addr))
@@ -299,7 +300,7 @@ impl Endpoint {
                 None => errors.push(format!("{addr}: no reply")),
             }
         }
-        Err(UpstreamError::Unavailable(format!(
+        Err(UpstreamError::unreachable(format!(
             "no sentinel named a master for {master:?} ({})",
             errors.join("; ")
         )))
@@ -415,6 +416,125 @@ pub fn role_of(reply: &[u8]) -> Option<String> {
         },
         _ => None,
     }
+}
+
+/// One `[[upstream]]`, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub target: Target,
+    /// TLS settings (CA file loaded), for `rediss://`.
+    pub tls: Option<crate::upstream::tls::TlsSettings>,
+    /// Credentials for the sentinels (`redis-sentinel://`).
+    pub sentinel_auth: Option<(Option<String>, Secret)>,
+}
+
+impl EndpointSpec {
+    /// The same endpoint (health history carries over on reload).
+    pub fn same_as(&self, other: &EndpointSpec) -> bool {
+        self.name == other.name
+            && self.target == other.target
+            && self.tls == other.tls
+            && self.sentinel_auth == other.sentinel_auth
+    }
+}
+
+impl EndpointSpec {
+    /// `[[upstream]]` number `i`, checked (its errors pushed to `errors`).
+    pub fn from_config(
+        i: usize,
+        u: &UpstreamConfig,
+        listen: Option<SocketAddr>,
+        before: &[UpstreamConfig],
+        errors: &mut Vec<String>,
+    ) -> Option<EndpointSpec> {
+        let n = errors.len();
+        if u.name.is_empty() {
+            errors.push(format!("upstream[{i}].name: must not be empty"));
+        } else if !u
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            // Names appear in admin URLs and metric labels.
+            errors.push(format!(
+                "upstream[{i}].name: may only contain letters, digits, '-', '_' and '.'"
+            ));
+        }
+        if before.iter().any(|o| o.name == u.name) {
+            errors.push(format!("upstream[{i}].name: used twice"));
+        }
+        let target = match Target::parse(&u.url) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(format!("upstream[{i}].url: {e}"));
+                None
+            }
+        };
+        if let (Some(Target::Direct(url)), Some(l)) = (&target, listen)
+            && url.port == l.port()
+            && is_own_host(&url.host, &l)
+        {
+            // REDIS_URL=redis://127.0.0.1:6380 is what the app is given; if the
+            // sidecar inherits it, it would proxy to itself.
+            errors.push(format!(
+                "upstream[{i}].url: {url} is this sidecar's own listen address"
+            ));
+        }
+        let is_tls = match &target {
+            Some(Target::Direct(u)) => u.tls,
+            Some(Target::Cluster(c)) => c.tls,
+            _ => false,
+        };
+        if !is_tls && (u.tls_ca_file.is_some() || u.tls_server_name.is_some()) {
+            errors.push(format!(
+            "upstream[{i}]: tls_ca_file and tls_server_name need a rediss:// or rediss-cluster:// URL"
+        ));
+        }
+        let tls = if is_tls {
+            match crate::upstream::tls::TlsSettings::new(
+                u.tls_ca_file.as_deref(),
+                u.tls_server_name.as_deref(),
+            ) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    errors.push(format!("upstream[{i}]: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let is_sentinel = matches!(target, Some(Target::Sentinel(_)));
+        if !is_sentinel && (u.sentinel_user.is_some() || u.sentinel_password.is_some()) {
+            errors.push(format!(
+                "upstream[{i}]: sentinel_user and sentinel_password need a redis-sentinel:// URL"
+            ));
+        }
+        let sentinel_auth = u
+            .sentinel_password
+            .as_ref()
+            .map(|p| (u.sentinel_user.clone(), Secret::new(p.clone())));
+        match target {
+            Some(target) if errors.len() == n => Some(EndpointSpec {
+                name: u.name.clone(),
+                target,
+                tls,
+                sentinel_auth,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Would connecting to `host` reach the listener bound at `listen`?
+fn is_own_host(host: &str, listen: &SocketAddr) -> bool {
+    let loopback = matches!(host, "localhost" | "127.0.0.1" | "::1");
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    // A remote address with the same port is another host: only an exact
+    // match, or loopback against a loopback or any-address listener, is us.
+    ip == Some(listen.ip())
+        || (loopback && (listen.ip().is_loopback() || listen.ip().is_unspecified()))
 }
 
 #[cfg(test)]

@@ -22,14 +22,15 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::cluster::{self, Topology};
 use super::conn::{self, ConnSettings};
+use super::endpoint::EndpointSpec;
 use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
-use super::url::Target;
+use super::slots::{self, Topology};
 use super::{DEFAULT_DB, Identity, UpstreamError};
-use crate::config::{EndpointSpec, Failback, FailoverConfig};
+use crate::config::url::Target;
+use crate::config::{Failback, FailoverConfig};
 use crate::metrics::Metrics;
-use crate::protocol::{Proto, ReplyScanner};
+use crate::wire::{Proto, ReplyScanner};
 
 /// The active endpoint and the generation of that choice.
 #[derive(Clone, Debug)]
@@ -446,7 +447,7 @@ impl Upstreams {
                     self.metrics.check_late(e.name());
                     continue;
                 }
-                Err(_) => Err(UpstreamError::Unavailable(format!(
+                Err(_) => Err(UpstreamError::unreachable(format!(
                     "health check timed out after {:?}",
                     cfg.check_timeout
                 ))),
@@ -490,7 +491,7 @@ impl Upstreams {
             vec![Bytes::from_static(b"ROLE")],
         ];
         let replies = roundtrip(stream, rbuf, &cmds, self.settings.max_reply_bulk).await?;
-        if crate::protocol::is_error(&replies[0]) {
+        if crate::wire::is_error(&replies[0]) {
             let msg = conn::error_text(&replies[0]);
             // NOAUTH: the URL has no credentials and clients authenticate
             // themselves. The server answered, so it is up (its role is
@@ -500,7 +501,7 @@ impl Upstreams {
             }
         }
         if let Some(role) = role_of(&replies[1]).filter(|r| r != "master") {
-            return Err(UpstreamError::Unavailable(format!(
+            return Err(UpstreamError::unreachable(format!(
                 "is a {role}, not a primary"
             )));
         }
@@ -526,32 +527,34 @@ impl Upstreams {
         ];
         let replies = roundtrip(stream, rbuf, &cmds, self.settings.max_reply_bulk).await?;
         let addr = e.lock_health().address.clone().unwrap_or_default();
-        if crate::protocol::is_error(&replies[0]) {
+        if crate::wire::is_error(&replies[0]) {
             self.metrics.cluster_refresh(e.name(), "error", None);
             return Err(UpstreamError::Refused(conn::error_text(&replies[0])));
         }
         let asked = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
         let asked = asked.trim_start_matches('[').trim_end_matches(']');
         let tls = matches!(&e.spec.target, Target::Cluster(c) if c.tls);
-        let Some(map) = cluster::parse_map(&replies[1], Some(&replies[2]), asked, tls) else {
+        let Some(map) = slots::parse_map(&replies[1], Some(&replies[2]), asked, tls) else {
             self.metrics.cluster_refresh(e.name(), "error", None);
             return Err(UpstreamError::Protocol("unreadable slot map".into()));
         };
         let complete = map.complete();
         let masters = map.masters.len();
-        self.metrics.cluster_refresh(e.name(), "read", Some(&map));
+        self.metrics.cluster_refresh(
+            e.name(),
+            "read",
+            Some((map.masters.len(), map.replicas.iter().map(Vec::len).sum())),
+        );
         if topo.set(map) {
             tracing::info!(upstream = %e.name(), masters, complete, "cluster slot map changed");
             self.metrics.cluster_refresh(e.name(), "changed", None);
         }
         self.metrics.cluster_map_read(e.name());
-        if !cluster::state_ok(&replies[0]) {
-            return Err(UpstreamError::Unavailable("cluster_state is not ok".into()));
+        if !slots::state_ok(&replies[0]) {
+            return Err(UpstreamError::unreachable("cluster_state is not ok"));
         }
         if !complete {
-            return Err(UpstreamError::Unavailable(
-                "some slots have no master".into(),
-            ));
+            return Err(UpstreamError::unreachable("some slots have no master"));
         }
         Ok(addr)
     }
@@ -651,7 +654,7 @@ impl Upstreams {
         let replies = roundtrip(&mut stream, &mut rbuf, &cmds, 1 << 20)
             .await
             .map_err(|err| err.to_string())?;
-        if let Some(err) = replies.iter().find(|r| crate::protocol::is_error(r)) {
+        if let Some(err) = replies.iter().find(|r| crate::wire::is_error(r)) {
             return Err(conn::error_text(err));
         }
         let mut scanner = ReplyScanner::new(1 << 20);

@@ -1,37 +1,39 @@
-//! Upstream side: endpoint URLs ([`url`]), endpoints with their transport
-//! (TCP, [`tls`], Sentinel) and health ([`endpoint`]), the choice of the
-//! active endpoint ([`failover`]), one connection with its handshake and
-//! its reply matching ([`conn`]), and the pool of shared, multiplexed
-//! connections keyed by client identity ([`pool`]).
+//! Upstream side: endpoints with their transport (TCP, [`tls`], Sentinel)
+//! and health ([`endpoint`], whose [`endpoint::EndpointSpec`] is one
+//! checked `[[upstream]]`), the choice of the active endpoint
+//! ([`failover`]), one connection with its handshake and its reply
+//! matching ([`conn`]), the pool of shared, multiplexed connections keyed
+//! by client identity and the dedicated ones ([`pool`]), and for a Redis
+//! Cluster the slot map ([`slots`]) and the routing over it
+//! ([`cluster`]). URLs are parsed by [`crate::config::url`] (re-exported
+//! as [`url`]).
 //!
 //! Every request crosses to an upstream connection as a [`Job`]: the
-//! bytes of its [`crate::exchange::Exchange`] (one or more commands) and
-//! its [`ReplyPlan`] (what becomes of their replies) and the entry of the client's output queue
-//! ([`crate::output`]) that its reply completes. The connection keeps jobs in a
-//! FIFO in the order their bytes were written and matches replies to them in
-//! that order; this is what makes "a reply always reaches the request that
-//! caused it" hold by construction.
+//! bytes of its [`crate::request::exchange::Exchange`] (one or more
+//! commands), its [`ReplyPlan`] (what becomes of their replies) and the
+//! entry of the client's output queue ([`crate::request::output`]) that
+//! its reply completes. The connection keeps jobs in a FIFO in the order
+//! their bytes were written and matches replies to them in that order;
+//! this is what makes "a reply always reaches the request that caused it"
+//! hold by construction.
 
 pub mod cluster;
 pub mod conn;
 pub mod endpoint;
 pub mod failover;
 pub mod pool;
-pub mod router;
+pub mod slots;
 pub mod tls;
-pub mod url;
+pub use crate::config::url;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 
-use crate::exchange::ReplyPlan;
-use crate::protocol::Proto;
+use crate::request::exchange::ReplyPlan;
+use crate::wire::Proto;
 
 /// Credentials a client gave with AUTH or HELLO ... AUTH.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -67,81 +69,10 @@ pub struct Identity {
     pub auth: Option<Auth>,
 }
 
-/// Where an error came from decides what the client is told and whether a
-/// retry is allowed (only for requests never sent).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpstreamError {
-    /// The connection broke after the request may have been sent: its fate
-    /// is unknown, so it is never resent.
-    #[error("upstream connection lost")]
-    ConnectionLost,
-    /// No reply within the command timeout; the connection was closed.
-    #[error("upstream timeout")]
-    Timeout,
-    /// No connection could be made within the queue timeout; the request was
-    /// never sent.
-    #[error("upstream unavailable: {0}")]
-    Unavailable(String),
-    /// Redis refused the handshake (e.g. WRONGPASS); its own error text.
-    #[error("{0}")]
-    Refused(String),
-    /// The upstream sent bytes that are not RESP.
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-}
+pub use crate::wire::error::{Reply, UpstreamError};
 
-impl UpstreamError {
-    /// The error reply a client gets.
-    pub fn to_reply(&self) -> Bytes {
-        match self {
-            UpstreamError::Refused(msg) => Bytes::from(format!("-{msg}\r\n")),
-            other => Bytes::from(format!("-ERR {other}\r\n")),
-        }
-    }
-}
-
-/// What a connection delivers for one job.
-pub type Reply = Result<Bytes, UpstreamError>;
-
-/// A one-way signal that one task awaits. Unlike a `CancellationToken`
-/// (a mutex on every check and every poll), checking and waiting are
-/// lock-free: a session polls its signals on every wake-up, once or twice
-/// per request.
-#[derive(Debug, Default)]
-pub struct Signal {
-    set: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Signal {
-    pub fn cancel(&self) {
-        if !self.set.swap(true, Ordering::AcqRel) {
-            self.waker.wake();
-        }
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    /// Resolves once cancelled. Only one task may wait at a time (the last
-    /// one to poll is the one woken).
-    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.is_cancelled() {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.is_cancelled() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-}
-
-pub use crate::output::ClientShared;
+pub use crate::request::output::ClientShared;
+pub use crate::request::signal::Signal;
 
 /// The path for frames that are not replies to a job: RESP3 pushes, and
 /// everything once a dedicated connection streams (SUBSCRIBE, MONITOR).
@@ -204,14 +135,14 @@ pub struct Mark {
 impl Mark {
     /// The PING to send upstream.
     pub fn payload(&self) -> Bytes {
-        crate::protocol::encode_command(&[&b"PING"[..], &self.token])
+        crate::wire::encode_command(&[&b"PING"[..], &self.token])
     }
 
     /// Whether `frame` is this PING's answer: a bulk of the token, or,
     /// while subscribed in RESP2, `["pong", token]`.
     pub fn answers(&self, frame: &[u8]) -> bool {
         let mut bulk = bytes::BytesMut::new();
-        crate::protocol::scan::push_header(&mut bulk, b'$', self.token.len());
+        crate::wire::scan::push_header(&mut bulk, b'$', self.token.len());
         bulk.extend_from_slice(&self.token);
         bulk.extend_from_slice(b"\r\n");
         if frame == &bulk[..] {
@@ -234,7 +165,7 @@ pub struct Job {
     pub hop: Hop,
 }
 
-/// A job's way through a cluster ([`router`]).
+/// A job's way through a cluster ([`cluster::router`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Hop {
     /// Redirections and retries so far.

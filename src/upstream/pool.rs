@@ -20,14 +20,18 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use super::cluster::{Node, SlotMap};
+use super::cluster::merge::{Merge, merge};
+pub use super::cluster::nodes::ClusterSet;
+use super::cluster::nodes::NodePool;
+use super::cluster::route::{Named, Slots, named, slots_of};
+use super::cluster::router::{Router, RouterEnd};
 use super::conn::{self, Bounce, BounceTx, Bounced, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
-use super::router::{Named, Router, RouterEnd, Slots, slots_of};
+use super::slots::{Node, SlotMap};
 use super::{DEFAULT_DB, Identity, Job, Oob, UpstreamError};
-use crate::command::Table;
 use crate::metrics::Metrics;
-use crate::protocol::Proto;
+use crate::request::command::Table;
+use crate::wire::Proto;
 
 /// Jobs queued per shared connection. Past this, clients wait for room
 /// (their sockets stop being read) instead of growing memory: 4096 commands
@@ -57,78 +61,35 @@ pub struct Pool {
     clusters: Mutex<HashMap<Identity, Arc<ClusterSet>>>,
 }
 
-/// Node connections by port, then host.
-type NodeConns = HashMap<u16, Vec<(String, mpsc::Sender<Job>)>>;
-
-/// The shared connections of one identity to the nodes of a cluster
-/// endpoint: sessions send single-slot requests straight to them; the
-/// identity's routers send the rest (split, fanned out, redirected).
-pub struct ClusterSet {
-    pub active: Active,
-    ident: Identity,
-    /// One shared connection per node (the cluster already spreads the
-    /// load over its nodes, and fuller batches cost fewer syscalls per
-    /// command), by port then host.
-    nodes: RwLock<NodeConns>,
-    /// Where the node connections send what they did not run.
-    bounce_tx: BounceTx,
-    /// Taken by the first router of the identity, which handles bounces.
-    pub bounce_rx: Mutex<Option<mpsc::Receiver<Bounce>>>,
-}
-
-impl ClusterSet {
-    /// The shared connection to `node` (made on first use). Looked up by
-    /// port, then host: no allocation on the request path.
-    pub fn sender(&self, pool: &Arc<Pool>, node: &Node) -> mpsc::Sender<Job> {
-        let find = |nodes: &NodeConns| {
-            nodes
-                .get(&node.port)?
-                .iter()
-                .find(|(h, tx)| *h == node.host && !tx.is_closed())
-                .map(|(_, tx)| tx.clone())
-        };
-        if let Some(tx) = find(&self.nodes.read().unwrap_or_else(PoisonError::into_inner)) {
-            return tx;
-        }
-        let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = find(&nodes) {
-            return tx;
-        }
-        let tx = pool.node_connection(
-            &self.ident,
-            &self.active,
-            node.clone(),
-            self.bounce_tx.clone(),
-            None,
-            None,
-        );
-        let at = nodes.entry(node.port).or_default();
-        at.retain(|(h, _)| *h != node.host);
-        at.push((node.host.clone(), tx.clone()));
-        tx
+impl NodePool for Pool {
+    fn advertised(&self) -> SocketAddr {
+        Pool::advertised(self)
     }
-
-    /// The connection for a request the session sends straight to its
-    /// node, if the map names that node.
-    pub fn direct(
-        &self,
-        pool: &Arc<Pool>,
-        to: super::router::Direct,
-        client: &Arc<super::ClientShared>,
-    ) -> Option<mpsc::Sender<Job>> {
-        let topo = self.active.endpoint.cluster.as_ref()?;
-        let slot = match to {
-            super::router::Direct::Slot(s) => s,
-            super::router::Direct::Keyless => {
-                let map = topo.map();
-                return Some(self.sender(pool, map.keyless_node(client)?));
-            }
-        };
-        if let Some(n) = topo.moved_owner(slot) {
-            return Some(self.sender(pool, &n));
-        }
-        let map = topo.map();
-        Some(self.sender(pool, map.owner(slot)?))
+    fn settings(&self) -> &ConnSettings {
+        Pool::settings(self)
+    }
+    fn metrics(&self) -> &Metrics {
+        Pool::metrics(self)
+    }
+    fn table(&self) -> Arc<Table> {
+        Pool::table(self)
+    }
+    fn table_generation(&self) -> u64 {
+        Pool::table_generation(self)
+    }
+    fn cluster_set(self: Arc<Self>, ident: &Identity) -> Option<Arc<ClusterSet>> {
+        Pool::cluster_set(&self, ident)
+    }
+    fn node_connection(
+        self: Arc<Self>,
+        ident: &Identity,
+        active: &Active,
+        node: Node,
+        bounce: BounceTx,
+        pinned: Option<(Oob, Arc<AtomicBool>)>,
+        name: Option<Bytes>,
+    ) -> mpsc::Sender<Job> {
+        Pool::node_connection(&self, ident, active, node, bounce, pinned, name)
     }
 }
 
@@ -197,14 +158,7 @@ impl Pool {
         {
             return Some(s.clone());
         }
-        let (bounce_tx, bounce_rx) = mpsc::channel(super::router::BOUNCE_QUEUE);
-        let set = Arc::new(ClusterSet {
-            active,
-            ident: ident.clone(),
-            nodes: RwLock::new(HashMap::new()),
-            bounce_tx,
-            bounce_rx: Mutex::new(Some(bounce_rx)),
-        });
+        let set = Arc::new(ClusterSet::new(active, ident.clone()));
         sets.insert(ident.clone(), set.clone());
         Some(set)
     }
@@ -290,7 +244,7 @@ impl Pool {
             return Ok(set.clone());
         }
         if map.len() >= self.max_identities {
-            return Err(UpstreamError::Unavailable(format!(
+            return Err(UpstreamError::Limit(format!(
                 "too many distinct client identities (protocol, db, user); limit is {}",
                 self.max_identities
             )));
@@ -420,7 +374,7 @@ impl Pool {
             rx,
             backlog,
             closed: false,
-            reason: String::from("connecting"),
+            reason: UpstreamError::unreachable("connecting"),
             timeout: self.settings.queue_timeout,
         };
         loop {
@@ -429,7 +383,7 @@ impl Pool {
                 Ok(c) => return Some(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream connect failed");
-                    held.reason = e.to_string();
+                    held.reason = e;
                 }
             }
             let moved = held
@@ -479,7 +433,14 @@ impl Pool {
                     None,
                 )
                 .await;
-            end_pinned(end == End::Closed, &mut backlog, &mut rx, &al, &hs, &oob);
+            end_pinned(
+                matches!(end, End::Closed),
+                &mut backlog,
+                &mut rx,
+                &al,
+                &hs,
+                &oob,
+            );
         });
         Ok(Dedicated {
             tx,
@@ -669,7 +630,7 @@ impl Pool {
         }
         // Retired (the endpoint was switched) or a pinned connection lost:
         // what is left was never sent.
-        let err = UpstreamError::Unavailable("the cluster node connection closed".into());
+        let err = UpstreamError::unreachable("the cluster node connection closed");
         fail_all(&mut backlog, &mut rx, &err);
     }
 
@@ -705,7 +666,7 @@ impl Pool {
 
     async fn learn_with(&self, ident: &Identity) -> Result<usize, UpstreamError> {
         let reply = self.one_command(ident, b"COMMAND").await?;
-        if crate::protocol::is_error(&reply) {
+        if crate::wire::is_error(&reply) {
             return Err(UpstreamError::Refused(conn::error_text(&reply)));
         }
         let frame = redis_protocol::resp2::decode::decode(&reply)
@@ -730,7 +691,7 @@ impl Pool {
             auth: None,
         };
         let reply = self.one_command(&ident, b"PING").await?;
-        if crate::protocol::is_error(&reply) {
+        if crate::wire::is_error(&reply) {
             return Err(UpstreamError::Refused(conn::error_text(&reply)));
         }
         Ok(start.elapsed())
@@ -910,23 +871,21 @@ impl ControlConn {
                     for m in masters.iter().flat_map(|m| m.masters.iter()) {
                         replies.push(cl.at(m, cmd, max_bulk, false).await?);
                     }
-                    super::router::merge(&super::router::Merge::First, &replies)
+                    merge(&Merge::First, &replies)
                         .ok_or(UpstreamError::Protocol("no master answered".into()))?
                 }
                 ControlRoute::Scan(epoch, node, masters, args) => {
                     let map = cl.active.endpoint.cluster.as_ref().map(|t| t.map());
                     let target = map
                         .and_then(|m| m.masters.get(usize::from(node)).cloned())
-                        .ok_or(UpstreamError::Unavailable(
-                            "the cluster has no master".into(),
-                        ))?;
+                        .ok_or(UpstreamError::Routing("the cluster has no master".into()))?;
                     let r = cl.at(&target, &args, max_bulk, false).await?;
-                    let merge = super::router::Merge::Scan {
+                    let how = Merge::Scan {
                         epoch,
                         node,
                         masters,
                     };
-                    super::router::merge(&merge, &[r])
+                    merge(&how, &[r])
                         .ok_or(UpstreamError::Protocol("unexpected SCAN reply".into()))?
                 }
             };
@@ -958,11 +917,11 @@ impl ClusterControl {
         if cmd.len() == 2 && cmd[0].eq_ignore_ascii_case(b"select") && &cmd[1][..] == b"0" {
             return ControlRoute::Answer(Bytes::from_static(b"+OK\r\n"));
         }
-        match super::router::named(cmd) {
+        match named(cmd) {
             Some(Named::ScriptLoad | Named::ScriptFlush) => return ControlRoute::Every,
             Some(Named::Scan) => {
                 let (masters, epoch) = (map.masters.len(), topo.epoch() as u8);
-                return match super::cluster::scan_step(cmd, epoch, masters) {
+                return match super::slots::scan_step(cmd, epoch, masters) {
                     Ok((node, args)) => ControlRoute::Scan(epoch, node, masters, args),
                     Err(e) => ControlRoute::Answer(Bytes::from(format!("-ERR {e}\r\n"))),
                 };
@@ -1013,8 +972,8 @@ impl ClusterControl {
                     return Err(e);
                 }
             };
-            match super::cluster::Redirect::parse(&r, &node.host) {
-                Some(super::cluster::Redirect::Moved { host, port, .. }) if follow => {
+            match super::slots::Redirect::parse(&r, &node.host) {
+                Some(super::slots::Redirect::Moved { host, port, .. }) if follow => {
                     if let Some(t) = &self.active.endpoint.cluster {
                         t.refresh.notify_one();
                     }
@@ -1028,7 +987,7 @@ impl ClusterControl {
                 _ => return Ok(r),
             }
         }
-        Err(UpstreamError::Unavailable("redirected twice".into()))
+        Err(UpstreamError::Routing("redirected twice".into()))
     }
 }
 
@@ -1038,8 +997,8 @@ struct Held<'a> {
     backlog: &'a mut VecDeque<Job>,
     /// Every sender is gone.
     closed: bool,
-    /// Why there is no connection (the error held jobs fail with).
-    reason: String,
+    /// Why there is no connection (what held jobs fail with).
+    reason: UpstreamError,
     timeout: Duration,
 }
 
@@ -1080,9 +1039,8 @@ fn end_pinned(
     oob: &Oob,
 ) {
     alive.store(false, Ordering::Release);
-    let unsent = UpstreamError::Unavailable(
-        "the upstream connection closed before the request was sent".into(),
-    );
+    let unsent =
+        UpstreamError::unreachable("the upstream connection closed before the request was sent");
     fail_all(backlog, rx, &unsent);
     if !closed && holds_state.load(Ordering::Acquire) {
         oob.close();
@@ -1102,13 +1060,17 @@ fn fail_all(backlog: &mut VecDeque<Job>, rx: &mut mpsc::Receiver<Job>, err: &Ups
 
 /// Fail jobs that waited longer than `timeout` for a connection. They were
 /// never sent, so the error says so and the client may retry.
-fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &str) {
+fn expire(backlog: &mut VecDeque<Job>, timeout: Duration, reason: &UpstreamError) {
     while backlog
         .front()
         .is_some_and(|j| j.enqueued.elapsed() >= timeout)
     {
         if let Some(job) = backlog.pop_front() {
-            job.fail(UpstreamError::Unavailable(reason.to_string()));
+            job.fail(match reason {
+                // Never sent, whatever the connect attempt met.
+                e if e.never_sent() => e.clone(),
+                e => UpstreamError::unreachable(e.to_string()),
+            });
         }
     }
 }

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use redis_sidecar::Sidecar;
 use redis_sidecar::config::{Config, UpstreamConfig};
 use redis_sidecar::policy::Builder;
-use redis_sidecar::protocol::ReplyScanner;
+use redis_sidecar::wire::ReplyScanner;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -289,7 +289,7 @@ impl Raw {
 
     /// Send a command as a RESP array.
     pub async fn cmd(&mut self, args: &[&[u8]]) {
-        let raw = redis_sidecar::protocol::encode_command(args);
+        let raw = redis_sidecar::wire::encode_command(args);
         self.send(&raw).await;
     }
 

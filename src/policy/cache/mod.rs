@@ -24,7 +24,6 @@
 //! - an entry never outlives its key's TTL (the fill reads `PTTL` in the
 //!   same transaction) nor its rule's ttl.
 
-pub mod resp;
 pub mod store;
 pub mod tracker;
 
@@ -41,11 +40,11 @@ use self::store::{Entry, Reason, Store};
 use self::tracker::Tracker;
 use super::glob::Glob;
 use super::{Ctx, Env, Mode, PolicyError, Stage, Verdict};
-use crate::command::CommandInfo;
 use crate::config::{CacheConfig, CacheInvalidation, CacheRule};
-use crate::exchange::{Exchange, ReplyAction};
 use crate::metrics::Metrics;
-use crate::protocol::Proto;
+use crate::request::command::CommandInfo;
+use crate::request::exchange::{Exchange, ReplyAction};
+use crate::wire::Proto;
 
 /// The reads the cache can hold: deterministic and read-only. MGET is
 /// cached as a whole (one entry per argument list), like every command.
@@ -354,9 +353,9 @@ impl Cache {
             )
             .await;
             if let Ok(Ok(fill)) = fill
-                && !crate::protocol::is_error(&fill.reply)
+                && !crate::wire::is_error(&fill.reply)
                 && fill.reply.len() <= max_entry
-                && let Some(resp2) = resp::to_resp2(&fill.reply, flatten)
+                && let Some(resp2) = crate::wire::resp::to_resp2(&fill.reply, flatten)
             {
                 let now = Instant::now();
                 let mut life = ttl;

@@ -30,13 +30,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::resp::elements;
 use super::store::{Reason, Store};
 use crate::metrics::Metrics;
-use crate::protocol::{Proto, ReplyScanner, encode_command};
 use crate::upstream::cluster::{Node, SlotMap};
 use crate::upstream::pool::Pool;
 use crate::upstream::{DEFAULT_DB, Identity, UpstreamError};
+use crate::wire::resp::elements;
+use crate::wire::{Proto, ReplyScanner, encode_command};
 
 const QUEUE: usize = 1024;
 /// After a failed connect, fills fail at once for this long.
@@ -66,14 +66,11 @@ pub enum FillError {
 impl FillError {
     /// The upstream could not be reached (what `stale_if_error` covers).
     pub fn unreachable(&self) -> bool {
-        matches!(
-            self,
-            FillError::Upstream(
-                UpstreamError::ConnectionLost
-                    | UpstreamError::Timeout
-                    | UpstreamError::Unavailable(_)
-            ) | FillError::Stopped
-        )
+        match self {
+            FillError::Upstream(e) => e.upstream_down(),
+            FillError::Stopped => true,
+            _ => false,
+        }
     }
 }
 
@@ -225,23 +222,24 @@ impl Task {
                     None => return,
                 },
             };
-            let node =
-                match &self.pool.ups.active().endpoint.cluster {
-                    None => None,
-                    Some(t) => match req
-                        .keys
-                        .first()
-                        .and_then(|k| t.owner(&t.map(), crate::upstream::cluster::key_slot(k)))
-                    {
-                        Some(n) => Some(n),
-                        None => {
-                            let _ = req.reply.send(Err(FillError::Upstream(
-                                UpstreamError::Unavailable("no cluster node owns the key".into()),
-                            )));
-                            continue;
-                        }
-                    },
-                };
+            let node = match &self.pool.ups.active().endpoint.cluster {
+                None => None,
+                Some(t) => match req
+                    .keys
+                    .first()
+                    .and_then(|k| t.owner(&t.map(), crate::upstream::cluster::key_slot(k)))
+                {
+                    Some(n) => Some(n),
+                    None => {
+                        let _ = req
+                            .reply
+                            .send(Err(FillError::Upstream(UpstreamError::Routing(
+                                "no cluster node owns the key".into(),
+                            ))));
+                        continue;
+                    }
+                },
+            };
             let key = node.as_ref().map(SlotMap::addr).unwrap_or_default();
             let tx = nodes.entry(key).or_insert_with(|| spawn(node));
             if let Err(e) = tx.try_send(req) {
@@ -317,8 +315,8 @@ impl Task {
 
     async fn connect(&self, node: Option<&Node>) -> Result<Conn, FillError> {
         if now_ms() < self.down_until.load(Ordering::Relaxed) {
-            return Err(FillError::Upstream(UpstreamError::Unavailable(
-                "the last connection attempt failed".into(),
+            return Err(FillError::Upstream(UpstreamError::unreachable(
+                "the last connection attempt failed",
             )));
         }
         let ident = Identity {
@@ -343,8 +341,8 @@ impl Task {
             let r = crate::upstream::endpoint::roundtrip(&mut stream, &mut rbuf, &[cmd], 1 << 20)
                 .await
                 .map_err(FillError::Upstream)?;
-            if let Some(e) = r.first().filter(|r| crate::protocol::is_error(r)) {
-                let msg = crate::upstream::conn::error_text(e);
+            if let Some(e) = r.first().filter(|r| crate::wire::is_error(r)) {
+                let msg = crate::wire::error_text(e);
                 if !self.refused.swap(true, Ordering::Relaxed) {
                     tracing::error!(
                         error = %msg,
@@ -454,7 +452,7 @@ impl Task {
             };
             if p.skip > 0 {
                 p.skip -= 1;
-                if crate::protocol::is_error(&frame) {
+                if crate::wire::is_error(&frame) {
                     p.errors.push(frame);
                 }
                 continue;
@@ -481,8 +479,8 @@ impl Task {
                 _ => Err(FillError::Aborted(
                     p.errors
                         .first()
-                        .map(|e| crate::upstream::conn::error_text(e))
-                        .unwrap_or_else(|| crate::upstream::conn::error_text(&frame)),
+                        .map(|e| crate::wire::error_text(e))
+                        .unwrap_or_else(|| crate::wire::error_text(&frame)),
                 )),
             };
             let _ = p.reply.send(result);

@@ -40,8 +40,8 @@ use super::access::{AccessError, Rule as CommandRule};
 use super::glob::Glob;
 use super::{Ctx, Env, PolicyError, Stage, Verdict};
 use crate::config::{RateAction, RateLimitRule, RateOnError, RatePer, RateScope, RuleMode};
-use crate::exchange::Exchange;
 use crate::metrics::Metrics;
+use crate::request::exchange::Exchange;
 
 /// Connection commands no rule limits unless it names them.
 const EXEMPT: &[&str] = &["auth", "hello", "quit", "reset", "ping"];

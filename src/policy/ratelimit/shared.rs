@@ -39,9 +39,9 @@ use tokio_util::task::TaskTracker;
 
 use super::buckets::{Bucket, Gcra, now_ns};
 use crate::policy::Wait;
-use crate::protocol::Proto;
 use crate::upstream::pool::{ControlConn, Pool};
 use crate::upstream::{DEFAULT_DB, Identity, UpstreamError};
+use crate::wire::Proto;
 
 /// Unspent tokens of a batch are dropped this long after it arrived.
 pub const LEASE_LIFE: Duration = Duration::from_secs(1);
@@ -54,7 +54,7 @@ const QUEUE: usize = 1024;
 /// Refills per pipeline at most.
 const BATCH: usize = 256;
 
-/// GCRA over microseconds of Redis's clock: take ARGV[3] tokens at once
+/// GCRA over microseconds of Redis's clock: take `ARGV[3]` tokens at once
 /// or none. Replies `{tokens, 0}`, or `{0, microseconds until that many
 /// are free}`: under contention tokens are handed out in whole batches,
 /// so a saturated limit costs one call per batch, not one per command.
@@ -391,9 +391,7 @@ async fn load(c: &mut ControlConn) -> Result<Bytes, UpstreamError> {
         .ok_or(UpstreamError::ConnectionLost)?;
     match decode(&reply) {
         Some(OwnedFrame::BulkString(sha)) => Ok(Bytes::from(sha)),
-        _ => Err(UpstreamError::Refused(crate::upstream::conn::error_text(
-            &reply,
-        ))),
+        _ => Err(UpstreamError::Refused(crate::wire::error_text(&reply))),
     }
 }
 
@@ -443,9 +441,9 @@ async fn call(
 }
 
 fn parse(reply: &[u8]) -> Result<Grant, SharedError> {
-    if crate::protocol::is_error(reply) {
+    if crate::wire::is_error(reply) {
         return Err(SharedError::Upstream(UpstreamError::Refused(
-            crate::upstream::conn::error_text(reply),
+            crate::wire::error_text(reply),
         )));
     }
     match decode(reply) {

@@ -1,11 +1,11 @@
 //! One client connection: its state (protocol, db, user, name, pinned
 //! connection, transaction and subscription state), and the reader that
 //! turns requests into jobs and output-queue entries. Replies are written by
-//! whoever completes them ([`crate::output`]); the session's writer only
+//! whoever completes them ([`crate::request::output`]); the session's writer only
 //! takes the socket over while it is full.
 //!
 //! Ordering: for every request the reader puts an entry in the client's
-//! output queue ([`crate::output`]) *before* the job leaves for an upstream
+//! output queue ([`crate::request::output`]) *before* the job leaves for an upstream
 //! connection, and entries are written strictly in queue order. So a
 //! client's replies come back in the order of its requests whichever
 //! connections served them. When a client moves between upstream
@@ -28,14 +28,14 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::clients::{self, ClientEntry};
-use crate::command::{Class, CommandInfo, Local, Pin, classify};
-use crate::exchange::{Exchange, TxItem};
 use crate::metrics::CommandMetrics;
 use crate::policy::{Chain, Ctx, Mode as PolicyMode, Verdict};
-use crate::protocol::scan::parse_int;
-use crate::protocol::{Proto, Request, RequestScanner, Value, encode_command};
+use crate::request::command::{Class, CommandInfo, Local, Pin, classify};
+use crate::request::exchange::{Exchange, TxItem};
 use crate::upstream::pool::{ClusterSet, Dedicated, SharedSet};
 use crate::upstream::{Auth, DEFAULT_DB, Hop, Identity, Job, JobKind, Mark, Oob, UpstreamError};
+use crate::wire::scan::parse_int;
+use crate::wire::{Proto, Request, RequestScanner, Value, encode_command};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -291,7 +291,7 @@ struct Session {
     /// carries this field.
     cluster: Option<Box<ClusterCache>>,
     /// The command table and its generation, refreshed when it changes.
-    table: (u64, Arc<crate::command::Table>),
+    table: (u64, Arc<crate::request::command::Table>),
     /// The policy chain and its generation, refreshed when it changes.
     chain: (u64, Arc<Chain>),
     /// CLIENT KILL named this client: close after its reply.
@@ -483,7 +483,7 @@ impl Session {
     }
 
     /// As Redis: reply with the error, then close.
-    async fn protocol_error(&mut self, e: crate::protocol::ProtocolError) {
+    async fn protocol_error(&mut self, e: crate::wire::ProtocolError) {
         self.shared.metrics.protocol_error(e.kind());
         tracing::debug!(client = self.entry.id, error = %e, "protocol error from client");
         if let Some(reply) = e.client_reply() {
@@ -654,7 +654,10 @@ impl Session {
     /// The command's metric handles: resolved once per table entry, and
     /// `other` for names the table does not know (so clients cannot invent
     /// labels).
-    fn command_metrics(&self, info: Option<&crate::command::CommandInfo>) -> Arc<CommandMetrics> {
+    fn command_metrics(
+        &self,
+        info: Option<&crate::request::command::CommandInfo>,
+    ) -> Arc<CommandMetrics> {
         match info {
             Some(i) => i
                 .metrics
@@ -1083,12 +1086,12 @@ impl Session {
         let flow = self.send_job(Target::Dedicated, ex, false, metrics).await;
         if let Some(rx) = tee
             && let Ok(Ok(reply)) = rx.await
-            && let Some(ranges) = crate::protocol::scan::split_array(&reply)
+            && let Some(ranges) = crate::wire::scan::split_array(&reply)
         {
             for (i, change) in changes {
                 let ran = ranges
                     .get(i)
-                    .is_some_and(|&(s, _)| !crate::protocol::is_error(&reply[s..]));
+                    .is_some_and(|&(s, _)| !crate::wire::is_error(&reply[s..]));
                 if ran {
                     self.apply(change);
                 }
@@ -1463,7 +1466,7 @@ impl Session {
             }));
         }
         let set = self.cluster.as_ref()?.set.as_ref()?;
-        let to = crate::upstream::router::direct(ex.args(), info?)?;
+        let to = crate::upstream::cluster::route::direct(ex.args(), info?)?;
         set.direct(&self.shared.pool, to, &self.entry.client)
     }
 
@@ -1524,9 +1527,7 @@ impl Session {
         };
         if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
             // The connection is gone and the job was never sent.
-            job.fail(UpstreamError::Unavailable(
-                "upstream connection closed".into(),
-            ));
+            job.fail(UpstreamError::unreachable("upstream connection closed"));
         }
         Flow::Go
     }
@@ -1577,7 +1578,7 @@ impl Session {
             return Ok(false);
         }
         match self.on_dedicated(args).await {
-            Ok(r) if crate::protocol::is_error(&r) => Err(r),
+            Ok(r) if crate::wire::is_error(&r) => Err(r),
             Ok(_) => Ok(true),
             Err(e) => Err(e.to_reply()),
         }
@@ -2195,9 +2196,9 @@ mod tests {
             queue_timeout: std::time::Duration::from_secs(1),
             max_reply_bulk: 1 << 20,
         };
-        let spec = crate::config::EndpointSpec {
+        let spec = crate::upstream::endpoint::EndpointSpec {
             name: "t".into(),
-            target: crate::upstream::url::Target::parse("redis://127.0.0.1:1").unwrap(),
+            target: crate::config::url::Target::parse("redis://127.0.0.1:1").unwrap(),
             tls: None,
             sentinel_auth: None,
         };
@@ -2220,7 +2221,7 @@ mod tests {
             Default::default(),
         );
         let limits = super::super::SessionLimits {
-            frame: crate::protocol::Limits::default(),
+            frame: crate::wire::Limits::default(),
             max_inflight: 16,
             max_output: 1 << 20,
             idle_timeout: std::time::Duration::ZERO,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::command::interned;
+use crate::request::command::interned;
 use crate::upstream::ClientShared;
 
 /// What a session publishes about itself (on state changes).
@@ -249,7 +249,7 @@ pub fn parse_filters(args: &[Bytes], kill: bool) -> Result<Vec<Filter>, String> 
             b"id" if !kill => {
                 let mut ids = Vec::new();
                 for a in &args[i + 1..] {
-                    match crate::protocol::scan::parse_int(a) {
+                    match crate::wire::scan::parse_int(a) {
                         Some(n) if n > 0 => ids.push(n as u64),
                         _ => return Err("ERR Invalid client ID".into()),
                     }
@@ -257,7 +257,7 @@ pub fn parse_filters(args: &[Bytes], kill: bool) -> Result<Vec<Filter>, String> 
                 out.push(Filter::Id(ids));
                 return Ok(out);
             }
-            b"id" => match crate::protocol::scan::parse_int(v) {
+            b"id" => match crate::wire::scan::parse_int(v) {
                 Some(n) if n > 0 => out.push(Filter::Id(vec![n as u64])),
                 _ => return Err("ERR client-id should be greater than 0".into()),
             },
@@ -284,7 +284,7 @@ pub fn parse_filters(args: &[Bytes], kill: bool) -> Result<Vec<Filter>, String> 
                 b"no" => out.push(Filter::SkipMe(false)),
                 _ => return Err("ERR syntax error".into()),
             },
-            b"maxage" if kill => match crate::protocol::scan::parse_int(v) {
+            b"maxage" if kill => match crate::wire::scan::parse_int(v) {
                 Some(n) if n >= 0 => out.push(Filter::MaxAge(n as u64)),
                 _ => return Err("ERR syntax error".into()),
             },

@@ -30,7 +30,8 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::metrics::CommandMetrics;
-use crate::upstream::{Reply, Signal};
+use crate::request::signal::Signal;
+use crate::wire::error::Reply;
 
 /// An empty output buffer up to this size is kept between replies (no
 /// allocation per reply); a larger one is freed, so idle clients hold
@@ -349,7 +350,7 @@ impl ClientShared {
 
     /// Complete entry `seq` with an error now (its request failed or was
     /// never sent), and write it.
-    pub fn fail(&self, seq: u64, err: crate::upstream::UpstreamError) {
+    pub fn fail(&self, seq: u64, err: crate::wire::error::UpstreamError) {
         self.deliver(seq, Err(err));
         self.flush();
     }
@@ -542,7 +543,7 @@ impl ClientShared {
 
 /// Count a reply as ok or error in its command's metrics.
 pub fn count(m: &CommandMetrics, reply: &[u8]) {
-    if crate::protocol::is_error(reply) {
+    if crate::wire::is_error(reply) {
         m.err.inc()
     } else {
         m.ok.inc()
@@ -580,7 +581,7 @@ mod tests {
         c.deliver(b, Ok(Bytes::from_static(b":2\r\n")));
         c.flush();
         assert_eq!(c.progress.done(), 0, "nothing is complete before a");
-        c.deliver(a, Err(crate::upstream::UpstreamError::Timeout));
+        c.deliver(a, Err(crate::wire::error::UpstreamError::Timeout));
         c.flush();
         assert_eq!(c.progress.done(), 4);
         let want = b"-ERR upstream timeout\r\n:2\r\n+local\r\n:3\r\n";

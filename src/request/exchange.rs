@@ -15,8 +15,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use crate::protocol::{Request, encode_command, scan};
-use crate::upstream::Reply;
+use crate::wire::error::{Reply, UpstreamError};
+use crate::wire::{Request, encode_command, scan};
 
 /// A stage's hook on the replies of one exchange, run on the upstream
 /// connection that reads them (the L1 fill is one). It must be cheap and
@@ -107,7 +107,7 @@ impl PartOf {
 
 impl Drop for PartOf {
     fn drop(&mut self) {
-        self.complete(Err(crate::upstream::UpstreamError::ConnectionLost));
+        self.complete(Err(UpstreamError::ConnectionLost));
     }
 }
 
@@ -279,7 +279,7 @@ impl Exchange {
     }
 
     /// The exchange will not be sent: whoever waits for its reply learns.
-    pub fn fail(self, err: &crate::upstream::UpstreamError) {
+    pub fn fail(self, err: &UpstreamError) {
         let (_, mut plan) = self.send();
         plan.fail(err);
     }
@@ -366,7 +366,7 @@ impl ReplyPlan {
     }
 
     /// The exchange failed (never sent, or lost in flight).
-    pub fn fail(&mut self, err: &crate::upstream::UpstreamError) {
+    pub fn fail(&mut self, err: &UpstreamError) {
         if let Some(m) = self.more.as_mut() {
             if let Some(t) = m.tee.take() {
                 let _ = t.send(Err(err.clone()));

@@ -18,29 +18,29 @@
 //! answers, as with one Redis (the output queue orders them).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::cluster::{self, Node, Redirect, ScanCursor, SlotMap, Split, Topology};
-use super::conn::{Bounce, BounceTx, Bounced};
-use super::failover::Active;
-use super::pool::{ClusterSet, Pool};
-use super::{ClientShared, Hop, Identity, Job, JobKind, Oob, Reply, UpstreamError};
+use super::merge::{Gather, Merge, version_key};
+use super::nodes::{BOUNCE_QUEUE, ClusterSet, NodePool};
+use super::route::{Route, route_of};
+use super::{Node, Redirect, SlotMap, Topology};
+use crate::upstream::cluster;
+use crate::upstream::conn::{Bounce, BounceTx, Bounced};
+use crate::upstream::failover::Active;
+use crate::upstream::{ClientShared, Hop, Identity, Job, JobKind, Oob, UpstreamError};
 
-use crate::command::Table;
-use crate::exchange::{PartSink, ReplyPlan};
-use crate::protocol::scan::{command_at, split_array};
-use crate::protocol::{Proto, Value, encode_command};
+use crate::request::command::Table;
+use crate::request::exchange::{PartSink, ReplyPlan};
+use crate::wire::encode_command;
+use crate::wire::scan::command_at;
 
 /// Redirections and retries one request may take.
 pub const MAX_REDIRECTS: u8 = 5;
-/// Jobs sent back by nodes, waiting for the router.
-pub const BOUNCE_QUEUE: usize = 1024;
 /// Jobs waiting to be sent again after TRYAGAIN/CLUSTERDOWN.
 const RETRY_QUEUE: usize = 4096;
 
@@ -51,484 +51,6 @@ pub enum RouterEnd {
     Closed,
     /// The active endpoint changed.
     Retired,
-}
-
-/// How the first command of a job is routed.
-enum Route {
-    /// To the master owning this slot.
-    Slot(u16),
-    /// No key: the client's default node.
-    Any,
-    /// Keys of several slots, split and merged.
-    Split(Split, usize),
-    /// Keys of several slots in a command that cannot be split: Redis's
-    /// own CROSSSLOT error.
-    CrossSlot,
-    /// To every master, replies merged.
-    Fan(Merge),
-    /// SCAN across the masters.
-    Scan,
-    /// INFO from one master, with cluster-wide fields.
-    Info,
-    /// Answered by the sidecar.
-    Answer(Bytes),
-}
-
-/// How the replies of a command's parts become the client's reply.
-#[derive(Clone, Debug)]
-pub enum Merge {
-    Split(Split, Vec<cluster::Part>),
-    /// Integers summed (DBSIZE).
-    Sum,
-    /// `+OK` from all (FLUSHALL, SCRIPT FLUSH).
-    AllOk,
-    /// Arrays concatenated, up to a size (KEYS).
-    Concat(usize),
-    /// The first reply that is not null (RANDOMKEY).
-    FirstNonNull,
-    /// All the same; the first.
-    First,
-    /// SCRIPT LOAD: the first reply, and the script remembered under it.
-    ScriptLoad(Bytes, Arc<Topology>),
-    /// 0/1 arrays, element-wise AND (SCRIPT EXISTS).
-    AndArrays,
-    /// One master's SCAN reply, its cursor rewritten.
-    Scan {
-        epoch: u8,
-        node: u8,
-        masters: usize,
-    },
-    /// One master's INFO, with the lowest `redis_version` of the masters.
-    Info {
-        version: String,
-        node: String,
-    },
-}
-
-/// The parts of one client command in flight on several nodes; the last
-/// to answer completes the client's entry.
-struct Gather {
-    client: Arc<ClientShared>,
-    seq: Option<u64>,
-    merge: Merge,
-    state: Mutex<GatherState>,
-}
-
-struct GatherState {
-    replies: Vec<Option<Reply>>,
-    left: usize,
-    plan: Option<ReplyPlan>,
-}
-
-impl PartSink for Gather {
-    fn part(&self, index: usize, reply: Reply) {
-        let (replies, plan) = {
-            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(r) = st.replies.get_mut(index) else {
-                return;
-            };
-            if r.is_some() {
-                return;
-            }
-            *r = Some(reply);
-            st.left -= 1;
-            if st.left > 0 {
-                return;
-            }
-            (std::mem::take(&mut st.replies), st.plan.take())
-        };
-        let Some(mut plan) = plan else {
-            return;
-        };
-        let mut ok = Vec::with_capacity(replies.len());
-        for r in replies.into_iter().flatten() {
-            match r {
-                Ok(b) => ok.push(b),
-                Err(e) => {
-                    plan.fail(&e);
-                    if let Some(seq) = self.seq {
-                        self.client.fail(seq, e);
-                    }
-                    return;
-                }
-            }
-        }
-        let merged = merge(&self.merge, &ok).unwrap_or_else(|| {
-            Bytes::from_static(b"-ERR the cluster nodes' replies could not be merged\r\n")
-        });
-        plan.observe(0, &merged);
-        let merged = plan.finish(merged);
-        if let Some(seq) = self.seq {
-            self.client.deliver(seq, Ok(merged));
-            self.client.flush();
-        }
-    }
-}
-
-/// The bytes of a bulk (`$`) or verbatim (`=`, without its `txt:`) string.
-fn bulk_text(r: &[u8]) -> Option<&[u8]> {
-    let t = *r.first()?;
-    if t != b'$' && t != b'=' {
-        return None;
-    }
-    let nl = memchr::memchr(b'\n', r)?;
-    let len: usize = std::str::from_utf8(r.get(1..nl.checked_sub(1)?)?)
-        .ok()?
-        .parse()
-        .ok()?;
-    let body = r.get(nl + 1..nl + 1 + len)?;
-    Some(if t == b'=' { body.get(4..)? } else { body })
-}
-
-fn is_null(r: &[u8]) -> bool {
-    r == b"$-1\r\n" || r == b"*-1\r\n" || r == b"_\r\n"
-}
-
-/// The client's reply from the parts' replies (none an error reply
-/// unless said).
-pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
-    let first_error = || {
-        replies
-            .iter()
-            .find(|r| crate::protocol::is_error(r))
-            .cloned()
-    };
-    match m {
-        Merge::Split(kind, parts) => cluster::merge(*kind, parts, replies),
-        Merge::Sum => cluster::merge(Split::Sum, &[], replies),
-        Merge::AllOk => first_error().or(Some(Bytes::from_static(b"+OK\r\n"))),
-        Merge::First => first_error().or_else(|| replies.first().cloned()),
-        Merge::ScriptLoad(body, topo) => {
-            let r = first_error().or_else(|| replies.first().cloned())?;
-            if let Some(sha) = bulk_text(&r) {
-                topo.remember_script(sha, body.clone());
-            }
-            Some(r)
-        }
-        Merge::FirstNonNull => first_error()
-            .or_else(|| replies.iter().find(|r| !is_null(r)).cloned())
-            .or_else(|| replies.first().cloned()),
-        Merge::Concat(cap) => {
-            if let Some(e) = first_error() {
-                return Some(e);
-            }
-            let mut n = 0;
-            let mut body = BytesMut::new();
-            for r in replies {
-                let ranges = split_array(r)?;
-                n += ranges.len();
-                for (s, e) in ranges {
-                    body.extend_from_slice(&r[s..e]);
-                }
-                if body.len() > *cap {
-                    return Some(Bytes::from(format!(
-                        "-ERR the reply is larger than {cap} bytes across the cluster; use SCAN\r\n"
-                    )));
-                }
-            }
-            let mut out = BytesMut::with_capacity(body.len() + 16);
-            crate::protocol::scan::push_header(&mut out, b'*', n);
-            out.extend_from_slice(&body);
-            Some(out.freeze())
-        }
-        Merge::AndArrays => {
-            if let Some(e) = first_error() {
-                return Some(e);
-            }
-            let mut acc: Option<Vec<bool>> = None;
-            for r in replies {
-                let els: Vec<bool> = split_array(r)?
-                    .into_iter()
-                    .map(|(s, e)| &r[s..e] == b":1\r\n")
-                    .collect();
-                acc = Some(match acc {
-                    None => els,
-                    Some(a) => a.iter().zip(&els).map(|(x, y)| *x && *y).collect(),
-                });
-            }
-            let acc = acc.unwrap_or_default();
-            let mut out = BytesMut::new();
-            crate::protocol::scan::push_header(&mut out, b'*', acc.len());
-            for b in acc {
-                out.extend_from_slice(if b { b":1\r\n" } else { b":0\r\n" });
-            }
-            Some(out.freeze())
-        }
-        Merge::Scan {
-            epoch,
-            node,
-            masters,
-        } => {
-            let r = replies.first()?;
-            if crate::protocol::is_error(r) {
-                return Some(r.clone());
-            }
-            let ranges = split_array(r)?;
-            let (cs, ce) = *ranges.first()?;
-            let (ks, ke) = *ranges.get(1)?;
-            let cursor = bulk_text(&r[cs..ce])?;
-            let next: u64 = std::str::from_utf8(cursor).ok()?.parse().ok()?;
-            let text = match ScanCursor::after(*epoch, *node, next, *masters) {
-                Some(c) => c.encode().ok()?,
-                None => "0".to_string(),
-            };
-            let mut out = BytesMut::with_capacity(r.len() + 24);
-            out.extend_from_slice(b"*2\r\n");
-            out.extend_from_slice(format!("${}\r\n{text}\r\n", text.len()).as_bytes());
-            out.extend_from_slice(&r[ks..ke]);
-            Some(out.freeze())
-        }
-        Merge::Info { version, node } => {
-            let r = replies.first()?;
-            if crate::protocol::is_error(r) {
-                return Some(r.clone());
-            }
-            Some(rewrite_info(r, version, node))
-        }
-    }
-}
-
-/// INFO from one master: `redis_version` the lowest of the masters',
-/// `cluster_enabled:0` (the app talks to one node, the sidecar), and a
-/// section saying where the rest came from.
-fn rewrite_info(reply: &Bytes, version: &str, node: &str) -> Bytes {
-    let (verbatim, body) = match bulk_text(reply) {
-        Some(b) => (reply.first() == Some(&b'='), b),
-        None => return reply.clone(),
-    };
-    let text = String::from_utf8_lossy(body);
-    let mut out = String::with_capacity(text.len() + 128);
-    for line in text.split_inclusive('\n') {
-        if line.starts_with("redis_version:") && !version.is_empty() {
-            out.push_str(&format!("redis_version:{version}\r\n"));
-        } else if line.starts_with("cluster_enabled:") {
-            out.push_str("cluster_enabled:0\r\n");
-        } else {
-            out.push_str(line);
-        }
-    }
-    if !out.ends_with('\n') && !out.is_empty() {
-        out.push_str("\r\n");
-    }
-    out.push_str(&format!(
-        "\r\n# Sidecar\r\nsidecar_upstream:cluster\r\nsidecar_info_from_node:{node}\r\nsidecar_redis_version_is:lowest_of_masters\r\n"
-    ));
-    let v = if verbatim {
-        Value::Text(out)
-    } else {
-        Value::Bulk(Bytes::from(out))
-    };
-    v.encode(if verbatim { Proto::Resp3 } else { Proto::Resp2 })
-}
-
-/// `7.2.4` as numbers, for the lowest version.
-fn version_key(v: &str) -> Vec<u64> {
-    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
-}
-
-/// The sidecar's own node id in the masquerade (40 hex digits).
-const SELF_ID: &str = "5369646563617273696465636172736964656361";
-
-/// `CLUSTER SLOTS/SHARDS/NODES/INFO/MYID`: the sidecar is one node owning
-/// every slot, so a cluster-aware client stays in single-node mode.
-fn masquerade(sub: &[u8], me: SocketAddr, proto: Proto) -> Option<Value> {
-    let ip = me.ip().to_string();
-    let port = i64::from(me.port());
-    let sub = sub.to_ascii_lowercase();
-    Some(match &sub[..] {
-        b"slots" => Value::Array(vec![Value::Array(vec![
-            Value::Int(0),
-            Value::Int(cluster::SLOTS as i64 - 1),
-            Value::Array(vec![
-                Value::bulk(ip.clone()),
-                Value::Int(port),
-                Value::bulk(SELF_ID),
-                Value::Array(vec![]),
-            ]),
-        ])]),
-        b"shards" => Value::Array(vec![Value::Map(vec![
-            (
-                Value::bulk("slots"),
-                Value::Array(vec![Value::Int(0), Value::Int(cluster::SLOTS as i64 - 1)]),
-            ),
-            (
-                Value::bulk("nodes"),
-                Value::Array(vec![Value::Map(vec![
-                    (Value::bulk("id"), Value::bulk(SELF_ID)),
-                    (Value::bulk("port"), Value::Int(port)),
-                    (Value::bulk("ip"), Value::bulk(ip.clone())),
-                    (Value::bulk("endpoint"), Value::bulk(ip.clone())),
-                    (Value::bulk("role"), Value::bulk("master")),
-                    (Value::bulk("replication-offset"), Value::Int(0)),
-                    (Value::bulk("health"), Value::bulk("online")),
-                ])]),
-            ),
-        ])]),
-        b"nodes" => Value::Text(format!(
-            "{SELF_ID} {ip}:{port}@{port} myself,master - 0 0 1 connected 0-{}\n",
-            cluster::SLOTS - 1
-        )),
-        b"myid" => Value::bulk(SELF_ID),
-        b"info" => Value::Text(
-            "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:1\r\ncluster_my_epoch:1\r\n".to_string(),
-        ),
-        _ => return None,
-    })
-    .map(|v| match (v, proto) {
-        // CLUSTER NODES/INFO are bulk strings in RESP2 too.
-        (Value::Text(t), Proto::Resp2) => Value::Bulk(Bytes::from(t)),
-        (v, _) => v,
-    })
-}
-
-/// Commands routed by their name, whatever their keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Named {
-    /// CLUSTER SLOTS/SHARDS/NODES/INFO/MYID.
-    Masquerade,
-    Info,
-    Dbsize,
-    Flush,
-    Keys,
-    RandomKey,
-    Scan,
-    ScriptLoad,
-    ScriptFlush,
-    ScriptExists,
-    /// SPUBLISH/SSUBSCRIBE/SUNSUBSCRIBE: by the channel's slot.
-    ShardChannel,
-}
-
-/// Which [`Named`] command `args` is (no allocation: it runs for every
-/// request the session sends to a cluster).
-pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
-    let name = args.first()?;
-    let sub = |options: &[&[u8]]| {
-        args.get(1)
-            .is_some_and(|s| options.iter().any(|o| s.eq_ignore_ascii_case(o)))
-    };
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-    Some(if is(b"cluster") {
-        if !sub(&[b"slots", b"shards", b"nodes", b"info", b"myid"]) {
-            return None;
-        }
-        Named::Masquerade
-    } else if is(b"info") {
-        Named::Info
-    } else if is(b"dbsize") {
-        Named::Dbsize
-    } else if is(b"flushall") || is(b"flushdb") {
-        Named::Flush
-    } else if is(b"keys") {
-        Named::Keys
-    } else if is(b"randomkey") {
-        Named::RandomKey
-    } else if is(b"scan") {
-        Named::Scan
-    } else if is(b"script") {
-        if sub(&[b"load"]) {
-            Named::ScriptLoad
-        } else if sub(&[b"flush"]) {
-            Named::ScriptFlush
-        } else if sub(&[b"exists"]) {
-            Named::ScriptExists
-        } else {
-            return None;
-        }
-    } else if is(b"spublish") || is(b"ssubscribe") || is(b"sunsubscribe") {
-        Named::ShardChannel
-    } else {
-        return None;
-    })
-}
-
-/// The slots of a command's keys.
-pub(crate) enum Slots {
-    None,
-    One(u16),
-    Many,
-}
-
-pub(crate) fn slots_of(args: &[Bytes], info: &crate::command::CommandInfo) -> Slots {
-    let mut slot = None;
-    for k in info.keys(args) {
-        let Some(key) = args.get(k.index) else {
-            continue;
-        };
-        let s = cluster::key_slot(key);
-        match slot {
-            None => slot = Some(s),
-            Some(first) if first != s => return Slots::Many,
-            _ => {}
-        }
-    }
-    slot.map_or(Slots::None, Slots::One)
-}
-
-/// Where a job's commands go, decided from its first command.
-fn route_of(args: &[Bytes], table: &Table, pool: &Pool, proto: Proto) -> Route {
-    if let Some(n) = named(args) {
-        return match n {
-            Named::Masquerade => match args
-                .get(1)
-                .and_then(|s| masquerade(s, pool.advertised(), proto))
-            {
-                Some(v) => Route::Answer(v.encode(proto)),
-                None => Route::Any,
-            },
-            Named::Info => Route::Info,
-            Named::Dbsize => Route::Fan(Merge::Sum),
-            Named::Flush | Named::ScriptFlush => Route::Fan(Merge::AllOk),
-            Named::Keys => Route::Fan(Merge::Concat(pool.settings().max_reply_bulk)),
-            Named::RandomKey => Route::Fan(Merge::FirstNonNull),
-            Named::Scan => Route::Scan,
-            // The body is remembered by the router (Merge::ScriptLoad).
-            Named::ScriptLoad => Route::Fan(Merge::First),
-            Named::ScriptExists => Route::Fan(Merge::AndArrays),
-            Named::ShardChannel => match args.get(1) {
-                Some(ch) => Route::Slot(cluster::key_slot(ch)),
-                None => Route::Any,
-            },
-        };
-    }
-    let Some(info) = table.lookup(args) else {
-        return Route::Any;
-    };
-    match slots_of(args, info) {
-        Slots::None => Route::Any,
-        Slots::One(s) => Route::Slot(s),
-        Slots::Many => {
-            let name = args
-                .first()
-                .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
-                .unwrap_or_default();
-            match cluster::split_kind(&name) {
-                Some((kind, stride)) => Route::Split(kind, stride),
-                None => Route::CrossSlot,
-            }
-        }
-    }
-}
-
-/// Where a session may send a request straight to a node's shared
-/// connection (not a command the router splits, fans out or answers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direct {
-    /// Every key in this one slot.
-    Slot(u16),
-    /// No key: the client's own node (see [`SlotMap::keyless_node`]).
-    Keyless,
-}
-
-pub fn direct(args: &[Bytes], info: &crate::command::CommandInfo) -> Option<Direct> {
-    if named(args).is_some() {
-        return None;
-    }
-    match slots_of(args, info) {
-        Slots::None => Some(Direct::Keyless),
-        Slots::One(s) => Some(Direct::Slot(s)),
-        Slots::Many => None,
-    }
 }
 
 /// A command the router sends for its own purposes (a MULTI it holds, a
@@ -565,7 +87,7 @@ fn answer(job: Job, reply: Bytes) {
 /// Routes the jobs of one shared "connection" (or one pinned client) of a
 /// cluster endpoint to connections to its nodes.
 pub struct Router {
-    pool: Arc<Pool>,
+    pool: Arc<dyn NodePool>,
     ident: Identity,
     active: Active,
     topo: Arc<Topology>,
@@ -608,7 +130,7 @@ struct PinState {
 
 impl Router {
     pub fn new(
-        pool: Arc<Pool>,
+        pool: Arc<dyn NodePool>,
         ident: Identity,
         active: Active,
         pinned: Option<(Oob, Arc<AtomicBool>)>,
@@ -619,7 +141,7 @@ impl Router {
         let (set, bounce_rx, active) = if pinned.is_some() {
             (None, Some(own_rx), active)
         } else {
-            let set = pool.cluster_set(&ident)?;
+            let set = pool.clone().cluster_set(&ident)?;
             let rx = set
                 .bounce_rx
                 .lock()
@@ -723,7 +245,13 @@ impl Router {
             let node = self.default_node(&job.client);
             return self.send(node, job).await;
         };
-        let route = route_of(&args, &self.table.1, &self.pool, self.ident.proto);
+        let route = route_of(
+            &args,
+            &self.table.1,
+            self.pool.advertised(),
+            self.pool.settings().max_reply_bulk,
+            self.ident.proto,
+        );
         if self.pinned.is_some() {
             let name = args
                 .first()
@@ -749,7 +277,7 @@ impl Router {
                 let node = self.owner(slot);
                 if node.is_none() {
                     self.topo.refresh.notify_one();
-                    return job.fail(UpstreamError::Unavailable(format!(
+                    return job.fail(UpstreamError::Routing(format!(
                         "no cluster node owns slot {slot}"
                     )));
                 }
@@ -1008,22 +536,11 @@ impl Router {
             return;
         };
         let n = parts.len();
-        let g = Arc::new(Gather {
-            client: job.client.clone(),
-            seq: slot,
-            merge,
-            state: Mutex::new(GatherState {
-                replies: vec![None; n],
-                left: n,
-                plan: Some(plan),
-            }),
-        });
+        let g = Arc::new(Gather::new(job.client.clone(), slot, merge, n, plan));
         if n == 0 {
             g.part(
                 0,
-                Err(UpstreamError::Unavailable(
-                    "the cluster has no master".into(),
-                )),
+                Err(UpstreamError::Routing("the cluster has no master".into())),
             );
             return;
         }
@@ -1063,7 +580,7 @@ impl Router {
     async fn send(&mut self, node: Option<Node>, job: Job) {
         let Some(node) = node else {
             self.topo.refresh.notify_one();
-            return job.fail(UpstreamError::Unavailable(
+            return job.fail(UpstreamError::Routing(
                 "the cluster's slot map is not known yet".into(),
             ));
         };
@@ -1074,7 +591,7 @@ impl Router {
                 match self.nodes.get(&addr) {
                     Some(tx) if !tx.is_closed() => tx.clone(),
                     _ => {
-                        let tx = self.pool.node_connection(
+                        let tx = self.pool.clone().node_connection(
                             &self.ident,
                             &self.active,
                             node,
@@ -1089,8 +606,8 @@ impl Router {
             }
         };
         if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
-            job.fail(UpstreamError::Unavailable(
-                "the cluster node's connection closed".into(),
+            job.fail(UpstreamError::unreachable(
+                "the cluster node's connection closed",
             ));
         }
     }
@@ -1185,86 +702,5 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merges() {
-        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
-        assert_eq!(
-            merge(&Merge::Sum, &[b(":1\r\n"), b(":2\r\n")]),
-            Some(b(":3\r\n"))
-        );
-        assert_eq!(
-            merge(
-                &Merge::Concat(100),
-                &[b("*1\r\n$1\r\na\r\n"), b("*0\r\n"), b("*1\r\n$1\r\nb\r\n")]
-            ),
-            Some(b("*2\r\n$1\r\na\r\n$1\r\nb\r\n"))
-        );
-        assert!(
-            merge(
-                &Merge::Concat(3),
-                &[b("*1\r\n$1\r\na\r\n"), b("*1\r\n$1\r\nb\r\n")]
-            )
-            .is_some_and(|r| r.starts_with(b"-ERR"))
-        );
-        assert_eq!(
-            merge(
-                &Merge::AndArrays,
-                &[b("*2\r\n:1\r\n:1\r\n"), b("*2\r\n:1\r\n:0\r\n")]
-            ),
-            Some(b("*2\r\n:1\r\n:0\r\n"))
-        );
-        assert_eq!(
-            merge(&Merge::FirstNonNull, &[b("$-1\r\n"), b("$1\r\nk\r\n")]),
-            Some(b("$1\r\nk\r\n"))
-        );
-        assert_eq!(
-            merge(&Merge::AllOk, &[b("+OK\r\n"), b("-ERR x\r\n")]),
-            Some(b("-ERR x\r\n"))
-        );
-        // A SCAN reply's cursor: master 0 done, master 1 from its start.
-        let r = merge(
-            &Merge::Scan {
-                epoch: 3,
-                node: 0,
-                masters: 2,
-            },
-            &[b("*2\r\n$1\r\n0\r\n*1\r\n$1\r\nk\r\n")],
-        )
-        .unwrap_or_default();
-        let want = ScanCursor {
-            epoch: 3,
-            node: 1,
-            inner: 0,
-        }
-        .encode()
-        .unwrap_or_default();
-        assert_eq!(
-            r,
-            Bytes::from(format!(
-                "*2\r\n${}\r\n{want}\r\n*1\r\n$1\r\nk\r\n",
-                want.len()
-            ))
-        );
-    }
-
-    #[test]
-    fn info_says_where_it_came_from() {
-        let body = "# Server\r\nredis_version:7.2.4\r\ncluster_enabled:1\r\n";
-        let r = Bytes::from(format!("${}\r\n{body}\r\n", body.len()));
-        let out = rewrite_info(&r, "7.0.0", "10.0.0.1:7000");
-        let text = String::from_utf8_lossy(&out);
-        assert!(text.contains("redis_version:7.0.0\r\n"), "{text}");
-        assert!(text.contains("cluster_enabled:0\r\n"), "{text}");
-        assert!(
-            text.contains("sidecar_info_from_node:10.0.0.1:7000"),
-            "{text}"
-        );
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::control::Control;
+use crate::app::control::Control;
 use crate::metrics::Metrics;
 use crate::upstream::failover::ActivateError;
 use crate::upstream::pool::Pool;
@@ -148,7 +148,7 @@ impl Admin {
                     .and_then(|v| v.to_str().ok())
                     .and_then(bearer_token)
                     .is_some_and(|given| {
-                        crate::server::auth::ct_eq(given.as_bytes(), token.as_bytes())
+                        crate::client::auth::ct_eq(given.as_bytes(), token.as_bytes())
                     })
         };
         let activate = path

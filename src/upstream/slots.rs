@@ -1,5 +1,5 @@
 //! Redis Cluster: key slots, the slot map and what is learned of the
-//! cluster ([`Topology`]); routing is in [`super::router`].
+//! cluster ([`Topology`]); routing is in [`super::cluster`].
 //!
 //! - [`key_slot`]: CRC16 (XMODEM) of the key, or of its hash tag (the
 //!   bytes between the first `{` and the first `}` after it, when not
@@ -492,7 +492,7 @@ pub fn merge(kind: Split, parts: &[Part], replies: &[bytes::Bytes]) -> Option<by
             let n: usize = parts.iter().map(|p| p.positions.len()).sum();
             let mut slots: Vec<Option<bytes::Bytes>> = vec![None; n];
             for (part, reply) in parts.iter().zip(replies) {
-                let els = crate::policy::cache::resp::elements(reply)?;
+                let els = crate::wire::resp::elements(reply)?;
                 if els.len() != part.positions.len() {
                     return None;
                 }

@@ -6,13 +6,14 @@
 //! no error here ever echoes config text: only field paths and reasons.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::upstream::url::{Secret, Target};
+pub mod url;
+
+use url::Target;
 
 /// The whole configuration (see `config/redis-sidecar.example.toml`).
 /// Its `Debug` never prints a secret (the admin token, URL passwords).
@@ -672,38 +673,6 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// A configuration that passed validation, with parsed addresses and URLs.
-#[derive(Debug, Clone)]
-pub struct Validated {
-    pub config: Config,
-    pub listen: SocketAddr,
-    pub admin_listen: Option<SocketAddr>,
-    pub upstreams: Vec<EndpointSpec>,
-    /// `[client_auth]`, loaded (`None`: clients AUTH to the upstream).
-    pub client_auth: Option<std::sync::Arc<crate::server::auth::ClientAuth>>,
-}
-
-/// One `[[upstream]]`, parsed and checked.
-#[derive(Debug, Clone)]
-pub struct EndpointSpec {
-    pub name: String,
-    pub target: Target,
-    /// TLS settings (CA file loaded), for `rediss://`.
-    pub tls: Option<crate::upstream::tls::TlsSettings>,
-    /// Credentials for the sentinels (`redis-sentinel://`).
-    pub sentinel_auth: Option<(Option<String>, Secret)>,
-}
-
-impl EndpointSpec {
-    /// The same endpoint (health history carries over on reload).
-    pub fn same_as(&self, other: &EndpointSpec) -> bool {
-        self.name == other.name
-            && self.target == other.target
-            && self.tls == other.tls
-            && self.sentinel_auth == other.sentinel_auth
-    }
-}
-
 /// A deserializer's message without the value it quotes: serde writes
 /// `invalid type: integer \`987654321\`, expected a string` and `unknown
 /// variant \`X\``, and the value may be a password or a `${VAR}` expanded
@@ -780,175 +749,6 @@ impl Config {
         serde_path_to_error::deserialize(toml::Value::Table(value))
             .map_err(|e| ConfigErrors(vec![path_error(e)]))
     }
-
-    /// Check everything, report every error at once.
-    pub fn validate(self) -> Result<Validated, ConfigErrors> {
-        let mut errors = Vec::new();
-        let listen = self
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|_| errors.push("listen: not an address like 127.0.0.1:6380".to_string()))
-            .ok();
-        let admin_listen = if self.admin_listen.is_empty() {
-            None
-        } else {
-            self.admin_listen
-                .parse::<SocketAddr>()
-                .map_err(|_| {
-                    errors.push("admin_listen: not an address like 127.0.0.1:9121".to_string())
-                })
-                .ok()
-        };
-        let mut upstreams = Vec::new();
-        if self.upstream.is_empty() {
-            errors.push("upstream: at least one [[upstream]] is required".into());
-        }
-        for (i, u) in self.upstream.iter().enumerate() {
-            if let Some(spec) = validate_upstream(i, u, listen, &self.upstream[..i], &mut errors) {
-                upstreams.push(spec);
-            }
-        }
-        let f = &self.failover;
-        if f.check_interval < Duration::from_millis(10) {
-            errors.push("failover.check_interval: must be at least 10ms".into());
-        }
-        if f.check_timeout.is_zero() {
-            errors.push("failover.check_timeout: must be greater than 0".into());
-        }
-        let l = &self.limits;
-        if l.max_bulk.0 == 0 {
-            errors.push("limits.max_bulk: must be at least 1 byte".into());
-        }
-        if l.max_inline.0 < 16 {
-            errors.push("limits.max_inline: must be at least 16 bytes".into());
-        }
-        if l.max_request.0 < 1024 {
-            errors.push("limits.max_request: must be at least 1KiB".into());
-        }
-        if l.max_request.0 >= 4 << 30 {
-            errors.push("limits.max_request: must be below 4GiB".into());
-        }
-        if l.max_output_buffer.0 < 1024 {
-            errors.push("limits.max_output_buffer: must be at least 1KiB".into());
-        }
-        let t = &self.timeouts;
-        for (name, d) in [
-            ("connect", t.connect),
-            ("command", t.command),
-            ("queue", t.queue),
-        ] {
-            if d.is_zero() {
-                errors.push(format!("timeouts.{name}: must be greater than 0"));
-            }
-        }
-        if let Err(e) = crate::policy::Builder::check(&self) {
-            errors.extend(e.0);
-        }
-        let client_auth = crate::server::auth::ClientAuth::from_config(&self.client_auth)
-            .unwrap_or_else(|e| {
-                errors.extend(e.iter().map(ToString::to_string));
-                None
-            })
-            .map(std::sync::Arc::new);
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push("log.level: not a valid filter (e.g. info, redis_sidecar=debug)".into());
-        }
-        match (errors.is_empty(), listen) {
-            (true, Some(listen)) => Ok(Validated {
-                config: self,
-                listen,
-                admin_listen,
-                upstreams,
-                client_auth,
-            }),
-            _ => Err(ConfigErrors(errors)),
-        }
-    }
-}
-
-fn validate_upstream(
-    i: usize,
-    u: &UpstreamConfig,
-    listen: Option<SocketAddr>,
-    before: &[UpstreamConfig],
-    errors: &mut Vec<String>,
-) -> Option<EndpointSpec> {
-    let n = errors.len();
-    if u.name.is_empty() {
-        errors.push(format!("upstream[{i}].name: must not be empty"));
-    } else if !u
-        .name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        // Names appear in admin URLs and metric labels.
-        errors.push(format!(
-            "upstream[{i}].name: may only contain letters, digits, '-', '_' and '.'"
-        ));
-    }
-    if before.iter().any(|o| o.name == u.name) {
-        errors.push(format!("upstream[{i}].name: used twice"));
-    }
-    let target = match Target::parse(&u.url) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            errors.push(format!("upstream[{i}].url: {e}"));
-            None
-        }
-    };
-    if let (Some(Target::Direct(url)), Some(l)) = (&target, listen)
-        && url.port == l.port()
-        && is_own_host(&url.host, &l)
-    {
-        // REDIS_URL=redis://127.0.0.1:6380 is what the app is given; if the
-        // sidecar inherits it, it would proxy to itself.
-        errors.push(format!(
-            "upstream[{i}].url: {url} is this sidecar's own listen address"
-        ));
-    }
-    let is_tls = match &target {
-        Some(Target::Direct(u)) => u.tls,
-        Some(Target::Cluster(c)) => c.tls,
-        _ => false,
-    };
-    if !is_tls && (u.tls_ca_file.is_some() || u.tls_server_name.is_some()) {
-        errors.push(format!(
-            "upstream[{i}]: tls_ca_file and tls_server_name need a rediss:// or rediss-cluster:// URL"
-        ));
-    }
-    let tls = if is_tls {
-        match crate::upstream::tls::TlsSettings::new(
-            u.tls_ca_file.as_deref(),
-            u.tls_server_name.as_deref(),
-        ) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                errors.push(format!("upstream[{i}]: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let is_sentinel = matches!(target, Some(Target::Sentinel(_)));
-    if !is_sentinel && (u.sentinel_user.is_some() || u.sentinel_password.is_some()) {
-        errors.push(format!(
-            "upstream[{i}]: sentinel_user and sentinel_password need a redis-sentinel:// URL"
-        ));
-    }
-    let sentinel_auth = u
-        .sentinel_password
-        .as_ref()
-        .map(|p| (u.sentinel_user.clone(), Secret::new(p.clone())));
-    match target {
-        Some(target) if errors.len() == n => Some(EndpointSpec {
-            name: u.name.clone(),
-            target,
-            tls,
-            sentinel_auth,
-        }),
-        _ => None,
-    }
 }
 
 impl Config {
@@ -979,16 +779,6 @@ impl Config {
         }
         out
     }
-}
-
-/// Would connecting to `host` reach the listener bound at `listen`?
-fn is_own_host(host: &str, listen: &SocketAddr) -> bool {
-    let loopback = matches!(host, "localhost" | "127.0.0.1" | "::1");
-    let ip = host.parse::<std::net::IpAddr>().ok();
-    // A remote address with the same port is another host: only an exact
-    // match, or loopback against a loopback or any-address listener, is us.
-    ip == Some(listen.ip())
-        || (loopback && (listen.ip().is_loopback() || listen.ip().is_unspecified()))
 }
 
 /// Expand `${NAME}` in every string value; `$$` is a literal `$`.
@@ -1149,8 +939,8 @@ mod shipped_files {
     #[test]
     fn shipped_configs_are_valid() {
         for text in [
-            include_str!("../config/redis-sidecar.example.toml"),
-            include_str!("../config/redis-sidecar.toml"),
+            include_str!("../../config/redis-sidecar.example.toml"),
+            include_str!("../../config/redis-sidecar.toml"),
         ] {
             let c = Config::from_toml(text, &|_| None).unwrap();
             c.validate().unwrap();

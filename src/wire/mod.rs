@@ -2,7 +2,11 @@
 //! and the replies the sidecar builds itself ([`Value`]), encoded with
 //! redis-protocol for RESP2 or RESP3.
 
+pub mod error;
+pub mod resp;
 pub mod scan;
+
+pub use error::error_text;
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::{resp2, resp3};

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
 use crate::metrics::CommandMetrics;
-use crate::protocol::scan::parse_int;
+use crate::wire::scan::parse_int;
 
 /// Command flags we act on (a subset of Redis's).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

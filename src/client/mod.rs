@@ -23,9 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::policy::Policies;
-use crate::protocol::Limits;
 use crate::upstream::ClientShared;
 use crate::upstream::pool::Pool;
+use crate::wire::Limits;
 use clients::{ClientEntry, Registry};
 
 /// Per-client limits, from `[limits]`.
