@@ -1,0 +1,240 @@
+//! Transactions: MULTI, the commands queued in it, EXEC and DISCARD,
+//! and what the sidecar answers into the transaction itself.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::metrics::CommandMetrics;
+use crate::request::command::{Class, Local, Pin};
+use crate::request::exchange::{Exchange, TxItem};
+use crate::wire::Value;
+use crate::wire::scan::parse_int;
+
+use super::*;
+
+/// Commands that are queued inside MULTI (the others run at once).
+pub(super) fn is_unwatch(args: &[Bytes]) -> bool {
+    args.first()
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"unwatch"))
+}
+
+pub(super) fn queued_in_tx(class: Class) -> bool {
+    !matches!(
+        class,
+        Class::Local(Local::Quit | Local::Reset)
+            | Class::Pin(Pin::Multi | Pin::Watch | Pin::EndTransaction)
+    )
+}
+
+impl Session {
+    /// Inside MULTI: commands are queued on the dedicated connection;
+    /// those the sidecar answers are answered into the EXEC array.
+    pub(super) async fn route_tx(
+        &mut self,
+        mut ex: Exchange,
+        class: Class,
+        metrics: &Arc<CommandMetrics>,
+    ) -> Flow {
+        let change = match class {
+            Class::Local(l @ (Local::Quit | Local::Reset)) => {
+                // Run at once, as on Redis (RESET discards the transaction).
+                return self.local(l, ex, metrics).await;
+            }
+            Class::Local(
+                l @ (Local::ClientId
+                | Local::ClientGetName
+                | Local::ClientList
+                | Local::ClientInfo
+                | Local::ClientSetInfo
+                | Local::ClientKill
+                | Local::ClientUnblock),
+            ) => {
+                // Answered by the sidecar at queue time; the answer takes
+                // its place in the EXEC array.
+                let args = ex.args().to_vec();
+                match self.client_command(l, &args).await {
+                    // Queued upstream with the id mapped (CLIENT UNBLOCK).
+                    Answer::Upstream(args) => {
+                        ex.rewrite(args);
+                        None
+                    }
+                    Answer::Now(v) => {
+                        if let Mode::Transaction(tx) = &mut self.mode {
+                            tx.items.push(TxItem::Answered(v.encode(self.proto)));
+                            tx.rebuild = true;
+                        }
+                        self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                            .await;
+                        if std::mem::take(&mut self.kill_self) {
+                            self.close().await;
+                            return Flow::Stop;
+                        }
+                        return Flow::Go;
+                    }
+                }
+            }
+            Class::Local(Local::Select) => ex
+                .args()
+                .get(1)
+                .and_then(|a| parse_int(a))
+                .filter(|_| ex.args().len() == 2)
+                .map(Change::Select),
+            Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
+                let args = ex.args().to_vec();
+                let answer = self.sidecar_auth(&args);
+                if let Mode::Transaction(tx) = &mut self.mode {
+                    tx.items.push(TxItem::Answered(answer));
+                    tx.rebuild = true;
+                }
+                self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                    .await;
+                return Flow::Go;
+            }
+            Class::Local(Local::Auth) => parse_auth(ex.args()).ok().map(Change::Auth),
+            Class::Local(Local::Hello) => match parse_hello(ex.args()) {
+                Ok(mut h) => {
+                    // With [client_auth] the credentials are checked here
+                    // and never queued upstream.
+                    if let Some(ca) = self.shared.client_auth.clone()
+                        && let Some(a) = h.auth.take()
+                    {
+                        let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
+                            if let Mode::Transaction(tx) = &mut self.mode {
+                                tx.items
+                                    .push(TxItem::Answered(Bytes::from_static(WRONGPASS)));
+                                tx.rebuild = true;
+                            }
+                            self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+                                .await;
+                            return Flow::Go;
+                        };
+                        self.client_user = Some(u);
+                        let args = hello_without_auth(ex.args());
+                        ex.rewrite(args);
+                    }
+                    Some(Change::Hello(h))
+                }
+                Err(_) => None,
+            },
+            Class::Local(Local::ClientSetName) => match ex.args() {
+                [_, _, n] => Some(Change::SetName((!n.is_empty()).then(|| n.clone()))),
+                _ => None,
+            },
+            Class::Pin(Pin::Multi | Pin::Watch) => {
+                // Redis's error; nothing is queued.
+                return self.send_job(Target::Dedicated, ex, false, metrics).await;
+            }
+            Class::Pin(Pin::EndTransaction) => {
+                let name = ex
+                    .args()
+                    .first()
+                    .map(|a| a.to_ascii_lowercase())
+                    .unwrap_or_default();
+                if name == b"exec" {
+                    return self.exec(ex, metrics).await;
+                }
+                if name == b"discard" {
+                    self.transition(Event::EndTransaction);
+                    return self.send_job(Target::Dedicated, ex, false, metrics).await;
+                }
+                None
+            }
+            Class::Pin(Pin::Sticky) => {
+                if let Err(e) = self.map_redirect(&mut ex) {
+                    self.now(e, Some(metrics)).await;
+                    return Flow::Go;
+                }
+                self.transition(Event::Pin);
+                None
+            }
+            Class::Pin(Pin::Stream | Pin::Blocking | Pin::Replica) | Class::Forward => None,
+        };
+        let item = ex.tx_item();
+        if let Mode::Transaction(tx) = &mut self.mode {
+            if let TxItem::Queued {
+                appended, action, ..
+            } = &item
+                && (*appended > 0 || action.is_some())
+            {
+                tx.rebuild = true;
+            }
+            if let Some(c) = change {
+                tx.changes.push((tx.items.len(), c));
+            }
+            tx.items.push(item);
+        }
+        self.send_job(Target::Dedicated, ex, false, metrics).await
+    }
+
+    /// EXEC: EXECABORT after a refusal; otherwise sent with the
+    /// transaction's items (when the array needs rebuilding), and the
+    /// connection-state commands that ran are applied to the session.
+    pub(super) async fn exec(&mut self, mut ex: Exchange, metrics: &Arc<CommandMetrics>) -> Flow {
+        let mode = std::mem::take(&mut self.mode);
+        let Mode::Transaction(tx) = mode else {
+            self.mode = mode;
+            return self.send_job(Target::Dedicated, ex, false, metrics).await;
+        };
+        let Tx {
+            pinned,
+            items,
+            refused,
+            rebuild,
+            changes,
+        } = *tx;
+        self.mode = if pinned { Mode::Pinned } else { Mode::Normal };
+        self.update_holds_state();
+        if refused {
+            return self.abort_exec(metrics).await;
+        }
+        if rebuild {
+            ex.set_exec(items);
+        }
+        let tee = (!changes.is_empty()).then(|| ex.tee());
+        let flow = self.send_job(Target::Dedicated, ex, false, metrics).await;
+        if let Some(rx) = tee
+            && let Ok(Ok(reply)) = rx.await
+            && let Some(ranges) = crate::wire::scan::split_array(&reply)
+        {
+            for (i, change) in changes {
+                let ran = ranges
+                    .get(i)
+                    .is_some_and(|&(s, _)| !crate::wire::is_error(&reply[s..]));
+                if ran {
+                    self.apply(change);
+                }
+            }
+        }
+        flow
+    }
+
+    /// EXEC after a refused command: discard upstream, answer EXECABORT.
+    pub(super) async fn abort_exec(&mut self, metrics: &Arc<CommandMetrics>) -> Flow {
+        self.discard_upstream().await;
+        self.reply(
+            Value::error("EXECABORT Transaction discarded because of previous errors."),
+            metrics,
+        )
+        .await;
+        Flow::Go
+    }
+
+    /// End the open transaction without running it (an EXEC or DISCARD
+    /// a stage refused): DISCARD upstream, the client gets `reply`.
+    pub(super) async fn discard_tx(&mut self, reply: Bytes, metrics: &Arc<CommandMetrics>) -> Flow {
+        self.transition(Event::EndTransaction);
+        self.discard_upstream().await;
+        self.now(reply, Some(metrics)).await;
+        self.publish();
+        Flow::Go
+    }
+
+    /// Send DISCARD on the dedicated connection; its reply is consumed.
+    pub(super) async fn discard_upstream(&mut self) {
+        if let Some(d) = &self.dedicated {
+            let job = self.unanswered(Exchange::command(&[&b"DISCARD"[..]]));
+            let _ = d.tx.send(job).await;
+        }
+    }
+}
