@@ -430,3 +430,126 @@ async fn state_commands_pipelined_behind_a_blocking_command_wait_for_it() {
     let n: i64 = d.exists("in-db1").await.unwrap();
     assert_eq!(n, 1);
 }
+
+/// Run `script` on a fresh connection to `addr`, reading the given number
+/// of frames after each command.
+async fn run_frames(addr: std::net::SocketAddr, script: &[(Vec<&[u8]>, usize)]) -> Vec<String> {
+    let mut c = Raw::connect(addr).await;
+    let mut out = Vec::new();
+    for (cmd, n) in script {
+        c.cmd(cmd).await;
+        for _ in 0..*n {
+            out.push(String::from_utf8_lossy(&normalize_hello_id(&c.read().await)).into_owned());
+        }
+    }
+    out
+}
+
+fn addr_of(r: &RedisServer) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], r.port))
+}
+
+/// UNSUBSCRIBE (and PUNSUBSCRIBE, SUNSUBSCRIBE) of channels the client is
+/// not subscribed to: one reply per channel, as Redis sends them (a client
+/// waiting for three replies hung on the one it got), in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_without_subscriptions_answers_per_channel() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let s = sidecar(&behind).await;
+    for proto in [2, 3] {
+        let mut script: Vec<(Vec<&[u8]>, usize)> = Vec::new();
+        if proto == 3 {
+            script.push((vec![b"HELLO", b"3"], 1));
+        }
+        script.extend([
+            (vec![&b"UNSUBSCRIBE"[..], b"foo", b"bar", b"quux"], 3),
+            (vec![&b"PUNSUBSCRIBE"[..], b"a*", b"b*"], 2),
+            (vec![&b"SUNSUBSCRIBE"[..], b"x", b"y", b"z"], 3),
+            (vec![&b"UNSUBSCRIBE"[..]], 1),
+            (vec![&b"PUNSUBSCRIBE"[..]], 1),
+            (vec![&b"PING"[..]], 1),
+            // Subscribed to one, unsubscribing from it and another.
+            (vec![&b"SUBSCRIBE"[..], b"foo"], 1),
+            (vec![&b"UNSUBSCRIBE"[..], b"foo", b"bar"], 2),
+            (vec![&b"PING"[..]], 1),
+        ]);
+        let want = run_frames(addr_of(&direct), &script).await;
+        let got = run_frames(s.addr, &script).await;
+        assert_eq!(got, want, "RESP{proto}");
+    }
+}
+
+/// `CLIENT TRACKING on REDIRECT <its own id>`: Redis accepts it (redis-py's
+/// suite does it in both protocols); it failed with "does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_redirect_to_itself_is_accepted() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    let s = sidecar(&behind).await;
+    for proto in [2, 3] {
+        let mut replies = Vec::new();
+        for addr in [addr_of(&direct), s.addr] {
+            let mut c = Raw::connect(addr).await;
+            if proto == 3 {
+                c.call(&[b"HELLO", b"3"]).await;
+            }
+            let id = c.call(&[b"CLIENT", b"ID"]).await;
+            let id = id[1..id.len() - 2].to_vec();
+            let mut got = vec![
+                c.call(&[b"CLIENT", b"TRACKING", b"on", b"REDIRECT", &id])
+                    .await,
+            ];
+            got.push(c.call(&[b"GET", b"k"]).await);
+            got.push(c.call(&[b"CLIENT", b"TRACKING", b"off"]).await);
+            got.push(c.call(&[b"PING"]).await);
+            replies.push(got);
+        }
+        assert_eq!(replies[1], replies[0], "RESP{proto}");
+        assert_eq!(&replies[1][0][..], b"+OK\r\n");
+    }
+}
+
+/// AUTH as a user without `+select` from a client in db 2: Redis keeps the
+/// connection's db without a SELECT; the sidecar set the new identity's
+/// connection up with one the user may not run (NOPERM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_as_a_user_who_may_not_select_keeps_the_db() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    for r in [&direct, &behind] {
+        let mut c = r.direct().await;
+        let _: () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER", "nosel", "on", ">p", "~*", "&*", "+@all", "-select",
+            ])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let s = sidecar(&behind).await;
+    let script: Vec<Vec<&[u8]>> = vec![
+        vec![b"SELECT", b"2"],
+        vec![b"AUTH", b"nosel", b"p"],
+        vec![b"SET", b"in-db-2", b"v"],
+        vec![b"ACL", b"WHOAMI"],
+        vec![b"HELLO", b"3", b"AUTH", b"nosel", b"p"],
+        vec![b"SET", b"after-hello", b"v"],
+        vec![b"SELECT", b"1"],
+    ];
+    let want = run(addr_of(&direct), &script).await;
+    let got = run(s.addr, &script).await;
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(g),
+            String::from_utf8_lossy(w),
+            "reply {i}"
+        );
+    }
+    assert_eq!(keyspace(&behind).await, keyspace(&direct).await);
+    assert!(
+        keyspace(&behind)
+            .await
+            .contains(&(2, "in-db-2".to_string()))
+    );
+}

@@ -332,6 +332,9 @@ pub enum Local {
     ClientInfo,
     ClientKill,
     ClientUnblock,
+    /// UNSUBSCRIBE, PUNSUBSCRIBE, SUNSUBSCRIBE from a client that is not
+    /// subscribed (a subscribed one streams them upstream).
+    Unsubscribe,
 }
 
 impl Local {
@@ -375,6 +378,9 @@ pub fn classify(args: &[Bytes], info: Option<&CommandInfo>) -> Class {
         b"exec" | b"discard" | b"unwatch" => Class::Pin(Pin::EndTransaction),
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"monitor" => Class::Pin(Pin::Stream),
         b"sync" | b"psync" => Class::Pin(Pin::Replica),
+        // Several replies (one per channel) to one command: never on a
+        // shared connection, whose replies are matched one per command.
+        b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => Class::Local(Local::Unsubscribe),
         // Replica handshake state is per connection: the SYNC that follows
         // must find it.
         b"replconf" => Class::Pin(Pin::Sticky),

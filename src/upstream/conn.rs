@@ -75,7 +75,27 @@ pub async fn connect(
     client_name: Option<&Bytes>,
     settings: &ConnSettings,
 ) -> Result<Connected, UpstreamError> {
-    connect_to(endpoint, None, ident, client_name, settings).await
+    connect_to(
+        endpoint,
+        None,
+        ident,
+        client_name,
+        settings,
+        SelectAs::Either,
+    )
+    .await
+}
+
+/// Who a handshake's SELECT runs as, when the identity has credentials of
+/// its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectAs {
+    /// The identity's user; if it may not SELECT, the URL's (or the
+    /// default) user, before switching to the identity's: as on Redis,
+    /// where AUTH keeps the connection's db whatever the new user may run.
+    Either,
+    /// The identity's user only: the check of a client's own SELECT.
+    User,
 }
 
 /// [`connect`] to one node of a cluster endpoint (`None`: the endpoint
@@ -87,6 +107,7 @@ pub async fn connect_to(
     ident: &Identity,
     client_name: Option<&Bytes>,
     settings: &ConnSettings,
+    select_as: SelectAs,
 ) -> Result<Connected, UpstreamError> {
     let any_node = node.is_none() && endpoint.cluster.is_some();
     let fut = async {
@@ -116,6 +137,7 @@ pub async fn connect_to(
         } else {
             ident.db
         };
+        let select_at = (db != 0).then_some(cmds.len());
         if db != 0 {
             cmds.push(vec![
                 Bytes::from_static(b"SELECT"),
@@ -165,6 +187,23 @@ pub async fn connect_to(
                 }
                 continue;
             }
+            if Some(i) == select_at
+                && select_as == SelectAs::Either
+                && let Some(a) = &ident.auth
+                && r.starts_with(b"-NOPERM")
+            {
+                // The client's user may not SELECT, but it did not: it
+                // authenticated in a db it was already in. Select as the
+                // URL's (or default) user, then switch to the client's.
+                let again = select_then_auth(endpoint, ident.proto, db, a, client_name);
+                let ok = roundtrip(&mut stream, &mut rbuf, &again, settings.max_reply_bulk)
+                    .await?
+                    .iter()
+                    .all(|r| !crate::wire::is_error(r));
+                if ok {
+                    continue;
+                }
+            }
             if crate::wire::is_error(r) {
                 let msg = error_text(r);
                 // Without credentials, a NOAUTH to HELLO leaves a usable
@@ -196,6 +235,39 @@ pub async fn connect_to(
 }
 
 pub use crate::wire::error::error_text;
+
+/// `RESET`, the URL's credentials, the protocol, `SELECT db`, then the
+/// client's credentials (and name): a connection in `db` as a user who may
+/// not SELECT.
+fn select_then_auth(
+    endpoint: &Endpoint,
+    proto: crate::wire::Proto,
+    db: i64,
+    auth: &super::Auth,
+    client_name: Option<&Bytes>,
+) -> Vec<Vec<Bytes>> {
+    let mut cmds = vec![vec![Bytes::from_static(b"RESET")]];
+    if let Some((user, pass)) = endpoint.credentials() {
+        cmds.push(auth_command(user, pass));
+    }
+    cmds.push(vec![
+        Bytes::from_static(b"HELLO"),
+        Bytes::from(proto.number().to_string()),
+    ]);
+    cmds.push(vec![
+        Bytes::from_static(b"SELECT"),
+        Bytes::from(db.to_string()),
+    ]);
+    cmds.push(auth_command(auth.user.clone(), auth.password.clone()));
+    if let Some(name) = client_name {
+        cmds.push(vec![
+            Bytes::from_static(b"CLIENT"),
+            Bytes::from_static(b"SETNAME"),
+            name.clone(),
+        ]);
+    }
+    cmds
+}
 
 /// A string field of a HELLO reply (RESP3 map or RESP2 flat array).
 fn hello_field(reply: &[u8], key: &str) -> Option<String> {

@@ -219,14 +219,17 @@ impl Pool {
     /// Check that `ident` is accepted by the upstream (AUTH, SELECT) with a
     /// real handshake, then make its shared connections, starting with the
     /// one just made. A known identity was already checked.
+    /// `select_as`: who the check's SELECT runs as (a client's own
+    /// SELECT is checked as its user).
     pub async fn verify(
         self: &Arc<Self>,
         ident: &Identity,
+        select_as: conn::SelectAs,
     ) -> Result<Arc<SharedSet>, UpstreamError> {
         if let Some(set) = self.lock_shared().get(ident) {
             return Ok(set.clone());
         }
-        let first = self.connect(ident, None).await?;
+        let first = self.connect_as(ident, None, select_as).await?;
         self.shared_with(ident, Some(first))
     }
 
@@ -268,10 +271,26 @@ impl Pool {
         ident: &Identity,
         name: Option<&Bytes>,
     ) -> Result<(Connected, Active), UpstreamError> {
+        self.connect_as(ident, name, conn::SelectAs::Either).await
+    }
+
+    async fn connect_as(
+        &self,
+        ident: &Identity,
+        name: Option<&Bytes>,
+        select_as: conn::SelectAs,
+    ) -> Result<(Connected, Active), UpstreamError> {
         let active = self.ups.active();
-        let c = conn::connect(&active.endpoint, ident, name, &self.settings)
-            .await
-            .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
+        let c = conn::connect_to(
+            &active.endpoint,
+            None,
+            ident,
+            name,
+            &self.settings,
+            select_as,
+        )
+        .await
+        .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
         if !c.server_version.is_empty() {
             *self
                 .server_version
@@ -554,6 +573,7 @@ impl Pool {
                 &ident,
                 name.as_ref(),
                 &self.settings,
+                conn::SelectAs::Either,
             )
             .await;
             match connected {
@@ -738,9 +758,16 @@ impl Pool {
         node: Option<&Node>,
     ) -> Result<ControlConn, UpstreamError> {
         let active = self.ups.active();
-        let conn = conn::connect_to(&active.endpoint, node, ident, None, &self.settings)
-            .await
-            .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
+        let conn = conn::connect_to(
+            &active.endpoint,
+            node,
+            ident,
+            None,
+            &self.settings,
+            conn::SelectAs::Either,
+        )
+        .await
+        .inspect_err(|_| self.ups.nudge(&active.endpoint))?;
         Ok(ControlConn::new(
             conn,
             self.settings.max_reply_bulk,
@@ -958,6 +985,7 @@ impl ClusterControl {
                     &self.ident,
                     None,
                     self.pool.settings(),
+                    conn::SelectAs::Either,
                 )
                 .await?;
                 self.nodes.insert(addr.clone(), c.into_parts());

@@ -41,6 +41,8 @@ pub enum Value {
     Text(String),
     Null,
     Array(Vec<Value>),
+    /// A RESP3 push (`>`); an array in RESP2 (pub/sub replies).
+    Push(Vec<Value>),
     /// A RESP3 map; a flat array in RESP2. Order is kept.
     Map(Vec<(Value, Value)>),
 }
@@ -124,8 +126,14 @@ impl Value {
             }
             (Value::Null, Proto::Resp2) => r2(out, F2::Null),
             (Value::Null, Proto::Resp3) => r3(out, F3::Null),
-            (Value::Array(items), _) => {
+            (Value::Array(items), _) | (Value::Push(items), Proto::Resp2) => {
                 scan::push_header(out, b'*', items.len());
+                for i in items {
+                    i.encode_into(out, proto);
+                }
+            }
+            (Value::Push(items), Proto::Resp3) => {
+                scan::push_header(out, b'>', items.len());
                 for i in items {
                     i.encode_into(out, proto);
                 }

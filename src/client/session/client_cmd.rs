@@ -178,7 +178,7 @@ impl Session {
 
     /// `CLIENT TRACKING ... REDIRECT <id>`: the id is one of the sidecar's
     /// clients; Redis must get that client's dedicated connection's id.
-    pub(super) fn map_redirect(&self, ex: &mut Exchange) -> Result<(), Bytes> {
+    pub(super) async fn map_redirect(&mut self, ex: &mut Exchange) -> Result<(), Bytes> {
         let args = ex.args();
         if !args
             .get(1)
@@ -201,6 +201,12 @@ impl Session {
                 b"-ERR value is not an integer or out of range\r\n",
             ));
         };
+        if u64::try_from(id).is_ok_and(|id| id == self.entry.id) {
+            // Redirect to itself (Redis allows it): to its own dedicated
+            // connection, which the command is about to pin anyway.
+            self.ensure_dedicated().await.map_err(|e| e.to_reply())?;
+        }
+        let args = ex.args();
         let target = u64::try_from(id)
             .ok()
             .and_then(|id| self.shared.clients.get(id))

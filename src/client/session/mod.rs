@@ -14,11 +14,11 @@
 //! barrier), so its commands also *run* upstream in the order it sent them.
 //!
 //! Here: the session's fields and the per-command glue (the policy chain,
-//! then the path by mode). Each concept in its own file: [`mode`] (the
-//! mode machine), [`read`] (the read loop and backpressure), [`forward`]
-//! (connection choice, lanes, barriers, the cluster direct path), [`tx`]
-//! (transactions), [`streaming`], [`state`] (the connection-state commands
-//! and the identity they change) and [`client_cmd`] (the CLIENT family).
+//! then the path by mode). Each concept in its own file: `mode` (the
+//! mode machine), `read` (the read loop and backpressure), `forward`
+//! (connection choice, lanes, barriers, the cluster direct path), `tx`
+//! (transactions), `streaming`, `state` (the connection-state commands
+//! and the identity they change) and `client_cmd` (the CLIENT family).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -460,7 +460,7 @@ impl Session {
             }
             Class::Pin(Pin::Sticky) => {
                 let mut ex = ex;
-                if let Err(e) = self.map_redirect(&mut ex) {
+                if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
                     return Flow::Go;
                 }

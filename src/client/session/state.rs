@@ -13,6 +13,7 @@ use crate::wire::scan::parse_int;
 use crate::wire::{Proto, Value};
 
 use super::*;
+use crate::upstream::conn::SelectAs;
 
 pub(super) const WRONGPASS: &[u8] =
     b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
@@ -104,6 +105,28 @@ impl Session {
             ))
         };
         match local {
+            Local::Unsubscribe => {
+                // Not subscribed (a subscribed client streams): Redis's
+                // reply for each channel named, or one without a channel,
+                // each with a count of 0.
+                let kind = args
+                    .first()
+                    .map(|a| Bytes::from(a.to_ascii_lowercase()))
+                    .unwrap_or_default();
+                let proto = self.proto;
+                let one = |ch: Value| {
+                    Value::Push(vec![Value::Bulk(kind.clone()), ch, Value::Int(0)]).encode(proto)
+                };
+                let mut out = BytesMut::new();
+                if args.len() < 2 {
+                    out.extend_from_slice(&one(Value::Null));
+                }
+                for ch in args.iter().skip(1) {
+                    out.extend_from_slice(&one(Value::Bulk(ch.clone())));
+                }
+                self.now(out.freeze(), Some(metrics)).await;
+                Flow::Go
+            }
             Local::Quit => {
                 self.reply(Value::Simple("OK"), metrics).await;
                 self.close().await;
@@ -284,6 +307,11 @@ impl Session {
             }
         };
         if !applied {
+            // A SELECT runs as the client's user; AUTH keeps the db.
+            let select_as = match change {
+                Change::Select(_) => SelectAs::User,
+                _ => SelectAs::Either,
+            };
             let mut ident = self.identity();
             match &change {
                 Change::Select(db) => ident.db = *db,
@@ -297,7 +325,7 @@ impl Session {
                 Change::SetName(_) => {}
             }
             if ident != self.identity()
-                && let Err(e) = self.shared.pool.verify(&ident).await
+                && let Err(e) = self.shared.pool.verify(&ident, select_as).await
             {
                 return self.upstream_error(e, metrics).await;
             }

@@ -132,7 +132,7 @@ impl Session {
                 }
             }
             Class::Pin(Pin::Sticky) => {
-                if let Err(e) = self.map_redirect(&mut ex) {
+                if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
                     return Flow::Go;
                 }

@@ -117,6 +117,8 @@ impl Session {
                 }
                 Err(_) => None,
             },
+            // Queued as sent.
+            Class::Local(Local::Unsubscribe) => None,
             Class::Local(Local::ClientSetName) => match ex.args() {
                 [_, _, n] => Some(Change::SetName((!n.is_empty()).then(|| n.clone()))),
                 _ => None,
@@ -141,7 +143,7 @@ impl Session {
                 None
             }
             Class::Pin(Pin::Sticky) => {
-                if let Err(e) = self.map_redirect(&mut ex) {
+                if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
                     return Flow::Go;
                 }
