@@ -51,40 +51,84 @@ async fn reset(r: &RedisServer) {
     let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_commands_in_every_mode_match_redis() {
-    let direct = RedisServer::start();
-    let behind = RedisServer::start();
-    for r in [&direct, &behind] {
-        let mut c = r.direct().await;
-        let _: () = redis::cmd("ACL")
-            .arg(&["SETUSER", "u", "on", ">p", "~*", "&*", "+@all"])
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
-    let s = sidecar(&behind).await;
-    let states: [(&str, Vec<&[u8]>); 6] = [
-        ("select", vec![b"SELECT", b"2"]),
-        ("auth", vec![b"AUTH", b"u", b"p"]),
-        ("hello3", vec![b"HELLO", b"3"]),
-        ("hello2-auth", vec![b"HELLO", b"2", b"AUTH", b"u", b"p"]),
-        ("setname", vec![b"CLIENT", b"SETNAME", b"x"]),
-        ("reset", vec![b"RESET"]),
-    ];
+/// Where the scripts go through the sidecar: a single Redis (whose
+/// keyspace is compared, db by db) or a cluster (database 0 only: keys
+/// compared through the sidecar).
+enum Behind<'a> {
+    Single(&'a RedisServer),
+    Cluster,
+}
+
+async fn add_acl_user(r: &RedisServer) {
+    let mut c = r.direct().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "u", "on", ">p", "~*", "&*", "+@all", "-set"])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+/// Every connection-state command (RESET among them) in every mode, in
+/// both protocols, through the sidecar and to `direct`: the same replies,
+/// and the same keys where each write went. Returns the cases run.
+async fn state_matrix(
+    direct: &RedisServer,
+    s: &redis_sidecar::Sidecar,
+    behind: Behind<'_>,
+) -> usize {
     type Script = Vec<Vec<&'static [u8]>>;
+    let states: Vec<(&str, Script)> = match behind {
+        Behind::Single(_) => vec![
+            ("select", vec![vec![b"SELECT", b"2"]]),
+            ("auth", vec![vec![b"AUTH", b"u", b"p"]]),
+            ("hello3", vec![vec![b"HELLO", b"3"]]),
+            (
+                "hello2-auth",
+                vec![vec![b"HELLO", b"2", b"AUTH", b"u", b"p"]],
+            ),
+            ("setname", vec![vec![b"CLIENT", b"SETNAME", b"x"]]),
+            ("reset", vec![vec![b"RESET"]]),
+            (
+                "hello3-auth-reset",
+                vec![vec![b"HELLO", b"3", b"AUTH", b"u", b"p"], vec![b"RESET"]],
+            ),
+        ],
+        // RESET in every mode: whatever the identity was, the default
+        // after it (a cluster has database 0 only).
+        Behind::Cluster => vec![
+            ("reset", vec![vec![b"RESET"]]),
+            (
+                "auth-reset",
+                vec![vec![b"AUTH", b"u", b"p"], vec![b"RESET"]],
+            ),
+            ("hello3-reset", vec![vec![b"HELLO", b"3"], vec![b"RESET"]]),
+            (
+                "hello3-auth-reset",
+                vec![vec![b"HELLO", b"3", b"AUTH", b"u", b"p"], vec![b"RESET"]],
+            ),
+            (
+                "setname-reset",
+                vec![vec![b"CLIENT", b"SETNAME", b"x"], vec![b"RESET"]],
+            ),
+        ],
+    };
+    // Keys of a transaction share a hash tag (one slot, as a cluster needs).
     let modes: [(&str, Script, Script); 6] = [
         ("normal", vec![], vec![]),
         (
             "watching",
-            vec![vec![b"WATCH", b"w"]],
-            vec![vec![b"MULTI"], vec![b"SET", b"in-tx", b"1"], vec![b"EXEC"]],
+            vec![vec![b"WATCH", b"{t}w"]],
+            vec![
+                vec![b"MULTI"],
+                vec![b"HSET", b"{t}in-tx", b"f", b"1"],
+                vec![b"EXEC"],
+            ],
         ),
         ("multi", vec![vec![b"MULTI"]], vec![vec![b"EXEC"]]),
         (
             "watch-multi",
-            vec![vec![b"WATCH", b"w"], vec![b"MULTI"]],
-            vec![vec![b"SET", b"in-tx", b"1"], vec![b"EXEC"]],
+            vec![vec![b"WATCH", b"{t}w"], vec![b"MULTI"]],
+            vec![vec![b"HSET", b"{t}in-tx", b"f", b"1"], vec![b"EXEC"]],
         ),
         (
             "tracking",
@@ -97,9 +141,11 @@ async fn state_commands_in_every_mode_match_redis() {
             vec![vec![b"PING"]],
         ),
     ];
+    // `u` may not SET: a probe that tells the identity apart.
     let probes: Script = vec![
         vec![b"SET", b"probe", b"v"],
-        vec![b"HGETALL", b"nokey"],
+        vec![b"HSET", b"h", b"f", b"v"],
+        vec![b"HGETALL", b"h"],
         vec![b"ACL", b"WHOAMI"],
         vec![b"CLIENT", b"GETNAME"],
         vec![b"ECHO", b"end"],
@@ -107,22 +153,24 @@ async fn state_commands_in_every_mode_match_redis() {
     let mut cases = 0;
     for proto in [2, 3] {
         for (mode, before, after) in &modes {
-            for (state, cmd) in &states {
+            for (state, cmds) in &states {
                 let mut script: Script = Vec::new();
                 if proto == 3 {
                     script.push(vec![b"HELLO", b"3"]);
                 }
                 script.extend(before.iter().cloned());
-                script.push(cmd.clone());
+                script.extend(cmds.iter().cloned());
                 script.extend(after.iter().cloned());
                 script.extend(probes.iter().cloned());
-                reset(&direct).await;
-                reset(&behind).await;
-                let want = run(
-                    std::net::SocketAddr::from(([127, 0, 0, 1], direct.port)),
-                    &script,
-                )
-                .await;
+                reset(direct).await;
+                match behind {
+                    Behind::Single(b) => reset(b).await,
+                    Behind::Cluster => {
+                        let mut c = Raw::connect(s.addr).await;
+                        assert_eq!(&c.call(&[b"FLUSHALL"]).await[..], b"+OK\r\n");
+                    }
+                }
+                let want = run(addr_of(direct), &script).await;
                 let got = run(s.addr, &script).await;
                 for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                     assert_eq!(
@@ -132,16 +180,68 @@ async fn state_commands_in_every_mode_match_redis() {
                         String::from_utf8_lossy(&script[i].concat())
                     );
                 }
-                assert_eq!(
-                    keyspace(&behind).await,
-                    keyspace(&direct).await,
-                    "RESP{proto}, mode {mode}, {state}: keyspace"
-                );
+                match behind {
+                    Behind::Single(b) => assert_eq!(
+                        keyspace(b).await,
+                        keyspace(direct).await,
+                        "RESP{proto}, mode {mode}, {state}: keyspace"
+                    ),
+                    Behind::Cluster => {
+                        let mut c = Raw::connect(s.addr).await;
+                        let mut keys = c.call(&[b"KEYS", b"*"]).await.to_vec();
+                        let mut want = Raw::connect(addr_of(direct))
+                            .await
+                            .call(&[b"KEYS", b"*"])
+                            .await
+                            .to_vec();
+                        // The order of KEYS is the server's: compare sorted lines.
+                        let sorted = |b: &mut Vec<u8>| {
+                            let mut l: Vec<String> = String::from_utf8_lossy(b)
+                                .split("\r\n")
+                                .map(str::to_string)
+                                .collect();
+                            l.sort();
+                            l
+                        };
+                        assert_eq!(
+                            sorted(&mut keys),
+                            sorted(&mut want),
+                            "RESP{proto}, mode {mode}, {state}: keys"
+                        );
+                    }
+                }
                 cases += 1;
             }
         }
     }
-    assert_eq!(cases, 72);
+    cases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_commands_in_every_mode_match_redis() {
+    let direct = RedisServer::start();
+    let behind = RedisServer::start();
+    for r in [&direct, &behind] {
+        add_acl_user(r).await;
+    }
+    let s = sidecar(&behind).await;
+    assert_eq!(state_matrix(&direct, &s, Behind::Single(&behind)).await, 84);
+}
+
+/// RESET in every mode in front of a Redis Cluster, against one plain
+/// Redis: after HELLO 3 it answered in RESP3 and after AUTH it kept the
+/// user (the session's cached node connections of the old identity were
+/// not dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_commands_in_every_mode_match_redis_on_a_cluster() {
+    let cluster = Cluster::start(3);
+    for n in &cluster.nodes {
+        add_acl_user(n).await;
+    }
+    let direct = RedisServer::start();
+    add_acl_user(&direct).await;
+    let s = cluster_sidecar(&cluster).await;
+    assert_eq!(state_matrix(&direct, &s, Behind::Cluster).await, 60);
 }
 
 /// The bugs reported against the session: each of these failed before.
@@ -552,4 +652,97 @@ async fn auth_as_a_user_who_may_not_select_keeps_the_db() {
             .await
             .contains(&(2, "in-db-2".to_string()))
     );
+}
+
+/// MULTI while Redis is busy in a long script: Redis takes MULTI, refuses
+/// the queued command with -BUSY and answers EXEC with EXECABORT; the
+/// sidecar could not set the transaction's connection up and answered EXEC
+/// with "EXEC without MULTI".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_while_redis_is_busy_in_a_script_as_redis() {
+    let direct = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
+    let behind = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
+    let s = sidecar(&behind).await;
+    // Warm the sidecar's shared connection (a new client's first command).
+    let mut warm = Raw::connect(s.addr).await;
+    assert_eq!(&warm.call(&[b"PING"]).await[..], b"+PONG\r\n");
+    let busy: &[u8] = b"local t = redis.call('TIME') while true do local n = redis.call('TIME') if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 1500000 then break end end return 1";
+    let mut results = Vec::new();
+    for (r, addr) in [(&direct, addr_of(&direct)), (&behind, s.addr)] {
+        // A client in db 1 with a name (what its transaction's connection
+        // is set up with), before Redis gets busy.
+        let mut c = Raw::connect(addr).await;
+        assert_eq!(&c.call(&[b"SELECT", b"1"]).await[..], b"+OK\r\n");
+        assert_eq!(
+            &c.call(&[b"CLIENT", b"SETNAME", b"n"]).await[..],
+            b"+OK\r\n"
+        );
+        let mut script = Raw::connect(addr_of(r)).await;
+        script.cmd(&[b"EVAL", busy, b"0"]).await;
+        // Busy once Redis answers -BUSY to a probe.
+        let probe_at = addr_of(r);
+        assert!(
+            eventually(|| async move {
+                Raw::connect(probe_at)
+                    .await
+                    .call(&[b"GET", b"x"])
+                    .await
+                    .starts_with(b"-BUSY")
+            })
+            .await
+        );
+        let mut got = Vec::new();
+        for cmd in [&[&b"MULTI"[..]][..], &[b"SET", b"k", b"v"], &[b"EXEC"]] {
+            got.push(String::from_utf8_lossy(&c.call(cmd).await).into_owned());
+        }
+        assert_eq!(&script.read().await[..], b":1\r\n");
+        results.push(got);
+    }
+    assert_eq!(results[1][0], results[0][0], "MULTI");
+    assert!(results[1][1].starts_with("-BUSY"), "{:?}", results[1]);
+    assert_eq!(results[1][2], results[0][2], "EXEC");
+    assert!(results[0][2].starts_with("-EXECABORT"), "{:?}", results[0]);
+}
+
+/// `CLIENT KILL TYPE replica` (and `slave`) ends a client that streams
+/// replication (SYNC/PSYNC) through the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kill_type_replica_ends_a_syncing_client() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    for kind in [&b"replica"[..], b"slave"] {
+        let mut replica = Raw::connect(s.addr).await;
+        replica.cmd(&[b"PSYNC", b"?", b"-1"]).await;
+        // +FULLRESYNC arrives first (after newlines Redis sends while it
+        // saves; raw bytes, not RESP framing after).
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while !got.windows(11).any(|w| w == b"+FULLRESYNC") {
+                let n = tokio::io::AsyncReadExt::read(&mut replica.stream, &mut buf)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "closed before +FULLRESYNC");
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap();
+        let mut admin = Raw::connect(s.addr).await;
+        let list = admin.call(&[b"CLIENT", b"LIST", b"TYPE", kind]).await;
+        assert!(
+            String::from_utf8_lossy(&list).contains("flags=S"),
+            "{}",
+            String::from_utf8_lossy(&list)
+        );
+        assert_eq!(
+            &admin.call(&[b"CLIENT", b"KILL", b"TYPE", kind]).await[..],
+            b":1\r\n"
+        );
+        assert!(replica.closed().await);
+        assert_eq!(
+            &admin.call(&[b"CLIENT", b"KILL", b"TYPE", kind]).await[..],
+            b":0\r\n"
+        );
+    }
 }

@@ -187,7 +187,11 @@ impl ClientEntry {
 
     /// The client's type for `TYPE` filters.
     fn kind(&self) -> &'static str {
-        if self.published().flags.contains('P') {
+        // As Redis's getClientType: MONITOR is a normal client.
+        let flags = self.published().flags;
+        if flags.contains('S') {
+            "replica"
+        } else if flags.contains('P') {
             "pubsub"
         } else {
             "normal"

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
 use crate::wire::error::{Reply, UpstreamError};
-use crate::wire::{Request, encode_command, scan};
+use crate::wire::{Request, encode_command, is_error, scan};
 
 /// A stage's hook on the replies of one exchange, run on the upstream
 /// connection that reads them (the L1 fill is one). It must be cheap and
@@ -38,6 +38,10 @@ pub enum TxItem {
     Queued {
         appended: u32,
         action: Option<Arc<dyn ReplyAction>>,
+        /// Ran upstream, but the client sees this element in its place
+        /// unless the upstream's is an error (HELLO: the sidecar's own
+        /// answer, as outside a transaction).
+        replace: Option<Bytes>,
     },
     /// Answered by the sidecar (a stage's answer, `CLIENT ID` ...): the
     /// client got `+QUEUED`, and this element takes its place in the EXEC
@@ -211,6 +215,7 @@ impl Exchange {
         TxItem::Queued {
             appended: self.appended() as u32,
             action: self.more.as_mut().and_then(|m| m.action.take()),
+            replace: None,
         }
     }
 
@@ -402,7 +407,11 @@ pub fn rebuild_exec(reply: &Bytes, items: &[TxItem]) -> Bytes {
     let mut next = ranges.iter().map(|&(s, e)| reply.slice(s..e));
     for item in items {
         match item {
-            TxItem::Queued { appended, action } => {
+            TxItem::Queued {
+                appended,
+                action,
+                replace,
+            } => {
                 for index in 0..=*appended {
                     let Some(el) = next.next() else {
                         return reply.clone();
@@ -411,7 +420,10 @@ pub fn rebuild_exec(reply: &Bytes, items: &[TxItem]) -> Bytes {
                         a.on_reply(index, &el);
                     }
                     if index == 0 {
-                        out.extend_from_slice(&el);
+                        match replace {
+                            Some(r) if !is_error(&el) => out.extend_from_slice(r),
+                            _ => out.extend_from_slice(&el),
+                        }
                     }
                 }
             }
@@ -447,16 +459,18 @@ mod tests {
             TxItem::Queued {
                 appended: 1,
                 action: None,
+                replace: None,
             },
             TxItem::Answered(Bytes::from_static(b":42\r\n")),
             TxItem::Queued {
                 appended: 0,
                 action: None,
+                replace: Some(Bytes::from_static(b"$1\r\nw\r\n")),
             },
         ];
         assert_eq!(
             &rebuild_exec(&r, &items)[..],
-            b"*3\r\n+OK\r\n:42\r\n$1\r\nv\r\n"
+            b"*3\r\n+OK\r\n:42\r\n$1\r\nw\r\n"
         );
         let null = Bytes::from_static(b"*-1\r\n");
         assert_eq!(rebuild_exec(&null, &items), null);

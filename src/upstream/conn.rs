@@ -212,6 +212,9 @@ pub async fn connect_to(
                 if i == hello_at && !has_creds && msg.starts_with("NOAUTH") {
                     continue;
                 }
+                if msg.starts_with("BUSY") {
+                    return Err(UpstreamError::Busy(msg));
+                }
                 return Err(UpstreamError::Refused(msg));
             }
             if i == hello_at {

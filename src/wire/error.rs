@@ -38,6 +38,10 @@ pub enum UpstreamError {
     /// redirected twice, the active endpoint changed under it): never sent.
     #[error("upstream unavailable: {0}")]
     Routing(String),
+    /// Redis is busy in a long script or function and refused a command a
+    /// new connection is set up with (its own `-BUSY` text): nothing ran.
+    #[error("{0}")]
+    Busy(String),
     /// Redis refused the handshake (e.g. WRONGPASS); its own error text.
     #[error("{0}")]
     Refused(String),
@@ -77,7 +81,10 @@ impl UpstreamError {
     pub fn never_sent(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Unreachable { .. } | UpstreamError::Limit(_) | UpstreamError::Routing(_)
+            UpstreamError::Unreachable { .. }
+                | UpstreamError::Limit(_)
+                | UpstreamError::Routing(_)
+                | UpstreamError::Busy(_)
         )
     }
 
@@ -96,7 +103,9 @@ impl UpstreamError {
     /// The error reply a client gets.
     pub fn to_reply(&self) -> Bytes {
         match self {
-            UpstreamError::Refused(msg) => Bytes::from(format!("-{msg}\r\n")),
+            UpstreamError::Refused(msg) | UpstreamError::Busy(msg) => {
+                Bytes::from(format!("-{msg}\r\n"))
+            }
             other => Bytes::from(format!("-ERR {other}\r\n")),
         }
     }

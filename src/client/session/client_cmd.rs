@@ -49,7 +49,7 @@ impl Session {
         match local {
             Local::ClientId => Answer::Now(Value::Int(self.entry.id as i64)),
             Local::ClientGetName => {
-                Answer::Now(self.name.clone().map(Value::Bulk).unwrap_or(Value::Null))
+                Answer::Now(self.st.name.clone().map(Value::Bulk).unwrap_or(Value::Null))
             }
             Local::ClientInfo if args.len() == 2 => Answer::Now(Value::Text(self.entry.line())),
             Local::ClientList => {

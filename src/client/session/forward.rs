@@ -103,7 +103,7 @@ impl Session {
         }
         let oob = Oob(self.entry.client.clone());
         let pool = self.shared.pool.clone();
-        let d = Box::pin(pool.dedicated(&self.identity(), self.name.as_ref(), oob)).await?;
+        let d = Box::pin(pool.dedicated(&self.identity(), self.st.name.as_ref(), oob)).await?;
         self.entry
             .upstream_id
             .store(d.upstream_id.unwrap_or(-1), Ordering::Release);

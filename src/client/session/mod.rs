@@ -39,7 +39,7 @@ mod tx;
 
 use client_cmd::{Answer, arity_error};
 use mode::*;
-use state::{WRONGPASS, hello_without_auth, parse_auth, parse_hello};
+use state::{ConnState, WRONGPASS, hello_without_auth, parse_auth, parse_hello};
 use tx::{is_unwatch, queued_in_tx};
 
 use super::Shared;
@@ -49,8 +49,8 @@ use crate::policy::{Chain, Ctx, Verdict};
 use crate::request::command::{Class, CommandInfo, Local, Pin, classify};
 use crate::request::exchange::{Exchange, TxItem};
 use crate::upstream::pool::{ClusterSet, Dedicated, SharedSet};
-use crate::upstream::{Auth, DEFAULT_DB, Identity, Job, JobKind, UpstreamError};
-use crate::wire::{Proto, Request, RequestScanner, Value};
+use crate::upstream::{DEFAULT_DB, Identity, Job, JobKind, UpstreamError};
+use crate::wire::{Request, RequestScanner, Value};
 
 /// Read size from a client socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -78,10 +78,8 @@ struct Session {
     /// Count of output entries queued (`client.progress` counts those
     /// complete).
     queued: u64,
-    proto: Proto,
-    db: i64,
-    auth: Option<Auth>,
-    name: Option<Bytes>,
+    /// Protocol, db, user, name: what RESET returns to the default.
+    st: ConnState,
     mode: Mode,
     shared_set: Option<Arc<SharedSet>>,
     dedicated: Option<Dedicated>,
@@ -101,10 +99,6 @@ struct Session {
     /// When the request being handled was read: the command duration
     /// metric starts here, for replies from upstream and the sidecar's own.
     read_at: Instant,
-    /// With `[client_auth]`: the user the client authenticated to the
-    /// sidecar as, by its index in the `ClientAuth` (`None`: not yet; every
-    /// command but AUTH, HELLO, QUIT and RESET gets NOAUTH).
-    client_user: Option<u32>,
     /// The client's stateless commands go to its dedicated connection
     /// (its lane), not a shared one: it got large replies, left them
     /// unread, or pipelines deep ([`Session::shared_or_lane`]).
@@ -122,10 +116,7 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         shared: shared.clone(),
         entry,
         queued: 0,
-        proto: Proto::Resp2,
-        db: DEFAULT_DB,
-        auth: None,
-        name: None,
+        st: ConnState::default(),
         mode: Mode::Normal,
         shared_set: None,
         dedicated: None,
@@ -135,7 +126,6 @@ pub async fn run(stream: TcpStream, shared: Arc<Shared>, entry: Arc<ClientEntry>
         chain: (shared.policies.generation(), shared.policies.current()),
         kill_self: false,
         read_at: Instant::now(),
-        client_user: None,
         lane: false,
     };
     let reader = async {
@@ -163,9 +153,9 @@ impl Session {
 
     fn identity(&self) -> Identity {
         Identity {
-            proto: self.proto,
-            db: self.db,
-            auth: self.auth.clone(),
+            proto: self.st.proto,
+            db: self.st.db,
+            auth: self.st.auth.clone(),
         }
     }
 
@@ -199,7 +189,7 @@ impl Session {
     }
 
     async fn reply(&mut self, v: Value, metrics: &Arc<CommandMetrics>) {
-        let reply = v.encode(self.proto);
+        let reply = v.encode(self.st.proto);
         self.now(reply, Some(metrics)).await;
     }
 
@@ -228,18 +218,19 @@ impl Session {
             client_id: self.entry.id,
             peer: self.entry.peer,
             user: self.sidecar_user().or_else(|| {
-                self.auth
+                self.st
+                    .auth
                     .as_ref()
                     .map(|a| a.user.as_deref().unwrap_or(b"default"))
             }),
-            name: self.name.as_deref(),
-            db: self.db,
-            proto: self.proto,
+            name: self.st.name.as_deref(),
+            db: self.st.db,
+            proto: self.st.proto,
             mode: self.mode.kind(),
             info,
             since: self.read_at,
             now: self.read_at,
-            upstream_auth: self.auth.is_some() && self.sidecar_user().is_none(),
+            upstream_auth: self.st.auth.is_some() && self.sidecar_user().is_none(),
         }
     }
 
@@ -272,7 +263,7 @@ impl Session {
             return Flow::Go;
         }
         if self.shared.client_auth.is_some()
-            && self.client_user.is_none()
+            && self.st.client_user.is_none()
             && !matches!(
                 class,
                 Class::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
@@ -417,7 +408,19 @@ impl Session {
             Class::Local(local) => self.local(local, ex, metrics).await,
             Class::Pin(Pin::Multi) => {
                 self.transition(Event::Multi);
-                self.send_job(Target::Dedicated, ex, false, metrics).await
+                match self.ensure_dedicated().await {
+                    Ok(()) => self.send_job(Target::Dedicated, ex, false, metrics).await,
+                    // Redis takes MULTI while busy in a script; the
+                    // commands queued then are refused, as there.
+                    Err(UpstreamError::Busy(_)) => {
+                        if let Mode::Transaction(tx) = &mut self.mode {
+                            tx.multi_unsent = true;
+                        }
+                        self.reply(Value::Simple("OK"), metrics).await;
+                        Flow::Go
+                    }
+                    Err(e) => self.upstream_error(e, metrics).await,
+                }
             }
             Class::Pin(Pin::Watch) => {
                 self.transition(Event::Watch);
@@ -479,20 +482,20 @@ impl Session {
     /// What CLIENT LIST shows of this client.
     fn publish(&self) {
         let mut p = self.entry.published();
-        p.name = self.name.clone();
-        p.db = if self.db == DEFAULT_DB {
+        p.name = self.st.name.clone();
+        p.db = if self.st.db == DEFAULT_DB {
             self.shared.pool.ups.active().endpoint.db()
         } else {
-            self.db
+            self.st.db
         };
         p.user = self.sidecar_user().map(Bytes::copy_from_slice).or_else(|| {
-            self.auth.as_ref().map(|a| {
+            self.st.auth.as_ref().map(|a| {
                 a.user
                     .clone()
                     .unwrap_or_else(|| Bytes::from_static(b"default"))
             })
         });
-        p.resp = self.proto.number();
+        p.resp = self.st.proto.number();
         (p.flags, p.multi, p.sub, p.psub, p.ssub) = match &self.mode {
             Mode::Transaction(tx) => ("x", tx.items.len() as i64, 0, 0, 0),
             Mode::Streaming(s) if s.monitor => ("O", -1, 0, 0, 0),

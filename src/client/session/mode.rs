@@ -51,6 +51,10 @@ pub(super) struct Tx {
     pub(super) items: Vec<TxItem>,
     /// A command was refused at queue time: EXEC answers EXECABORT.
     pub(super) refused: bool,
+    /// MULTI was answered while Redis was busy (it takes MULTI then) but
+    /// not sent: the connection could not be set up. Sent before the
+    /// first command queued once it can be.
+    pub(super) multi_unsent: bool,
     /// Some item needs the EXEC array rebuilt.
     pub(super) rebuild: bool,
     /// Connection-state commands queued, by item index: applied to the

@@ -91,7 +91,65 @@ pub(super) fn parse_hello(args: &[Bytes]) -> Result<Hello, Value> {
     Ok(h)
 }
 
+/// The client's connection state as Redis keeps it per connection.
+#[derive(Clone, Debug)]
+pub(super) struct ConnState {
+    pub(super) proto: Proto,
+    /// The selected db, or [`DEFAULT_DB`] (the endpoint URL's).
+    pub(super) db: i64,
+    /// Credentials given to the upstream (`None`: the URL's).
+    pub(super) auth: Option<Auth>,
+    pub(super) name: Option<Bytes>,
+    /// With `[client_auth]`: the user the client authenticated to the
+    /// sidecar as, by its index in the `ClientAuth` (`None`: not yet; every
+    /// command but AUTH, HELLO, QUIT and RESET gets NOAUTH).
+    pub(super) client_user: Option<u32>,
+}
+
+impl Default for ConnState {
+    fn default() -> ConnState {
+        ConnState {
+            proto: Proto::Resp2,
+            db: DEFAULT_DB,
+            auth: None,
+            name: None,
+            client_user: None,
+        }
+    }
+}
+
 impl Session {
+    /// RESET, in every mode: the connection state back to the default (a
+    /// client of `[client_auth]` signed out, as Redis does with
+    /// requirepass), the mode back to normal, and every connection cached
+    /// for the old identity dropped: the dedicated one (closing it ends
+    /// MULTI, WATCH, subscriptions and tracking upstream; a stream stops
+    /// at once, no message may follow +RESET), the shared set and a
+    /// cluster's node connections.
+    /// The HELLO map the client gets, in `proto`: the sidecar is one
+    /// standalone Redis (in front of a cluster too), the id its own.
+    pub(super) fn hello_reply(&self, proto: Proto) -> Bytes {
+        let version = self.shared.pool.server_version();
+        Value::Map(vec![
+            (Value::bulk("server"), Value::bulk("redis")),
+            (Value::bulk("version"), Value::bulk(version)),
+            (Value::bulk("proto"), Value::Int(proto.number())),
+            (Value::bulk("id"), Value::Int(self.entry.id as i64)),
+            (Value::bulk("mode"), Value::bulk("standalone")),
+            (Value::bulk("role"), Value::bulk("master")),
+            (Value::bulk("modules"), Value::Array(Vec::new())),
+        ])
+        .encode(proto)
+    }
+
+    pub(super) fn reset(&mut self) {
+        let streaming = matches!(self.mode, Mode::Streaming(_));
+        self.drop_dedicated(streaming);
+        self.st = ConnState::default();
+        self.transition(Event::Reset);
+        self.identity_changed();
+    }
+
     pub(super) async fn local(
         &mut self,
         local: Local,
@@ -113,7 +171,7 @@ impl Session {
                     .first()
                     .map(|a| Bytes::from(a.to_ascii_lowercase()))
                     .unwrap_or_default();
-                let proto = self.proto;
+                let proto = self.st.proto;
                 let one = |ch: Value| {
                     Value::Push(vec![Value::Bulk(kind.clone()), ch, Value::Int(0)]).encode(proto)
                 };
@@ -133,20 +191,7 @@ impl Session {
                 Flow::Stop
             }
             Local::Reset => {
-                // Closing the dedicated connection ends MULTI, WATCH,
-                // subscriptions and tracking upstream; the rest is ours. A
-                // stream stops at once: no message may follow +RESET.
-                let streaming = matches!(self.mode, Mode::Streaming(_));
-                self.drop_dedicated(streaming);
-                self.shared_set = None;
-                self.proto = Proto::Resp2;
-                self.db = DEFAULT_DB;
-                self.auth = None;
-                self.name = None;
-                // With [client_auth], RESET signs the client out, as Redis
-                // does with requirepass.
-                self.client_user = None;
-                self.transition(Event::Reset);
+                self.reset();
                 self.reply(Value::Simple("RESET"), metrics).await;
                 Flow::Go
             }
@@ -174,7 +219,7 @@ impl Session {
                     self.now(e, Some(metrics)).await;
                     return Flow::Go;
                 }
-                self.name = (!name.is_empty()).then_some(name);
+                self.st.name = (!name.is_empty()).then_some(name);
                 if !self.holds_state() {
                     // A new dedicated connection takes the new name.
                     self.drop_dedicated(false);
@@ -261,13 +306,13 @@ impl Session {
                         // protocol and the name go upstream.
                         match h.auth.take() {
                             Some(a) => match ca.check(a.user.as_deref(), &a.password) {
-                                Some(u) => self.client_user = Some(u),
+                                Some(u) => self.st.client_user = Some(u),
                                 None => {
                                     self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
                                     return Flow::Go;
                                 }
                             },
-                            None if self.client_user.is_none() => {
+                            None if self.st.client_user.is_none() => {
                                 self.now(Bytes::from_static(HELLO_NOAUTH), Some(metrics))
                                     .await;
                                 return Flow::Go;
@@ -276,7 +321,7 @@ impl Session {
                         }
                         upstream = hello_without_auth(args);
                     }
-                    let proto = h.proto.unwrap_or(self.proto);
+                    let proto = h.proto.unwrap_or(self.st.proto);
                     self.change_identity(Change::Hello(h), upstream, Some(proto), metrics)
                         .await
                 }
@@ -333,17 +378,8 @@ impl Session {
         self.apply(change);
         match hello {
             Some(proto) => {
-                let version = self.shared.pool.server_version();
-                let v = Value::Map(vec![
-                    (Value::bulk("server"), Value::bulk("redis")),
-                    (Value::bulk("version"), Value::bulk(version)),
-                    (Value::bulk("proto"), Value::Int(proto.number())),
-                    (Value::bulk("id"), Value::Int(self.entry.id as i64)),
-                    (Value::bulk("mode"), Value::bulk("standalone")),
-                    (Value::bulk("role"), Value::bulk("master")),
-                    (Value::bulk("modules"), Value::Array(Vec::new())),
-                ]);
-                self.reply(v, metrics).await;
+                let v = self.hello_reply(proto);
+                self.now(v, Some(metrics)).await;
             }
             None => self.reply(Value::Simple("OK"), metrics).await,
         }
@@ -353,20 +389,20 @@ impl Session {
     /// A connection-state change that ran on the dedicated connection.
     pub(super) fn apply(&mut self, change: Change) {
         match change {
-            Change::Select(db) => self.db = db,
-            Change::Auth(a) => self.auth = Some(a),
+            Change::Select(db) => self.st.db = db,
+            Change::Auth(a) => self.st.auth = Some(a),
             Change::Hello(h) => {
                 if let Some(p) = h.proto {
-                    self.proto = p;
+                    self.st.proto = p;
                 }
                 if h.auth.is_some() {
-                    self.auth = h.auth;
+                    self.st.auth = h.auth;
                 }
                 if let Some(n) = h.name {
-                    self.name = (!n.is_empty()).then_some(n);
+                    self.st.name = (!n.is_empty()).then_some(n);
                 }
             }
-            Change::SetName(n) => self.name = n,
+            Change::SetName(n) => self.st.name = n,
         }
         self.identity_changed();
     }
@@ -384,7 +420,7 @@ impl Session {
     /// The user the client authenticated to the sidecar as.
     pub(super) fn sidecar_user(&self) -> Option<&[u8]> {
         let ca = self.shared.client_auth.as_deref()?;
-        self.client_user.map(|u| ca.user_name(u))
+        self.st.client_user.map(|u| ca.user_name(u))
     }
 
     /// AUTH checked by the sidecar (`[client_auth]`), with Redis's replies.
@@ -402,7 +438,7 @@ impl Session {
         }
         match ca.check(a.user.as_deref(), &a.password) {
             Some(u) => {
-                self.client_user = Some(u);
+                self.st.client_user = Some(u);
                 self.publish();
                 Bytes::from_static(b"+OK\r\n")
             }

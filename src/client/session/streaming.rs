@@ -15,6 +15,7 @@ use crate::wire::encode_command;
 use crate::wire::scan::parse_int;
 
 use super::*;
+use crate::upstream::conn::SelectAs;
 
 impl Session {
     /// A reply the sidecar made itself for a client whose dedicated
@@ -90,12 +91,12 @@ impl Session {
             // it refuses them while subscribed).
             Class::Local(Local::Select) if self.runs_commands() => {
                 if let Some(db) = ex.args().get(1).and_then(|a| parse_int(a)) {
-                    self.db = db;
+                    self.st.db = db;
                 }
             }
             Class::Local(Local::ClientSetName) if self.runs_commands() => {
                 if let [_, _, n] = ex.args() {
-                    self.name = (!n.is_empty()).then(|| n.clone());
+                    self.st.name = (!n.is_empty()).then(|| n.clone());
                 }
             }
             Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
@@ -105,7 +106,7 @@ impl Session {
             }
             Class::Local(Local::Auth) if self.runs_commands() => {
                 if let Ok(a) = parse_auth(ex.args()) {
-                    self.auth = Some(a);
+                    self.st.auth = Some(a);
                 }
             }
             Class::Local(Local::Hello) => {
@@ -121,13 +122,51 @@ impl Session {
                         self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
                         return Flow::Go;
                     };
-                    self.client_user = Some(u);
+                    self.st.client_user = Some(u);
                     ex.rewrite(hello_without_auth(ex.args()));
                 }
                 if self.runs_commands() {
-                    self.proto = h.proto.unwrap_or(self.proto);
+                    let old = self.st.proto;
+                    self.st.proto = h.proto.unwrap_or(self.st.proto);
+                    let can_skip = matches!(&self.mode, Mode::Streaming(subs)
+                        if subs.can_append(old) && subs.replies == Replies::On);
+                    if can_skip {
+                        // The client gets the sidecar's HELLO answer (its
+                        // own id, one standalone Redis), as outside a
+                        // stream: Redis's reply is skipped. New
+                        // credentials are checked first with a handshake
+                        // of their own, so a refusal is still the client's.
+                        if let Some(a) = &h.auth {
+                            let mut ident = self.identity();
+                            ident.auth = Some(a.clone());
+                            if let Err(e) = self.shared.pool.verify(&ident, SelectAs::Either).await
+                            {
+                                self.st.proto = old;
+                                if let Err(reply) = self.stream_reply(e.to_reply(), false).await {
+                                    self.now(reply, Some(metrics)).await;
+                                }
+                                return Flow::Go;
+                            }
+                            self.st.auth = h.auth.clone();
+                        }
+                        let mut payload = bytes::BytesMut::from(
+                            &encode_command(&["CLIENT", "REPLY", "SKIP"])[..],
+                        );
+                        payload.extend_from_slice(&ex.into_command());
+                        if let Flow::Stop = self
+                            .send_stream(payload.freeze(), JobKind::Stream, metrics)
+                            .await
+                        {
+                            return Flow::Stop;
+                        }
+                        let reply = self.hello_reply(self.st.proto);
+                        if let Err(reply) = self.stream_reply(reply, false).await {
+                            self.now(reply, Some(metrics)).await;
+                        }
+                        return Flow::Go;
+                    }
                     if h.auth.is_some() {
-                        self.auth = h.auth;
+                        self.st.auth = h.auth;
                     }
                 }
             }
@@ -147,7 +186,7 @@ impl Session {
     /// subscribed it refuses all but the subscription commands.
     pub(super) fn runs_commands(&self) -> bool {
         match &self.mode {
-            Mode::Streaming(subs) => subs.runs_commands(self.proto),
+            Mode::Streaming(subs) => subs.runs_commands(self.st.proto),
             _ => true,
         }
     }
@@ -161,7 +200,7 @@ impl Session {
         metrics: &Arc<CommandMetrics>,
     ) -> Flow {
         self.note_subscriptions(ex.args());
-        let proto = self.proto;
+        let proto = self.st.proto;
         let payload = match &mut self.mode {
             Mode::Streaming(subs) => {
                 subs.note_replies(ex.args());

@@ -61,7 +61,7 @@ impl Session {
                     }
                     Answer::Now(v) => {
                         if let Mode::Transaction(tx) = &mut self.mode {
-                            tx.items.push(TxItem::Answered(v.encode(self.proto)));
+                            tx.items.push(TxItem::Answered(v.encode(self.st.proto)));
                             tx.rebuild = true;
                         }
                         self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
@@ -109,7 +109,7 @@ impl Session {
                                 .await;
                             return Flow::Go;
                         };
-                        self.client_user = Some(u);
+                        self.st.client_user = Some(u);
                         let args = hello_without_auth(ex.args());
                         ex.rewrite(args);
                     }
@@ -136,6 +136,11 @@ impl Session {
                 if name == b"exec" {
                     return self.exec(ex, metrics).await;
                 }
+                if name == b"discard" && self.multi_unsent() {
+                    self.transition(Event::EndTransaction);
+                    self.reply(Value::Simple("OK"), metrics).await;
+                    return Flow::Go;
+                }
                 if name == b"discard" {
                     self.transition(Event::EndTransaction);
                     return self.send_job(Target::Dedicated, ex, false, metrics).await;
@@ -152,12 +157,19 @@ impl Session {
             }
             Class::Pin(Pin::Stream | Pin::Blocking | Pin::Replica) | Class::Forward => None,
         };
-        let item = ex.tx_item();
+        if let Some(flow) = self.send_held_multi(metrics).await {
+            return flow;
+        }
+        let mut item = ex.tx_item();
+        if let (Some(Change::Hello(h)), TxItem::Queued { replace, .. }) = (&change, &mut item) {
+            // The sidecar's HELLO answer, as outside the transaction.
+            *replace = Some(self.hello_reply(h.proto.unwrap_or(self.st.proto)));
+        }
         if let Mode::Transaction(tx) = &mut self.mode {
             if let TxItem::Queued {
                 appended, action, ..
             } = &item
-                && (*appended > 0 || action.is_some())
+                && (*appended > 0 || action.is_some() || matches!(change, Some(Change::Hello(_))))
             {
                 tx.rebuild = true;
             }
@@ -184,11 +196,23 @@ impl Session {
             refused,
             rebuild,
             changes,
+            multi_unsent,
         } = *tx;
         self.mode = if pinned { Mode::Pinned } else { Mode::Normal };
         self.update_holds_state();
+        if multi_unsent && let Err(UpstreamError::Busy(msg)) = self.ensure_dedicated().await {
+            // Redis refuses EXEC itself while busy, and says why.
+            let v = Value::error(format!("EXECABORT Transaction discarded because of: {msg}"));
+            self.reply(v, metrics).await;
+            return Flow::Go;
+        }
         if refused {
             return self.abort_exec(metrics).await;
+        }
+        if multi_unsent {
+            // Nothing was queued: an empty transaction, as Redis runs it.
+            self.reply(Value::Array(Vec::new()), metrics).await;
+            return Flow::Go;
         }
         if rebuild {
             ex.set_exec(items);
@@ -209,6 +233,44 @@ impl Session {
             }
         }
         flow
+    }
+
+    fn multi_unsent(&self) -> bool {
+        matches!(&self.mode, Mode::Transaction(tx) if tx.multi_unsent)
+    }
+
+    /// A command queued after a MULTI answered while Redis was busy: the
+    /// MULTI goes first once the connection can be set up (`None`: go on
+    /// queueing); while Redis is still busy the command gets Redis's
+    /// `-BUSY` and EXEC will answer EXECABORT, as on Redis.
+    async fn send_held_multi(&mut self, metrics: &Arc<CommandMetrics>) -> Option<Flow> {
+        if !self.multi_unsent() {
+            return None;
+        }
+        let refused = match self.ensure_dedicated().await {
+            Ok(()) => None,
+            Err(UpstreamError::Busy(msg)) => Some(Bytes::from(format!("-{msg}\r\n"))),
+            Err(e) => Some(e.to_reply()),
+        };
+        if let Mode::Transaction(tx) = &mut self.mode {
+            match refused {
+                Some(_) => tx.refused = true,
+                None => tx.multi_unsent = false,
+            }
+        }
+        match refused {
+            Some(reply) => {
+                self.now(reply, Some(metrics)).await;
+                Some(Flow::Go)
+            }
+            None => {
+                if let Some(d) = &self.dedicated {
+                    let job = self.unanswered(Exchange::command(&[&b"MULTI"[..]]));
+                    let _ = d.tx.send(job).await;
+                }
+                None
+            }
+        }
     }
 
     /// EXEC after a refused command: discard upstream, answer EXECABORT.
