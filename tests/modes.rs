@@ -87,28 +87,49 @@ async fn state_matrix(
                 vec![vec![b"HELLO", b"2", b"AUTH", b"u", b"p"]],
             ),
             ("setname", vec![vec![b"CLIENT", b"SETNAME", b"x"]]),
-            ("reset", vec![vec![b"RESET"]]),
+            ("reset", vec![vec![b"ECHO", b"x"], vec![b"RESET"]]),
             (
                 "hello3-auth-reset",
-                vec![vec![b"HELLO", b"3", b"AUTH", b"u", b"p"], vec![b"RESET"]],
+                vec![
+                    vec![b"HELLO", b"3", b"AUTH", b"u", b"p"],
+                    vec![b"ECHO", b"x"],
+                    vec![b"RESET"],
+                ],
             ),
         ],
         // RESET in every mode: whatever the identity was, the default
-        // after it (a cluster has database 0 only).
+        // after it, also when a command ran under the old identity first
+        // (its connections are cached then). A cluster has database 0
+        // only.
         Behind::Cluster => vec![
-            ("reset", vec![vec![b"RESET"]]),
+            ("reset", vec![vec![b"ECHO", b"x"], vec![b"RESET"]]),
             (
                 "auth-reset",
-                vec![vec![b"AUTH", b"u", b"p"], vec![b"RESET"]],
+                vec![
+                    vec![b"AUTH", b"u", b"p"],
+                    vec![b"ECHO", b"x"],
+                    vec![b"RESET"],
+                ],
             ),
-            ("hello3-reset", vec![vec![b"HELLO", b"3"], vec![b"RESET"]]),
+            (
+                "hello3-reset",
+                vec![vec![b"HELLO", b"3"], vec![b"ECHO", b"x"], vec![b"RESET"]],
+            ),
             (
                 "hello3-auth-reset",
-                vec![vec![b"HELLO", b"3", b"AUTH", b"u", b"p"], vec![b"RESET"]],
+                vec![
+                    vec![b"HELLO", b"3", b"AUTH", b"u", b"p"],
+                    vec![b"ECHO", b"x"],
+                    vec![b"RESET"],
+                ],
             ),
             (
                 "setname-reset",
-                vec![vec![b"CLIENT", b"SETNAME", b"x"], vec![b"RESET"]],
+                vec![
+                    vec![b"CLIENT", b"SETNAME", b"x"],
+                    vec![b"ECHO", b"x"],
+                    vec![b"RESET"],
+                ],
             ),
         ],
     };

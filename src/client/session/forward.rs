@@ -85,7 +85,11 @@ impl Session {
         if now {
             self.last_tx = None;
         }
-        self.dedicated = None;
+        if let Some(d) = self.dedicated.take() {
+            // Given up on purpose (RESET, a new identity): its end must
+            // not close the client as a lost connection holding state.
+            d.holds_state.store(false, Ordering::Release);
+        }
         self.entry.upstream_id.store(-1, Ordering::Release);
     }
 
