@@ -254,12 +254,29 @@ async fn quiet_latencies(addr: SocketAddr, n: usize) -> (Vec<Duration>, u64) {
     (lat, limited)
 }
 
+/// `calls` of one command in Redis's `INFO commandstats`.
+async fn calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let mut c = redis.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let key = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
 /// A client hammering past its per-client limit neither takes the quiet
-/// client's budget nor makes it wait beyond a small share.
+/// client's budget nor costs the upstream anything beyond its own: every
+/// command it was refused was answered by the sidecar and never reached
+/// Redis, so nothing the quiet client sends queues behind it there. Load
+/// does not move these counts (a bound on the quiet client's latency,
+/// which a busy machine does move, is a benchmark's business).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_noisy_client_does_not_hurt_a_quiet_one() {
-    // Measures time (or memory): alone.
-    let _alone = serial().write().await;
     let redis = RedisServer::start();
     let s = limited(
         &redis,
@@ -271,6 +288,7 @@ burst = 200
     )
     .await;
     let n = 1000;
+    let before = calls(&redis, "get").await;
     let (base, base_limited) = quiet_latencies(s.addr, n).await;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(30);
@@ -307,13 +325,13 @@ burst = 200
     );
     assert!(noisy_limited > 0);
     // Each noisy client got its own budget, not more.
-    for ok in noisy_ok {
+    for &ok in &noisy_ok {
         assert!(ok as f64 <= 200.0 + 2000.0 * t * 1.02, "{ok}");
     }
-    assert!(
-        p99_loaded <= (p99_base * 5).max(p99_base + Duration::from_millis(5)),
-        "quiet p99 {p99_base:?} -> {p99_loaded:?}"
-    );
+    // Exactly the quiet client's GETs and those the noisy ones were
+    // allowed reached Redis.
+    let reached = calls(&redis, "get").await - before;
+    assert_eq!(reached, 2 * n as u64 + noisy_ok.iter().sum::<u64>());
     s.shutdown().await;
 }
 
