@@ -8,7 +8,10 @@ several rounds): GET/SET with 50 clients at pipeline 1 and 16, and MGET of
 sidecar in front of the cluster). Reported: medians of per-round ratios to
 direct Redis (throughput, p50) and the sidecars' CPU time per operation.
 
-Usage: benches/cluster.sh [--rounds N] [--requests N]   (installs what it needs)
+With --baseline OTHER_BINARY, that build runs in the same rounds in front of
+the same servers, and this build is compared with it (an A/B of a change).
+
+Usage: benches/cluster.sh [--rounds N] [--requests N] [--baseline BIN]   (installs what it needs)
 """
 
 import argparse
@@ -86,6 +89,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
+    ap.add_argument("--baseline", help="another redis-sidecar binary (e.g. built from an earlier commit): "
+                    "run in front of the same single Redis and cluster in the same rounds, and compared")
     args = ap.parse_args()
     n = str(args.requests)
     scenarios = [
@@ -109,6 +114,10 @@ def main():
             subprocess.run(["redis-cli", "-p", str(port), "MSET", *[x for k in MGET_KEYS for x in (k, "v" * 16)]],
                            check=True, capture_output=True)
         targets = [("direct", rport, None), ("sidecar", sport, spid), ("sidecar-cluster", cport, cpid)]
+        if args.baseline:
+            bpid, bport, _ = start_sidecar(args.baseline, rport, procs)
+            bcpid, bcport = start_cluster_sidecar(args.baseline, cports, procs)
+            targets += [("baseline", bport, bpid), ("baseline-cluster", bcport, bcpid)]
         results = {}  # (scenario, target, test) -> [(rps, p50, cpu µs/op)]
         for rnd in range(args.rounds):
             for name, bargs in scenarios:
@@ -143,6 +152,19 @@ def main():
                       f"| {med(c, 0):.0f} ({ratio(c, 0):.2f}) "
                       f"| {med(d, 1):.3f}; {med(s, 1):.3f} ({ratio(s, 1):.2f}); {med(c, 1):.3f} ({ratio(c, 1):.2f}) "
                       f"| {med(s, 2):.2f} / {med(c, 2):.2f} |")
+        if args.baseline:
+            print("\nThis build against the baseline (same rounds): medians of per-round ratios, "
+                  "throughput and the sidecar's CPU per operation (below 1.00: less CPU)\n")
+            print("| scenario | test | rps →single | rps →cluster | CPU/op →single | CPU/op →cluster |")
+            print("|---|---|---|---|---|---|")
+            for name, _ in scenarios:
+                for test in sorted({t for (s_, _, t) in results if s_ == name}):
+                    def vs(new, old, i):
+                        a, b = results[(name, new, test)], results[(name, old, test)]
+                        return statistics.median(x[i] / y[i] for x, y in zip(a, b) if y[i] > 0)
+                    print(f"| {name} | {test} | {vs('sidecar', 'baseline', 0):.3f} "
+                          f"| {vs('sidecar-cluster', 'baseline-cluster', 0):.3f} "
+                          f"| {vs('sidecar', 'baseline', 2):.3f} | {vs('sidecar-cluster', 'baseline-cluster', 2):.3f} |")
     finally:
         stop(procs)
 

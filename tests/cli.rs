@@ -487,3 +487,41 @@ password = "app-pw"
     }
     assert!(refused > paths.len(), "{refused} refusals");
 }
+
+/// Every TOML example in the README is one a user can paste: it parses and
+/// validates (with an `[[upstream]]` added where the example has none),
+/// and no rate-limit example caps `@slow` (Redis 7's category holds SET,
+/// DEL, HGETALL, LRANGE ...: such a cap throttles ordinary traffic).
+#[test]
+fn the_readme_examples_validate() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut blocks = 0;
+    let mut rest = &readme[..];
+    while let Some(i) = rest.find("```toml\n") {
+        let body = &rest[i + 8..];
+        let end = body.find("```").unwrap();
+        let block = &body[..end];
+        rest = &body[end + 3..];
+        blocks += 1;
+        let text = if block.contains("[[upstream]]") {
+            block.to_string()
+        } else {
+            format!("{block}\n[[upstream]]\nname = \"a\"\nurl = \"redis://127.0.0.1:6379\"\n")
+        };
+        // `${VAR}` examples: every variable set.
+        let env = |_: &str| Some("x".to_string());
+        let config = redis_sidecar::config::Config::from_toml(&text, &env)
+            .unwrap_or_else(|e| panic!("{e}\nin the README example:\n{block}"));
+        for r in &config.rate_limit {
+            assert!(
+                !r.commands.iter().any(|c| c.eq_ignore_ascii_case("@slow")),
+                "a README rate limit caps @slow:\n{block}"
+            );
+        }
+        if let Err(e) = config.validate() {
+            panic!("{e}\nin the README example:\n{block}");
+        }
+    }
+    assert!(blocks >= 8, "{blocks} TOML examples found");
+}

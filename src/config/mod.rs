@@ -593,7 +593,8 @@ impl Default for LogConfig {
     }
 }
 
-/// A size in bytes, written `512MiB`, `64KiB`, `1MB` or a bare number.
+/// A size in bytes, written `512MiB`, `64kb`, `1000k` (the units of
+/// redis.conf) or a bare number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
@@ -605,16 +606,21 @@ impl ByteSize {
         let n: u64 = num.parse().map_err(|_| {
             "invalid size (use a number with B, KiB, MiB, GiB, KB, MB or GB)".to_string()
         })?;
+        // As redis.conf: `1k` is 1000 bytes, `1kb` 1024 (case does not
+        // matter); `KiB`, `MiB`, `GiB` are 1024-based too.
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
-            "kb" => 1000,
-            "kib" | "k" => 1 << 10,
-            "mb" => 1_000_000,
-            "mib" | "m" => 1 << 20,
-            "gb" => 1_000_000_000,
-            "gib" | "g" => 1 << 30,
+            "k" => 1000,
+            "kb" | "kib" => 1 << 10,
+            "m" => 1_000_000,
+            "mb" | "mib" => 1 << 20,
+            "g" => 1_000_000_000,
+            "gb" | "gib" => 1 << 30,
             _ => {
-                return Err("invalid size unit (use B, KiB, MiB, GiB, KB, MB, GB)".to_string());
+                return Err(
+                    "invalid size unit (use B, KiB/KB, MiB/MB, GiB/GB, or k, m, g for 1000s)"
+                        .to_string(),
+                );
             }
         };
         n.checked_mul(mult)
@@ -877,6 +883,27 @@ mod tests {
         for secret in ["tok3n-s3cret", "pa55w0rd", "sent1nel"] {
             assert!(!text.contains(secret), "{text}");
         }
+    }
+
+    #[test]
+    fn size_units_as_redis_conf() {
+        for (text, bytes) in [
+            ("1k", 1000),
+            ("1kb", 1024),
+            ("1KB", 1024),
+            ("1KiB", 1024),
+            ("2m", 2_000_000),
+            ("2mb", 2 << 20),
+            ("2MiB", 2 << 20),
+            ("1g", 1_000_000_000),
+            ("1gb", 1 << 30),
+            ("512", 512),
+            ("512b", 512),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        assert!(ByteSize::parse("1kk").is_err());
+        assert!(ByteSize::parse("k").is_err());
     }
 
     #[test]

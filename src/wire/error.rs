@@ -24,12 +24,8 @@ pub enum UpstreamError {
     /// The upstream could not be reached or used (connect failed or timed
     /// out, the handshake's connection closed, not a primary, a
     /// connection gone before the request was written): never sent.
-    #[error("upstream unavailable: {what}{}", cause_text(.source))]
-    Unreachable {
-        what: String,
-        #[source]
-        source: Option<Cause>,
-    },
+    #[error(transparent)]
+    Unreachable(Box<Unreachable>),
     /// A limit of the sidecar itself was reached: never sent, and the
     /// upstream may be perfectly well.
     #[error("upstream unavailable: {0}")]
@@ -50,6 +46,16 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
+/// What [`UpstreamError::Unreachable`] holds (boxed: a reply's error
+/// stays small, and this one is rare).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream unavailable: {what}{}", cause_text(.source))]
+pub struct Unreachable {
+    pub what: String,
+    #[source]
+    pub source: Option<Cause>,
+}
+
 fn cause_text(source: &Option<Cause>) -> String {
     source
         .as_ref()
@@ -60,10 +66,10 @@ fn cause_text(source: &Option<Cause>) -> String {
 impl UpstreamError {
     /// [`UpstreamError::Unreachable`] without an underlying error.
     pub fn unreachable(what: impl Into<String>) -> UpstreamError {
-        UpstreamError::Unreachable {
+        UpstreamError::Unreachable(Box::new(Unreachable {
             what: what.into(),
             source: None,
-        }
+        }))
     }
 
     /// [`UpstreamError::Unreachable`] caused by `source`.
@@ -71,17 +77,17 @@ impl UpstreamError {
         what: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> UpstreamError {
-        UpstreamError::Unreachable {
+        UpstreamError::Unreachable(Box::new(Unreachable {
             what: what.into(),
             source: Some(Arc::new(source)),
-        }
+        }))
     }
 
     /// The request was certainly not written to the upstream.
     pub fn never_sent(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Unreachable { .. }
+            UpstreamError::Unreachable(_)
                 | UpstreamError::Limit(_)
                 | UpstreamError::Routing(_)
                 | UpstreamError::Busy(_)
@@ -94,9 +100,7 @@ impl UpstreamError {
     pub fn upstream_down(&self) -> bool {
         matches!(
             self,
-            UpstreamError::ConnectionLost
-                | UpstreamError::Timeout
-                | UpstreamError::Unreachable { .. }
+            UpstreamError::ConnectionLost | UpstreamError::Timeout | UpstreamError::Unreachable(_)
         )
     }
 
@@ -143,7 +147,10 @@ mod tests {
             e.to_string(),
             "upstream unavailable: connect to h:1: refused"
         );
-        assert!(std::error::Error::source(&e).is_some());
+        // The I/O error is the cause, one level down (the box is transparent).
+        let inner = std::error::Error::source(&e).expect("a cause");
+        assert_eq!(inner.to_string(), "refused");
+        assert_eq!(std::mem::size_of::<UpstreamError>(), 32);
         assert!(e.never_sent() && e.upstream_down());
         let limit = UpstreamError::Limit("too many".into());
         assert!(limit.never_sent() && !limit.upstream_down());

@@ -7,9 +7,13 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::policy::Mode as PolicyMode;
+use crate::request::command::Local;
 use crate::request::exchange::TxItem;
 use crate::upstream::Auth;
 use crate::wire::Proto;
+use crate::wire::scan::parse_int;
+
+use super::{parse_auth, parse_hello};
 
 /// Where a request goes.
 pub(super) enum Target {
@@ -151,12 +155,31 @@ impl Subs {
     }
 }
 
-/// A connection-state change queued in a transaction.
+/// A connection-state change (SELECT, AUTH, HELLO, CLIENT SETNAME): parsed
+/// once by [`Change::parse`], applied to the session by one function
+/// (`Session::apply`) whatever the mode: at once, when its EXEC element
+/// says it ran, or as it is forwarded on a stream.
 pub(super) enum Change {
     Select(i64),
     Auth(Auth),
     Hello(Hello),
     SetName(Option<Bytes>),
+}
+
+impl Change {
+    /// The change `local` with `args` makes, if well formed (a malformed
+    /// one goes to Redis, whose error the client gets).
+    pub(super) fn parse(local: Local, args: &[Bytes]) -> Option<Change> {
+        match (local, args) {
+            (Local::Select, [_, db]) => parse_int(db).map(Change::Select),
+            (Local::Auth, _) => parse_auth(args).ok().map(Change::Auth),
+            (Local::Hello, _) => parse_hello(args).ok().map(Change::Hello),
+            (Local::ClientSetName, [_, _, n]) => {
+                Some(Change::SetName((!n.is_empty()).then(|| n.clone())))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A parsed `HELLO [protover [AUTH user pass] [SETNAME name]]`.

@@ -12,7 +12,6 @@ use crate::request::command::{Class, Local, Pin};
 use crate::request::exchange::Exchange;
 use crate::upstream::{Hop, Job, JobKind, Mark};
 use crate::wire::encode_command;
-use crate::wire::scan::parse_int;
 
 use super::*;
 use crate::upstream::conn::SelectAs;
@@ -89,24 +88,16 @@ impl Session {
             }
             // Mirrored for CLIENT LIST: in RESP3 Redis runs them (in RESP2
             // it refuses them while subscribed).
-            Class::Local(Local::Select) if self.runs_commands() => {
-                if let Some(db) = ex.args().get(1).and_then(|a| parse_int(a)) {
-                    self.st.db = db;
-                }
-            }
-            Class::Local(Local::ClientSetName) if self.runs_commands() => {
-                if let [_, _, n] = ex.args() {
-                    self.st.name = (!n.is_empty()).then(|| n.clone());
-                }
-            }
             Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
                 let reply = self.sidecar_auth(ex.args());
                 self.now(reply, Some(metrics)).await;
                 return Flow::Go;
             }
-            Class::Local(Local::Auth) if self.runs_commands() => {
-                if let Ok(a) = parse_auth(ex.args()) {
-                    self.st.auth = Some(a);
+            Class::Local(l @ (Local::Select | Local::ClientSetName | Local::Auth))
+                if self.runs_commands() =>
+            {
+                if let Some(change) = Change::parse(l, ex.args()) {
+                    self.apply(change);
                 }
             }
             Class::Local(Local::Hello) => {
@@ -127,7 +118,6 @@ impl Session {
                 }
                 if self.runs_commands() {
                     let old = self.st.proto;
-                    self.st.proto = h.proto.unwrap_or(self.st.proto);
                     let can_skip = matches!(&self.mode, Mode::Streaming(subs)
                         if subs.can_append(old) && subs.replies == Replies::On);
                     if can_skip {
@@ -138,16 +128,15 @@ impl Session {
                         // of their own, so a refusal is still the client's.
                         if let Some(a) = &h.auth {
                             let mut ident = self.identity();
+                            ident.proto = h.proto.unwrap_or(old);
                             ident.auth = Some(a.clone());
                             if let Err(e) = self.shared.pool.verify(&ident, SelectAs::Either).await
                             {
-                                self.st.proto = old;
                                 if let Err(reply) = self.stream_reply(e.to_reply(), false).await {
                                     self.now(reply, Some(metrics)).await;
                                 }
                                 return Flow::Go;
                             }
-                            self.st.auth = h.auth.clone();
                         }
                         let mut payload = bytes::BytesMut::from(
                             &encode_command(&["CLIENT", "REPLY", "SKIP"])[..],
@@ -159,15 +148,14 @@ impl Session {
                         {
                             return Flow::Stop;
                         }
+                        self.apply(Change::Hello(h));
                         let reply = self.hello_reply(self.st.proto);
                         if let Err(reply) = self.stream_reply(reply, false).await {
                             self.now(reply, Some(metrics)).await;
                         }
                         return Flow::Go;
                     }
-                    if h.auth.is_some() {
-                        self.st.auth = h.auth;
-                    }
+                    self.apply(Change::Hello(h));
                 }
             }
             Class::Pin(Pin::Sticky) => {

@@ -9,7 +9,6 @@ use crate::metrics::CommandMetrics;
 use crate::request::command::{Class, Local, Pin};
 use crate::request::exchange::{Exchange, TxItem};
 use crate::wire::Value;
-use crate::wire::scan::parse_int;
 
 use super::*;
 
@@ -60,12 +59,8 @@ impl Session {
                         None
                     }
                     Answer::Now(v) => {
-                        if let Mode::Transaction(tx) = &mut self.mode {
-                            tx.items.push(TxItem::Answered(v.encode(self.st.proto)));
-                            tx.rebuild = true;
-                        }
-                        self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
-                            .await;
+                        let answer = v.encode(self.st.proto);
+                        self.answer_into_tx(answer, metrics).await;
                         if std::mem::take(&mut self.kill_self) {
                             self.close().await;
                             return Flow::Stop;
@@ -74,24 +69,15 @@ impl Session {
                     }
                 }
             }
-            Class::Local(Local::Select) => ex
-                .args()
-                .get(1)
-                .and_then(|a| parse_int(a))
-                .filter(|_| ex.args().len() == 2)
-                .map(Change::Select),
             Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
                 let args = ex.args().to_vec();
                 let answer = self.sidecar_auth(&args);
-                if let Mode::Transaction(tx) = &mut self.mode {
-                    tx.items.push(TxItem::Answered(answer));
-                    tx.rebuild = true;
-                }
-                self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
-                    .await;
+                self.answer_into_tx(answer, metrics).await;
                 return Flow::Go;
             }
-            Class::Local(Local::Auth) => parse_auth(ex.args()).ok().map(Change::Auth),
+            Class::Local(l @ (Local::Select | Local::Auth | Local::ClientSetName)) => {
+                Change::parse(l, ex.args())
+            }
             Class::Local(Local::Hello) => match parse_hello(ex.args()) {
                 Ok(mut h) => {
                     // With [client_auth] the credentials are checked here
@@ -100,13 +86,8 @@ impl Session {
                         && let Some(a) = h.auth.take()
                     {
                         let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
-                            if let Mode::Transaction(tx) = &mut self.mode {
-                                tx.items
-                                    .push(TxItem::Answered(Bytes::from_static(WRONGPASS)));
-                                tx.rebuild = true;
-                            }
-                            self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
-                                .await;
+                            let answer = Bytes::from_static(WRONGPASS);
+                            self.answer_into_tx(answer, metrics).await;
                             return Flow::Go;
                         };
                         self.st.client_user = Some(u);
@@ -119,10 +100,6 @@ impl Session {
             },
             // Queued as sent.
             Class::Local(Local::Unsubscribe) => None,
-            Class::Local(Local::ClientSetName) => match ex.args() {
-                [_, _, n] => Some(Change::SetName((!n.is_empty()).then(|| n.clone()))),
-                _ => None,
-            },
             Class::Pin(Pin::Multi | Pin::Watch) => {
                 // Redis's error; nothing is queued.
                 return self.send_job(Target::Dedicated, ex, false, metrics).await;
@@ -233,6 +210,17 @@ impl Session {
             }
         }
         flow
+    }
+
+    /// A command the sidecar answers inside MULTI: the client gets
+    /// `+QUEUED`, and `answer` takes the command's place in the EXEC array.
+    pub(super) async fn answer_into_tx(&mut self, answer: Bytes, metrics: &Arc<CommandMetrics>) {
+        if let Mode::Transaction(tx) = &mut self.mode {
+            tx.items.push(TxItem::Answered(answer));
+            tx.rebuild = true;
+        }
+        self.now(Bytes::from_static(b"+QUEUED\r\n"), Some(metrics))
+            .await;
     }
 
     fn multi_unsent(&self) -> bool {

@@ -1,14 +1,11 @@
 //! The sidecar in front of a real 3-master, 3-replica Redis Cluster: the
 //! app sees one plain Redis. Replies are compared byte for byte with a
 //! single Redis given the same commands (RESP2 and RESP3).
-#![allow(clippy::unwrap_used)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::*;
 use redis_sidecar::policy::Builder;
-use support::*;
 
 fn args(line: &str) -> Vec<Vec<u8>> {
     line.split(' ').map(|a| a.as_bytes().to_vec()).collect()

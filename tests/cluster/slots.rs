@@ -1,14 +1,11 @@
 //! Redis Cluster groundwork against a real 3-master, 3-replica cluster:
 //! key slots as the cluster computes them, and the slot map read from
 //! `CLUSTER SHARDS` and `CLUSTER SLOTS`.
-#![allow(clippy::unwrap_used)]
-
-mod support;
 
 use redis_protocol::resp2::types::OwnedFrame;
 use redis_sidecar::upstream::cluster::{SLOTS, SlotMap, key_slot};
 
-use support::*;
+use crate::support::*;
 
 async fn frame(port: u16, args: &[&[u8]]) -> OwnedFrame {
     let mut c = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;

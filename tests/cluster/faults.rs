@@ -2,17 +2,14 @@
 //! load: slots resharded between masters, and a master killed (its replica
 //! promoted). Nothing acknowledged is lost, no reply reaches the wrong
 //! request, and redirections are counted.
-#![allow(clippy::unwrap_used)]
-
-mod support;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use redis_sidecar::Sidecar;
-use support::*;
 
 #[derive(Default)]
 struct Tally {
