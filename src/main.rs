@@ -172,7 +172,7 @@ async fn ttl_audit(
     };
     let ident = redis_sidecar::upstream::Identity {
         proto: redis_sidecar::wire::Proto::Resp2,
-        db: redis_sidecar::upstream::DEFAULT_DB,
+        db: redis_sidecar::upstream::URL_DB,
         auth: None,
     };
     let connected = conn::connect(&endpoint, &ident, None, &settings).await?;

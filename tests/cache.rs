@@ -258,6 +258,14 @@ async fn concurrent_misses_make_one_read() {
         .query_async(&mut d)
         .await
         .unwrap();
+    // Redis holds the first fill's GET for a second: every other miss
+    // arrives while it is in flight (on a busy machine too) and must join
+    // it.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "1000", "ALL"])
+        .query_async(&mut d)
+        .await
+        .unwrap();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
     let tasks: Vec<_> = clients
         .into_iter()

@@ -1,5 +1,6 @@
-//! The client side: the listener with its connection cap, and one
-//! [`session`] task per client.
+//! The client side: the listener with its connection cap, one
+//! [`session`] task per client, the registry of live clients the CLIENT
+//! family works on ([`clients`]) and `[client_auth]`'s users ([`auth`]).
 //!
 //! Shutdown paths: the shutdown token stops the accept loop, which then
 //! signals every live session (its `stop` signal) to stop reading new

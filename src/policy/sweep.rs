@@ -204,7 +204,7 @@ impl Sweeper {
         let rule = self.rule();
         let ident = Identity {
             proto: Proto::Resp2,
-            db: crate::upstream::DEFAULT_DB,
+            db: crate::upstream::URL_DB,
             auth: None,
         };
         let mut conn = self.pool.control(&ident).await?;

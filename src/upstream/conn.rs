@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::endpoint::{Endpoint, Stream, auth_command, role_of, roundtrip};
 use super::slots::{Node, Redirect};
-use super::{ClientShared, DEFAULT_DB, Hop, Identity, Job, JobKind, Oob, UpstreamError};
+use super::{ClientShared, Hop, Identity, Job, JobKind, Oob, URL_DB, UpstreamError};
 use crate::metrics::Metrics;
 use crate::request::exchange::ReplyPlan;
 use crate::wire::{ReplyScanner, scan};
@@ -132,7 +132,7 @@ pub async fn connect_to(
             Bytes::from_static(b"HELLO"),
             Bytes::from(ident.proto.number().to_string()),
         ]);
-        let db = if ident.db == DEFAULT_DB {
+        let db = if ident.db == URL_DB {
             endpoint.db()
         } else {
             ident.db
@@ -301,7 +301,7 @@ struct Pending {
     got: u32,
     keep: Option<Bytes>,
     /// The client's output entry this job completes.
-    slot: Option<u64>,
+    entry: Option<u64>,
     client: Arc<ClientShared>,
     /// Reply deadline; `None` for blocking commands.
     deadline: Option<Instant>,
@@ -403,7 +403,7 @@ impl Pending {
             plan: None,
             got: 0,
             keep: None,
-            slot: None,
+            entry: None,
             client,
             deadline: None,
             start_stream,
@@ -428,7 +428,7 @@ impl Pending {
             self.client.kill.cancel();
             return;
         }
-        if let Some(seq) = self.slot {
+        if let Some(seq) = self.entry {
             self.client.fail(seq, err.clone());
         }
     }
@@ -439,7 +439,7 @@ impl Pending {
     /// a connection that will not send it elsewhere.
     fn can_stream(&self) -> bool {
         self.got == 0
-            && self.slot.is_some()
+            && self.entry.is_some()
             && self.resend.is_none()
             && !self.asking
             && self.mark.is_none()
@@ -657,7 +657,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
     let pending = match job.kind {
         JobKind::Request {
             plan,
-            slot,
+            entry,
             blocking,
         } => {
             let asking = redirectable && job.hop.asking;
@@ -674,7 +674,7 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
                 plan: Some(plan),
                 got: 0,
                 keep: None,
-                slot,
+                entry,
                 client: job.client,
                 deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
                 start_stream: false,
@@ -847,7 +847,7 @@ fn stream_part(
     let Some(front) = q.front_mut() else {
         return;
     };
-    let (true, Some(seq)) = (front.can_stream() || front.streamed, front.slot) else {
+    let (true, Some(seq)) = (front.can_stream() || front.streamed, front.entry) else {
         return;
     };
     if !front.client.can_stream(seq) {
@@ -977,7 +977,7 @@ fn dispatch(
             payload: resend.payload,
             kind: JobKind::Request {
                 plan,
-                slot: done.slot,
+                entry: done.entry,
                 blocking: resend.blocking,
             },
             client: done.client.clone(),
@@ -1009,7 +1009,7 @@ fn dispatch(
     // Redis would close it; the others in flight learn the connection is
     // lost, never that they erred.
     let refused =
-        !done.streamed && reply.starts_with(b"-ERR Protocol error") && done.slot.is_some();
+        !done.streamed && reply.starts_with(b"-ERR Protocol error") && done.entry.is_some();
     if refused {
         metrics.protocol_error("upstream_refused_request");
         tracing::warn!(
@@ -1026,12 +1026,12 @@ fn dispatch(
             b"-ERR the cluster moved this key's slot while the client held a transaction or WATCH on it; reconnect\r\n",
         );
     }
-    if let Some(seq) = done.slot {
+    if let Some(seq) = done.entry {
         // The client may be gone; its reply is then dropped.
         done.client.deliver(seq, Ok(reply));
     }
     if refused || done.moved_under {
         done.client.close();
     }
-    Ok(done.slot.is_some().then_some(done.client))
+    Ok(done.entry.is_some().then_some(done.client))
 }

@@ -26,7 +26,7 @@ use super::conn::{self, ConnSettings};
 use super::endpoint::EndpointSpec;
 use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
 use super::slots::{self, Topology};
-use super::{DEFAULT_DB, Identity, UpstreamError};
+use super::{Identity, URL_DB, UpstreamError};
 use crate::config::url::Target;
 use crate::config::{Failback, FailoverConfig};
 use crate::metrics::Metrics;
@@ -471,7 +471,7 @@ impl Upstreams {
         if conn.is_none() {
             let ident = Identity {
                 proto: Proto::Resp2,
-                db: DEFAULT_DB,
+                db: URL_DB,
                 auth: None,
             };
             let c = conn::connect(e, &ident, None, &self.settings).await?;

@@ -54,16 +54,17 @@ impl fmt::Debug for Auth {
     }
 }
 
-/// `Identity::db` of a client that never selected a database: the
-/// endpoint URL's `/db` (0 when it has none). RESET returns to it.
-pub const DEFAULT_DB: i64 = -1;
+/// `Identity::db` of a client that never selected a database: whatever the
+/// endpoint URL's `/db` is (0 when it has none), followed across a switch
+/// of endpoints. RESET returns to it.
+pub const URL_DB: i64 = -1;
 
 /// The connection state a shared upstream connection is set up with. Shared
 /// connections are keyed by it, so no client sees another's state.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub proto: Proto,
-    /// The client's database, or [`DEFAULT_DB`].
+    /// The client's database, or [`URL_DB`].
     pub db: i64,
     /// `None`: the credentials of the upstream URL.
     pub auth: Option<Auth>,
@@ -97,11 +98,11 @@ impl Oob {
 #[derive(Debug)]
 pub enum JobKind {
     /// A client command (and what stages appended) whose replies follow
-    /// its exchange; the client's reply completes entry `slot` of its
-    /// output queue (`None`: nobody waits).
+    /// its exchange; the client's reply completes `entry` of its output
+    /// queue (its sequence number; `None`: nobody waits).
     Request {
         plan: ReplyPlan,
-        slot: Option<u64>,
+        entry: Option<u64>,
         /// Blocking commands have no command timeout.
         blocking: bool,
     },
@@ -182,9 +183,12 @@ pub struct Hop {
 impl Job {
     /// The job will never be sent: its entry gets `err`.
     pub fn fail(self, err: UpstreamError) {
-        if let JobKind::Request { mut plan, slot, .. } = self.kind {
+        if let JobKind::Request {
+            mut plan, entry, ..
+        } = self.kind
+        {
             plan.fail(&err);
-            if let Some(seq) = slot {
+            if let Some(seq) = entry {
                 self.client.fail(seq, err);
             }
         }

@@ -1,6 +1,9 @@
 //! The pool: shared multiplexed connections per [`Identity`], dedicated
-//! connections for pinned clients, and the command table learned from the
-//! upstream.
+//! connections for pinned clients, the command table learned from the
+//! upstream, and, in front of a cluster, the identity's node connections
+//! ([`ClusterSet`]) and router tasks it starts (the router reaches back
+//! only through [`NodePool`], which the pool implements); control
+//! connections for the sidecar's own commands ([`ControlConn`]).
 //!
 //! Each shared connection is a manager task owning a bounded job channel.
 //! The manager connects to the active endpoint (with backoff), serves until
@@ -28,7 +31,7 @@ use super::cluster::router::{Router, RouterEnd};
 use super::conn::{self, Bounce, BounceTx, Bounced, ConnSettings, Connected, End};
 use super::failover::{Active, Upstreams};
 use super::slots::{Node, SlotMap};
-use super::{DEFAULT_DB, Identity, Job, Oob, UpstreamError};
+use super::{Identity, Job, Oob, URL_DB, UpstreamError};
 use crate::metrics::Metrics;
 use crate::request::command::Table;
 use crate::wire::Proto;
@@ -707,7 +710,7 @@ impl Pool {
         let start = Instant::now();
         let ident = Identity {
             proto: Proto::Resp2,
-            db: DEFAULT_DB,
+            db: URL_DB,
             auth: None,
         };
         let reply = self.one_command(&ident, b"PING").await?;
@@ -783,7 +786,7 @@ impl Pool {
         let mut dbs: Vec<i64> = self
             .lock_shared()
             .keys()
-            .map(|i| if i.db == DEFAULT_DB { url_db } else { i.db })
+            .map(|i| if i.db == URL_DB { url_db } else { i.db })
             .chain([url_db])
             .collect();
         dbs.sort_unstable();

@@ -248,7 +248,7 @@ impl Session {
         blocking: bool,
         metrics: &Arc<CommandMetrics>,
     ) -> Flow {
-        self.room().await;
+        self.wait_for_room().await;
         if blocking {
             // Output entries queued up to and including this one: while
             // fewer are complete, the dedicated connection waits in Redis
@@ -270,7 +270,7 @@ impl Session {
             payload,
             kind: JobKind::Request {
                 plan,
-                slot: Some(seq),
+                entry: Some(seq),
                 blocking,
             },
             client: self.entry.client.clone(),
@@ -281,7 +281,7 @@ impl Session {
             // The connection is gone and the job was never sent.
             job.fail(UpstreamError::unreachable("upstream connection closed"));
         }
-        Flow::Go
+        Flow::Next
     }
 
     /// A job whose reply no client entry waits for (the sidecar's own
@@ -292,7 +292,7 @@ impl Session {
             payload,
             kind: JobKind::Request {
                 plan,
-                slot: None,
+                entry: None,
                 blocking: false,
             },
             client: self.entry.client.clone(),

@@ -49,7 +49,7 @@ use crate::policy::{Chain, Ctx, Verdict};
 use crate::request::command::{Class, CommandInfo, Local, Pin, classify};
 use crate::request::exchange::Exchange;
 use crate::upstream::pool::{ClusterSet, Dedicated, SharedSet};
-use crate::upstream::{DEFAULT_DB, Identity, Job, JobKind, UpstreamError};
+use crate::upstream::{Identity, Job, JobKind, URL_DB, UpstreamError};
 use crate::wire::{Request, RequestScanner, Value};
 
 /// Read size from a client socket.
@@ -174,7 +174,7 @@ impl Session {
         } else {
             reply
         };
-        self.room().await;
+        self.wait_for_room().await;
         self.entry.client.reply(reply, metrics);
     }
 
@@ -184,7 +184,7 @@ impl Session {
         if matches!(self.mode, Mode::Streaming(_)) {
             let _ = Box::pin(self.stream_reply(Bytes::new(), true)).await;
         }
-        self.room().await;
+        self.wait_for_room().await;
         self.entry.client.close();
     }
 
@@ -260,7 +260,7 @@ impl Session {
                 tx.refused = true;
             }
             self.now(err, Some(&metrics)).await;
-            return Flow::Go;
+            return Flow::Next;
         }
         if self.shared.client_auth.is_some()
             && self.st.client_user.is_none()
@@ -279,7 +279,7 @@ impl Session {
                 .and_then(|i| arity_error(i, ex.args()))
                 .unwrap_or_else(|| Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
             self.now(err, Some(&metrics)).await;
-            return Flow::Go;
+            return Flow::Next;
         }
         if !self.chain.1.is_empty() {
             // The usual verdict (continue) costs no future of its own.
@@ -391,11 +391,11 @@ impl Session {
                 } else {
                     self.answer_into_tx(reply, metrics).await;
                     self.publish();
-                    return Some(Flow::Go);
+                    return Some(Flow::Next);
                 }
             }
             self.now(reply, Some(metrics)).await;
-            return Some(Flow::Go);
+            return Some(Flow::Next);
         }
     }
 
@@ -414,7 +414,7 @@ impl Session {
                             tx.multi_unsent = true;
                         }
                         self.reply(Value::Simple("OK"), metrics).await;
-                        Flow::Go
+                        Flow::Next
                     }
                     Err(e) => self.upstream_error(e, metrics).await,
                 }
@@ -462,7 +462,7 @@ impl Session {
                 let mut ex = ex;
                 if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 self.transition(Event::Pin);
                 self.send_job(Target::Dedicated, ex, false, metrics).await
@@ -480,7 +480,7 @@ impl Session {
     fn publish(&self) {
         let mut p = self.entry.published();
         p.name = self.st.name.clone();
-        p.db = if self.st.db == DEFAULT_DB {
+        p.db = if self.st.db == URL_DB {
             self.shared.pool.ups.active().endpoint.db()
         } else {
             self.st.db
@@ -508,7 +508,7 @@ impl Session {
         if self.entry.client.kill.is_cancelled() {
             Flow::Stop
         } else {
-            Flow::Go
+            Flow::Next
         }
     }
 }

@@ -24,7 +24,9 @@ pub(super) enum Target {
 /// What the reader does after a request.
 #[derive(PartialEq, Eq)]
 pub(super) enum Flow {
-    Go,
+    /// Read the next request.
+    Next,
+    /// Close the client.
     Stop,
 }
 

@@ -150,7 +150,7 @@ impl Session {
 
     /// Wait while the client has too many requests in flight (a client
     /// that pipelines without end is held back, not buffered without end).
-    pub(super) async fn room(&mut self) {
+    pub(super) async fn wait_for_room(&mut self) {
         let max = self.shared.limits.max_inflight.max(1) as u64;
         if self.queued >= self.entry.client.progress.done() + max {
             self.entry.client.flush();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::metrics::CommandMetrics;
 use crate::request::command::Local;
 use crate::request::exchange::Exchange;
-use crate::upstream::{Auth, DEFAULT_DB};
+use crate::upstream::{Auth, URL_DB};
 use crate::wire::scan::parse_int;
 use crate::wire::{Proto, Value};
 
@@ -95,7 +95,7 @@ pub(super) fn parse_hello(args: &[Bytes]) -> Result<Hello, Value> {
 #[derive(Clone, Debug)]
 pub(super) struct ConnState {
     pub(super) proto: Proto,
-    /// The selected db, or [`DEFAULT_DB`] (the endpoint URL's).
+    /// The selected db, or [`URL_DB`] (the endpoint URL's).
     pub(super) db: i64,
     /// Credentials given to the upstream (`None`: the URL's).
     pub(super) auth: Option<Auth>,
@@ -110,7 +110,7 @@ impl Default for ConnState {
     fn default() -> ConnState {
         ConnState {
             proto: Proto::Resp2,
-            db: DEFAULT_DB,
+            db: URL_DB,
             auth: None,
             name: None,
             client_user: None,
@@ -183,7 +183,7 @@ impl Session {
                     out.extend_from_slice(&one(Value::Bulk(ch.clone())));
                 }
                 self.now(out.freeze(), Some(metrics)).await;
-                Flow::Go
+                Flow::Next
             }
             Local::Quit => {
                 self.reply(Value::Simple("OK"), metrics).await;
@@ -193,7 +193,7 @@ impl Session {
             Local::Reset => {
                 self.reset();
                 self.reply(Value::Simple("RESET"), metrics).await;
-                Flow::Go
+                Flow::Next
             }
             Local::ClientSetName => {
                 let name = match args {
@@ -202,12 +202,12 @@ impl Session {
                             "ERR Client names cannot contain spaces, newlines or special characters.",
                         );
                         self.reply(v, metrics).await;
-                        return Flow::Go;
+                        return Flow::Next;
                     }
                     [_, _, n] => n.clone(),
                     _ => {
                         self.reply(arity_err("client|setname"), metrics).await;
-                        return Flow::Go;
+                        return Flow::Next;
                     }
                 };
                 let upstream = vec![
@@ -217,7 +217,7 @@ impl Session {
                 ];
                 if let Err(e) = self.apply_on_dedicated(upstream).await {
                     self.now(e, Some(metrics)).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 self.st.name = (!name.is_empty()).then_some(name);
                 if !self.holds_state() {
@@ -225,7 +225,7 @@ impl Session {
                     self.drop_dedicated(false);
                 }
                 self.reply(Value::Simple("OK"), metrics).await;
-                Flow::Go
+                Flow::Next
             }
             Local::ClientId
             | Local::ClientGetName
@@ -249,12 +249,12 @@ impl Session {
                     self.close().await;
                     return Flow::Stop;
                 }
-                Flow::Go
+                Flow::Next
             }
             Local::Select => {
                 let Some(db) = args.get(1).filter(|_| args.len() == 2) else {
                     self.reply(arity_err("select"), metrics).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 };
                 let Some(db) = parse_int(db) else {
                     self.reply(
@@ -262,12 +262,12 @@ impl Session {
                         metrics,
                     )
                     .await;
-                    return Flow::Go;
+                    return Flow::Next;
                 };
                 if db < 0 || db > i64::from(i32::MAX) {
                     self.reply(Value::error("ERR DB index is out of range"), metrics)
                         .await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 if db != 0 && self.shared.pool.ups.active().endpoint.cluster.is_some() {
                     // As Redis Cluster: database 0 only.
@@ -276,7 +276,7 @@ impl Session {
                         metrics,
                     )
                     .await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 let upstream = vec![Bytes::from_static(b"SELECT"), Bytes::from(db.to_string())];
                 self.change_identity(Change::Select(db), upstream, None, metrics)
@@ -285,7 +285,7 @@ impl Session {
             Local::Auth if self.shared.client_auth.is_some() => {
                 let reply = self.sidecar_auth(args);
                 self.now(reply, Some(metrics)).await;
-                Flow::Go
+                Flow::Next
             }
             Local::Auth => match parse_auth(args) {
                 Ok(auth) => {
@@ -295,7 +295,7 @@ impl Session {
                 }
                 Err(()) => {
                     self.reply(arity_err("auth"), metrics).await;
-                    Flow::Go
+                    Flow::Next
                 }
             },
             Local::Hello => match parse_hello(args) {
@@ -309,13 +309,13 @@ impl Session {
                                 Some(u) => self.st.client_user = Some(u),
                                 None => {
                                     self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
-                                    return Flow::Go;
+                                    return Flow::Next;
                                 }
                             },
                             None if self.st.client_user.is_none() => {
                                 self.now(Bytes::from_static(HELLO_NOAUTH), Some(metrics))
                                     .await;
-                                return Flow::Go;
+                                return Flow::Next;
                             }
                             None => {}
                         }
@@ -327,7 +327,7 @@ impl Session {
                 }
                 Err(v) => {
                     self.reply(v, metrics).await;
-                    Flow::Go
+                    Flow::Next
                 }
             },
         }
@@ -348,7 +348,7 @@ impl Session {
             Ok(applied) => applied,
             Err(e) => {
                 self.now(e, Some(metrics)).await;
-                return Flow::Go;
+                return Flow::Next;
             }
         };
         if !applied {
@@ -383,7 +383,7 @@ impl Session {
             }
             None => self.reply(Value::Simple("OK"), metrics).await,
         }
-        Flow::Go
+        Flow::Next
     }
 
     /// A connection-state change that ran on the dedicated connection.

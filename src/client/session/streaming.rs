@@ -91,7 +91,7 @@ impl Session {
             Class::Local(Local::Auth) if self.shared.client_auth.is_some() => {
                 let reply = self.sidecar_auth(ex.args());
                 self.now(reply, Some(metrics)).await;
-                return Flow::Go;
+                return Flow::Next;
             }
             Class::Local(l @ (Local::Select | Local::ClientSetName | Local::Auth))
                 if self.runs_commands() =>
@@ -111,7 +111,7 @@ impl Session {
                 {
                     let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
                         self.now(Bytes::from_static(WRONGPASS), Some(metrics)).await;
-                        return Flow::Go;
+                        return Flow::Next;
                     };
                     self.st.client_user = Some(u);
                     ex.rewrite(hello_without_auth(ex.args()));
@@ -135,7 +135,7 @@ impl Session {
                                 if let Err(reply) = self.stream_reply(e.to_reply(), false).await {
                                     self.now(reply, Some(metrics)).await;
                                 }
-                                return Flow::Go;
+                                return Flow::Next;
                             }
                         }
                         let mut payload = bytes::BytesMut::from(
@@ -153,7 +153,7 @@ impl Session {
                         if let Err(reply) = self.stream_reply(reply, false).await {
                             self.now(reply, Some(metrics)).await;
                         }
-                        return Flow::Go;
+                        return Flow::Next;
                     }
                     self.apply(Change::Hello(h));
                 }
@@ -161,7 +161,7 @@ impl Session {
             Class::Pin(Pin::Sticky) => {
                 if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
             }
             _ => {}
@@ -258,7 +258,7 @@ impl Session {
             self.entry.client.kill.cancel();
             return Flow::Stop;
         }
-        Flow::Go
+        Flow::Next
     }
 
     /// A job for the client's streaming connection (no reply entry).

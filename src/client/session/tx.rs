@@ -65,7 +65,7 @@ impl Session {
                             self.close().await;
                             return Flow::Stop;
                         }
-                        return Flow::Go;
+                        return Flow::Next;
                     }
                 }
             }
@@ -73,7 +73,7 @@ impl Session {
                 let args = ex.args().to_vec();
                 let answer = self.sidecar_auth(&args);
                 self.answer_into_tx(answer, metrics).await;
-                return Flow::Go;
+                return Flow::Next;
             }
             Class::Local(l @ (Local::Select | Local::Auth | Local::ClientSetName)) => {
                 Change::parse(l, ex.args())
@@ -88,7 +88,7 @@ impl Session {
                         let Some(u) = ca.check(a.user.as_deref(), &a.password) else {
                             let answer = Bytes::from_static(WRONGPASS);
                             self.answer_into_tx(answer, metrics).await;
-                            return Flow::Go;
+                            return Flow::Next;
                         };
                         self.st.client_user = Some(u);
                         let args = hello_without_auth(ex.args());
@@ -116,7 +116,7 @@ impl Session {
                 if name == b"discard" && self.multi_unsent() {
                     self.transition(Event::EndTransaction);
                     self.reply(Value::Simple("OK"), metrics).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 if name == b"discard" {
                     self.transition(Event::EndTransaction);
@@ -127,7 +127,7 @@ impl Session {
             Class::Pin(Pin::Sticky) => {
                 if let Err(e) = self.map_redirect(&mut ex).await {
                     self.now(e, Some(metrics)).await;
-                    return Flow::Go;
+                    return Flow::Next;
                 }
                 self.transition(Event::Pin);
                 None
@@ -181,7 +181,7 @@ impl Session {
             // Redis refuses EXEC itself while busy, and says why.
             let v = Value::error(format!("EXECABORT Transaction discarded because of: {msg}"));
             self.reply(v, metrics).await;
-            return Flow::Go;
+            return Flow::Next;
         }
         if refused {
             return self.abort_exec(metrics).await;
@@ -189,7 +189,7 @@ impl Session {
         if multi_unsent {
             // Nothing was queued: an empty transaction, as Redis runs it.
             self.reply(Value::Array(Vec::new()), metrics).await;
-            return Flow::Go;
+            return Flow::Next;
         }
         if rebuild {
             ex.set_exec(items);
@@ -249,7 +249,7 @@ impl Session {
         match refused {
             Some(reply) => {
                 self.now(reply, Some(metrics)).await;
-                Some(Flow::Go)
+                Some(Flow::Next)
             }
             None => {
                 if let Some(d) = &self.dedicated {
@@ -269,7 +269,7 @@ impl Session {
             metrics,
         )
         .await;
-        Flow::Go
+        Flow::Next
     }
 
     /// End the open transaction without running it (an EXEC or DISCARD
@@ -279,7 +279,7 @@ impl Session {
         self.discard_upstream().await;
         self.now(reply, Some(metrics)).await;
         self.publish();
-        Flow::Go
+        Flow::Next
     }
 
     /// Send DISCARD on the dedicated connection; its reply is consumed.

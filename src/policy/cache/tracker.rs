@@ -34,7 +34,7 @@ use super::store::{Reason, Store};
 use crate::metrics::Metrics;
 use crate::upstream::cluster::{Node, SlotMap};
 use crate::upstream::pool::Pool;
-use crate::upstream::{DEFAULT_DB, Identity, UpstreamError};
+use crate::upstream::{Identity, URL_DB, UpstreamError};
 use crate::wire::resp::elements;
 use crate::wire::{Proto, ReplyScanner, encode_command};
 
@@ -75,7 +75,7 @@ impl FillError {
 }
 
 struct Request {
-    /// The client's db (`DEFAULT_DB`: the URL's).
+    /// The client's db (`URL_DB`: the URL's).
     db: i64,
     keys: Vec<Bytes>,
     read: Vec<Bytes>,
@@ -172,7 +172,7 @@ struct Conn {
     rbuf: BytesMut,
     scanner: ReplyScanner,
     generation: u64,
-    /// The db selected (`DEFAULT_DB`: the URL's).
+    /// The db selected (`URL_DB`: the URL's).
     db: i64,
     pending: VecDeque<Pending>,
 }
@@ -321,7 +321,7 @@ impl Task {
         }
         let ident = Identity {
             proto: Proto::Resp3,
-            db: DEFAULT_DB,
+            db: URL_DB,
             auth: None,
         };
         let c = self.pool.control_node(&ident, node).await.map_err(|e| {
@@ -360,7 +360,7 @@ impl Task {
             rbuf,
             scanner: ReplyScanner::new(512 << 20),
             generation,
-            db: DEFAULT_DB,
+            db: URL_DB,
             pending: VecDeque::new(),
         })
     }
@@ -396,7 +396,7 @@ impl Task {
         let mut out = BytesMut::new();
         let mut skip = 0;
         if req.db != c.db {
-            let db = if req.db == DEFAULT_DB {
+            let db = if req.db == URL_DB {
                 active.endpoint.db()
             } else {
                 req.db

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use super::buckets::{Bucket, Gcra, now_ns};
 use crate::policy::Wait;
 use crate::upstream::pool::{ControlConn, Pool};
-use crate::upstream::{DEFAULT_DB, Identity, UpstreamError};
+use crate::upstream::{Identity, URL_DB, UpstreamError};
 use crate::wire::Proto;
 
 /// Unspent tokens of a batch are dropped this long after it arrived.
@@ -371,7 +371,7 @@ async fn run(
 async fn connect(pool: &Arc<Pool>) -> Result<(ControlConn, Bytes), UpstreamError> {
     let ident = Identity {
         proto: Proto::Resp2,
-        db: DEFAULT_DB,
+        db: URL_DB,
         auth: None,
     };
     let mut c = pool.control(&ident).await?;

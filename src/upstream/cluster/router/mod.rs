@@ -65,7 +65,7 @@ fn own_job(payload: Bytes, client: &Arc<ClientShared>, pinned: bool) -> Job {
         payload,
         kind: JobKind::Request {
             plan: ReplyPlan::single(),
-            slot: None,
+            entry: None,
             blocking: false,
         },
         client: client.clone(),
@@ -79,9 +79,12 @@ fn own_job(payload: Bytes, client: &Arc<ClientShared>, pinned: bool) -> Job {
 
 /// One client job's completion with a reply the router makes itself.
 fn answer(job: Job, reply: Bytes) {
-    if let JobKind::Request { mut plan, slot, .. } = job.kind {
+    if let JobKind::Request {
+        mut plan, entry, ..
+    } = job.kind
+    {
         let reply = plan.finish(reply);
-        if let Some(seq) = slot {
+        if let Some(seq) = entry {
             job.client.deliver(seq, Ok(reply));
             job.client.flush();
         }
@@ -382,11 +385,11 @@ impl Router {
         merge: Merge,
         pinned: bool,
     ) {
-        let JobKind::Request { plan, slot, .. } = job.kind else {
+        let JobKind::Request { plan, entry, .. } = job.kind else {
             return;
         };
         let n = parts.len();
-        let g = Arc::new(Gather::new(job.client.clone(), slot, merge, n, plan));
+        let g = Arc::new(Gather::new(job.client.clone(), entry, merge, n, plan));
         if n == 0 {
             g.part(
                 0,
@@ -399,7 +402,7 @@ impl Router {
                 payload,
                 kind: JobKind::Request {
                     plan: ReplyPlan::part(g.clone(), i),
-                    slot: None,
+                    entry: None,
                     blocking: false,
                 },
                 client: job.client.clone(),
