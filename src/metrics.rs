@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -13,7 +14,10 @@ use prometheus::{
 /// Handles for one command label, resolved once per command table entry.
 pub struct CommandMetrics {
     pub ok: IntCounter,
+    /// Redis's error replies (and the upstream's failures).
     pub err: IntCounter,
+    /// Refused by the sidecar itself (a policy, `[client_auth]`).
+    pub refused: IntCounter,
     pub duration: Histogram,
 }
 
@@ -25,6 +29,10 @@ impl std::fmt::Debug for CommandMetrics {
 
 struct Inner {
     registry: Registry,
+    /// `process_*` (no prefix, as every Prometheus client names them),
+    /// read from `/proc` at each scrape.
+    process: Process,
+    upstream_latency: HistogramVec,
     commands: IntCounterVec,
     duration: HistogramVec,
     client_connections: IntGauge,
@@ -82,7 +90,7 @@ impl Metrics {
         let commands = IntCounterVec::new(
             Opts::new(
                 "commands_total",
-                "Commands answered, by command and result (ok|error)",
+                "Commands answered, by command and result (ok|error|refused: error is Redis's reply or an upstream failure, refused the sidecar's own policy)",
             ),
             &["command", "result"],
         )
@@ -338,8 +346,52 @@ impl Metrics {
             &["upstream", "node"],
         )
         .expect("static metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "The running build (value 1)"),
+            &["version"],
+        )
+        .expect("static metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_request_duration_seconds",
+                "From a request's hand-off to an upstream connection to its reply, by endpoint (compare endpoints across a switch)",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("static buckets")),
+            &["upstream"],
+        )
+        .expect("static metric");
+        // Every counter whose labels are known at startup is there at 0.
+        for r in ["ok", "error"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        for r in ["max_clients", "idle_timeout"] {
+            clients_rejected.with_label_values(&[r]);
+        }
+        for r in ["large_replies", "deep_pipeline"] {
+            client_lanes.with_label_values(&[r]);
+        }
+        for k in [
+            "invalid_multibulk_length",
+            "invalid_bulk_length",
+            "expected_bulk",
+            "inline_too_big",
+            "count_too_big",
+            "unbalanced_quotes",
+            "bad_reply",
+            "request_too_big",
+            "unexpected_push",
+            "unsolicited_reply",
+            "upstream_refused_request",
+        ] {
+            protocol_errors.with_label_values(&[k]);
+        }
         for c in [
-            Box::new(commands.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(commands.clone()) as Box<dyn Collector>,
+            Box::new(build_info),
+            Box::new(upstream_latency.clone()),
             Box::new(cluster_node_connections.clone()),
             Box::new(cluster_redirects.clone()),
             Box::new(cluster_refreshes.clone()),
@@ -379,6 +431,8 @@ impl Metrics {
         }
         Metrics(Arc::new(Inner {
             registry,
+            process: Process::new(),
+            upstream_latency,
             commands,
             duration,
             client_connections,
@@ -503,6 +557,7 @@ impl Metrics {
                 Arc::new(CommandMetrics {
                     ok: self.0.commands.with_label_values(&[label, "ok"]),
                     err: self.0.commands.with_label_values(&[label, "error"]),
+                    refused: self.0.commands.with_label_values(&[label, "refused"]),
                     duration: self.0.duration.with_label_values(&[label]),
                 })
             })
@@ -575,6 +630,7 @@ impl Metrics {
         let _ = self.0.upstream_active.remove_label_values(&[upstream]);
         let _ = self.0.check_duration.remove_label_values(&[upstream]);
         let _ = self.0.checks_late.remove_label_values(&[upstream]);
+        let _ = self.0.upstream_latency.remove_label_values(&[upstream]);
     }
 
     pub fn cluster_redirect(&self, upstream: &str, kind: &str) {
@@ -625,10 +681,222 @@ impl Metrics {
         self.0.protocol_errors.with_label_values(&[kind]).inc();
     }
 
+    /// The endpoints configured (at startup and on reload): their
+    /// failover counters are there at 0 for every pair and reason.
+    pub fn endpoints(&self, names: &[&str]) {
+        for from in names {
+            for to in names.iter().filter(|t| *t != from) {
+                for why in [
+                    "down",
+                    "failback",
+                    "manual",
+                    "reload",
+                    "sentinel_switch_master",
+                ] {
+                    self.0.failovers.with_label_values(&[from, to, why]);
+                }
+            }
+            self.0.checks_late.with_label_values(&[from]);
+        }
+    }
+
+    /// A request's time on `upstream`, from hand-off to reply.
+    pub fn upstream_latency(&self, upstream: &str) -> Histogram {
+        self.0.upstream_latency.with_label_values(&[upstream])
+    }
+
+    /// Drop the series of rate-limit, cache and TTL rules no longer
+    /// configured (a reload removed them): `keep` are the rule labels that
+    /// stay.
+    pub fn forget_rules(&self, keep: &[&str]) {
+        let i = &self.0;
+        let two = ["rule", "result"];
+        for v in [&i.rl_decisions, &i.rl_shared_calls, &i.cache_requests] {
+            forget_stale(v.collect(), &two, keep, |l| {
+                let _ = v.remove_label_values(l);
+            });
+        }
+        forget_stale(i.ttl_enforced.collect(), &["rule", "action"], keep, |l| {
+            let _ = i.ttl_enforced.remove_label_values(l);
+        });
+        for v in [
+            &i.rl_overflow,
+            &i.rl_fallback,
+            &i.ttl_append_errors,
+            &i.ttl_sweep_scanned,
+            &i.ttl_sweep_passes,
+        ] {
+            forget_stale(v.collect(), &["rule"], keep, |l| {
+                let _ = v.remove_label_values(l);
+            });
+        }
+        forget_stale(i.rl_tracked.collect(), &["rule"], keep, |l| {
+            let _ = i.rl_tracked.remove_label_values(l);
+        });
+        forget_stale(i.rl_delay.collect(), &["rule"], keep, |l| {
+            let _ = i.rl_delay.remove_label_values(l);
+        });
+    }
+
+    /// Drop the node series of `upstream` for nodes no longer in its slot
+    /// map (`nodes`: the `host:port` of every node it has now).
+    pub fn forget_nodes(&self, upstream: &str, nodes: &[String]) {
+        let v = &self.0.cluster_node_connections;
+        for m in v.collect().iter().flat_map(|f| f.get_metric().to_vec()) {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("upstream") == Some(&upstream)
+                && let Some(node) = labels.get("node")
+                && !nodes.iter().any(|n| n == node)
+            {
+                let _ = v.remove_label_values(&[upstream, node]);
+            }
+        }
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.0.registry.gather(), &mut buf);
+        let mut families = self.0.registry.gather();
+        families.extend(self.0.process.gather());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         buf
     }
+}
+
+/// Remove every series of a rule vector (labels `order`, `rule` first)
+/// whose rule is not in `keep`.
+fn forget_stale(
+    families: Vec<prometheus::proto::MetricFamily>,
+    order: &[&str],
+    keep: &[&str],
+    remove: impl Fn(&[&str]),
+) {
+    for m in families.iter().flat_map(|f| f.get_metric().to_vec()) {
+        let labels: HashMap<&str, &str> = m
+            .get_label()
+            .iter()
+            .map(|l| (l.name(), l.value()))
+            .collect();
+        if labels.get("rule").is_some_and(|r| !keep.contains(r)) {
+            let values: Vec<&str> = order
+                .iter()
+                .map(|n| labels.get(n).copied().unwrap_or(""))
+                .collect();
+            remove(&values);
+        }
+    }
+}
+
+/// `process_*` series of this process, read from `/proc` at each scrape
+/// (Linux; elsewhere there are none).
+struct Process {
+    registry: Registry,
+    rss: prometheus::Gauge,
+    cpu: prometheus::Counter,
+    fds: IntGauge,
+    max_fds: IntGauge,
+    start: prometheus::Gauge,
+    /// The CPU seconds already counted (the counter only grows by deltas).
+    cpu_seen: Mutex<f64>,
+}
+
+impl Process {
+    fn new() -> Process {
+        let registry = Registry::new();
+        let rss = prometheus::Gauge::new(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+        )
+        .expect("static metric");
+        let cpu = prometheus::Counter::new(
+            "process_cpu_seconds_total",
+            "User and system CPU time spent in seconds",
+        )
+        .expect("static metric");
+        let fds =
+            IntGauge::new("process_open_fds", "Open file descriptors").expect("static metric");
+        let max_fds = IntGauge::new("process_max_fds", "The limit of open file descriptors")
+            .expect("static metric");
+        let start = prometheus::Gauge::new(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+        )
+        .expect("static metric");
+        for c in [
+            Box::new(rss.clone()) as Box<dyn Collector>,
+            Box::new(cpu.clone()),
+            Box::new(fds.clone()),
+            Box::new(max_fds.clone()),
+            Box::new(start.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Process {
+            registry,
+            rss,
+            cpu,
+            fds,
+            max_fds,
+            start,
+            cpu_seen: Mutex::new(0.0),
+        }
+    }
+
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(stat) = read_proc("/proc/self/stat") else {
+            return Vec::new();
+        };
+        // Fields after the command name (which may hold spaces): state is
+        // field 3; utime 14, stime 15, starttime 22, rss 24 (pages).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        // USER_HZ is 100 on every Linux ABI /proc reports in.
+        const TICKS: f64 = 100.0;
+        const PAGE: f64 = 4096.0;
+        if let (Some(u), Some(s)) = (field(14), field(15)) {
+            let total = (u + s) / TICKS;
+            let mut seen = self.cpu_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if total > *seen {
+                self.cpu.inc_by(total - *seen);
+                *seen = total;
+            }
+        }
+        if let Some(pages) = field(24) {
+            self.rss.set(pages * PAGE);
+        }
+        let boot = read_proc("/proc/stat").and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let (Some(boot), Some(ticks)) = (boot, field(22)) {
+            self.start.set(boot + ticks / TICKS);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.fds.set(dir.count() as i64);
+        }
+        if let Some(limit) = read_proc("/proc/self/limits").and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .and_then(|v| v.parse::<i64>().ok())
+                })
+        }) {
+            self.max_fds.set(limit);
+        }
+        self.registry.gather()
+    }
+}
+
+fn read_proc(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
 }

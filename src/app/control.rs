@@ -132,6 +132,16 @@ impl Control {
             );
             old.cancel();
         }
+        // Series of rules that are gone go with them.
+        let rules: Vec<&str> = v
+            .config
+            .rate_limit
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(v.config.cache.rule.iter().map(|r| r.label()))
+            .chain(v.config.ttl.iter().map(|r| r.label()))
+            .collect();
+        self.metrics.forget_rules(&rules);
         *current = v.config;
         Ok(msg)
     }

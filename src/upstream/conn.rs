@@ -58,6 +58,8 @@ pub struct Connected {
     pub client_id: Option<i64>,
     /// The endpoint's count of data-path reads ([`Endpoint::data_reads`]).
     data_reads: Arc<AtomicU64>,
+    /// The endpoint's name (its latency series).
+    endpoint: String,
 }
 
 impl Connected {
@@ -228,6 +230,7 @@ pub async fn connect_to(
             addr,
             client_id,
             data_reads: endpoint.data_reads.clone(),
+            endpoint: endpoint.name().to_string(),
         })
     };
     tokio::time::timeout(settings.connect_timeout, fut)
@@ -302,6 +305,8 @@ struct Pending {
     keep: Option<Bytes>,
     /// The client's output entry this job completes.
     entry: Option<u64>,
+    /// When it was queued for writing (its latency on this endpoint).
+    sent: Instant,
     client: Arc<ClientShared>,
     /// Reply deadline; `None` for blocking commands.
     deadline: Option<Instant>,
@@ -404,6 +409,7 @@ impl Pending {
             got: 0,
             keep: None,
             entry: None,
+            sent: Instant::now(),
             client,
             deadline: None,
             start_stream,
@@ -505,12 +511,15 @@ pub async fn serve(
         rbuf,
         addr,
         data_reads,
+        endpoint,
         ..
     } = conn;
+    let latency = metrics.upstream_latency(&endpoint);
     let io = Io {
         settings,
         oob,
         metrics,
+        latency: &latency,
         bounce: bounce.map(|b| (b, addr.as_str())),
         data_reads: &data_reads,
     };
@@ -531,6 +540,8 @@ struct Io<'a> {
     settings: &'a ConnSettings,
     oob: Option<&'a Oob>,
     metrics: &'a Metrics,
+    /// `upstream_request_duration_seconds` of this connection's endpoint.
+    latency: &'a prometheus::Histogram,
     /// A cluster node's connection: where jobs it did not run go, and the
     /// node's address (a redirection may name only a port).
     bounce: Option<(&'a BounceTx, &'a str)>,
@@ -670,13 +681,15 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             if asking {
                 payload = with_asking(&payload);
             }
+            let now = Instant::now();
             Some(Pending {
                 plan: Some(plan),
                 got: 0,
                 keep: None,
                 entry,
+                sent: now,
                 client: job.client,
-                deadline: (!blocking).then(|| Instant::now() + settings.command_timeout),
+                deadline: (!blocking).then(|| now + settings.command_timeout),
                 start_stream: false,
                 start_raw: false,
                 resend,
@@ -1027,6 +1040,10 @@ fn dispatch(
         );
     }
     if let Some(seq) = done.entry {
+        if done.deadline.is_some() {
+            // Blocking commands wait by design: not the endpoint's latency.
+            io.latency.observe(done.sent.elapsed().as_secs_f64());
+        }
         // The client may be gone; its reply is then dropped.
         done.client.deliver(seq, Ok(reply));
     }

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use super::conn::{self, ConnSettings};
 use super::endpoint::EndpointSpec;
 use super::endpoint::{Endpoint, HealthState, Stream, role_of, roundtrip};
-use super::slots::{self, Topology};
+use super::slots::{self, SlotMap, Topology};
 use super::{Identity, URL_DB, UpstreamError};
 use crate::config::url::Target;
 use crate::config::{Failback, FailoverConfig};
@@ -156,6 +156,7 @@ impl Upstreams {
             .first()
             .cloned()
             .ok_or(FailoverError::NoEndpoint)?;
+        metrics.endpoints(&endpoints.iter().map(|e| e.name()).collect::<Vec<_>>());
         let active = Active {
             endpoint: first,
             generation: 1,
@@ -317,6 +318,8 @@ impl Upstreams {
             }
         }
         st.endpoints = kept;
+        self.metrics
+            .endpoints(&st.endpoints.iter().map(|e| e.name()).collect::<Vec<_>>());
         st.failover = failover;
         // A reload applies the file as written: a choice made by hand no
         // longer holds off automatic failback.
@@ -545,7 +548,15 @@ impl Upstreams {
             "read",
             Some((map.masters.len(), map.replicas.iter().map(Vec::len).sum())),
         );
+        let nodes: Vec<String> = map
+            .masters
+            .iter()
+            .chain(map.replicas.iter().flatten())
+            .map(SlotMap::addr)
+            .collect();
         if topo.set(map) {
+            // A node that left the map leaves the metrics too.
+            self.metrics.forget_nodes(e.name(), &nodes);
             tracing::info!(upstream = %e.name(), masters, complete, "cluster slot map changed");
             self.metrics.cluster_refresh(e.name(), "changed", None);
         }

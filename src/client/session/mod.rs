@@ -278,7 +278,7 @@ impl Session {
                 .as_deref()
                 .and_then(|i| arity_error(i, ex.args()))
                 .unwrap_or_else(|| Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
-            self.now(err, Some(&metrics)).await;
+            self.refuse(err, &metrics).await;
             return Flow::Next;
         }
         if !self.chain.1.is_empty() {
@@ -394,9 +394,23 @@ impl Session {
                     return Some(Flow::Next);
                 }
             }
-            self.now(reply, Some(metrics)).await;
+            if refused {
+                self.refuse(reply, metrics).await;
+            } else {
+                self.now(reply, Some(metrics)).await;
+            }
             return Some(Flow::Next);
         }
+    }
+
+    /// A refusal of the sidecar's own (a policy, `[client_auth]`):
+    /// counted as `result="refused"`, not as Redis's error.
+    async fn refuse(&mut self, reply: Bytes, metrics: &CommandMetrics) {
+        metrics.refused.inc();
+        metrics
+            .duration
+            .observe(self.read_at.elapsed().as_secs_f64());
+        self.now(reply, None).await;
     }
 
     /// Normal, pinned or watching: anything but a plain forward.
