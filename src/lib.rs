@@ -247,7 +247,8 @@ impl Sidecar {
             v.client_auth.is_some(),
         );
         let active = pool.ups.active().endpoint;
-        tracing::info!(%addr, admin = ?admin_addr, upstream = %active.name(), url = %active.spec.target, "redis-sidecar listening");
+        let admin = admin_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+        tracing::info!(%addr, %admin, upstream = %active.name(), url = %active.spec.target, version = %env!("CARGO_PKG_VERSION"), "redis-sidecar listening");
         Ok(Sidecar {
             addr,
             admin_addr,

@@ -292,7 +292,7 @@ async fn run(v: redis_sidecar::app::Validated, cli: Cli) -> anyhow::Result<()> {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // Reading a file blocks; keep it off the runtime thread.
                     let c = control.clone();
-                    let _ = tokio::task::spawn_blocking(move || c.reload()).await;
+                    let _ = tokio::task::spawn_blocking(move || c.reload_by("SIGHUP")).await;
                     continue;
                 }
             }

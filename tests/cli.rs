@@ -525,3 +525,103 @@ fn the_readme_examples_validate() {
     }
     assert!(blocks >= 8, "{blocks} TOML examples found");
 }
+
+/// What an operator reads: who asked for a reload, an activate or a cache
+/// flush (the peer), what a reload changed, every problem of a refused one
+/// on a line of its own, the switch with the clients it closes, and a
+/// startup line of plain values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_logs_say_who_and_what() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("rs-oplogs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    let (port, admin_port) = (free_port(), free_port());
+    let head = |rules: &str| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\n{rules}"
+        )
+    };
+    let rule = |name: &str| format!("[[rate_limit]]\nname = \"{name}\"\nrate = \"1000/s\"\n");
+    write_config(&file, &head(&rule("r1")), &[("a", &a), ("b", &b)]);
+    let mut child = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert!(eventually(|| async { std::net::TcpStream::connect(admin).is_ok() }).await);
+    write_config(&file, &head(&rule("r2")), &[("a", &a), ("b", &b)]);
+    assert_eq!(http(admin, "POST", "/reload", Some("tok")).await.0, 200);
+    write_config(
+        &file,
+        &head("[failover]\ncheck_interval = \"soon\"\n[limits]\nmax_bulk = \"lots\"\n"),
+        &[("a", &a), ("b", &b)],
+    );
+    assert_eq!(http(admin, "POST", "/reload", Some("tok")).await.0, 400);
+    assert!(
+        eventually(|| async { upstreams_at(admin).await["upstreams"][1]["health"] == "up" }).await
+    );
+    assert_eq!(
+        http(admin, "POST", "/upstreams/b/activate", Some("tok"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(admin, "POST", "/cache/flush", Some("tok")).await.0,
+        404
+    );
+    signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = |needle: &str| {
+        out.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{out}"))
+            .to_string()
+    };
+    let start = line("redis-sidecar listening");
+    assert!(
+        start.contains(&format!("admin=127.0.0.1:{admin_port}")),
+        "{start}"
+    );
+    assert!(
+        start.contains(concat!("version=", env!("CARGO_PKG_VERSION"))),
+        "{start}"
+    );
+    assert!(!start.contains("Some("), "{start}");
+    let asked = line("admin: reload");
+    assert!(asked.contains("peer=127.0.0.1:"), "{asked}");
+    let done = line("configuration reloaded");
+    assert!(
+        done.contains("rate_limit +r2") && done.contains("rate_limit -r1"),
+        "{done}"
+    );
+    assert!(done.contains("by=admin 127.0.0.1:"), "{done}");
+    let problems: Vec<&str> = out.lines().filter(|l| l.contains("problem=")).collect();
+    assert_eq!(problems.len(), 2, "one line per problem:\n{out}");
+    assert!(
+        problems
+            .iter()
+            .any(|l| l.contains("failover.check_interval"))
+    );
+    assert!(problems.iter().any(|l| l.contains("limits.max_bulk")));
+    let act = line("admin: activate");
+    assert!(
+        act.contains("upstream=b") && act.contains("peer=127.0.0.1:"),
+        "{act}"
+    );
+    let switch = line("switching the active upstream");
+    assert!(switch.contains("dedicated_clients=0"), "{switch}");
+    assert!(line("admin: POST /cache/flush").contains("peer=127.0.0.1:"));
+}

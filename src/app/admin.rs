@@ -14,6 +14,7 @@
 //! or half-open connections cannot lock out `/healthz` and `/readyz`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,7 +65,7 @@ pub async fn serve(
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(_) => {
@@ -82,7 +83,7 @@ pub async fn serve(
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(req).await) }
+                async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -137,7 +138,9 @@ fn bearer_token(header: &str) -> Option<&str> {
 }
 
 impl Admin {
-    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// `peer`: who asked, for the log line of every request that changes
+    /// state.
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let authorized = || {
             let token = self.control.admin_token();
@@ -193,6 +196,7 @@ impl Admin {
                         "missing or wrong admin token",
                     );
                 }
+                tracing::info!(%peer, "admin: POST /cache/flush");
                 match self.control.policies.flush_cache() {
                     Some(n) => respond_json(
                         StatusCode::OK,
@@ -210,6 +214,11 @@ impl Admin {
                         "missing or wrong admin token",
                     );
                 }
+                match activate {
+                    Some(name) => tracing::info!(%peer, upstream = %name, "admin: activate"),
+                    None => tracing::info!(%peer, "admin: reload"),
+                }
+                let by = format!("admin {peer}");
                 let (status, ok, msg) = match activate {
                     Some(name) => match self.pool.ups.activate(name) {
                         Ok(msg) => (StatusCode::OK, true, msg),
@@ -223,7 +232,7 @@ impl Admin {
                     // Reading the file blocks: off the runtime thread.
                     None => match tokio::task::spawn_blocking({
                         let c = self.control.clone();
-                        move || c.reload()
+                        move || c.reload_by(&by)
                     })
                     .await
                     {
@@ -236,6 +245,9 @@ impl Admin {
                         ),
                     },
                 };
+                if !ok {
+                    tracing::warn!(%peer, status = status.as_u16(), reason = %msg.lines().next().unwrap_or_default(), "admin request refused");
+                }
                 respond_json(status, ok, &msg)
             }
             (

@@ -88,12 +88,27 @@ impl Control {
 
     /// Reload; `Ok` says what changed, `Err` why nothing did.
     pub fn reload(&self) -> Result<String, ReloadError> {
+        self.reload_by("a caller of the library")
+    }
+
+    /// [`Control::reload`], asked for by `by` (`SIGHUP`, the admin
+    /// request's peer address): logged with what changed, one event per
+    /// line.
+    pub fn reload_by(&self, by: &str) -> Result<String, ReloadError> {
         let result = self.try_reload();
         self.metrics.config_reload(result.is_ok());
         match &result {
-            Ok(msg) => tracing::info!(%msg, "configuration reloaded"),
+            Ok(msg) => tracing::info!(by = %by, %msg, "configuration reloaded"),
             Err(e) => {
-                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+                let text = e.to_string();
+                let mut lines = text.lines();
+                let first = lines.next().unwrap_or_default();
+                tracing::error!(by = %by, error = %first, "configuration reload refused; the running configuration stays");
+                // A validation error lists every problem: one line each.
+                for problem in lines {
+                    let problem = problem.trim_start_matches([' ', '-']);
+                    tracing::error!(by = %by, %problem, "configuration reload refused");
+                }
             }
         }
         result
@@ -112,13 +127,19 @@ impl Control {
         // changed.
         let stages = self.policies.apply(&v.config)?;
         let names: Vec<&str> = v.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let changes = diff(&current, &v.config);
         let msg = format!(
-            "upstreams in priority order: {}; policy stages: {}",
+            "upstreams in priority order: {}; policy stages: {}; changed: {}",
             names.join(", "),
             if stages.is_empty() {
                 "none".to_string()
             } else {
                 stages.join(", ")
+            },
+            if changes.is_empty() {
+                "nothing".to_string()
+            } else {
+                changes.join(", ")
             }
         );
         self.ups
@@ -145,4 +166,63 @@ impl Control {
         *current = v.config;
         Ok(msg)
     }
+}
+
+/// What a reload changes, by name (`+` added, `-` removed, `~` changed):
+/// `upstream ~cloud`, `rate_limit +burst`, `ttl -session:*`, `access ~`.
+/// Never a value: URLs and tokens stay out (names and patterns only).
+pub fn diff(old: &Config, new: &Config) -> Vec<String> {
+    fn by_name<T: PartialEq>(
+        section: &str,
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+        out: &mut Vec<String>,
+    ) {
+        for n in new {
+            match old.iter().find(|o| name(o) == name(n)) {
+                None => out.push(format!("{section} +{}", name(n))),
+                Some(o) if o != n => out.push(format!("{section} ~{}", name(n))),
+                Some(_) => {}
+            }
+        }
+        for o in old {
+            if !new.iter().any(|n| name(n) == name(o)) {
+                out.push(format!("{section} -{}", name(o)));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    by_name(
+        "upstream",
+        &old.upstream,
+        &new.upstream,
+        |u| &u.name,
+        &mut out,
+    );
+    by_name(
+        "rate_limit",
+        &old.rate_limit,
+        &new.rate_limit,
+        |r| &r.name,
+        &mut out,
+    );
+    by_name(
+        "cache",
+        &old.cache.rule,
+        &new.cache.rule,
+        |r| r.label(),
+        &mut out,
+    );
+    by_name("ttl", &old.ttl, &new.ttl, |r| r.label(), &mut out);
+    if old.access != new.access {
+        out.push("access ~".into());
+    }
+    if old.failover != new.failover {
+        out.push("failover ~".into());
+    }
+    if old.admin_token != new.admin_token {
+        out.push("admin_token ~".into());
+    }
+    out
 }

@@ -245,7 +245,10 @@ impl Upstreams {
             reason: why.to_string(),
         });
         self.metrics.failover(&from, to.name(), why);
-        tracing::warn!(from = %from, to = %to.name(), url = %to.spec.target, reason = why, "switching the active upstream");
+        // Clients with a connection of their own to the old endpoint: those
+        // holding state there (MULTI, WATCH, subscriptions) are closed.
+        let dedicated = self.metrics.upstream_connections(&from, "dedicated").get();
+        tracing::warn!(from = %from, to = %to.name(), url = %to.spec.target, reason = %why, dedicated_clients = dedicated, "switching the active upstream; clients holding state on the old one are closed");
         self.generation
             .store(st.active.generation, std::sync::atomic::Ordering::Release);
         self.active_tx.send_replace(st.active.clone());

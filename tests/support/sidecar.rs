@@ -54,7 +54,12 @@ pub fn write_config(file: &std::path::Path, head: &str, upstreams: &[(&str, &Red
 
 /// `GET /upstreams`, parsed.
 pub async fn upstreams(s: &Sidecar) -> serde_json::Value {
-    let (status, body) = http_get(s.admin_addr.unwrap(), "/upstreams").await;
+    upstreams_at(s.admin_addr.unwrap()).await
+}
+
+/// `GET /upstreams` of the admin listener at `admin`, parsed.
+pub async fn upstreams_at(admin: std::net::SocketAddr) -> serde_json::Value {
+    let (status, body) = http_get(admin, "/upstreams").await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

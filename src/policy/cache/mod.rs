@@ -155,6 +155,9 @@ impl CacheState {
         self.metrics
             .cache_invalidations(reason.label())
             .inc_by(n as u64);
+        if n > 0 || !matches!(reason, Reason::Write | Reason::Tracking) {
+            tracing::info!(reason = %reason.label(), entries = n, "cache flushed");
+        }
         n
     }
 
