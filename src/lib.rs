@@ -347,6 +347,15 @@ async fn learn_commands(pool: Arc<Pool>, control: Arc<Control>, shutdown: Cancel
                 Ok(n) => {
                     let version = pool.server_version();
                     tracing::info!(upstream = %endpoint.name(), commands = n, %version, "learned the command table from the upstream");
+                    // Once per table: a rule naming a command this
+                    // upstream lacks (an older Redis, a renamed command)
+                    // never matches.
+                    let table = pool.table();
+                    for name in control.command_names() {
+                        if !table.knows(&name) {
+                            tracing::warn!(upstream = %endpoint.name(), command = %name, "a configured command is not in the upstream's command table: rules naming it never match");
+                        }
+                    }
                     if control.has_ttl_rules()
                         && upstream::pool::supports_expire_options(&version) == Some(false)
                     {

@@ -937,7 +937,7 @@ async fn an_invalidation_drops_the_key_in_every_db() {
 fn bad_cache_rules_are_config_errors() {
     let mut c = config("redis://127.0.0.1:1");
     c.cache = toml::from_str(
-        "enabled = true\nmax_memory = \"100KiB\"\n[[cache.rule]]\npattern = \"\"\nttl = \"0s\"\ncommands = [\"GET\", \"SPOP\"]\n"
+        "enabled = true\nmax_memory = \"100KiB\"\n[[cache.rule]]\npattern = \"\"\nttl = \"0s\"\ncommands = [\"GET\", \"SPOP\", \"GETT\"]\n"
             .replace("[[cache.rule]]", "[[rule]]")
             .as_str(),
     )
@@ -947,7 +947,9 @@ fn bad_cache_rules_are_config_errors() {
         "cache: max_memory must be at least 1MiB",
         "cache.rule[0]: pattern must not be empty",
         "cache.rule[0]: ttl must be at least 1ms",
-        "cache.rule[0]: commands[1]: \"SPOP\" is not a read the cache can hold",
+        "cache.rule[0]: commands[1]: not a read the cache can hold",
+        // A misspelt read: the nearest name, never the value given.
+        "cache.rule[0]: commands[2]: unknown command (did you mean GET?)",
     ] {
         assert!(err.contains(want), "missing {want:?} in {err}");
     }

@@ -625,3 +625,62 @@ async fn operator_logs_say_who_and_what() {
     assert!(switch.contains("dedicated_clients=0"), "{switch}");
     assert!(line("admin: POST /cache/flush").contains("peer=127.0.0.1:"));
 }
+
+/// A configured command the upstream's learned table lacks (an older
+/// Redis, a renamed command) is warned once: rules naming it never match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_upstream_lacks_is_warned_once() {
+    let redis = RedisServer::start_with(&["--rename-command", "KEYS", ""]);
+    let dir = std::env::temp_dir().join(format!("rs-lacks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    let port = free_port();
+    write_config(
+        &file,
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"\"\n[access]\ndeny = [\"KEYS\", \"FLUSHALL\", \"@dangerous\"]\n"
+        ),
+        &[("a", &redis)],
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Every line until the process ends (a reader thread), seen here as it
+    // comes.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("not in the upstream's command table"))
+        && Instant::now() < deadline
+    {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+    }
+    signal(&child, "TERM");
+    let _ = child.wait();
+    let _ = reader.join();
+    seen.extend(rx.try_iter());
+    let _ = std::fs::remove_dir_all(&dir);
+    let warned: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.contains("not in the upstream's command table"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{seen:#?}");
+    assert!(warned[0].contains("command=keys"), "{}", warned[0]);
+    assert!(seen.iter().any(|l| l.contains("learned the command table")));
+}

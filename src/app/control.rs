@@ -81,6 +81,32 @@ impl Control {
         !self.lock().ttl.is_empty()
     }
 
+    /// Every command name the running configuration's lists name (access,
+    /// rate limits, cache rules), lower case; categories (`@write`) left
+    /// out.
+    pub fn command_names(&self) -> Vec<String> {
+        let c = self.lock();
+        let a = &c.access;
+        let mut out: Vec<String> = a
+            .deny
+            .iter()
+            .chain(&a.allow)
+            .chain(a.users.iter().flat_map(|u| u.deny.iter().chain(&u.allow)))
+            .chain(c.rate_limit.iter().flat_map(|r| &r.commands))
+            .chain(
+                c.cache
+                    .rule
+                    .iter()
+                    .flat_map(|r| r.commands.iter().flatten()),
+            )
+            .filter(|n| !n.starts_with('@'))
+            .map(|n| n.to_ascii_lowercase())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The token state-changing admin requests need ("" = none).
     pub fn admin_token(&self) -> String {
         self.lock().admin_token.clone()

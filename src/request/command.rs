@@ -522,6 +522,12 @@ impl Table {
         })
     }
 
+    /// Whether this table has `name` (lower case; `container|sub` for a
+    /// subcommand, or a container's name).
+    pub fn knows(&self, name: &str) -> bool {
+        self.commands.contains_key(name) || self.containers.contains(name)
+    }
+
     /// Look up by arguments: `container|sub` when that exists, else the name.
     /// Hot path: no allocation (names are lower-cased on the stack).
     pub fn lookup(&self, args: &[Bytes]) -> Option<&Arc<CommandInfo>> {

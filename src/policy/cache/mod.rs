@@ -87,10 +87,22 @@ pub enum CacheError {
     EmptyPattern,
     #[error("ttl must be at least 1ms")]
     TtlTooShort,
-    #[error("commands[{0}]: {1:?} is not a read the cache can hold")]
-    NotCacheable(usize, String),
+    /// The name is not quoted back (the index says which).
+    #[error("commands[{0}]: not a read the cache can hold")]
+    NotCacheable(usize),
+    #[error("commands[{index}]: unknown command{}", suggest(.near))]
+    UnknownCommand {
+        index: usize,
+        near: Option<&'static str>,
+    },
     #[error("max_memory must be at least 1MiB")]
     TooSmall,
+}
+
+/// ` (did you mean X?)` for a near command name.
+fn suggest(near: &Option<&'static str>) -> String {
+    near.map(|s| format!(" (did you mean {}?)", s.to_ascii_uppercase()))
+        .unwrap_or_default()
 }
 
 struct Rule {
@@ -222,7 +234,10 @@ impl Cache {
                         let lower = name.to_ascii_lowercase();
                         match CACHEABLE.iter().find(|c| **c == lower) {
                             Some(c) => commands.push(*c),
-                            None => err(CacheError::NotCacheable(i, name.clone())),
+                            None => match crate::request::command::check_name(&lower) {
+                                Err(near) => err(CacheError::UnknownCommand { index: i, near }),
+                                Ok(()) => err(CacheError::NotCacheable(i)),
+                            },
                         }
                     }
                 }
