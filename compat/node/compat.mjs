@@ -197,6 +197,48 @@ await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
   await close();
 });
 
+await check("BullMQ: worker.close() finishes its job and leaves nothing blocked upstream", async () => {
+  let release;
+  const gate = new Promise((r) => (release = r));
+  const { queue, worker, close } = await startQueue(
+    url,
+    "closing",
+    async (job) => {
+      if (job.name === "slow") await gate;
+      return job.data.n;
+    },
+    1,
+  );
+  const info = ioredis();
+  // INFO through the sidecar in front of a cluster is one master's: the
+  // count of blocked clients is checked against a single Redis only.
+  const single = process.env.CLUSTER !== "1";
+  const blocked = async () => Number(/blocked_clients:(\d+)/.exec(await info.info("clients"))[1]);
+  // The idle worker and QueueEvents each wait in a blocking command.
+  for (let i = 0; single && i < 200 && (await blocked()) < 2; i++) await sleep(25);
+  const before = single ? await blocked() : 0;
+  assert.ok(!single || before >= 2, `blocked clients before: ${before}`);
+  const slow = await queue.add("slow", { n: 7 });
+  for (let i = 0; i < 200 && (await (await queue.getJob(slow.id)).getState()) !== "active"; i++) await sleep(25);
+  assert.equal(await (await queue.getJob(slow.id)).getState(), "active");
+  // close() waits for the running job; its completion still lands.
+  const closing = worker.close();
+  await sleep(50);
+  release();
+  await closing;
+  assert.equal(await (await queue.getJob(slow.id)).getState(), "completed");
+  assert.equal((await queue.getJob(slow.id)).returnvalue, 7);
+  // The worker's blocking wait ended upstream with it.
+  for (let i = 0; single && i < 200 && (await blocked()) > before - 1; i++) await sleep(25);
+  if (single) assert.equal(await blocked(), before - 1);
+  // No worker: a job added now stays waiting.
+  const later = await queue.add("later", { n: 1 });
+  await sleep(300);
+  assert.equal(await (await queue.getJob(later.id)).getState(), "waiting");
+  await info.quit();
+  await close();
+});
+
 await check("express-session + connect-redis 7 (ioredis)", async () => {
   const r = ioredis();
   const { n, sid } = await sessionApp(new RedisStore7({ client: r, prefix: "session:" }));

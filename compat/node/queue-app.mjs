@@ -1,9 +1,10 @@
 // A BullMQ queue with its worker and QueueEvents, used by the
 // compatibility scripts: `completed` fills in with each finished job's
-// return value; `close()` ends the worker and removes the queue's keys.
+// return value; `close()` ends the worker and removes the queue's keys
+// (`worker` is there to close it alone).
 import { Queue, Worker, QueueEvents } from "bullmq";
 
-export async function startQueue(url, prefix, processor, concurrency) {
+export async function startQueue(url, prefix, processor, concurrency, workerOpts = {}) {
   const { hostname: host, port } = new URL(url);
   const connection = { host, port: Number(port), maxRetriesPerRequest: null };
   const name = `${prefix}${Date.now()}`;
@@ -13,7 +14,7 @@ export async function startQueue(url, prefix, processor, concurrency) {
   const queue = new Queue(name, opts);
   const events = new QueueEvents(name, opts);
   await events.waitUntilReady();
-  const worker = new Worker(name, processor, { ...opts, concurrency });
+  const worker = new Worker(name, processor, { ...opts, concurrency, ...workerOpts });
   const completed = new Map();
   events.on("completed", ({ jobId, returnvalue }) => completed.set(jobId, returnvalue));
   const close = async () => {
@@ -22,5 +23,5 @@ export async function startQueue(url, prefix, processor, concurrency) {
     await queue.obliterate({ force: true });
     await queue.close();
   };
-  return { name, queue, completed, close };
+  return { name, queue, worker, completed, close };
 }
