@@ -420,8 +420,9 @@ async fn a_half_close_while_blocked_gets_what_redis_gives() {
 }
 
 /// Shutdown does not wait out the grace period for a client blocked in
-/// `BZPOPMIN .. 0` (no reply will come): it is closed at once, after what
-/// it was owed, and the sidecar stops well within the grace period.
+/// `BZPOPMIN .. 0` (no reply will come) nor for a subscribed one (its
+/// stream never ends): each is closed at once, after what it was owed, and
+/// the sidecar drains within the grace period.
 #[tokio::test]
 async fn shutdown_closes_a_blocked_client_at_once() {
     let redis = RedisServer::start();
@@ -432,10 +433,14 @@ async fn shutdown_closes_a_blocked_client_at_once() {
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
     c.cmd(&[b"BZPOPMIN", b"zq", b"0"]).await;
     assert!(eventually(|| async { blocked_clients(&redis).await == 1 }).await);
+    let mut sub = Raw::connect(s.addr).await;
+    sub.cmd(&[b"SUBSCRIBE", b"news"]).await;
+    assert!(sub.read().await.windows(9).any(|w| w == b"subscribe"));
     let t = std::time::Instant::now();
     assert!(s.shutdown().await, "shutdown did not drain");
     let took = t.elapsed();
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
     assert!(c.closed().await);
+    assert!(sub.closed().await, "the subscriber was left open");
     assert!(eventually(|| async { blocked_clients(&redis).await == 0 }).await);
 }
