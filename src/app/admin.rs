@@ -128,6 +128,98 @@ fn respond_json(status: StatusCode, ok: bool, msg: &str) -> Response<Full<Bytes>
     respond(status, "application/json", body)
 }
 
+impl Admin {
+    /// `POST /migrations`, `GET /migrations/current`, `POST
+    /// /migrations/current/{cutover,abort}`.
+    async fn migrations(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        peer: SocketAddr,
+        allowed: bool,
+    ) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let m = &self.control.migrations;
+        if !allowed {
+            return respond_json(
+                StatusCode::UNAUTHORIZED,
+                false,
+                "missing or wrong admin token",
+            );
+        }
+        let status_of = |mig: &crate::app::migrate::Migration| {
+            respond(
+                StatusCode::OK,
+                "application/json",
+                mig.status().to_string() + "\n",
+            )
+        };
+        match (req.method().clone(), path) {
+            (Method::GET, "/migrations/current") => match m.current() {
+                Some(mig) => status_of(&mig),
+                None => respond_json(StatusCode::NOT_FOUND, false, "no migration"),
+            },
+            (Method::POST, "/migrations") => {
+                // A small JSON body: at most 4 KiB is read.
+                let body = match http_body_util::Limited::new(req.into_body(), 4096)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => {
+                        return respond_json(
+                            StatusCode::BAD_REQUEST,
+                            false,
+                            "body too large or cut",
+                        );
+                    }
+                };
+                let r: crate::app::migrate::Request = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return respond_json(
+                            StatusCode::BAD_REQUEST,
+                            false,
+                            &format!("bad request: {e}"),
+                        );
+                    }
+                };
+                tracing::info!(%peer, to = %r.to, "admin: start a migration");
+                use crate::app::migrate::StartError as E;
+                match m.start(r).await {
+                    Ok(mig) => {
+                        let mut resp = status_of(&mig);
+                        *resp.status_mut() = StatusCode::ACCEPTED;
+                        resp
+                    }
+                    Err(e @ E::Running) => {
+                        respond_json(StatusCode::CONFLICT, false, &e.to_string())
+                    }
+                    Err(e @ E::Unknown(_)) => {
+                        respond_json(StatusCode::NOT_FOUND, false, &e.to_string())
+                    }
+                    Err(e) => respond_json(StatusCode::BAD_REQUEST, false, &e.to_string()),
+                }
+            }
+            (Method::POST, "/migrations/current/cutover") => {
+                tracing::info!(%peer, "admin: migration cutover");
+                match m.cutover() {
+                    Some(mig) => status_of(&mig),
+                    None => respond_json(StatusCode::NOT_FOUND, false, "no running migration"),
+                }
+            }
+            (Method::POST, "/migrations/current/abort") => {
+                tracing::info!(%peer, "admin: migration abort");
+                match m.abort() {
+                    Some(mig) => status_of(&mig),
+                    None => respond_json(StatusCode::NOT_FOUND, false, "no running migration"),
+                }
+            }
+            _ => respond_json(StatusCode::NOT_FOUND, false, "unknown migration request"),
+        }
+    }
+}
+
 /// The credentials of `Authorization: Bearer <token>`; the scheme is
 /// case-insensitive (RFC 7235), and spaces after it are allowed.
 fn bearer_token(header: &str) -> Option<&str> {
@@ -157,6 +249,10 @@ impl Admin {
         let activate = path
             .strip_prefix("/upstreams/")
             .and_then(|p| p.strip_suffix("/activate"));
+        if path == "/migrations" || path.starts_with("/migrations/") {
+            let allowed = method == Method::GET || authorized();
+            return self.migrations(req, &path, peer, allowed).await;
+        }
         match (&method, path.as_str(), activate) {
             (&Method::GET, "/metrics", _) => respond(
                 StatusCode::OK,

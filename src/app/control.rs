@@ -36,6 +36,8 @@ pub enum ReloadError {
 pub struct Control {
     pub ups: Arc<Upstreams>,
     pub policies: Arc<Policies>,
+    /// Live migrations to another endpoint.
+    pub migrations: crate::app::migrate::Migrator,
     pool: Arc<Pool>,
     tasks: TaskTracker,
     /// Stops the TTL sweepers of the running configuration (a child of
@@ -60,6 +62,14 @@ impl Control {
         let sweepers = shutdown.child_token();
         sweep::start(&config.ttl, &pool, &metrics, &tasks, &sweepers);
         Arc::new(Control {
+            migrations: crate::app::migrate::Migrator::new(
+                pool.ups.clone(),
+                metrics.clone(),
+                policies.clone(),
+                pool.settings().clone(),
+                tasks.clone(),
+                shutdown.clone(),
+            ),
             ups: pool.ups.clone(),
             pool,
             tasks,

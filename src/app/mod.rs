@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod control;
+pub mod migrate;
 pub mod validate;
 
 pub use validate::Validated;

@@ -301,6 +301,9 @@ pub struct Policies {
     metrics: Metrics,
     current: RwLock<Arc<Chain>>,
     generation: AtomicU64,
+    /// Stages added while the sidecar runs (a live migration's): after
+    /// the configured ones, kept across reloads until removed.
+    runtime: RwLock<Vec<Arc<dyn Stage>>>,
 }
 
 impl Policies {
@@ -316,6 +319,7 @@ impl Policies {
             metrics,
             current: RwLock::new(Arc::new(chain)),
             generation: AtomicU64::new(0),
+            runtime: RwLock::new(Vec::new()),
         });
         if let Some(env) = env {
             // Stages' upkeep (idle rate-limit buckets) once a second.
@@ -360,10 +364,44 @@ impl Policies {
     /// Build the chain for `config` and swap it in; on error the running
     /// chain stays.
     pub fn apply(&self, config: &Config) -> Result<Vec<&'static str>, PolicyErrors> {
-        let chain = Arc::new(self.builder.build(config, &self.metrics)?);
+        let mut chain = self.builder.build(config, &self.metrics)?;
+        chain.stages.extend(
+            self.runtime
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned(),
+        );
         let names = chain.names();
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = chain;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.swap(chain);
         Ok(names)
+    }
+
+    fn swap(&self, chain: Chain) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(chain);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Add a stage while running (it runs after the configured ones; a
+    /// reload keeps it): sessions pick it up at their next command.
+    pub fn add_runtime(&self, stage: Arc<dyn Stage>) {
+        self.runtime
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(stage.clone());
+        let mut chain = (*self.current()).clone();
+        chain.stages.push(stage);
+        self.swap(chain);
+    }
+
+    /// Remove the runtime stages named `name`.
+    pub fn remove_runtime(&self, name: &str) {
+        self.runtime
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|s| s.name() != name);
+        let mut chain = (*self.current()).clone();
+        chain.stages.retain(|s| s.name() != name);
+        self.swap(chain);
     }
 }
