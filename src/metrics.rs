@@ -33,6 +33,11 @@ struct Inner {
     /// read from `/proc` at each scrape.
     process: Process,
     upstream_latency: HistogramVec,
+    migration_phase: IntGaugeVec,
+    migration_keys: IntCounterVec,
+    migration_bytes: IntCounter,
+    migration_backlog: IntGauge,
+    migration_pause: prometheus::Gauge,
     commands: IntCounterVec,
     duration: HistogramVec,
     client_connections: IntGauge,
@@ -363,6 +368,40 @@ impl Metrics {
             &["upstream"],
         )
         .expect("static metric");
+        let migration_phase = IntGaugeVec::new(
+            Opts::new(
+                "migration_phase",
+                "1 for the phase the last live migration is in (copying|syncing|cutting_over|done|aborted|failed)",
+            ),
+            &["phase"],
+        )
+        .expect("static metric");
+        let migration_keys = IntCounterVec::new(
+            Opts::new(
+                "migration_keys_total",
+                "Keys a live migration copied, by result (copied|recopied: again after a write)",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
+        let migration_bytes = IntCounter::new(
+            "migration_bytes_total",
+            "DUMP payload bytes a live migration copied",
+        )
+        .expect("static metric");
+        let migration_backlog = IntGauge::new(
+            "migration_backlog_keys",
+            "Keys written during a live migration that wait to be copied again",
+        )
+        .expect("static metric");
+        let migration_pause = prometheus::Gauge::new(
+            "migration_cutover_pause_seconds",
+            "How long the last cutover held writes",
+        )
+        .expect("static metric");
+        for r in ["copied", "recopied"] {
+            migration_keys.with_label_values(&[r]);
+        }
         // Every counter whose labels are known at startup is there at 0.
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
@@ -392,6 +431,11 @@ impl Metrics {
             Box::new(commands.clone()) as Box<dyn Collector>,
             Box::new(build_info),
             Box::new(upstream_latency.clone()),
+            Box::new(migration_phase.clone()),
+            Box::new(migration_keys.clone()),
+            Box::new(migration_bytes.clone()),
+            Box::new(migration_backlog.clone()),
+            Box::new(migration_pause.clone()),
             Box::new(cluster_node_connections.clone()),
             Box::new(cluster_redirects.clone()),
             Box::new(cluster_refreshes.clone()),
@@ -433,6 +477,11 @@ impl Metrics {
             registry,
             process: Process::new(),
             upstream_latency,
+            migration_phase,
+            migration_keys,
+            migration_bytes,
+            migration_backlog,
+            migration_pause,
             commands,
             duration,
             client_connections,
@@ -698,6 +747,38 @@ impl Metrics {
             }
             self.0.checks_late.with_label_values(&[from]);
         }
+    }
+
+    /// The live migration entered `phase` (the others go to 0).
+    pub fn migration_phase(&self, phase: &str) {
+        for p in [
+            "copying",
+            "syncing",
+            "cutting_over",
+            "done",
+            "aborted",
+            "failed",
+        ] {
+            self.0
+                .migration_phase
+                .with_label_values(&[p])
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// Keys and bytes a live migration copied (`again`: after a write).
+    pub fn migration_copied(&self, keys: u64, bytes: u64, again: bool) {
+        let r = if again { "recopied" } else { "copied" };
+        self.0.migration_keys.with_label_values(&[r]).inc_by(keys);
+        self.0.migration_bytes.inc_by(bytes);
+    }
+
+    pub fn migration_backlog(&self, keys: usize) {
+        self.0.migration_backlog.set(keys as i64);
+    }
+
+    pub fn migration_pause(&self, took: std::time::Duration) {
+        self.0.migration_pause.set(took.as_secs_f64());
     }
 
     /// A request's time on `upstream`, from hand-off to reply.

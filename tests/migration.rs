@@ -226,6 +226,11 @@ async fn migrate_while_the_app_writes_and_cut_over() {
     // it only the target has them; before it, both sides agree.
     let status = migration(admin).await;
     assert_eq!(status["phase"], "done");
+    assert_eq!(metric(&s, "migration_phase", &[("phase", "done")]), 1.0);
+    assert_eq!(metric(&s, "migration_phase", &[("phase", "syncing")]), 0.0);
+    assert!(metric(&s, "migration_keys_total", &[("result", "copied")]) >= 800.0);
+    let pause = metric(&s, "migration_cutover_pause_seconds", &[]);
+    assert!(pause > 0.0 && pause < 2.0, "pause {pause}");
     assert!(
         !s.control.policies.current().names().contains(&"migration"),
         "the tracking stage left with the migration"

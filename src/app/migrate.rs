@@ -142,6 +142,7 @@ pub struct Migration {
     cancel: CancellationToken,
     /// The db a client that never selected one uses (the source URL's).
     url_db: i64,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Migration {
@@ -154,6 +155,7 @@ impl Migration {
 
     fn set_phase(&self, p: Phase, why: &str) {
         *self.phase.lock().unwrap_or_else(PoisonError::into_inner) = (p, why.to_string());
+        self.metrics.migration_phase(p.label());
         tracing::info!(phase = p.label(), reason = %why, from = %self.from, to = %self.to, "migration");
     }
 
@@ -387,6 +389,7 @@ impl Migrator {
             cutover_asked: AtomicBool::new(false),
             cancel: self.shutdown.child_token(),
             url_db: from.db(),
+            metrics: self.metrics.clone(),
         });
         m.set_phase(Phase::Copying, "started");
         // Tracking begins before the first key is read: a write from now
@@ -661,6 +664,9 @@ impl Run {
         };
         counter.fetch_add(keys.len() as u64, Ordering::Relaxed);
         self.m.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .migration_copied(keys.len() as u64, bytes, again);
+        self.metrics.migration_backlog(self.m.backlog());
         Ok(())
     }
 
@@ -755,6 +761,7 @@ impl Run {
         .await;
         self.m.hold.store(false, Ordering::SeqCst);
         self.m.holding.send_replace(false);
+        self.metrics.migration_pause(started.elapsed());
         result?;
         self.m.set_phase(
             Phase::Done,
