@@ -475,6 +475,10 @@ fn lock(f: &Fifo) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
     f.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// One request in this many (per client) is timed for
+/// `upstream_request_duration_seconds`.
+const LATENCY_SAMPLE: u64 = 8;
+
 /// Why [`serve`] returned.
 #[derive(Debug)]
 pub enum End {
@@ -1040,8 +1044,10 @@ fn dispatch(
         );
     }
     if let Some(seq) = done.entry {
-        if done.deadline.is_some() {
-            // Blocking commands wait by design: not the endpoint's latency.
+        // Sampled, every 8th request of each client (a clock read and a
+        // histogram update on every reply cost 2.9 % of the sidecar's
+        // instructions); blocking commands wait by design, not counted.
+        if seq % LATENCY_SAMPLE == 0 && done.deadline.is_some() {
             io.latency.observe(done.sent.elapsed().as_secs_f64());
         }
         // The client may be gone; its reply is then dropped.
