@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { createClient } from "redis";
 import { check, finish, sleep } from "./harness.mjs";
+import { Worker } from "bullmq";
 import { startQueue } from "./queue-app.mjs";
 import { sessionApp } from "./session-app.mjs";
 import { RedisStore as RedisStore9 } from "connect-redis";
@@ -200,7 +201,7 @@ await check("BullMQ: retries, a delayed job, worker, QueueEvents", async () => {
 await check("BullMQ: worker.close() finishes its job and leaves nothing blocked upstream", async () => {
   let release;
   const gate = new Promise((r) => (release = r));
-  const { queue, worker, close } = await startQueue(
+  const { name, opts, queue, worker, close } = await startQueue(
     url,
     "closing",
     async (job) => {
@@ -231,6 +232,17 @@ await check("BullMQ: worker.close() finishes its job and leaves nothing blocked 
   // The worker's blocking wait ended upstream with it.
   for (let i = 0; single && i < 200 && (await blocked()) > before - 1; i++) await sleep(25);
   if (single) assert.equal(await blocked(), before - 1);
+  // An idle worker that blocks for a minute (drainDelay), closed while it
+  // waits: its blocking command must end upstream with the connection,
+  // not a minute later (as Redis frees a blocked client that leaves).
+  if (single) {
+    const idle = new Worker(name, async () => 0, { ...opts, drainDelay: 60 });
+    for (let i = 0; i < 200 && (await blocked()) < before; i++) await sleep(25);
+    assert.equal(await blocked(), before, "the idle worker never blocked");
+    await idle.close();
+    for (let i = 0; i < 200 && (await blocked()) > before - 1; i++) await sleep(25);
+    assert.equal(await blocked(), before - 1, "the closed worker's blocking command outlived it");
+  }
   // No worker: a job added now stays waiting.
   const later = await queue.add("later", { n: 1 });
   await sleep(300);

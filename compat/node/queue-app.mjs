@@ -1,7 +1,7 @@
 // A BullMQ queue with its worker and QueueEvents, used by the
 // compatibility scripts: `completed` fills in with each finished job's
 // return value; `close()` ends the worker and removes the queue's keys
-// (`worker` is there to close it alone).
+// (`worker` is there to close it alone, `opts` to start another).
 import { Queue, Worker, QueueEvents } from "bullmq";
 
 export async function startQueue(url, prefix, processor, concurrency, workerOpts = {}) {
@@ -23,5 +23,5 @@ export async function startQueue(url, prefix, processor, concurrency, workerOpts
     await queue.obliterate({ force: true });
     await queue.close();
   };
-  return { name, queue, worker, completed, close };
+  return { name, opts, queue, worker, completed, close };
 }
