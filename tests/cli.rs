@@ -88,6 +88,19 @@ fn spawn(redis: &RedisServer, port: u16) -> std::process::Child {
     child
 }
 
+/// SIGTERM `child`, wait for it, and return what it wrote to stderr.
+async fn stop_and_read_stderr(mut child: std::process::Child) -> String {
+    signal(&child, "TERM");
+    tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap()
+}
+
 fn signal(child: &std::process::Child, sig: &str) {
     assert!(
         Command::new("kill")
@@ -291,7 +304,7 @@ async fn ttl_audit_reports_what_the_rules_would_change_and_changes_nothing() {
 async fn exposure_warnings_admin_token_from_env_and_plain_logs() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cr3tpw"]);
     let (port, admin_port) = (free_port(), free_port());
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "--listen",
             &format!("0.0.0.0:{port}"),
@@ -309,15 +322,7 @@ async fn exposure_warnings_admin_token_from_env_and_plain_logs() {
     assert!(eventually(|| async { std::net::TcpStream::connect(addr).is_ok() }).await);
     let mut c = Raw::connect(addr).await;
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
-    signal(&child, "TERM");
-    let out = tokio::task::spawn_blocking(move || {
-        let _ = child.wait();
-        let mut s = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let out = stop_and_read_stderr(child).await;
     for want in [
         "admin listener is reachable beyond this host and has no admin_token",
         "client listener is reachable beyond this host",
@@ -545,7 +550,7 @@ async fn operator_logs_say_who_and_what() {
     };
     let rule = |name: &str| format!("[[rate_limit]]\nname = \"{name}\"\nrate = \"1000/s\"\n");
     write_config(&file, &head(&rule("r1")), &[("a", &a), ("b", &b)]);
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--config", file.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -574,15 +579,7 @@ async fn operator_logs_say_who_and_what() {
         http(admin, "POST", "/cache/flush", Some("tok")).await.0,
         404
     );
-    signal(&child, "TERM");
-    let out = tokio::task::spawn_blocking(move || {
-        let _ = child.wait();
-        let mut s = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let out = stop_and_read_stderr(child).await;
     let _ = std::fs::remove_dir_all(&dir);
     let line = |needle: &str| {
         out.lines()

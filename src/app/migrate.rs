@@ -349,7 +349,7 @@ impl Migrator {
 
     /// `POST /migrations`.
     pub async fn start(&self, req: Request) -> Result<Arc<Migration>, StartError> {
-        if self.current().is_some_and(|m| m.phase().0.running()) {
+        if self.running().is_some() {
             return Err(StartError::Running);
         }
         let from = self.ups.active().endpoint;
@@ -425,9 +425,14 @@ impl Migrator {
         Ok(m)
     }
 
+    /// The current migration, if it still runs.
+    fn running(&self) -> Option<Arc<Migration>> {
+        self.current().filter(|m| m.phase().0.running())
+    }
+
     /// `POST /migrations/current/cutover`.
     pub fn cutover(&self) -> Option<Arc<Migration>> {
-        let m = self.current().filter(|m| m.phase().0.running())?;
+        let m = self.running()?;
         m.cutover_asked.store(true, Ordering::Release);
         Some(m)
     }
@@ -435,7 +440,7 @@ impl Migrator {
     /// `POST /migrations/current/abort`: the target keeps what was copied;
     /// the app stays on the source.
     pub fn abort(&self) -> Option<Arc<Migration>> {
-        let m = self.current().filter(|m| m.phase().0.running())?;
+        let m = self.running()?;
         m.cancel.cancel();
         Some(m)
     }
