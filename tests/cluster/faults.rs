@@ -124,7 +124,7 @@ async fn check_acked(s: &Sidecar, acked: &[String]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_under_load_loses_and_misroutes_nothing() {
     let _alone = serial().write().await;
-    let cluster = Cluster::start(3);
+    let cluster = Cluster::start_alone(3);
     let s = cluster_sidecar(&cluster).await;
     let m = masters(&cluster);
     let (a, b) = (m[0], m[1]);
@@ -230,7 +230,7 @@ async fn resharding_under_load_loses_and_misroutes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_is_replaced_by_its_replica() {
     let _alone = serial().write().await;
-    let mut cluster = Cluster::start(3);
+    let mut cluster = Cluster::start_alone(3);
     let s = cluster_sidecar(&cluster).await;
     let m = masters(&cluster);
     let victim = m[0];

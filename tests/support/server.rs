@@ -195,10 +195,43 @@ impl RedisServer {
 /// `cluster_state:ok` and every replica has synced with its master. Nodes stop when it is dropped.
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
+    /// Dropped after the nodes: a fault test's cluster runs alone.
+    _share: Share,
+}
+
+/// Clusters of one test binary run side by side, except the one of a test
+/// that kills or reshards nodes and times the recovery: it runs alone (a
+/// dozen clusters starting beside it stretched a 4 s recovery past 30 s on
+/// this 2-core machine).
+static CLUSTERS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Share {
+    Beside(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Cluster {
     pub fn start(masters: usize) -> Cluster {
+        let share = Share::Beside(
+            CLUSTERS
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Cluster::start_with(masters, share)
+    }
+
+    /// [`Cluster::start`], with no other cluster of this test binary
+    /// running meanwhile (waits for those running to end).
+    pub fn start_alone(masters: usize) -> Cluster {
+        let share = Share::Alone(
+            CLUSTERS
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Cluster::start_with(masters, share)
+    }
+
+    fn start_with(masters: usize, share: Share) -> Cluster {
         let mut nodes = Vec::new();
         while nodes.len() < masters * 2 {
             let port = free_port();
@@ -272,6 +305,9 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Cluster { nodes }
+        Cluster {
+            nodes,
+            _share: share,
+        }
     }
 }
