@@ -241,7 +241,7 @@ async fn stateful_clients() {
     for key in ["q:1", "q:2", "q:3", "q:4"] {
         let mut b = Raw::connect(s.addr).await;
         b.cmd(&[b"BLPOP", key.as_bytes(), b"5"]).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(eventually(|| async { cluster_blocked(&cluster).await == 1 }).await);
         assert_eq!(
             &call(&mut other, &format!("RPUSH {key} job")).await[..],
             b":1\r\n"
@@ -508,9 +508,10 @@ async fn a_blocked_client_that_leaves_leaves_nothing_on_the_node() {
     for key in ["gone:1", "gone:2", "gone:3"] {
         let mut b = Raw::connect(s.addr).await;
         b.cmd(&[b"BLPOP", key.as_bytes(), b"0"]).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(eventually(|| async { cluster_blocked(&cluster).await == 1 }).await);
         drop(b);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Nothing left blocked on the node once the client is gone.
+        assert!(eventually(|| async { cluster_blocked(&cluster).await == 0 }).await);
         let mut c = Raw::connect(s.addr).await;
         assert_eq!(
             &call(&mut c, &format!("RPUSH {key} job")).await[..],

@@ -182,6 +182,15 @@ pub async fn blocked_clients(redis: &RedisServer) -> i64 {
         .unwrap()
 }
 
+/// Blocked clients over every node of `cluster`.
+pub async fn cluster_blocked(cluster: &Cluster) -> i64 {
+    let mut n = 0;
+    for node in &cluster.nodes {
+        n += blocked_clients(node).await;
+    }
+    n
+}
+
 impl RedisServer {
     /// The process id (for SIGSTOP/SIGCONT).
     pub fn pid(&self) -> u32 {
