@@ -823,19 +823,13 @@ impl Metrics {
     /// map (`nodes`: the `host:port` of every node it has now).
     pub fn forget_nodes(&self, upstream: &str, nodes: &[String]) {
         let v = &self.0.cluster_node_connections;
-        for m in v.collect().iter().flat_map(|f| f.get_metric().to_vec()) {
-            let labels: HashMap<&str, &str> = m
-                .get_label()
-                .iter()
-                .map(|l| (l.name(), l.value()))
-                .collect();
-            if labels.get("upstream") == Some(&upstream)
-                && let Some(node) = labels.get("node")
-                && !nodes.iter().any(|n| n == node)
-            {
-                let _ = v.remove_label_values(&[upstream, node]);
-            }
-        }
+        let gone = |l: &Labels| {
+            l.get("upstream") == Some(&upstream)
+                && l.get("node").is_some_and(|n| !nodes.iter().any(|k| k == n))
+        };
+        forget_where(v.collect(), &["upstream", "node"], gone, |l| {
+            let _ = v.remove_label_values(l);
+        });
     }
 
     /// Prometheus text exposition of every metric.
@@ -848,21 +842,24 @@ impl Metrics {
     }
 }
 
-/// Remove every series of a rule vector (labels `order`, `rule` first)
-/// whose rule is not in `keep`.
-fn forget_stale(
+/// A series' labels by name.
+type Labels<'a> = HashMap<&'a str, &'a str>;
+
+/// Remove every series of `families` whose labels `gone` says: `remove`
+/// gets its label values in the vector's order (`order`).
+fn forget_where(
     families: Vec<prometheus::proto::MetricFamily>,
     order: &[&str],
-    keep: &[&str],
+    gone: impl Fn(&Labels) -> bool,
     remove: impl Fn(&[&str]),
 ) {
     for m in families.iter().flat_map(|f| f.get_metric().to_vec()) {
-        let labels: HashMap<&str, &str> = m
+        let labels: Labels = m
             .get_label()
             .iter()
             .map(|l| (l.name(), l.value()))
             .collect();
-        if labels.get("rule").is_some_and(|r| !keep.contains(r)) {
+        if gone(&labels) {
             let values: Vec<&str> = order
                 .iter()
                 .map(|n| labels.get(n).copied().unwrap_or(""))
@@ -870,6 +867,18 @@ fn forget_stale(
             remove(&values);
         }
     }
+}
+
+/// [`forget_where`] for a rule vector (labels `order`, `rule` among them):
+/// the series of rules not in `keep`.
+fn forget_stale(
+    families: Vec<prometheus::proto::MetricFamily>,
+    order: &[&str],
+    keep: &[&str],
+    remove: impl Fn(&[&str]),
+) {
+    let gone = |l: &Labels| l.get("rule").is_some_and(|r| !keep.contains(r));
+    forget_where(families, order, gone, remove);
 }
 
 /// `process_*` series of this process, read from `/proc` at each scrape
@@ -980,4 +989,31 @@ impl Process {
 
 fn read_proc(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_left_the_map_leaves_the_metrics() {
+        let m = Metrics::new();
+        m.cluster_node_connections("c", "10.0.0.1:7000").set(1);
+        m.cluster_node_connections("c", "10.0.0.2:7000").set(1);
+        m.cluster_node_connections("other", "10.0.0.2:7000").set(1);
+        m.forget_nodes("c", &["10.0.0.1:7000".to_string()]);
+        let text = String::from_utf8(m.render()).unwrap_or_default();
+        assert!(
+            text.contains(r#"node="10.0.0.1:7000",upstream="c""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"node="10.0.0.2:7000",upstream="c""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"node="10.0.0.2:7000",upstream="other""#),
+            "{text}"
+        );
+    }
 }

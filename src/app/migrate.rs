@@ -28,6 +28,7 @@ use crate::upstream::endpoint::Endpoint;
 use crate::upstream::failover::Upstreams;
 use crate::upstream::pool::ControlConn;
 use crate::upstream::{Identity, URL_DB, UpstreamError};
+use crate::wire::resp::{bulk_text, integer};
 use crate::wire::{Proto, is_error};
 
 /// Keys copied per SCAN step.
@@ -466,20 +467,9 @@ fn cmd(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
 }
 
-/// An integer reply's value.
-fn int(r: &[u8]) -> Option<i64> {
-    crate::wire::scan::parse_int(r.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
-}
-
-/// A bulk reply's payload (`None`: null).
+/// A bulk reply's payload, as a slice of it (`None`: null, not a bulk).
 fn bulk(r: &Bytes) -> Option<Bytes> {
-    let rest = r.strip_prefix(b"$")?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
-    let len = crate::wire::scan::parse_int(rest[..nl].strip_suffix(b"\r")?)?;
-    let len = usize::try_from(len).ok()?;
-    let start = 1 + nl + 1;
-    r.get(start..start + len)
-        .map(|_| r.slice(start..start + len))
+    bulk_text(r).map(|b| r.slice_ref(b))
 }
 
 struct Run {
@@ -607,7 +597,7 @@ impl Run {
         let mut writes = Vec::with_capacity(keys.len());
         let mut bytes = 0u64;
         for (i, k) in keys.iter().enumerate() {
-            let (dump, ttl) = (&got[2 * i], int(&got[2 * i + 1]).unwrap_or(-1));
+            let (dump, ttl) = (&got[2 * i], integer(&got[2 * i + 1]).unwrap_or(-1));
             match bulk(dump) {
                 // Gone (deleted or expired) on the source.
                 None => writes.push(vec![Bytes::from_static(b"DEL"), k.clone()]),
@@ -733,7 +723,7 @@ impl Run {
                     .call(&[cmd(&[b"DBSIZE"])])
                     .await
                     .map_err(|e| format!("DBSIZE on the target: {e}"))?;
-                let theirs = int(&r[0]).unwrap_or(-1);
+                let theirs = integer(&r[0]).unwrap_or(-1);
                 let ours = i64::try_from(*n).unwrap_or(i64::MAX);
                 if theirs != ours {
                     return Err(format!(

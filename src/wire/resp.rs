@@ -1,4 +1,5 @@
-//! Raw RESP helpers for the cache: the elements of an aggregate reply, and
+//! Raw RESP helpers: the text of a bulk reply, an integer reply's value,
+//! the elements of an aggregate reply, and
 //! a RESP3 reply as Redis would have sent it to a RESP2 client (fills are
 //! made over RESP3; doubles keep Redis's own text, which a decode and
 //! re-encode would not).
@@ -52,6 +53,26 @@ pub fn frame_end(b: &[u8], at: usize) -> Option<usize> {
         }
         _ => None,
     }
+}
+
+/// The bytes of a bulk (`$`) or verbatim (`=`, without its `txt:`) string.
+pub fn bulk_text(r: &[u8]) -> Option<&[u8]> {
+    let t = *r.first()?;
+    if t != b'$' && t != b'=' {
+        return None;
+    }
+    let nl = memchr::memchr(b'\n', r)?;
+    let len: usize = std::str::from_utf8(r.get(1..nl.checked_sub(1)?)?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let body = r.get(nl + 1..nl + 1 + len)?;
+    Some(if t == b'=' { body.get(4..)? } else { body })
+}
+
+/// An integer reply's value (`:n`).
+pub fn integer(r: &[u8]) -> Option<i64> {
+    crate::wire::scan::parse_int(r.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
 }
 
 /// The elements of an array (or set, push) reply, as raw frames.

@@ -10,6 +10,7 @@ use super::{ScanCursor, Split, Topology};
 use crate::request::exchange::{PartSink, ReplyPlan};
 use crate::upstream::cluster;
 use crate::upstream::{ClientShared, Reply};
+use crate::wire::resp::bulk_text;
 use crate::wire::scan::split_array;
 use crate::wire::{Proto, Value};
 
@@ -124,21 +125,6 @@ impl PartSink for Gather {
             self.client.flush();
         }
     }
-}
-
-/// The bytes of a bulk (`$`) or verbatim (`=`, without its `txt:`) string.
-fn bulk_text(r: &[u8]) -> Option<&[u8]> {
-    let t = *r.first()?;
-    if t != b'$' && t != b'=' {
-        return None;
-    }
-    let nl = memchr::memchr(b'\n', r)?;
-    let len: usize = std::str::from_utf8(r.get(1..nl.checked_sub(1)?)?)
-        .ok()?
-        .parse()
-        .ok()?;
-    let body = r.get(nl + 1..nl + 1 + len)?;
-    Some(if t == b'=' { body.get(4..)? } else { body })
 }
 
 fn is_null(r: &[u8]) -> bool {
