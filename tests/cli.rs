@@ -545,7 +545,7 @@ async fn operator_logs_say_who_and_what() {
     let (port, admin_port) = (free_port(), free_port());
     let head = |rules: &str| {
         format!(
-            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\n{rules}"
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\n[cache]\nenabled = true\n{rules}"
         )
     };
     let rule = |name: &str| format!("[[rate_limit]]\nname = \"{name}\"\nrate = \"1000/s\"\n");
@@ -577,7 +577,7 @@ async fn operator_logs_say_who_and_what() {
     );
     assert_eq!(
         http(admin, "POST", "/cache/flush", Some("tok")).await.0,
-        404
+        200
     );
     let out = stop_and_read_stderr(child).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -621,6 +621,8 @@ async fn operator_logs_say_who_and_what() {
     let switch = line("switching the active upstream");
     assert!(switch.contains("dedicated_clients=0"), "{switch}");
     assert!(line("admin: POST /cache/flush").contains("peer=127.0.0.1:"));
+    let flushed = line("cache flushed reason=flush");
+    assert!(flushed.contains("entries=0"), "{flushed}");
 }
 
 /// A configured command the upstream's learned table lacks (an older

@@ -262,3 +262,40 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(
+            &format!("{text}\n[[upstream]]\nname = \"a\"\nurl = \"redis://127.0.0.1:6379\"\n"),
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_reload_diff_names_what_changed_and_no_value() {
+        let old = config(
+            "admin_token = \"s3cret-old\"\n[[rate_limit]]\nname = \"gone\"\nrate = \"1/s\"\n[[rate_limit]]\nname = \"kept\"\nrate = \"1/s\"\n[[ttl]]\npattern = \"s:*\"\ndefault = \"1h\"\n",
+        );
+        let new = config(
+            "admin_token = \"s3cret-new\"\n[access]\ndeny = [\"KEYS\"]\n[[rate_limit]]\nname = \"kept\"\nrate = \"2/s\"\n[[rate_limit]]\nname = \"new\"\nrate = \"1/s\"\n",
+        );
+        let d = diff(&old, &new);
+        assert_eq!(
+            d,
+            [
+                "rate_limit ~kept",
+                "rate_limit +new",
+                "rate_limit -gone",
+                "ttl -s:*",
+                "access ~",
+                "admin_token ~"
+            ]
+        );
+        assert!(!d.concat().contains("s3cret"));
+        assert!(diff(&new, &new).is_empty());
+    }
+}

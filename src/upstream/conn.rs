@@ -130,10 +130,7 @@ pub async fn connect_to(
             cmds.push(auth_command(user, pass));
         }
         let hello_at = cmds.len();
-        cmds.push(vec![
-            Bytes::from_static(b"HELLO"),
-            Bytes::from(ident.proto.number().to_string()),
-        ]);
+        cmds.push(hello_command(ident.proto));
         let db = if ident.db == URL_DB {
             endpoint.db()
         } else {
@@ -141,17 +138,10 @@ pub async fn connect_to(
         };
         let select_at = (db != 0).then_some(cmds.len());
         if db != 0 {
-            cmds.push(vec![
-                Bytes::from_static(b"SELECT"),
-                Bytes::from(db.to_string()),
-            ]);
+            cmds.push(select_command(db));
         }
         if let Some(name) = client_name {
-            cmds.push(vec![
-                Bytes::from_static(b"CLIENT"),
-                Bytes::from_static(b"SETNAME"),
-                name.clone(),
-            ]);
+            cmds.push(setname_command(name));
         }
         let role_at = cmds.len();
         cmds.push(vec![Bytes::from_static(b"ROLE")]);
@@ -242,6 +232,25 @@ pub async fn connect_to(
 
 pub use crate::wire::error::error_text;
 
+fn hello_command(proto: crate::wire::Proto) -> Vec<Bytes> {
+    vec![
+        Bytes::from_static(b"HELLO"),
+        Bytes::from(proto.number().to_string()),
+    ]
+}
+
+fn select_command(db: i64) -> Vec<Bytes> {
+    vec![Bytes::from_static(b"SELECT"), Bytes::from(db.to_string())]
+}
+
+fn setname_command(name: &Bytes) -> Vec<Bytes> {
+    vec![
+        Bytes::from_static(b"CLIENT"),
+        Bytes::from_static(b"SETNAME"),
+        name.clone(),
+    ]
+}
+
 /// `RESET`, the URL's credentials, the protocol, `SELECT db`, then the
 /// client's credentials (and name): a connection in `db` as a user who may
 /// not SELECT.
@@ -256,21 +265,11 @@ fn select_then_auth(
     if let Some((user, pass)) = endpoint.credentials() {
         cmds.push(auth_command(user, pass));
     }
-    cmds.push(vec![
-        Bytes::from_static(b"HELLO"),
-        Bytes::from(proto.number().to_string()),
-    ]);
-    cmds.push(vec![
-        Bytes::from_static(b"SELECT"),
-        Bytes::from(db.to_string()),
-    ]);
+    cmds.push(hello_command(proto));
+    cmds.push(select_command(db));
     cmds.push(auth_command(auth.user.clone(), auth.password.clone()));
     if let Some(name) = client_name {
-        cmds.push(vec![
-            Bytes::from_static(b"CLIENT"),
-            Bytes::from_static(b"SETNAME"),
-            name.clone(),
-        ]);
+        cmds.push(setname_command(name));
     }
     cmds
 }
