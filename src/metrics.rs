@@ -77,6 +77,20 @@ struct Inner {
 }
 
 /// Cheap to clone: every clone shares the registry.
+/// The phases of a live migration, as `migration_phase` labels them.
+pub const MIGRATION_PHASES: [&str; 7] = [
+    "copying",
+    "syncing",
+    "cutting_over",
+    "done",
+    "rolled_back",
+    "aborted",
+    "failed",
+];
+
+/// The results `migration_keys_total` counts.
+pub const MIGRATION_RESULTS: [&str; 3] = ["copied", "recopied", "copied_back"];
+
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
 
@@ -371,7 +385,7 @@ impl Metrics {
         let migration_phase = IntGaugeVec::new(
             Opts::new(
                 "migration_phase",
-                "1 for the phase the last live migration is in (copying|syncing|cutting_over|done|aborted|failed)",
+                "1 for the phase the last live migration is in (copying|syncing|cutting_over|done|rolled_back|aborted|failed)",
             ),
             &["phase"],
         )
@@ -379,7 +393,7 @@ impl Metrics {
         let migration_keys = IntCounterVec::new(
             Opts::new(
                 "migration_keys_total",
-                "Keys a live migration copied, by result (copied|recopied: again after a write)",
+                "Keys a live migration copied, by result (copied: the first copy, recopied: again after a write, copied_back: to the old endpoint after the cutover)",
             ),
             &["result"],
         )
@@ -399,7 +413,7 @@ impl Metrics {
             "How long the last cutover held writes",
         )
         .expect("static metric");
-        for r in ["copied", "recopied"] {
+        for r in MIGRATION_RESULTS {
             migration_keys.with_label_values(&[r]);
         }
         // Every counter whose labels are known at startup is there at 0.
@@ -751,14 +765,7 @@ impl Metrics {
 
     /// The live migration entered `phase` (the others go to 0).
     pub fn migration_phase(&self, phase: &str) {
-        for p in [
-            "copying",
-            "syncing",
-            "cutting_over",
-            "done",
-            "aborted",
-            "failed",
-        ] {
+        for p in MIGRATION_PHASES {
             self.0
                 .migration_phase
                 .with_label_values(&[p])
@@ -766,10 +773,13 @@ impl Metrics {
         }
     }
 
-    /// Keys and bytes a live migration copied (`again`: after a write).
-    pub fn migration_copied(&self, keys: u64, bytes: u64, again: bool) {
-        let r = if again { "recopied" } else { "copied" };
-        self.0.migration_keys.with_label_values(&[r]).inc_by(keys);
+    /// Keys and bytes a live migration copied, by `result` (one of
+    /// [`MIGRATION_RESULTS`]).
+    pub fn migration_copied(&self, result: &str, keys: u64, bytes: u64) {
+        self.0
+            .migration_keys
+            .with_label_values(&[result])
+            .inc_by(keys);
         self.0.migration_bytes.inc_by(bytes);
     }
 

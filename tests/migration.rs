@@ -231,6 +231,8 @@ async fn migrate_while_the_app_writes_and_cut_over() {
     assert!(metric(&s, "migration_keys_total", &[("result", "copied")]) >= 800.0);
     let pause = metric(&s, "migration_cutover_pause_seconds", &[]);
     assert!(pause > 0.0 && pause < 2.0, "pause {pause}");
+    assert_eq!(post(admin, "/migrations/current/finish").await.0, 200);
+    assert!(eventually(|| async { migration(admin).await["copy_back"] == false }).await);
     assert!(
         !s.control.policies.current().names().contains(&"migration"),
         "the tracking stage left with the migration"
@@ -258,5 +260,385 @@ async fn bad_migration_requests() {
             .0,
         404
     );
+    s.shutdown().await;
+}
+
+/// Two servers and the sidecar in front of the first (`a`), with `b` up.
+async fn two() -> (
+    RedisServer,
+    RedisServer,
+    redis_sidecar::Sidecar,
+    std::net::SocketAddr,
+) {
+    two_with(|_| {}).await
+}
+
+async fn two_with(
+    f: impl FnOnce(&mut redis_sidecar::config::Config),
+) -> (
+    RedisServer,
+    RedisServer,
+    redis_sidecar::Sidecar,
+    std::net::SocketAddr,
+) {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut config = config_multi(&[("a", a.url()), ("b", b.url())]);
+    f(&mut config);
+    let s = sidecar_with(config, redis_sidecar::policy::Builder::default()).await;
+    wait_up(&s, 1).await;
+    let admin = s.admin_addr.unwrap();
+    (a, b, s, admin)
+}
+
+async fn post(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http(admin, "POST", path, None).await
+}
+
+async fn start(admin: std::net::SocketAddr, body: &str) {
+    let (st, resp) = http_json(admin, "POST", "/migrations", body).await;
+    assert_eq!(st, 202, "{resp}");
+}
+
+async fn cut_over(admin: std::net::SocketAddr) -> serde_json::Value {
+    wait_phase(admin, "syncing").await;
+    let (st, resp) = post(admin, "/migrations/current/cutover").await;
+    assert_eq!(st, 200, "{resp}");
+    wait_phase(admin, "done").await
+}
+
+async fn get_in(c: &mut redis::aio::MultiplexedConnection, db: i64, key: &str) -> Option<String> {
+    let _: () = redis::cmd("SELECT").arg(db).query_async(c).await.unwrap();
+    c.get(key).await.unwrap()
+}
+
+/// After the cutover the app's writes go back to the old endpoint, so a
+/// rollback loses none of them; `finish` ends that, and a new migration
+/// waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_takes_the_writes_made_after_the_cutover_back() {
+    let (a, b, s, admin) = two().await;
+    let mut src = a.direct().await;
+    for i in 0..1000 {
+        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
+    }
+    // At 2,000 keys a second, 1,000 keys take half a second at least.
+    start(admin, r#"{"to": "b", "max_keys_per_second": 2000}"#).await;
+    let synced = wait_phase(admin, "syncing").await;
+    assert!(
+        synced["elapsed_seconds"].as_f64().unwrap() >= 0.4,
+        "{synced}"
+    );
+    let done = cut_over(admin).await;
+    assert_eq!(done["copy_back"], true, "{done}");
+    assert_eq!(active(&s).await, "b");
+    // While it copies back, another migration waits.
+    let (st, body) = http_json(admin, "POST", "/migrations", r#"{"to": "a"}"#).await;
+    assert_eq!(st, 409, "{body}");
+    assert!(body.contains("finish or roll it back"), "{body}");
+    assert_eq!(post(admin, "/migrations/current/abort").await.0, 409);
+
+    // The app on b: new keys, changed keys, deleted keys, a flushed db.
+    let mut app = client(&s).await;
+    for i in 0..50 {
+        let _: () = app.set(format!("new:{i}"), "after").await.unwrap();
+        let _: () = app.incr(format!("k:{i}"), 1000).await.unwrap();
+        let _: () = app.del(format!("k:{}", 500 + i)).await.unwrap();
+    }
+    let mut app2 = redis::Client::open(format!("{}/2", url(&s)))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = app2.set("d2", "x").await.unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(3)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let _: () = src.set("d3", "stale").await.unwrap();
+    let mut app3 = redis::Client::open(format!("{}/3", url(&s)))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = app3.set("d3", "y").await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut app3).await.unwrap();
+    // A transaction, and the other db of COPY ... DB and MOVE.
+    let _: () = redis::pipe()
+        .atomic()
+        .set("tx:k", "v")
+        .incr("tx:n", 5)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let _: () = app.set("mv", "moved").await.unwrap();
+    let _: i64 = redis::cmd("COPY")
+        .arg("mv")
+        .arg("copied")
+        .arg("DB")
+        .arg(4)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("MOVE")
+        .arg("mv")
+        .arg(5)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let (st, resp) = post(admin, "/migrations/current/rollback").await;
+    assert_eq!(st, 200, "{resp}");
+    let back = wait_phase(admin, "rolled_back").await;
+    println!("rolled back: {back}");
+    assert_eq!(active(&s).await, "a");
+    assert!(back["keys_copied_back"].as_u64().unwrap() >= 150, "{back}");
+    let mut src = a.direct().await;
+    for i in 0..50 {
+        assert_eq!(
+            get_in(&mut src, 0, &format!("new:{i}")).await.as_deref(),
+            Some("after")
+        );
+        let want = (i + 1000).to_string();
+        assert_eq!(get_in(&mut src, 0, &format!("k:{i}")).await, Some(want));
+        assert_eq!(get_in(&mut src, 0, &format!("k:{}", 500 + i)).await, None);
+    }
+    assert_eq!(get_in(&mut src, 2, "d2").await.as_deref(), Some("x"));
+    assert_eq!(get_in(&mut src, 0, "tx:k").await.as_deref(), Some("v"));
+    assert_eq!(get_in(&mut src, 0, "tx:n").await.as_deref(), Some("5"));
+    assert_eq!(get_in(&mut src, 0, "mv").await, None);
+    assert_eq!(
+        get_in(&mut src, 4, "copied").await.as_deref(),
+        Some("moved")
+    );
+    assert_eq!(get_in(&mut src, 5, "mv").await.as_deref(), Some("moved"));
+    // The flush reached the old endpoint too: its stale key is gone.
+    assert_eq!(get_in(&mut src, 3, "d3").await, None);
+    // The app goes on, on a.
+    let _: () = app.set("after-rollback", 1).await.unwrap();
+    assert_eq!(
+        get_in(&mut src, 0, "after-rollback").await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        metric(&s, "migration_phase", &[("phase", "rolled_back")]),
+        1.0
+    );
+    assert!(metric(&s, "migration_keys_total", &[("result", "copied_back")]) >= 150.0);
+    // Rolled back: finish and rollback have nothing to do; a new one may
+    // start.
+    assert_eq!(post(admin, "/migrations/current/finish").await.0, 409);
+    start(admin, r#"{"to": "b", "on_conflict": "replace"}"#).await;
+    cut_over(admin).await;
+    let (st, resp) = post(admin, "/migrations/current/finish").await;
+    assert_eq!(st, 200, "{resp}");
+    assert!(
+        eventually(|| async { migration(admin).await["copy_back"] == false }).await,
+        "{}",
+        migration(admin).await
+    );
+    assert_eq!(post(admin, "/migrations/current/rollback").await.0, 409);
+    // Finished: a's copy no longer follows.
+    let _: () = app.set("after-finish", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get_in(&mut src, 0, "after-finish").await, None);
+    let mut dst = b.direct().await;
+    assert_eq!(
+        get_in(&mut dst, 0, "after-finish").await.as_deref(),
+        Some("1")
+    );
+    assert!(
+        !s.control.policies.current().names().contains(&"migration"),
+        "the tracking stage left at finish"
+    );
+    s.shutdown().await;
+}
+
+/// Scripts a client sent (EVAL, SCRIPT LOAD) and the functions are on the
+/// target before the app gets there: EVALSHA and FCALL work at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_and_functions_are_on_the_target_at_the_cutover() {
+    let (a, _b, s, admin) = two().await;
+    let mut app = client(&s).await;
+    let lib = "#!lua name=mylib\nredis.register_function('twice', function(keys, args) return tonumber(args[1]) * 2 end)";
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(lib)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let _: () = app.set("x", 1).await.unwrap();
+    start(admin, r#"{"to": "b"}"#).await;
+    wait_phase(admin, "syncing").await;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg("return redis.call('GET', KEYS[1])")
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("EVAL")
+        .arg("return 7")
+        .arg(0)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let done = cut_over(admin).await;
+    assert_eq!(done["scripts_loaded"], 2, "{done}");
+    assert_eq!(active(&s).await, "b");
+    let v: String = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(1)
+        .arg("x")
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(v, "1");
+    let exists: Vec<i64> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg("59b6ab2fbe0ee4b25733de0f62e6cda4899ef8e9")
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(exists, vec![1], "EVAL's body (return 7) is loaded on b");
+    let twice: i64 = redis::cmd("FCALL")
+        .arg("twice")
+        .arg(0)
+        .arg(21)
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(twice, 42);
+    drop(a);
+    s.shutdown().await;
+}
+
+/// What a script writes without declaring the key is copied again at the
+/// cutover by the `cutover_rescan` patterns (created and deleted keys
+/// alike); without them the cutover's verification sees the difference
+/// and abandons the cutover, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_script_writes_are_caught_by_the_rescan() {
+    for rescan in [false, true] {
+        let (a, b, s, admin) = two().await;
+        let mut app = client(&s).await;
+        for i in 0..20 {
+            let _: () = app.set(format!("q:job:{i}"), "waiting").await.unwrap();
+        }
+        let body = if rescan {
+            r#"{"to": "b", "cutover_rescan": ["q:*"]}"#
+        } else {
+            r#"{"to": "b", "cutover_rescan": []}"#
+        };
+        start(admin, body).await;
+        wait_phase(admin, "syncing").await;
+        // The script names only KEYS[1], a counter; it creates q:job:20..29
+        // and deletes q:job:0..9 from the prefix it is given.
+        let script = "local n = redis.call('INCR', KEYS[1]) \
+            for i = 0, 9 do \
+              redis.call('SET', ARGV[1] .. (20 + i), 'new') \
+              redis.call('DEL', ARGV[1] .. i) \
+            end return n";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(script)
+            .arg(1)
+            .arg("q:count")
+            .arg("q:job:")
+            .query_async(&mut app)
+            .await
+            .unwrap();
+        let (st, resp) = post(admin, "/migrations/current/cutover").await;
+        assert_eq!(st, 200, "{resp}");
+        if !rescan {
+            assert!(
+                eventually(|| async {
+                    migration(admin).await["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("cutover abandoned"))
+                })
+                .await,
+                "{}",
+                migration(admin).await
+            );
+            let m = migration(admin).await;
+            assert_eq!(m["phase"], "syncing", "{m}");
+            // The counts or the sample differ: either way, db 0's.
+            assert!(m["reason"].as_str().unwrap().contains("db 0: "), "{m}");
+            assert_eq!(active(&s).await, "a", "the app stays on the source");
+            s.shutdown().await;
+            continue;
+        }
+        wait_phase(admin, "done").await;
+        let mut dst = b.direct().await;
+        for i in 0..30 {
+            let want = match i {
+                0..10 => None,
+                10..20 => Some("waiting"),
+                _ => Some("new"),
+            };
+            assert_eq!(
+                get_in(&mut dst, 0, &format!("q:job:{i}")).await.as_deref(),
+                want,
+                "{i}"
+            );
+        }
+        assert_eq!(get_in(&mut dst, 0, "q:count").await.as_deref(), Some("1"));
+        drop(a);
+        s.shutdown().await;
+    }
+}
+
+/// A worker blocked in a blocking write (BLMOVE with no timeout) does not
+/// hold the cutover: the pause ends, and its client is closed at the
+/// switch like any pinned client. FLUSHDB during the migration reaches the
+/// target; SWAPDB is refused while one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_workers_flushes_and_swapdb_during_a_migration() {
+    let (a, b, s, admin) = two_with(|c| c.timeouts.command = Duration::from_secs(60)).await;
+    let mut src = a.direct().await;
+    let _: () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let _: () = src.set(format!("gone:{i}"), i).await.unwrap();
+    }
+    start(admin, r#"{"to": "b", "max_pause_ms": 1000}"#).await;
+    wait_phase(admin, "syncing").await;
+    let mut worker = Raw::connect(s.addr).await;
+    worker
+        .cmd(&[b"BLMOVE", b"jobs", b"active", b"LEFT", b"RIGHT", b"0"])
+        .await;
+    assert!(eventually(|| async { blocked_clients(&a).await == 1 }).await);
+    let mut app1 = redis::Client::open(format!("{}/1", url(&s)))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut app1).await.unwrap();
+    let _: () = app1.set("kept", 1).await.unwrap();
+    let err = redis::cmd("SWAPDB")
+        .arg(0)
+        .arg(1)
+        .query_async::<()>(&mut app1)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("live migration"), "{err}");
+    let done = cut_over(admin).await;
+    assert!(done["cutover_pause_ms"].as_u64().unwrap() < 1000, "{done}");
+    // The blocked worker learns at the switch that its command's fate is
+    // unknown (not after the command timeout, a minute here), and goes on
+    // on the target.
+    assert_eq!(
+        &worker.read().await[..],
+        b"-ERR upstream connection lost\r\n"
+    );
+    let r = worker.call(&[b"LPUSH", b"jobs", b"j1"]).await;
+    assert_eq!(&r[..], b":1\r\n");
+    let mut dst = b.direct().await;
+    for i in 0..10 {
+        assert_eq!(get_in(&mut dst, 1, &format!("gone:{i}")).await, None);
+    }
+    assert_eq!(get_in(&mut dst, 1, "kept").await.as_deref(), Some("1"));
     s.shutdown().await;
 }

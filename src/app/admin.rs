@@ -130,7 +130,7 @@ fn respond_json(status: StatusCode, ok: bool, msg: &str) -> Response<Full<Bytes>
 
 impl Admin {
     /// `POST /migrations`, `GET /migrations/current`, `POST
-    /// /migrations/current/{cutover,abort}`.
+    /// /migrations/current/{cutover,abort,rollback,finish}`.
     async fn migrations(
         &self,
         req: Request<Incoming>,
@@ -192,7 +192,7 @@ impl Admin {
                         *resp.status_mut() = StatusCode::ACCEPTED;
                         resp
                     }
-                    Err(e @ E::Running) => {
+                    Err(e @ (E::Running | E::CopyingBack(_))) => {
                         respond_json(StatusCode::CONFLICT, false, &e.to_string())
                     }
                     Err(e @ E::Unknown(_)) => {
@@ -201,18 +201,28 @@ impl Admin {
                     Err(e) => respond_json(StatusCode::BAD_REQUEST, false, &e.to_string()),
                 }
             }
-            (Method::POST, "/migrations/current/cutover") => {
-                tracing::info!(%peer, "admin: migration cutover");
-                match m.cutover() {
-                    Some(mig) => status_of(&mig),
-                    None => respond_json(StatusCode::NOT_FOUND, false, "no running migration"),
-                }
-            }
-            (Method::POST, "/migrations/current/abort") => {
-                tracing::info!(%peer, "admin: migration abort");
-                match m.abort() {
-                    Some(mig) => status_of(&mig),
-                    None => respond_json(StatusCode::NOT_FOUND, false, "no running migration"),
+            (
+                Method::POST,
+                action @ ("/migrations/current/cutover"
+                | "/migrations/current/abort"
+                | "/migrations/current/rollback"
+                | "/migrations/current/finish"),
+            ) => {
+                let action = action.trim_start_matches("/migrations/current/");
+                tracing::info!(%peer, action, "admin: migration");
+                let done = match action {
+                    "cutover" => m.cutover(),
+                    "abort" => m.abort(),
+                    "rollback" => m.rollback(),
+                    _ => m.finish(),
+                };
+                use crate::app::migrate::AskError;
+                match done {
+                    Ok(mig) => status_of(&mig),
+                    Err(e @ AskError::None) => {
+                        respond_json(StatusCode::NOT_FOUND, false, &e.to_string())
+                    }
+                    Err(e) => respond_json(StatusCode::CONFLICT, false, &e.to_string()),
                 }
             }
             _ => respond_json(StatusCode::NOT_FOUND, false, "unknown migration request"),

@@ -10,7 +10,7 @@
 //! queued for the next connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -497,7 +497,8 @@ pub enum End {
 /// On `retire`, no further job is written; the replies of those written
 /// are awaited (at most the command timeout) and then `End::Retired` is
 /// returned with the connection still open until here, so Redis never sees
-/// a half-closed socket with replies pending.
+/// a half-closed socket with replies pending. `writers` counts this
+/// connection while its writer runs.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     conn: Connected,
@@ -507,6 +508,7 @@ pub async fn serve(
     oob: Option<&Oob>,
     metrics: &Metrics,
     retire: &CancellationToken,
+    writers: &AtomicUsize,
     bounce: Option<&BounceTx>,
 ) -> End {
     let Connected {
@@ -529,11 +531,11 @@ pub async fn serve(
     match stream {
         Stream::Tcp(s) => {
             let (r, mut w) = s.into_split();
-            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire).await
+            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire, writers).await
         }
         Stream::Tls(s) => {
             let (r, mut w) = tokio::io::split(*s);
-            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire).await
+            serve_io(r, &mut w, rbuf, backlog, rx, &io, retire, writers).await
         }
     }
 }
@@ -552,6 +554,7 @@ struct Io<'a> {
     data_reads: &'a AtomicU64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: R,
     w: &mut W,
@@ -560,19 +563,30 @@ async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Job>,
     io: &Io<'_>,
     retire: &CancellationToken,
+    writers: &AtomicUsize,
 ) -> End {
     let settings = io.settings;
     let fifo: Fifo = Arc::new(Mutex::new(VecDeque::new()));
     let draining = AtomicBool::new(false);
     let read = read_loop(r, rbuf, &fifo, io, &draining);
     tokio::pin!(read);
+    // Counted before the writer's first look at `retire`: whoever reads 0
+    // after retiring the choice knows no writer can take another job.
+    writers.fetch_add(1, Ordering::SeqCst);
     let mut end = tokio::select! {
         e = write_loop(w, backlog, rx, &fifo, settings, retire, io.bounce.is_some()) => e,
         e = &mut read => End::Failed(e.err().unwrap_or(UpstreamError::ConnectionLost)),
     };
+    writers.fetch_sub(1, Ordering::SeqCst);
     if matches!(end, End::Retired) {
         draining.store(true, Ordering::Release);
-        if !lock(&fifo).is_empty() {
+        // Blocked commands alone (a worker's BLMOVE): their replies may
+        // never come, and their clients belong on the new endpoint. Their
+        // fate is unknown, as in any lost connection: each gets the error.
+        let blocked_only = lock(&fifo)
+            .iter()
+            .all(|p| p.deadline.is_none() && p.plan.is_some() && !p.streamed);
+        if !blocked_only {
             end = match tokio::time::timeout(settings.command_timeout, &mut read).await {
                 Ok(Ok(())) => End::Retired,
                 Ok(Err(e)) => End::Failed(e),

@@ -41,6 +41,10 @@ pub struct Active {
     /// Cancelled when this choice is replaced: connections made for it
     /// retire (checked once per write batch, not on every wake-up).
     pub retired: CancellationToken,
+    /// Connections made for this choice whose writer still runs: once
+    /// it is retired and this is 0, nothing more is written to its
+    /// endpoint (a live migration's cutover waits for that).
+    pub writers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The last change of the active endpoint.
@@ -161,6 +165,7 @@ impl Upstreams {
             endpoint: first,
             generation: 1,
             retired: CancellationToken::new(),
+            writers: Arc::default(),
         };
         let (active_tx, _) = watch::channel(active.clone());
         let checks = start_check_runtime(&shutdown, &tasks).map_err(FailoverError::CheckThread)?;
@@ -237,6 +242,7 @@ impl Upstreams {
             endpoint: to.clone(),
             generation: st.active.generation + 1,
             retired: CancellationToken::new(),
+            writers: Arc::default(),
         };
         st.last_switch = Some(Switch {
             at: SystemTime::now(),

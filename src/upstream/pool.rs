@@ -328,6 +328,7 @@ impl Pool {
             oob,
             &self.metrics,
             &made_for.retired,
+            &made_for.writers,
             bounce,
         )
         .await;

@@ -1,0 +1,504 @@
+//! Live migration from the active endpoint to another configured one: copy
+//! every key (SCAN, DUMP with PTTL, RESTORE), keep the copy exact while the
+//! app runs (every write that passes through the sidecar marks its keys,
+//! which are copied again after its reply), then cut over: new writes are
+//! held, the writes in flight finish, what is left is copied (with the
+//! `cutover_rescan` patterns, the scripts and the functions), the copy is
+//! verified, the active endpoint switches and the held writes go to the
+//! new one. The pause is bounded (`max_pause`): past it the cutover is
+//! abandoned, the held writes go on to the source and the migration stays
+//! in `syncing`. After the cutover the writes are copied back to the old
+//! endpoint until `finish`, so a `rollback` (the same cutover, the other
+//! way) loses nothing.
+//!
+//! One Redis to another (not a cluster on either side), from one sidecar;
+//! what it does not do yet is listed in the README.
+
+mod run;
+mod tracker;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::policy::Policies;
+use crate::upstream::UpstreamError;
+use crate::upstream::conn::ConnSettings;
+use crate::upstream::failover::Upstreams;
+pub use tracker::Item;
+
+/// Writes waiting to be copied again, at most; past it the migration fails
+/// (its copy could no longer be kept exact).
+const MAX_BACKLOG: usize = 1_000_000;
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Copying,
+    Syncing,
+    CuttingOver,
+    /// Cut over; the writes are copied back until `finish`.
+    Done,
+    RolledBack,
+    Aborted,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Copying,
+        Phase::Syncing,
+        Phase::CuttingOver,
+        Phase::Done,
+        Phase::RolledBack,
+        Phase::Aborted,
+        Phase::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Copying => "copying",
+            Phase::Syncing => "syncing",
+            Phase::CuttingOver => "cutting_over",
+            Phase::Done => "done",
+            Phase::RolledBack => "rolled_back",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Before the cutover ended.
+    fn before_switch(self) -> bool {
+        matches!(self, Phase::Copying | Phase::Syncing | Phase::CuttingOver)
+    }
+}
+
+/// What a target that already holds a key gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    Fail,
+    Replace,
+    Skip,
+}
+
+/// `POST /migrations`'s body.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub to: String,
+    #[serde(default = "default_conflict")]
+    pub on_conflict: OnConflict,
+    /// Cut over on its own once the copy is in sync.
+    #[serde(default)]
+    pub cutover: bool,
+    /// The longest writes are held at the cutover, in milliseconds.
+    #[serde(default = "default_pause")]
+    pub max_pause_ms: u64,
+    /// Key patterns copied again (and deleted on the target where gone on
+    /// the source) during the cutover: what scripts write without
+    /// declaring the keys (BullMQ's).
+    #[serde(default = "default_rescan")]
+    pub cutover_rescan: Vec<String>,
+    /// The first copy's pace, at most (0: no limit).
+    #[serde(default = "default_keys_per_second")]
+    pub max_keys_per_second: u64,
+    #[serde(default = "default_bytes_per_second")]
+    pub max_bytes_per_second: u64,
+}
+
+fn default_conflict() -> OnConflict {
+    OnConflict::Fail
+}
+
+fn default_pause() -> u64 {
+    2000
+}
+
+fn default_rescan() -> Vec<String> {
+    vec!["bull:*".to_string()]
+}
+
+fn default_keys_per_second() -> u64 {
+    50_000
+}
+
+fn default_bytes_per_second() -> u64 {
+    64 << 20
+}
+
+/// Why a migration could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("a migration is running")]
+    Running,
+    #[error("the last migration copies writes back to {0}: finish or roll it back first")]
+    CopyingBack(String),
+    #[error("no upstream named {0}")]
+    Unknown(String),
+    #[error("{0} is the active upstream")]
+    Active(String),
+    #[error("a migration to or from a Redis Cluster is not supported yet")]
+    Cluster,
+    #[error(
+        "the endpoints' URLs select different databases ({0} and {1}); each database is copied to the same number"
+    )]
+    Databases(i64, i64),
+    #[error("the target cannot be reached: {0}")]
+    Target(#[source] UpstreamError),
+}
+
+/// Why `cutover`, `abort`, `rollback` or `finish` cannot be done now.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("no migration")]
+    None,
+    #[error("the migration is {0}: {1}")]
+    Phase(&'static str, &'static str),
+}
+
+/// What the operator asked of a running migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    Cutover,
+    Rollback,
+    Finish,
+}
+
+/// The writes to copy again, in the order written, each key once.
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Item>,
+    seen: HashSet<Item>,
+}
+
+/// One migration: its state, counters and the writes to copy again.
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+    request: Request,
+    phase: Mutex<(Phase, String)>,
+    pub keys_copied: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub keys_recopied: AtomicU64,
+    pub keys_copied_back: AtomicU64,
+    pub errors: AtomicU64,
+    keys_total: AtomicU64,
+    scripts_loaded: AtomicU64,
+    /// Times the copy slowed down because the source did.
+    backoffs: AtomicU64,
+    pause_ms: AtomicU64,
+    started: Instant,
+    backlog: Mutex<Backlog>,
+    /// Keys the migration itself wrote to the target after a write: a
+    /// conflict with one of them is not the target's own key.
+    ours: Mutex<HashSet<(i64, Bytes)>>,
+    /// Script bodies seen (and their total size), for the target.
+    scripts: Mutex<(HashSet<Bytes>, usize)>,
+    /// Writes let through whose reply has not come yet.
+    inflight: AtomicI64,
+    /// `true` while a cutover holds new writes: `hold` for the check on
+    /// every write, `holding` to wait on.
+    hold: AtomicBool,
+    holding: watch::Sender<bool>,
+    ask: Mutex<Option<Ask>>,
+    /// Writes are copied back to the old endpoint (after the cutover).
+    copy_back: AtomicBool,
+    cancel: CancellationToken,
+    /// The db a client that never selected one uses (the URLs').
+    url_db: i64,
+    metrics: crate::metrics::Metrics,
+}
+
+impl Migration {
+    pub fn phase(&self) -> (Phase, String) {
+        self.phase
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_phase(&self, p: Phase, why: &str) {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner) = (p, why.to_string());
+        self.metrics.migration_phase(p.label());
+        tracing::info!(phase = p.label(), reason = %why, from = %self.from, to = %self.to, "migration");
+    }
+
+    /// Still at work: before the switch, or copying back after it.
+    fn running(&self) -> bool {
+        self.phase().0.before_switch() || self.copy_back.load(Ordering::Acquire)
+    }
+
+    pub fn backlog(&self) -> usize {
+        self.backlog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .queue
+            .len()
+    }
+
+    /// `GET /migrations/current`.
+    pub fn status(&self) -> serde_json::Value {
+        let (phase, reason) = self.phase();
+        let copied = self.keys_copied.load(Ordering::Relaxed);
+        let total = self.keys_total.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        serde_json::json!({
+            "from": self.from,
+            "to": self.to,
+            "phase": phase.label(),
+            "reason": reason,
+            "keys_copied": copied,
+            "bytes_copied": self.bytes_copied.load(Ordering::Relaxed),
+            "keys_recopied": self.keys_recopied.load(Ordering::Relaxed),
+            "keys_copied_back": self.keys_copied_back.load(Ordering::Relaxed),
+            "keys_total_estimate": total,
+            "keys_left_estimate": total.saturating_sub(copied),
+            "keys_per_second": (copied as f64 / secs).round(),
+            "elapsed_seconds": (secs * 10.0).round() / 10.0,
+            "backlog": self.backlog(),
+            "errors": self.errors.load(Ordering::Relaxed),
+            "backoffs": self.backoffs.load(Ordering::Relaxed),
+            "scripts_loaded": self.scripts_loaded.load(Ordering::Relaxed),
+            "cutover_pause_ms": self.pause_ms.load(Ordering::Relaxed),
+            "copy_back": self.copy_back.load(Ordering::Acquire),
+        })
+    }
+
+    /// A write changed `item`: copy it again. A flush drops what was
+    /// queued for its dbs (gone anyway), so a key written after it is
+    /// queued after it.
+    fn mark(&self, item: Item) {
+        let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+        let Backlog { queue, seen } = &mut *b;
+        match &item {
+            Item::Key(..) => {
+                if seen.insert(item.clone()) {
+                    queue.push_back(item);
+                }
+            }
+            Item::FlushDb(db) => {
+                queue.retain(|i| !matches!(i, Item::Key(d, _) if d == db));
+                seen.retain(|i| !matches!(i, Item::Key(d, _) if d == db));
+                queue.push_back(item);
+            }
+            Item::FlushAll => {
+                queue.clear();
+                seen.clear();
+                queue.push_back(item);
+            }
+        }
+    }
+
+    fn take(&self, n: usize) -> Vec<Item> {
+        let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+        let Backlog { queue, seen } = &mut *b;
+        let out: Vec<_> = queue.drain(..n.min(queue.len())).collect();
+        for i in &out {
+            seen.remove(i);
+        }
+        out
+    }
+
+    fn asked(&self) -> Option<Ask> {
+        *self.ask.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn clear_ask(&self) {
+        *self.ask.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Starts migrations and holds the current one.
+pub struct Migrator {
+    ups: Arc<Upstreams>,
+    metrics: crate::metrics::Metrics,
+    policies: Arc<Policies>,
+    settings: ConnSettings,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    current: Mutex<Option<Arc<Migration>>>,
+}
+
+impl Migrator {
+    pub fn new(
+        ups: Arc<Upstreams>,
+        metrics: crate::metrics::Metrics,
+        policies: Arc<Policies>,
+        settings: ConnSettings,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Migrator {
+        Migrator {
+            ups,
+            metrics,
+            policies,
+            settings,
+            tasks,
+            shutdown,
+            current: Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<Migration>> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `POST /migrations`.
+    pub async fn start(&self, req: Request) -> Result<Arc<Migration>, StartError> {
+        if let Some(m) = self.current().filter(|m| m.running()) {
+            return Err(if m.phase().0.before_switch() {
+                StartError::Running
+            } else {
+                StartError::CopyingBack(m.from.clone())
+            });
+        }
+        let from = self.ups.active().endpoint;
+        let to = self
+            .ups
+            .endpoints()
+            .into_iter()
+            .find(|e| e.name() == req.to)
+            .ok_or_else(|| StartError::Unknown(req.to.clone()))?;
+        if Arc::ptr_eq(&from, &to) {
+            return Err(StartError::Active(req.to.clone()));
+        }
+        if from.cluster.is_some() || to.cluster.is_some() {
+            return Err(StartError::Cluster);
+        }
+        if from.db() != to.db() {
+            return Err(StartError::Databases(from.db(), to.db()));
+        }
+        // The target must answer before anything starts.
+        let target = run::connect(&to, &self.settings)
+            .await
+            .map_err(StartError::Target)?;
+        let (holding, _) = watch::channel(false);
+        let m = Arc::new(Migration {
+            from: from.name().to_string(),
+            to: to.name().to_string(),
+            request: req,
+            phase: Mutex::new((Phase::Copying, String::new())),
+            keys_copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            keys_recopied: AtomicU64::new(0),
+            keys_copied_back: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            keys_total: AtomicU64::new(0),
+            scripts_loaded: AtomicU64::new(0),
+            backoffs: AtomicU64::new(0),
+            pause_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            backlog: Mutex::new(Backlog::default()),
+            ours: Mutex::new(HashSet::new()),
+            scripts: Mutex::new((HashSet::new(), 0)),
+            inflight: AtomicI64::new(0),
+            hold: AtomicBool::new(false),
+            holding,
+            ask: Mutex::new(None),
+            copy_back: AtomicBool::new(false),
+            cancel: self.shutdown.child_token(),
+            url_db: from.db(),
+            metrics: self.metrics.clone(),
+        });
+        m.set_phase(Phase::Copying, "started");
+        // Tracking begins before the first key is read: a write from now
+        // on is copied again, whenever the copy reaches its key.
+        self.policies
+            .add_runtime(Arc::new(tracker::Tracker::new(m.clone())));
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(m.clone());
+        let run = run::Run::new(
+            m.clone(),
+            self.metrics.clone(),
+            from,
+            to,
+            target,
+            self.settings.clone(),
+            self.ups.clone(),
+        );
+        let policies = self.policies.clone();
+        self.tasks.spawn(async move {
+            let m = run.m.clone();
+            let result = run.run().await;
+            policies.remove_runtime("migration");
+            // Anything held is let go, whatever happened.
+            m.hold.store(false, Ordering::SeqCst);
+            m.holding.send_replace(false);
+            m.copy_back.store(false, Ordering::Release);
+            if let Err(e) = result {
+                let p = m.phase().0;
+                if !p.before_switch() {
+                    // Cut over already: the app runs on the target; only
+                    // the copy back stopped.
+                    m.set_phase(p, &format!("copying back stopped: {e}"));
+                } else if m.cancel.is_cancelled() {
+                    m.set_phase(Phase::Aborted, &e);
+                } else {
+                    m.set_phase(Phase::Failed, &e);
+                }
+            }
+        });
+        Ok(m)
+    }
+
+    fn ask(&self, ask: Ask) -> Result<Arc<Migration>, AskError> {
+        let m = self.current().ok_or(AskError::None)?;
+        let p = m.phase().0;
+        let copying_back = m.copy_back.load(Ordering::Acquire);
+        let ok = match ask {
+            Ask::Cutover => p.before_switch(),
+            Ask::Rollback | Ask::Finish => copying_back,
+        };
+        if !ok {
+            let what = match ask {
+                Ask::Cutover => "a cutover needs a migration that has not cut over",
+                Ask::Rollback | Ask::Finish => {
+                    "rollback and finish need a cut-over migration that still copies writes back"
+                }
+            };
+            return Err(AskError::Phase(p.label(), what));
+        }
+        *m.ask.lock().unwrap_or_else(PoisonError::into_inner) = Some(ask);
+        Ok(m)
+    }
+
+    /// `POST /migrations/current/cutover`.
+    pub fn cutover(&self) -> Result<Arc<Migration>, AskError> {
+        self.ask(Ask::Cutover)
+    }
+
+    /// `POST /migrations/current/rollback`: back to the old endpoint, the
+    /// writes since the cutover with it.
+    pub fn rollback(&self) -> Result<Arc<Migration>, AskError> {
+        self.ask(Ask::Rollback)
+    }
+
+    /// `POST /migrations/current/finish`: stop copying writes back.
+    pub fn finish(&self) -> Result<Arc<Migration>, AskError> {
+        self.ask(Ask::Finish)
+    }
+
+    /// `POST /migrations/current/abort`: the target keeps what was copied;
+    /// the app stays on the source.
+    pub fn abort(&self) -> Result<Arc<Migration>, AskError> {
+        let m = self.current().ok_or(AskError::None)?;
+        let p = m.phase().0;
+        if !p.before_switch() {
+            return Err(AskError::Phase(
+                p.label(),
+                "cut over already: finish or roll back instead",
+            ));
+        }
+        m.cancel.cancel();
+        Ok(m)
+    }
+}

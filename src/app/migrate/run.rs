@@ -1,0 +1,904 @@
+//! The migration's worker: the first copy, the copies after writes, the
+//! cutover (and a rollback, the same the other way), the copy back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Ask, Item, MAX_BACKLOG, Migration, OnConflict, Phase};
+use crate::upstream::conn::{self, ConnSettings};
+use crate::upstream::endpoint::Endpoint;
+use crate::upstream::failover::Upstreams;
+use crate::upstream::pool::ControlConn;
+use crate::upstream::{Identity, URL_DB, UpstreamError};
+use crate::wire::resp::{bulk_text, integer};
+use crate::wire::{Proto, error_text, is_error};
+
+/// Keys copied per SCAN step and per pipelined batch.
+const BATCH: usize = 100;
+/// Keys compared per db when a cutover verifies the copy.
+const SAMPLE: usize = 16;
+
+/// A control connection to `e` with its URL's credentials and db.
+pub(super) async fn connect(
+    e: &Endpoint,
+    settings: &ConnSettings,
+) -> Result<ControlConn, UpstreamError> {
+    let ident = Identity {
+        proto: Proto::Resp2,
+        db: URL_DB,
+        auth: None,
+    };
+    let c = conn::connect(e, &ident, None, settings).await?;
+    Ok(ControlConn::new(
+        c,
+        settings.max_reply_bulk,
+        settings.command_timeout,
+        0,
+    ))
+}
+
+fn cmd(parts: &[&[u8]]) -> Vec<Bytes> {
+    parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+}
+
+/// A bulk reply's payload, as a slice of it (`None`: null, not a bulk).
+fn bulk(r: &Bytes) -> Option<Bytes> {
+    bulk_text(r).map(|b| r.slice_ref(b))
+}
+
+/// The migration's task, until it has a connection to the source.
+pub(super) struct Run {
+    pub m: Arc<Migration>,
+    metrics: crate::metrics::Metrics,
+    from: Arc<Endpoint>,
+    to: Arc<Endpoint>,
+    target: ControlConn,
+    settings: ConnSettings,
+    ups: Arc<Upstreams>,
+}
+
+impl Run {
+    pub fn new(
+        m: Arc<Migration>,
+        metrics: crate::metrics::Metrics,
+        from: Arc<Endpoint>,
+        to: Arc<Endpoint>,
+        target: ControlConn,
+        settings: ConnSettings,
+        ups: Arc<Upstreams>,
+    ) -> Run {
+        Run {
+            m,
+            metrics,
+            from,
+            to,
+            target,
+            settings,
+            ups,
+        }
+    }
+
+    pub async fn run(self) -> Result<(), String> {
+        let source = connect(&self.from, &self.settings)
+            .await
+            .map_err(|e| format!("the source cannot be reached: {e}"))?;
+        let mut c = Copier {
+            m: self.m,
+            metrics: self.metrics,
+            src: Side::new(self.from, source, "source"),
+            dst: Side::new(self.to, self.target, "target"),
+            settings: self.settings,
+            ups: self.ups,
+            target_empty: HashSet::new(),
+            scripts_loaded: HashSet::new(),
+        };
+        c.run().await
+    }
+}
+
+/// One end of the migration: its endpoint and control connection, and
+/// the db that connection has selected.
+struct Side {
+    ep: Arc<Endpoint>,
+    conn: ControlConn,
+    db: Option<i64>,
+    what: &'static str,
+}
+
+impl Side {
+    fn new(ep: Arc<Endpoint>, conn: ControlConn, what: &'static str) -> Side {
+        Side {
+            ep,
+            conn,
+            db: None,
+            what,
+        }
+    }
+
+    async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, String> {
+        let name = cmds
+            .first()
+            .and_then(|c| c.first())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .unwrap_or_default();
+        self.conn
+            .call(cmds)
+            .await
+            .map_err(|e| format!("{name} on the {} ({}): {e}", self.what, self.ep.name()))
+    }
+
+    async fn select(&mut self, db: i64) -> Result<(), String> {
+        if self.db == Some(db) {
+            return Ok(());
+        }
+        let r = self
+            .call(&[vec![
+                Bytes::from_static(b"SELECT"),
+                Bytes::from(db.to_string()),
+            ]])
+            .await?;
+        if is_error(&r[0]) {
+            return Err(format!(
+                "SELECT {db} on the {}: {}",
+                self.what,
+                error_text(&r[0])
+            ));
+        }
+        self.db = Some(db);
+        Ok(())
+    }
+
+    /// Every db that holds keys: its keys and, of them, those with a TTL
+    /// (`INFO keyspace`).
+    async fn databases(&mut self) -> Result<HashMap<i64, (u64, u64)>, String> {
+        let r = self.call(&[cmd(&[b"INFO", b"keyspace"])]).await?;
+        let text = bulk(&r[0]).ok_or("INFO: not a bulk reply")?;
+        Ok(parse_keyspace(&String::from_utf8_lossy(&text)))
+    }
+
+    /// SCAN the selected db to its end (`pattern`: MATCH).
+    async fn scan_all(&mut self, pattern: &[u8]) -> Result<Vec<Bytes>, String> {
+        let mut cursor = Bytes::from_static(b"0");
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .call(&[vec![
+                    Bytes::from_static(b"SCAN"),
+                    cursor,
+                    Bytes::from_static(b"MATCH"),
+                    Bytes::copy_from_slice(pattern),
+                    Bytes::from_static(b"COUNT"),
+                    Bytes::from_static(b"1000"),
+                ]])
+                .await?;
+            let (next, keys) = scan_reply(&r[0]).ok_or("SCAN: not an array reply")?;
+            out.extend(keys);
+            if next == b"0"[..] {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// `db0:keys=3,expires=1,avg_ttl=0` lines: db → (keys, expires).
+fn parse_keyspace(text: &str) -> HashMap<i64, (u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (db, rest) = l.trim().strip_prefix("db")?.split_once(':')?;
+            let mut keys = None;
+            let mut expires = 0;
+            for field in rest.split(',') {
+                match field.split_once('=') {
+                    Some(("keys", n)) => keys = n.parse().ok(),
+                    Some(("expires", n)) => expires = n.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            Some((db.parse().ok()?, (keys?, expires)))
+        })
+        .collect()
+}
+
+/// SCAN's `[cursor, [keys...]]`.
+fn scan_reply(r: &Bytes) -> Option<(Bytes, Vec<Bytes>)> {
+    let outer = crate::wire::scan::split_array(r)?;
+    let (cs, ce) = *outer.first()?;
+    let cursor = bulk(&r.slice(cs..ce))?;
+    let (ks, ke) = *outer.get(1)?;
+    let inner = r.slice(ks..ke);
+    let keys = crate::wire::scan::split_array(&inner)?
+        .iter()
+        .filter_map(|&(s, e)| bulk(&inner.slice(s..e)))
+        .collect();
+    Some((cursor, keys))
+}
+
+/// Which way keys go: source to target, or (after the cutover) back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Forward,
+    Back,
+}
+
+/// Why a key is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// The first copy.
+    First,
+    /// Again, after a write (or a rescan): replaces what is there.
+    Again,
+}
+
+/// The first copy's pace: keys and bytes per second, and backing off when
+/// the source answers much slower than it did.
+struct Pace {
+    start: Instant,
+    keys: u64,
+    bytes: u64,
+    fastest: Option<Duration>,
+}
+
+impl Pace {
+    /// How long to wait after a batch of `keys` and `bytes` whose source
+    /// reads took `took`; `true` with it when the source slowed down.
+    fn after(
+        &mut self,
+        keys: u64,
+        bytes: u64,
+        took: Duration,
+        kps: u64,
+        bps: u64,
+    ) -> (Duration, bool) {
+        self.keys += keys;
+        self.bytes += bytes;
+        let fastest = *self.fastest.get_or_insert(took);
+        self.fastest = Some(fastest.min(took));
+        let due = |n: u64, per_s: u64| {
+            if per_s == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(n as f64 / per_s as f64)
+            }
+        };
+        let paced = due(self.keys, kps)
+            .max(due(self.bytes, bps))
+            .saturating_sub(self.start.elapsed());
+        // Eight times its best and 5 ms more: the source is busy (the
+        // app's load, or this copy's); give it the time the batch took.
+        let slow = took > fastest * 8 + Duration::from_millis(5);
+        let back_off = if slow {
+            took.min(Duration::from_secs(1))
+        } else {
+            Duration::ZERO
+        };
+        (paced.max(back_off), slow)
+    }
+}
+
+struct Copier {
+    m: Arc<Migration>,
+    metrics: crate::metrics::Metrics,
+    src: Side,
+    dst: Side,
+    settings: ConnSettings,
+    ups: Arc<Upstreams>,
+    /// The dbs that held no key on the target when the copy began: there,
+    /// the cutover's key counts must be equal.
+    target_empty: HashSet<i64>,
+    /// Script bodies already loaded on the side the app goes to.
+    scripts_loaded: HashSet<Bytes>,
+}
+
+impl Copier {
+    fn sides(&mut self, dir: Dir) -> (&mut Side, &mut Side) {
+        match dir {
+            Dir::Forward => (&mut self.src, &mut self.dst),
+            Dir::Back => (&mut self.dst, &mut self.src),
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        let dbs = self.src.databases().await?;
+        let had = self.dst.databases().await?;
+        self.target_empty = (0..16)
+            .chain(dbs.keys().copied())
+            .filter(|db| !had.contains_key(db))
+            .collect();
+        let total: u64 = dbs.values().map(|(n, _)| n).sum();
+        self.m.keys_total.store(total, Ordering::Relaxed);
+        let mut order: Vec<i64> = dbs.keys().copied().collect();
+        order.sort_unstable();
+        let mut pace = Pace {
+            start: Instant::now(),
+            keys: 0,
+            bytes: 0,
+            fastest: None,
+        };
+        // The first copy: every db's keys, with what was written meanwhile
+        // copied again between batches.
+        for db in order {
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                self.check()?;
+                self.src.select(db).await?;
+                let r = self
+                    .src
+                    .call(&[vec![
+                        Bytes::from_static(b"SCAN"),
+                        cursor.clone(),
+                        Bytes::from_static(b"COUNT"),
+                        Bytes::from(BATCH.to_string()),
+                    ]])
+                    .await?;
+                let (next, keys) = scan_reply(&r[0]).ok_or("SCAN: not an array reply")?;
+                let t = Instant::now();
+                let bytes = self.copy(Dir::Forward, db, &keys, Why::First).await?;
+                let (wait, slow) = pace.after(
+                    keys.len() as u64,
+                    bytes,
+                    t.elapsed(),
+                    self.m.request.max_keys_per_second,
+                    self.m.request.max_bytes_per_second,
+                );
+                if slow {
+                    self.m.backoffs.fetch_add(1, Ordering::Relaxed);
+                }
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                // What was written meanwhile, a bounded share per batch so
+                // the copy itself goes on under a busy app.
+                self.sync(Dir::Forward, BATCH * 10).await?;
+                if next == b"0"[..] {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        self.m.set_phase(Phase::Syncing, "every key copied once");
+        loop {
+            self.check()?;
+            self.sync(Dir::Forward, BATCH * 10).await?;
+            let asked = self.m.asked() == Some(Ask::Cutover);
+            if self.m.request.cutover || asked {
+                self.m.clear_ask();
+                match self.switch(Dir::Forward).await {
+                    Ok(()) => break,
+                    Err(why) => {
+                        self.m
+                            .set_phase(Phase::Syncing, &format!("cutover abandoned: {why}"));
+                        if self.m.request.cutover {
+                            // Asked for at the start: try again shortly.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Cut over: the writes go back to the old endpoint until finish.
+        loop {
+            if self.m.cancel.is_cancelled() {
+                return Err("the sidecar shuts down".into());
+            }
+            self.sync(Dir::Back, BATCH * 10).await?;
+            match self.m.asked() {
+                Some(Ask::Finish) => {
+                    self.m.copy_back.store(false, Ordering::Release);
+                    self.m.set_phase(
+                        Phase::Done,
+                        &format!("finished: {} no longer gets the writes", self.m.from),
+                    );
+                    return Ok(());
+                }
+                Some(Ask::Rollback) => {
+                    self.m.clear_ask();
+                    match self.switch(Dir::Back).await {
+                        Ok(()) => return Ok(()),
+                        Err(why) => {
+                            self.m
+                                .set_phase(Phase::Done, &format!("rollback abandoned: {why}"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.m.cancel.is_cancelled() {
+            return Err("aborted".into());
+        }
+        if self.m.backlog() > MAX_BACKLOG {
+            return Err(format!(
+                "more than {MAX_BACKLOG} writes wait to be copied again"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copy `keys` of `db`: DUMP and PTTL from one side, RESTORE on the
+    /// other; a key gone from the first is deleted from the other. Answers
+    /// the payload bytes copied.
+    async fn copy(&mut self, dir: Dir, db: i64, keys: &[Bytes], why: Why) -> Result<u64, String> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let on_conflict = match why {
+            Why::First => self.m.request.on_conflict,
+            Why::Again => OnConflict::Replace,
+        };
+        let (from, to) = self.sides(dir);
+        from.select(db).await?;
+        to.select(db).await?;
+        let mut reads = Vec::with_capacity(keys.len() * 2);
+        for k in keys {
+            reads.push(vec![Bytes::from_static(b"DUMP"), k.clone()]);
+            reads.push(vec![Bytes::from_static(b"PTTL"), k.clone()]);
+        }
+        let got = from.call(&reads).await?;
+        let mut writes = Vec::with_capacity(keys.len());
+        let mut bytes = 0u64;
+        for (i, k) in keys.iter().enumerate() {
+            let (dump, ttl) = (&got[2 * i], integer(&got[2 * i + 1]).unwrap_or(-1));
+            match bulk(dump) {
+                // Gone (deleted or expired) there.
+                None => writes.push(vec![Bytes::from_static(b"DEL"), k.clone()]),
+                Some(payload) => {
+                    bytes += payload.len() as u64;
+                    let mut w = vec![
+                        Bytes::from_static(b"RESTORE"),
+                        k.clone(),
+                        Bytes::from(ttl.max(0).to_string()),
+                        payload,
+                    ];
+                    if on_conflict == OnConflict::Replace {
+                        w.push(Bytes::from_static(b"REPLACE"));
+                    }
+                    writes.push(w);
+                }
+            }
+        }
+        let replies = to.call(&writes).await?;
+        let what = to.what;
+        for (k, r) in keys.iter().zip(&replies) {
+            if r.starts_with(b"-BUSYKEY") {
+                let ours = self
+                    .m
+                    .ours
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains(&(db, k.clone()));
+                match on_conflict {
+                    // Copied already after a write: that copy is as fresh.
+                    _ if ours => continue,
+                    OnConflict::Skip => continue,
+                    _ => {
+                        return Err(format!(
+                            "a key of db {db} already exists on the target (on_conflict = fail)"
+                        ));
+                    }
+                }
+            }
+            if is_error(r) {
+                self.m.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(format!(
+                    "RESTORE on the {what} (db {db}): {}",
+                    error_text(r)
+                ));
+            }
+        }
+        let (counter, result) = match (why, dir) {
+            (Why::First, _) => (&self.m.keys_copied, "copied"),
+            (Why::Again, Dir::Forward) => (&self.m.keys_recopied, "recopied"),
+            (Why::Again, Dir::Back) => (&self.m.keys_copied_back, "copied_back"),
+        };
+        if why == Why::Again && dir == Dir::Forward {
+            let mut ours = self.m.ours.lock().unwrap_or_else(PoisonError::into_inner);
+            ours.extend(keys.iter().map(|k| (db, k.clone())));
+        }
+        counter.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.m.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .migration_copied(result, keys.len() as u64, bytes);
+        self.metrics.migration_backlog(self.m.backlog());
+        Ok(bytes)
+    }
+
+    /// Copy again up to `n` written items, in the order written.
+    async fn sync(&mut self, dir: Dir, n: usize) -> Result<(), String> {
+        let mut left = n;
+        while left > 0 {
+            let batch = self.m.take(BATCH.min(left));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            left = left.saturating_sub(batch.len());
+            let mut at = 0;
+            while at < batch.len() {
+                match &batch[at] {
+                    Item::Key(db, _) => {
+                        let db = *db;
+                        let keys: Vec<Bytes> = batch[at..]
+                            .iter()
+                            .map_while(|i| match i {
+                                Item::Key(d, k) if *d == db => Some(k.clone()),
+                                _ => None,
+                            })
+                            .collect();
+                        at += keys.len();
+                        self.copy(dir, db, &keys, Why::Again).await?;
+                    }
+                    Item::FlushDb(db) => {
+                        let (_, to) = self.sides(dir);
+                        to.select(*db).await?;
+                        to.call(&[cmd(&[b"FLUSHDB"])]).await?;
+                        at += 1;
+                    }
+                    Item::FlushAll => {
+                        let (_, to) = self.sides(dir);
+                        to.call(&[cmd(&[b"FLUSHALL"])]).await?;
+                        at += 1;
+                    }
+                }
+            }
+        }
+        self.metrics.migration_backlog(self.m.backlog());
+        Ok(())
+    }
+
+    /// The cutover (`Forward`) or the rollback (`Back`): hold writes, let
+    /// those in flight finish, copy what is left, verify, switch, release.
+    async fn switch(&mut self, dir: Dir) -> Result<(), String> {
+        let max_pause = Duration::from_millis(self.m.request.max_pause_ms);
+        // The scripts first, while the app runs: the pause is for what
+        // cannot be done before it.
+        self.load_scripts(dir).await?;
+        let label = match dir {
+            Dir::Forward => "holding writes",
+            Dir::Back => "rolling back: holding writes",
+        };
+        self.m.set_phase(Phase::CuttingOver, label);
+        let started = Instant::now();
+        self.m.holding.send_replace(true);
+        self.m.hold.store(true, Ordering::SeqCst);
+        let result = self.held(dir, started, max_pause).await;
+        self.m.hold.store(false, Ordering::SeqCst);
+        self.m.holding.send_replace(false);
+        let took = started.elapsed();
+        self.metrics.migration_pause(took);
+        self.m
+            .pause_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        result?;
+        let (from, to) = match dir {
+            Dir::Forward => (&self.m.from, &self.m.to),
+            Dir::Back => (&self.m.to, &self.m.from),
+        };
+        let why = format!("switched to {to} after a pause of {} ms", took.as_millis());
+        match dir {
+            Dir::Forward => {
+                self.m.copy_back.store(true, Ordering::Release);
+                self.m.set_phase(
+                    Phase::Done,
+                    &format!("{why}; the writes are copied back to {from} until finish"),
+                );
+            }
+            Dir::Back => {
+                self.m.copy_back.store(false, Ordering::Release);
+                self.m.set_phase(Phase::RolledBack, &why);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a switch does while writes are held.
+    async fn held(
+        &mut self,
+        dir: Dir,
+        started: Instant,
+        max_pause: Duration,
+    ) -> Result<(), String> {
+        let late = |what: &str| {
+            format!(
+                "{what} after {} ms (max_pause_ms {})",
+                started.elapsed().as_millis(),
+                max_pause.as_millis()
+            )
+        };
+        while self.m.inflight.load(Ordering::SeqCst) > 0 {
+            if started.elapsed() > max_pause {
+                return Err(late("writes still in flight"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        while self.m.backlog() > 0 {
+            self.sync(dir, usize::MAX / 2).await?;
+        }
+        self.rescan(dir).await?;
+        self.load_scripts(dir).await?;
+        self.copy_functions(dir).await?;
+        self.verify(dir).await?;
+        if started.elapsed() > max_pause {
+            return Err(late("the copy was not done"));
+        }
+        let new = match dir {
+            Dir::Forward => self.dst.ep.clone(),
+            Dir::Back => self.src.ep.clone(),
+        };
+        let old = self.ups.active();
+        self.ups
+            .activate(new.name())
+            .map_err(|e| format!("switching to {}: {e}", new.name()))?;
+        // The old endpoint's connections retire: each stops writing at its
+        // next batch (its replies still come back, its blocked commands
+        // wait). Only once no writer is left can a released write not
+        // reach the old endpoint; bounded by the command timeout.
+        let until = Instant::now() + self.settings.command_timeout;
+        while old.writers.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// The dbs either side holds keys in, in order.
+    async fn dbs_in_use(&mut self) -> Result<Vec<i64>, String> {
+        let mut dbs: Vec<i64> = self.src.databases().await?.into_keys().collect();
+        dbs.extend(self.dst.databases().await?.into_keys());
+        dbs.sort_unstable();
+        dbs.dedup();
+        Ok(dbs)
+    }
+
+    /// Copy again every key of the `cutover_rescan` patterns, and delete
+    /// on the side the app goes to those gone from the other: what scripts
+    /// wrote without declaring the keys.
+    async fn rescan(&mut self, dir: Dir) -> Result<(), String> {
+        let patterns = self.m.request.cutover_rescan.clone();
+        if patterns.is_empty() {
+            return Ok(());
+        }
+        for db in self.dbs_in_use().await? {
+            for p in &patterns {
+                let (from, to) = self.sides(dir);
+                from.select(db).await?;
+                to.select(db).await?;
+                let there = from.scan_all(p.as_bytes()).await?;
+                let here = to.scan_all(p.as_bytes()).await?;
+                let there_set: HashSet<&Bytes> = there.iter().collect();
+                let gone: Vec<Bytes> = here
+                    .into_iter()
+                    .filter(|k| !there_set.contains(k))
+                    .collect();
+                for chunk in there.chunks(BATCH) {
+                    self.copy(dir, db, chunk, Why::Again).await?;
+                }
+                // Absent from the SCAN there: checked once more, by key (a
+                // SCAN may miss nothing that stayed, but the copy above
+                // says what is gone).
+                for chunk in gone.chunks(BATCH) {
+                    self.copy(dir, db, chunk, Why::Again).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Load on the side the app goes to every script seen through the
+    /// sidecar, so EVALSHA does not meet NOSCRIPT there.
+    async fn load_scripts(&mut self, dir: Dir) -> Result<(), String> {
+        let bodies: Vec<Bytes> = {
+            let s = self
+                .m
+                .scripts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            s.0.iter()
+                .filter(|b| !self.scripts_loaded.contains(*b))
+                .cloned()
+                .collect()
+        };
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let loads: Vec<Vec<Bytes>> = bodies
+            .iter()
+            .map(|b| {
+                vec![
+                    Bytes::from_static(b"SCRIPT"),
+                    Bytes::from_static(b"LOAD"),
+                    b.clone(),
+                ]
+            })
+            .collect();
+        let (_, to) = self.sides(dir);
+        let replies = to.call(&loads).await?;
+        for (b, r) in bodies.into_iter().zip(&replies) {
+            // A script that does not compile failed for the client too.
+            if !is_error(r) {
+                self.m.scripts_loaded.fetch_add(1, Ordering::Relaxed);
+            }
+            self.scripts_loaded.insert(b);
+        }
+        Ok(())
+    }
+
+    /// The functions (FUNCTION DUMP, FUNCTION RESTORE ... REPLACE), where
+    /// there are any.
+    async fn copy_functions(&mut self, dir: Dir) -> Result<(), String> {
+        let (from, to) = self.sides(dir);
+        let r = from
+            .call(&[cmd(&[b"FUNCTION", b"LIST"]), cmd(&[b"FUNCTION", b"DUMP"])])
+            .await?;
+        // Before Redis 7 (an error), or none: nothing to copy.
+        if is_error(&r[0]) || r[0].starts_with(b"*0\r\n") {
+            return Ok(());
+        }
+        let Some(payload) = bulk(&r[1]) else {
+            return Ok(());
+        };
+        let w = vec![
+            Bytes::from_static(b"FUNCTION"),
+            Bytes::from_static(b"RESTORE"),
+            payload,
+            Bytes::from_static(b"REPLACE"),
+        ];
+        let r = to.call(&[w]).await?;
+        if is_error(&r[0]) {
+            return Err(format!(
+                "FUNCTION RESTORE on the {}: {}",
+                to.what,
+                error_text(&r[0])
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compare both sides while writes are held: per db, the keys without a
+    /// TTL (equal where the target held nothing at the start, else at
+    /// least as many on the target), and a sample of keys by type, size
+    /// and whether they expire.
+    async fn verify(&mut self, dir: Dir) -> Result<(), String> {
+        let target_empty = self.target_empty.clone();
+        let (from, to) = self.sides(dir);
+        let a = from.databases().await?;
+        let b = to.databases().await?;
+        let persistent = |m: &HashMap<i64, (u64, u64)>, db: i64| {
+            m.get(&db).map_or(0, |(k, e)| k.saturating_sub(*e))
+        };
+        let mut dbs: Vec<i64> = a.keys().chain(b.keys()).copied().collect();
+        dbs.sort_unstable();
+        dbs.dedup();
+        for db in dbs {
+            let (pa, pb) = (persistent(&a, db), persistent(&b, db));
+            let exact = target_empty.contains(&db);
+            let ok = match dir {
+                _ if exact => pa == pb,
+                Dir::Forward => pb >= pa,
+                Dir::Back => true,
+            };
+            if !ok {
+                return Err(format!(
+                    "db {db}: {pa} keys without a TTL on {} and {pb} on {}",
+                    from.ep.name(),
+                    to.ep.name()
+                ));
+            }
+        }
+        for db in a.into_keys() {
+            self.sample(dir, db).await?;
+        }
+        Ok(())
+    }
+
+    /// A few random keys of `db`, the same type and size on both sides,
+    /// both with a TTL or both without.
+    async fn sample(&mut self, dir: Dir, db: i64) -> Result<(), String> {
+        let (from, to) = self.sides(dir);
+        from.select(db).await?;
+        to.select(db).await?;
+        let r = from.call(&vec![cmd(&[b"RANDOMKEY"]); SAMPLE]).await?;
+        let mut keys: Vec<Bytes> = r.iter().filter_map(bulk).collect();
+        keys.sort();
+        keys.dedup();
+        let shape = |k: &Bytes| {
+            vec![
+                vec![Bytes::from_static(b"TYPE"), k.clone()],
+                vec![Bytes::from_static(b"PTTL"), k.clone()],
+            ]
+        };
+        let reads: Vec<Vec<Bytes>> = keys.iter().flat_map(shape).collect();
+        let ra = from.call(&reads).await?;
+        let rb = to.call(&reads).await?;
+        let mut sizes = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let (ta, tb) = (&ra[2 * i], &rb[2 * i]);
+            let (ea, eb) = (
+                integer(&ra[2 * i + 1]).unwrap_or(-2),
+                integer(&rb[2 * i + 1]).unwrap_or(-2),
+            );
+            if ea == -2 {
+                // Expired since RANDOMKEY chose it.
+                continue;
+            }
+            if ta != tb || (ea == -1) != (eb == -1) {
+                return Err(format!(
+                    "db {db}: a sampled key differs (type {} / {}, TTL {ea} / {eb} ms)",
+                    String::from_utf8_lossy(ta).trim(),
+                    String::from_utf8_lossy(tb).trim()
+                ));
+            }
+            let size: &[u8] = match ta.as_ref() {
+                b"+string\r\n" => b"STRLEN",
+                b"+hash\r\n" => b"HLEN",
+                b"+list\r\n" => b"LLEN",
+                b"+set\r\n" => b"SCARD",
+                b"+zset\r\n" => b"ZCARD",
+                b"+stream\r\n" => b"XLEN",
+                _ => continue,
+            };
+            sizes.push(vec![Bytes::copy_from_slice(size), k.clone()]);
+        }
+        if sizes.is_empty() {
+            return Ok(());
+        }
+        let sa = from.call(&sizes).await?;
+        let sb = to.call(&sizes).await?;
+        if let Some(i) = (0..sizes.len()).find(|&i| sa[i] != sb[i]) {
+            return Err(format!(
+                "db {db}: a sampled key differs in size ({} {} / {})",
+                String::from_utf8_lossy(&sizes[i][0]),
+                integer(&sa[i]).unwrap_or(-1),
+                integer(&sb[i]).unwrap_or(-1)
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyspace_lines() {
+        let m = parse_keyspace(
+            "# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=5\r\ndb12:keys=7,expires=0,avg_ttl=0,subexpiry=0\r\n",
+        );
+        assert_eq!(m.get(&0), Some(&(3, 1)));
+        assert_eq!(m.get(&12), Some(&(7, 0)));
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn the_pace_holds_keys_and_bytes_per_second() {
+        let mut p = Pace {
+            start: Instant::now(),
+            keys: 0,
+            bytes: 0,
+            fastest: None,
+        };
+        let ms = Duration::from_millis(1);
+        // 1000 keys at 10,000/s: due 100 ms after the start.
+        let (wait, slow) = p.after(1000, 10, ms, 10_000, 0);
+        assert!(!slow);
+        assert!(
+            wait > Duration::from_millis(80) && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        // Bytes bound it too: 1 MiB at 1 MiB/s is a second.
+        let (wait, _) = p.after(0, 1 << 20, ms, 0, 1 << 20);
+        assert!(wait > Duration::from_millis(900), "{wait:?}");
+        // A batch 8x slower than the best, plus 5 ms: back off by it.
+        let (wait, slow) = p.after(0, 0, Duration::from_millis(50), 0, 0);
+        assert!(slow);
+        assert!(wait >= Duration::from_millis(50), "{wait:?}");
+    }
+}
