@@ -423,13 +423,20 @@ impl Pending {
         }
     }
 
-    fn fail(mut self, err: &UpstreamError) {
+    fn fail(self, err: &UpstreamError) {
+        // Part of the reply went out: no error can follow it on the wire.
+        // The client is closed, as if Redis had died mid-reply.
+        let close = self.streamed;
+        self.end(err, close);
+    }
+
+    /// Fail the job; `close`: by closing its client rather than with an
+    /// error reply.
+    fn end(mut self, err: &UpstreamError, close: bool) {
         if let Some(p) = self.plan.as_mut() {
             p.fail(err);
         }
-        if self.streamed {
-            // Part of the reply went out: no error can follow it on the
-            // wire. The client is closed, as if Redis had died mid-reply.
+        if close {
             self.client.kill.cancel();
             return;
         }
@@ -578,12 +585,14 @@ async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         e = &mut read => End::Failed(e.err().unwrap_or(UpstreamError::ConnectionLost)),
     };
     writers.fetch_sub(1, Ordering::SeqCst);
+    let mut blocked_only = false;
     if matches!(end, End::Retired) {
         draining.store(true, Ordering::Release);
         // Blocked commands alone (a worker's BLMOVE): their replies may
         // never come, and their clients belong on the new endpoint. Their
-        // fate is unknown, as in any lost connection: each gets the error.
-        let blocked_only = lock(&fifo)
+        // fate is unknown, as when Redis itself goes away: their clients
+        // are closed (as pinned clients are at a switch), and reconnect.
+        blocked_only = lock(&fifo)
             .iter()
             .all(|p| p.deadline.is_none() && p.plan.is_some() && !p.streamed);
         if !blocked_only {
@@ -600,7 +609,11 @@ async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     };
     let pending: Vec<Pending> = lock(&fifo).drain(..).collect();
     for p in pending {
-        p.fail(&err);
+        if blocked_only {
+            p.end(&err, true);
+        } else {
+            p.fail(&err);
+        }
     }
     end
 }
