@@ -15,59 +15,6 @@ use redis_sidecar::config::UpstreamConfig;
 use redis_sidecar::policy::Builder;
 use support::*;
 
-const PASSWORD: &str = "tls-default-pw-51";
-const ACL_PASSWORD: &str = "p:ss-acl-93";
-
-struct TlsRedis {
-    server: RedisServer,
-    tls_port: u16,
-    dir: PathBuf,
-}
-
-fn start_tls_redis() -> TlsRedis {
-    let dir = std::env::temp_dir().join(format!(
-        "sidecar-tls-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    make_certs(&dir, "DNS:localhost,IP:127.0.0.1");
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
-    let tls_port_s = tls_port.to_string();
-    let acl_pw = format!(">{ACL_PASSWORD}");
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port_s,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "no",
-        "--requirepass",
-        PASSWORD,
-        "--user",
-        "app@svc",
-        "on",
-        &acl_pw,
-        "~*",
-        "&*",
-        "+@all",
-    ]);
-    TlsRedis {
-        server,
-        tls_port,
-        dir,
-    }
-}
-
 fn tls_upstream(url: String, ca: Option<PathBuf>, name: Option<&str>) -> UpstreamConfig {
     UpstreamConfig {
         name: "tls".into(),

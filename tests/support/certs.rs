@@ -1,7 +1,9 @@
 //! Certificates for the TLS tests (openssl).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use super::server::RedisServer;
 
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -80,4 +82,59 @@ pub fn make_certs(dir: &Path, san: &str) {
             "san.ext",
         ],
     );
+}
+
+pub const PASSWORD: &str = "tls-default-pw-51";
+pub const ACL_PASSWORD: &str = "p:ss-acl-93";
+
+/// A redis-server with a TLS port (certificates in `dir`), `requirepass`
+/// [`PASSWORD`] and an ACL user `app@svc` with [`ACL_PASSWORD`].
+pub struct TlsRedis {
+    pub server: RedisServer,
+    pub tls_port: u16,
+    pub dir: PathBuf,
+}
+
+pub fn start_tls_redis() -> TlsRedis {
+    let dir = std::env::temp_dir().join(format!(
+        "sidecar-tls-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    make_certs(&dir, "DNS:localhost,IP:127.0.0.1");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let tls_port_s = tls_port.to_string();
+    let acl_pw = format!(">{ACL_PASSWORD}");
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port_s,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        PASSWORD,
+        "--user",
+        "app@svc",
+        "on",
+        &acl_pw,
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    TlsRedis {
+        server,
+        tls_port,
+        dir,
+    }
 }
