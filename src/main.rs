@@ -42,6 +42,21 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 enum Command {
+    /// Move the app to another configured upstream with its data, live:
+    /// start a migration through the admin API (or follow the one running
+    /// to NAME), show its progress and end with a summary.
+    Migrate {
+        /// The upstream to move to.
+        #[arg(long)]
+        to: String,
+        /// Cut over once in sync (else it stops there, kept in sync).
+        #[arg(long)]
+        cutover: bool,
+        /// The admin API (default: the configuration's admin_listen). The
+        /// token is the configuration's, or $REDIS_SIDECAR_ADMIN_TOKEN.
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Report, read-only, what the [[ttl]] rules would change: per rule,
     /// keys sampled with SCAN, how many have no TTL, how many a TTL above
     /// the max (on the first upstream endpoint).
@@ -71,6 +86,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Migrate { to, cutover, admin }) = &cli.command {
+        let listen = validated
+            .config
+            .admin_listen
+            .replace("0.0.0.0", "127.0.0.1");
+        let admin = admin.clone().unwrap_or(format!("http://{listen}"));
+        let token = &validated.config.admin_token;
+        let mut out = std::io::stdout();
+        return match redis_sidecar::app::migrate::cli::run(&admin, token, to, *cutover, &mut out) {
+            Ok(redis_sidecar::app::migrate::cli::Outcome::Ok) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("redis-sidecar: migrate: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::TtlAudit { sample, db }) = &cli.command {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

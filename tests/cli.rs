@@ -683,3 +683,70 @@ async fn a_command_the_upstream_lacks_is_warned_once() {
     assert!(warned[0].contains("command=keys"), "{}", warned[0]);
     assert!(seen.iter().any(|l| l.contains("learned the command table")));
 }
+
+/// `redis-sidecar migrate --to b --cutover` drives a migration through the
+/// admin API to its end and prints the summary; asked for another target
+/// while the first still copies back, it says why not and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_command_runs_a_migration_to_its_cutover() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut src = a.direct().await;
+    for i in 0..300 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k:{i}"))
+            .arg(i)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+    }
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    cfg.admin_token = "cli-token-5".into();
+    let s = sidecar_with(cfg, Default::default()).await;
+    wait_up(&s, 1).await;
+    let admin = format!("http://{}", s.admin_addr.unwrap());
+    let run = |args: Vec<String>, token: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(args)
+                .env("REDIS_SIDECAR_ADMIN_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+    };
+    let args = |to: &str, cutover: bool| {
+        let mut v: Vec<String> = ["migrate", "--to", to, "--admin", &admin]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if cutover {
+            v.push("--cutover".into());
+        }
+        v
+    };
+    // Without the token: refused, with the admin API's reason.
+    let out = run(args("b", true), "wrong").await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+    let out = run(args("b", true), "cli-token-5").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    println!("{stdout}");
+    assert!(stdout.contains("migration to b started"), "{stdout}");
+    assert!(stdout.contains("migration a -> b: done"), "{stdout}");
+    assert!(stdout.contains("keys copied 300"), "{stdout}");
+    assert!(stdout.contains("100% keys 300/300"), "{stdout}");
+    assert_eq!(active(&s).await, "b");
+    let mut dst = b.direct().await;
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut dst).await.unwrap();
+    assert_eq!(n, 300);
+    // Back to a while b's writes are still copied to a: not yet.
+    let out = run(args("a", false), "cli-token-5").await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("finish or roll it back"), "{stderr}");
+    s.shutdown().await;
+}

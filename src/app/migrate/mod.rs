@@ -14,6 +14,7 @@
 //! One Redis to another (not a cluster on either side), from one sidecar;
 //! what it does not do yet is listed in the README.
 
+pub mod cli;
 mod run;
 mod tracker;
 
