@@ -154,8 +154,6 @@ async fn bad_tls_settings_are_config_errors() {
 async fn tls_cluster_verifies_announced_hostnames() {
     let dir = std::env::temp_dir().join(format!("sidecar-tls-cluster-{}", std::process::id()));
     make_certs(&dir, "DNS:localhost");
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
     let mut nodes = Vec::new();
     let mut tls_ports = Vec::new();
     while nodes.len() < 3 {
@@ -170,33 +168,28 @@ async fn tls_cluster_verifies_announced_hostnames() {
         if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
             continue;
         }
-        let (ts, conf) = (tls_port.to_string(), format!("nodes-{port}.conf"));
-        let args = [
-            "--tls-port",
-            &ts,
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-            "--tls-cluster",
-            "yes",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            &conf,
-            "--cluster-announce-hostname",
-            "localhost",
-            "--cluster-preferred-endpoint-type",
-            "ip",
-            "--requirepass",
-            PASSWORD,
-            "--masterauth",
-            PASSWORD,
-        ];
+        let conf = format!("nodes-{port}.conf");
+        let mut args = tls_args(&dir, tls_port);
+        args.extend(
+            [
+                "--tls-cluster",
+                "yes",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-announce-hostname",
+                "localhost",
+                "--cluster-preferred-endpoint-type",
+                "ip",
+                "--requirepass",
+                PASSWORD,
+                "--masterauth",
+                PASSWORD,
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         if let Some(n) = RedisServer::start_on(port, &args) {
             nodes.push(n);
             tls_ports.push(tls_port);

@@ -95,6 +95,24 @@ pub struct TlsRedis {
     pub dir: PathBuf,
 }
 
+/// redis-server's arguments for a TLS port with the certificates
+/// [`make_certs`] wrote to `dir` (clients need no certificate).
+pub fn tls_args(dir: &Path, tls_port: u16) -> Vec<String> {
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        p("server.pem"),
+        "--tls-key-file".into(),
+        p("server.key"),
+        "--tls-ca-cert-file".into(),
+        p("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}
+
 pub fn start_tls_redis() -> TlsRedis {
     let dir = std::env::temp_dir().join(format!(
         "sidecar-tls-{}-{:?}",
@@ -107,31 +125,22 @@ pub fn start_tls_redis() -> TlsRedis {
         .local_addr()
         .unwrap()
         .port();
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
-    let tls_port_s = tls_port.to_string();
-    let acl_pw = format!(">{ACL_PASSWORD}");
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port_s,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "no",
-        "--requirepass",
-        PASSWORD,
-        "--user",
-        "app@svc",
-        "on",
-        &acl_pw,
-        "~*",
-        "&*",
-        "+@all",
-    ]);
+    let mut args = tls_args(&dir, tls_port);
+    args.extend(
+        [
+            "--requirepass",
+            PASSWORD,
+            "--user",
+            "app@svc",
+            "on",
+            &format!(">{ACL_PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+        ]
+        .map(String::from),
+    );
+    let server = RedisServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
     TlsRedis {
         server,
         tls_port,

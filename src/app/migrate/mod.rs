@@ -417,15 +417,15 @@ impl Migrator {
         self.policies
             .add_runtime(Arc::new(tracker::Tracker::new(m.clone())));
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(m.clone());
-        let run = run::Run::new(
-            m.clone(),
-            self.metrics.clone(),
+        let run = run::Run {
+            m: m.clone(),
+            metrics: self.metrics.clone(),
             from,
             to,
             target,
-            self.settings.clone(),
-            self.ups.clone(),
-        );
+            settings: self.settings.clone(),
+            ups: self.ups.clone(),
+        };
         let policies = self.policies.clone();
         self.tasks.spawn(async move {
             let m = run.m.clone();

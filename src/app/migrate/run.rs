@@ -53,35 +53,15 @@ fn bulk(r: &Bytes) -> Option<Bytes> {
 /// The migration's task, until it has a connection to the source.
 pub(super) struct Run {
     pub m: Arc<Migration>,
-    metrics: crate::metrics::Metrics,
-    from: Arc<Endpoint>,
-    to: Arc<Endpoint>,
-    target: ControlConn,
-    settings: ConnSettings,
-    ups: Arc<Upstreams>,
+    pub metrics: crate::metrics::Metrics,
+    pub from: Arc<Endpoint>,
+    pub to: Arc<Endpoint>,
+    pub target: ControlConn,
+    pub settings: ConnSettings,
+    pub ups: Arc<Upstreams>,
 }
 
 impl Run {
-    pub fn new(
-        m: Arc<Migration>,
-        metrics: crate::metrics::Metrics,
-        from: Arc<Endpoint>,
-        to: Arc<Endpoint>,
-        target: ControlConn,
-        settings: ConnSettings,
-        ups: Arc<Upstreams>,
-    ) -> Run {
-        Run {
-            m,
-            metrics,
-            from,
-            to,
-            target,
-            settings,
-            ups,
-        }
-    }
-
     pub async fn run(self) -> Result<(), String> {
         let source = connect(&self.from, &self.settings)
             .await
