@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Live migration's copy rate, and what the copy costs the app.
 
-Per scenario and round, fresh servers: Redis A (the source, filled with
-DEBUG POPULATE), Redis B (the target) and the release sidecar in front of
+Per scenario and round, fresh servers: Redis A (the source, filled by
+one EVAL), Redis B (the target) and the release sidecar in front of
 A with both configured. The app's load is `redis-benchmark -c 10 -P 1 -t
 get` through the sidecar: once before the migration (baseline), then
 again while the migration copies. Reported per scenario: the copy's keys/s
@@ -61,18 +61,23 @@ def http(admin, method, path, body=None):
         raise RuntimeError(f"{method} {path}: {e.code} {e.read().decode()}")
 
 
-def one(tmp, populate, request, app_requests):
+def one(binary, tmp, populate, request, app_requests):
     procs = []
     try:
         a, b = start_redis(tmp, procs), start_redis(tmp, procs)
-        cli(a, "DEBUG", "POPULATE", *populate)
+        count, prefix, size = populate
+        filled = cli(a, "EVAL", "local v = string.rep('x', tonumber(ARGV[3])) "
+                     "for i = 1, tonumber(ARGV[1]) do redis.call('SET', ARGV[2] .. ':' .. i, v) end "
+                     "return redis.call('DBSIZE')", "0", count, prefix, size)
+        if filled != count:
+            raise RuntimeError(f"filling the source: {filled}")
         port, admin = free_port(), free_port()
         conf = os.path.join(tmp, f"migration-{port}.toml")
         with open(conf, "w") as f:
             f.write(f'listen = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{admin}"\n'
                     f'[[upstream]]\nname = "a"\nurl = "redis://127.0.0.1:{a}"\n'
                     f'[[upstream]]\nname = "b"\nurl = "redis://127.0.0.1:{b}"\n')
-        procs.append(subprocess.Popen([BIN, "--config", conf], stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen([binary, "--config", conf], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"}))
         wait_port(port)
         wait_port(admin)
@@ -98,6 +103,8 @@ def one(tmp, populate, request, app_requests):
         if m["phase"] != "syncing":
             raise RuntimeError(f"migration: {m}")
         secs = m["elapsed_seconds"]
+        if not m["keys_copied"]:
+            raise RuntimeError(f"nothing copied: {m}")
         p50 = statistics.median(d[0] for d in during) if during else float("nan")
         p99 = statistics.median(d[1] for d in during) if during else float("nan")
         http(admin, "POST", "/migrations/current/abort")
@@ -122,10 +129,9 @@ def main():
     ap.add_argument("--app-requests", type=int, default=40_000)
     ap.add_argument("--bin", default=BIN, help="the sidecar binary (default: target/release)")
     args = ap.parse_args()
-    global BIN
-    BIN = args.bin
-    if not os.path.exists(BIN):
-        sys.exit(f"{BIN} is missing: cargo build --release")
+    binary = args.bin
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} is missing: cargo build --release")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"# {time.strftime('%Y-%m-%d')} {cpu}, {os.cpu_count()} CPUs, kernel {os.uname().release}")
     scenarios = [
@@ -138,7 +144,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, populate, request in scenarios:
-            runs = [one(tmp, populate, request, args.app_requests) for _ in range(args.rounds)]
+            runs = [one(binary, tmp, populate, request, args.app_requests) for _ in range(args.rounds)]
             med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
             print(f"| {name} | {med(lambda r: r['keys_per_s']):,.0f} | {med(lambda r: r['mib_per_s']):.1f} "
                   f"| {med(lambda r: r['seconds']):.1f} "
