@@ -78,7 +78,8 @@ struct Inner {
 
 /// Cheap to clone: every clone shares the registry.
 /// The phases of a live migration, as `migration_phase` labels them.
-pub const MIGRATION_PHASES: [&str; 7] = [
+pub const MIGRATION_PHASES: [&str; 8] = [
+    "recording",
     "copying",
     "syncing",
     "cutting_over",
@@ -385,7 +386,7 @@ impl Metrics {
         let migration_phase = IntGaugeVec::new(
             Opts::new(
                 "migration_phase",
-                "1 for the phase the last live migration is in (copying|syncing|cutting_over|done|rolled_back|aborted|failed)",
+                "1 for the phase the last live migration (or failback carry) is in (recording|copying|syncing|cutting_over|done|rolled_back|aborted|failed)",
             ),
             &["phase"],
         )

@@ -491,3 +491,153 @@ async fn no_reachable_endpoint_fails_requests_clearly_after_the_queue_timeout() 
     assert_eq!(status, 503);
     s.shutdown().await;
 }
+
+/// `carry_writes`: what the app writes while the fallback is active is
+/// recorded, and before the automatic failback it is copied to the
+/// recovered endpoint (new keys, changed keys, deleted keys, a key a
+/// script wrote without declaring it), held and cut over like a live
+/// migration; what nobody wrote during the outage keeps the primary's
+/// value. Without the setting those writes stay on the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_carries_the_writes_made_on_the_fallback() {
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut a = RedisServer::start_with(&aof);
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    fast_failover(&mut cfg);
+    cfg.failover.failback_after = Duration::from_secs(1);
+    cfg.failover.carry_writes = true;
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let admin = s.admin_addr.unwrap();
+    let mut c = client(&s).await;
+    for (k, v) in [("before", "a"), ("shared", "old"), ("gone", "x")] {
+        let _: () = c.set(k, v).await.unwrap();
+    }
+    let port = a.port;
+    a.kill();
+    assert!(eventually(|| async { active(&s).await == "b" }).await);
+    let (st, body) = http_get(admin, "/migrations/current").await;
+    assert_eq!(st, 200, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["phase"], "recording", "{m}");
+    assert_eq!(m["kind"], "failback_carry", "{m}");
+    // The outage: the app goes on, on b.
+    let mut c = client(&s).await;
+    let _: () = c.set("during", "b").await.unwrap();
+    let _: () = c.set("shared", "new").await.unwrap();
+    let _: () = c.del("gone").await.unwrap();
+    for _ in 0..10 {
+        let _: i64 = c.incr("counter", 1).await.unwrap();
+    }
+    let _: () = redis::cmd("EVAL")
+        .arg("redis.call('SET', ARGV[1], 'job') return 1")
+        .arg(0)
+        .arg("bull:q:1")
+        .query_async::<i64>(&mut c)
+        .await
+        .map(drop)
+        .unwrap();
+    let a2 = RedisServer::start_on(port, &aof).unwrap();
+    let mut direct_a = a2.direct().await;
+    let v: Option<String> = direct_a.get("before").await.unwrap();
+    assert_eq!(v.as_deref(), Some("a"), "a came back with its data");
+    assert!(
+        eventually(|| async {
+            active(&s).await == "a"
+                && http_get(admin, "/migrations/current")
+                    .await
+                    .1
+                    .contains("\"phase\":\"done\"")
+        })
+        .await,
+        "{}",
+        http_get(admin, "/migrations/current").await.1
+    );
+    println!("carry: {}", http_get(admin, "/migrations/current").await.1);
+    for (k, want) in [
+        ("during", Some("b")),
+        ("shared", Some("new")),
+        ("gone", None),
+        ("counter", Some("10")),
+        ("bull:q:1", Some("job")),
+        ("before", Some("a")),
+    ] {
+        let v: Option<String> = direct_a.get(k).await.unwrap();
+        assert_eq!(v.as_deref(), want, "{k} on a after the failback");
+    }
+    let u = upstreams(&s).await;
+    assert_eq!(u["last_switch"]["reason"], "failback", "{u}");
+    // After it, writes go to a, and the recording stopped.
+    let _: () = c.set("after", 1).await.unwrap();
+    let v: Option<String> = direct_a.get("after").await.unwrap();
+    assert_eq!(v.as_deref(), Some("1"));
+    assert!(!s.control.policies.current().names().contains(&"migration"));
+    s.shutdown().await;
+}
+
+/// A recording carry can be aborted: the failback then happens as without
+/// `carry_writes`, leaving the fallback's writes there; a carry cannot be
+/// cut over by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_carry_fails_back_without_the_writes() {
+    let mut a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    fast_failover(&mut cfg);
+    cfg.failover.failback_after = Duration::from_millis(200);
+    cfg.failover.carry_writes = true;
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let admin = s.admin_addr.unwrap();
+    let port = a.port;
+    a.kill();
+    assert!(eventually(|| async { active(&s).await == "b" }).await);
+    set_through(&s, "during").await;
+    let (st, body) = http(admin, "POST", "/migrations/current/cutover", None).await;
+    assert_eq!(st, 409, "{body}");
+    let (st, body) = http(admin, "POST", "/migrations/current/abort", None).await;
+    assert_eq!(st, 200, "{body}");
+    let (_, body) = http_get(admin, "/migrations/current").await;
+    assert!(body.contains("\"phase\":\"aborted\""), "{body}");
+    let a2 = RedisServer::start_on(port, &[]).unwrap();
+    assert!(eventually(|| async { active(&s).await == "a" }).await);
+    let mut direct_a = a2.direct().await;
+    assert!(!direct_a.exists::<_, bool>("during").await.unwrap());
+    s.shutdown().await;
+}
+
+/// A carry that cannot finish (here the recovered endpoint has no RESTORE)
+/// goes back to `recording` with the reason and the failback waits: the
+/// app stays on the fallback, whose writes would otherwise be stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_carry_holds_the_failback() {
+    let mut a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
+    fast_failover(&mut cfg);
+    cfg.failover.failback_after = Duration::from_millis(200);
+    cfg.failover.carry_writes = true;
+    let s = sidecar_with(cfg, Builder::default()).await;
+    let admin = s.admin_addr.unwrap();
+    let port = a.port;
+    a.kill();
+    assert!(eventually(|| async { active(&s).await == "b" }).await);
+    set_through(&s, "during").await;
+    let _a2 = RedisServer::start_on(port, &["--rename-command", "RESTORE", ""]).unwrap();
+    assert!(
+        eventually(|| async {
+            http_get(admin, "/migrations/current")
+                .await
+                .1
+                .contains("the carry failed")
+        })
+        .await,
+        "{}",
+        http_get(admin, "/migrations/current").await.1
+    );
+    let (_, body) = http_get(admin, "/migrations/current").await;
+    assert!(body.contains("\"phase\":\"recording\""), "{body}");
+    assert!(body.contains("RESTORE"), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(active(&s).await, "b", "failed back without the writes");
+    s.shutdown().await;
+}

@@ -37,7 +37,7 @@ pub struct Control {
     pub ups: Arc<Upstreams>,
     pub policies: Arc<Policies>,
     /// Live migrations to another endpoint.
-    pub migrations: crate::app::migrate::Migrator,
+    pub migrations: Arc<crate::app::migrate::Migrator>,
     pool: Arc<Pool>,
     tasks: TaskTracker,
     /// Stops the TTL sweepers of the running configuration (a child of
@@ -61,15 +61,20 @@ impl Control {
     ) -> Arc<Control> {
         let sweepers = shutdown.child_token();
         sweep::start(&config.ttl, &pool, &metrics, &tasks, &sweepers);
+        let migrations = Arc::new(crate::app::migrate::Migrator::new(
+            pool.ups.clone(),
+            metrics.clone(),
+            policies.clone(),
+            pool.settings().clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+        // A weak reference: the migrator holds the upstreams.
+        let hook: std::sync::Weak<dyn crate::upstream::failover::SwitchHook> =
+            Arc::downgrade(&migrations) as _;
+        pool.ups.set_hook(hook);
         Arc::new(Control {
-            migrations: crate::app::migrate::Migrator::new(
-                pool.ups.clone(),
-                metrics.clone(),
-                policies.clone(),
-                pool.settings().clone(),
-                tasks.clone(),
-                shutdown.clone(),
-            ),
+            migrations,
             ups: pool.ups.clone(),
             pool,
             tasks,

@@ -427,6 +427,10 @@ pub struct FailoverConfig {
     pub failback: Failback,
     #[serde(deserialize_with = "de_duration")]
     pub failback_after: Duration,
+    /// Record the keys written while a fallback endpoint is active and copy
+    /// them to the recovered endpoint before an automatic failback, which
+    /// is cut over like a live migration.
+    pub carry_writes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -445,6 +449,7 @@ impl Default for FailoverConfig {
             successes_before_up: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
             failback: Failback::Auto,
             failback_after: Duration::from_secs(30),
+            carry_writes: false,
         }
     }
 }

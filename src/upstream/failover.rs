@@ -83,6 +83,19 @@ pub struct Upstreams {
     /// a data path busy with one client's traffic cannot make a check
     /// late (a late check would count as a failure and fail over).
     checks: tokio::runtime::Handle,
+    /// Told of every automatic switch, and asked before a failback.
+    hook: std::sync::RwLock<Option<std::sync::Weak<dyn SwitchHook>>>,
+}
+
+/// What the layer above (the live migration's failback carry) hears from
+/// the supervisor's decisions.
+pub trait SwitchHook: Send + Sync {
+    /// The supervisor is about to fail over from `from` (down) to `to`.
+    fn failing_over(&self, from: &Arc<Endpoint>, to: &Arc<Endpoint>);
+    /// A failback from `from` to `to` is due: `true` when the hook carries
+    /// it out itself (it calls [`Upstreams::switch_automatically`] once the
+    /// writes made on `from` are on `to`), `false` to switch at once.
+    fn failback(&self, from: &Arc<Endpoint>, to: &Arc<Endpoint>) -> bool;
 }
 
 /// Start the health checks' runtime on its own thread; it runs until
@@ -185,6 +198,7 @@ impl Upstreams {
             shutdown,
             tasks,
             checks,
+            hook: std::sync::RwLock::new(None),
         });
         for e in &endpoints {
             ups.spawn_endpoint_tasks(e);
@@ -395,17 +409,63 @@ impl Upstreams {
         } else {
             None
         };
-        if let Some((to, why)) = target {
-            if why == reason::DOWN {
-                st.manual = false;
-            }
-            self.switch_locked(&mut st, to, why);
+        let Some((to, why)) = target else {
+            return;
+        };
+        if let Some(hook) = self.hook() {
             drop(st);
-            self.publish_active_metric();
+            // Before the switch: what is written on `to` from now on is
+            // recorded.
+            if why == reason::DOWN {
+                hook.failing_over(&active, &to);
+            }
+            if why == reason::FAILBACK && hook.failback(&active, &to) {
+                return;
+            }
+            st = self.lock();
+            if !Arc::ptr_eq(&st.active.endpoint, &active) {
+                return;
+            }
         }
+        if why == reason::DOWN {
+            st.manual = false;
+        }
+        self.switch_locked(&mut st, to, why);
+        drop(st);
+        self.publish_active_metric();
     }
 
-    fn failover_config(&self) -> FailoverConfig {
+    fn hook(&self) -> Option<Arc<dyn SwitchHook>> {
+        self.hook
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Tell `hook` of the supervisor's switches and ask it before each
+    /// failback.
+    pub fn set_hook(&self, hook: std::sync::Weak<dyn SwitchHook>) {
+        *self.hook.write().unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    /// Switch to `name` as the supervisor would (`why`), without pinning
+    /// it as `activate` does: automatic failover and failback go on.
+    pub fn switch_automatically(&self, name: &str, why: &str) -> Result<(), ActivateError> {
+        let mut st = self.lock();
+        let Some(to) = st.endpoints.iter().find(|e| e.name() == name).cloned() else {
+            return Err(ActivateError::NotFound(name.to_string()));
+        };
+        if Arc::ptr_eq(&to, &st.active.endpoint) {
+            return Ok(());
+        }
+        self.switch_locked(&mut st, to, why);
+        drop(st);
+        self.publish_active_metric();
+        Ok(())
+    }
+
+    pub fn failover_config(&self) -> FailoverConfig {
         self.lock().failover.clone()
     }
 

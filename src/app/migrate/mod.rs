@@ -31,16 +31,25 @@ use tokio_util::task::TaskTracker;
 use crate::policy::Policies;
 use crate::upstream::UpstreamError;
 use crate::upstream::conn::ConnSettings;
-use crate::upstream::failover::Upstreams;
+use crate::upstream::endpoint::Endpoint;
+use crate::upstream::failover::{SwitchHook, Upstreams};
+use crate::upstream::pool::ControlConn;
 pub use tracker::Item;
 
 /// Writes waiting to be copied again, at most; past it the migration fails
-/// (its copy could no longer be kept exact).
+/// (its copy could no longer be kept exact), a failback carry copies every
+/// key instead.
 const MAX_BACKLOG: usize = 1_000_000;
+
+/// A failback carry that failed is tried again after this.
+const CARRY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where a migration is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// A failback carry: the writes on the fallback are recorded until the
+    /// failed endpoint is back.
+    Recording,
     Copying,
     Syncing,
     CuttingOver,
@@ -52,7 +61,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
+        Phase::Recording,
         Phase::Copying,
         Phase::Syncing,
         Phase::CuttingOver,
@@ -64,6 +74,7 @@ impl Phase {
 
     pub fn label(self) -> &'static str {
         match self {
+            Phase::Recording => "recording",
             Phase::Copying => "copying",
             Phase::Syncing => "syncing",
             Phase::CuttingOver => "cutting_over",
@@ -76,8 +87,21 @@ impl Phase {
 
     /// Before the cutover ended.
     fn before_switch(self) -> bool {
-        matches!(self, Phase::Copying | Phase::Syncing | Phase::CuttingOver)
+        matches!(
+            self,
+            Phase::Recording | Phase::Copying | Phase::Syncing | Phase::CuttingOver
+        )
     }
+}
+
+/// A migration an operator asked for, or the carry of a failback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Migrate,
+    /// From a fallback to the endpoint that failed, before failing back:
+    /// only the keys written on the fallback, no verification (the two
+    /// sides differ by design), switched without pinning.
+    Carry,
 }
 
 /// What a target that already holds a key gets.
@@ -183,7 +207,15 @@ struct Backlog {
 pub struct Migration {
     pub from: String,
     pub to: String,
+    pub kind: Kind,
     request: Request,
+    /// A carry's backlog passed [`MAX_BACKLOG`]: the carry copies every
+    /// key of the fallback instead.
+    overflowed: AtomicBool,
+    /// A carry's copy runs (a failback waits for it).
+    carrying: AtomicBool,
+    /// A failed carry is tried again from then on.
+    retry_at: Mutex<Option<Instant>>,
     phase: Mutex<(Phase, String)>,
     pub keys_copied: AtomicU64,
     pub bytes_copied: AtomicU64,
@@ -251,6 +283,7 @@ impl Migration {
         let total = self.keys_total.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         serde_json::json!({
+            "kind": match self.kind { Kind::Migrate => "migration", Kind::Carry => "failback_carry" },
             "from": self.from,
             "to": self.to,
             "phase": phase.label(),
@@ -278,8 +311,19 @@ impl Migration {
     fn mark(&self, item: Item) {
         let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
         let Backlog { queue, seen } = &mut *b;
+        if self.overflowed.load(Ordering::Relaxed) {
+            // Every key is copied anyway.
+            return;
+        }
         match &item {
             Item::Key(..) => {
+                if self.kind == Kind::Carry && queue.len() >= MAX_BACKLOG {
+                    queue.clear();
+                    seen.clear();
+                    self.overflowed.store(true, Ordering::Relaxed);
+                    tracing::warn!(from = %self.from, "failback carry: more than {MAX_BACKLOG} keys written on the fallback; every key of it will be copied");
+                    return;
+                }
                 if seen.insert(item.clone()) {
                     queue.push_back(item);
                 }
@@ -383,12 +427,33 @@ impl Migrator {
         let target = run::connect(&to, &self.settings)
             .await
             .map_err(StartError::Target)?;
+        let m = self.begin(Kind::Migrate, req, &from, &to, Phase::Copying, "started");
+        self.spawn(m.clone(), from, to, Some(target));
+        Ok(m)
+    }
+
+    /// A migration's record, made current, with its tracking stage added:
+    /// a write from now on is copied again, whenever the copy reaches its
+    /// key.
+    fn begin(
+        &self,
+        kind: Kind,
+        request: Request,
+        from: &Arc<Endpoint>,
+        to: &Arc<Endpoint>,
+        phase: Phase,
+        why: &str,
+    ) -> Arc<Migration> {
         let (holding, _) = watch::channel(false);
         let m = Arc::new(Migration {
             from: from.name().to_string(),
             to: to.name().to_string(),
-            request: req,
-            phase: Mutex::new((Phase::Copying, String::new())),
+            kind,
+            request,
+            overflowed: AtomicBool::new(false),
+            carrying: AtomicBool::new(false),
+            retry_at: Mutex::new(None),
+            phase: Mutex::new((phase, String::new())),
             keys_copied: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             keys_recopied: AtomicU64::new(0),
@@ -411,12 +476,22 @@ impl Migrator {
             url_db: from.db(),
             metrics: self.metrics.clone(),
         });
-        m.set_phase(Phase::Copying, "started");
-        // Tracking begins before the first key is read: a write from now
-        // on is copied again, whenever the copy reaches its key.
+        m.set_phase(phase, why);
         self.policies
             .add_runtime(Arc::new(tracker::Tracker::new(m.clone())));
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(m.clone());
+        m
+    }
+
+    /// Run `m`'s copy on a task of its own (`target`: a connection made
+    /// already).
+    fn spawn(
+        &self,
+        m: Arc<Migration>,
+        from: Arc<Endpoint>,
+        to: Arc<Endpoint>,
+        target: Option<ControlConn>,
+    ) {
         let run = run::Run {
             m: m.clone(),
             metrics: self.metrics.clone(),
@@ -428,13 +503,31 @@ impl Migrator {
         };
         let policies = self.policies.clone();
         self.tasks.spawn(async move {
-            let m = run.m.clone();
             let result = run.run().await;
-            policies.remove_runtime("migration");
             // Anything held is let go, whatever happened.
             m.hold.store(false, Ordering::SeqCst);
             m.holding.send_replace(false);
             m.copy_back.store(false, Ordering::Release);
+            m.carrying.store(false, Ordering::Release);
+            if let Err(e) = &result
+                && m.kind == Kind::Carry
+                && !m.cancel.is_cancelled()
+                && m.phase().0 != Phase::Failed
+            {
+                // The fallback still takes the writes: keep recording, and
+                // try again shortly.
+                *m.retry_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Instant::now() + CARRY_RETRY);
+                m.set_phase(
+                    Phase::Recording,
+                    &format!(
+                        "the carry failed, tried again in {} s: {e}",
+                        CARRY_RETRY.as_secs()
+                    ),
+                );
+                return;
+            }
+            policies.remove_runtime("migration");
             if let Err(e) = result {
                 let p = m.phase().0;
                 if !p.before_switch() {
@@ -448,13 +541,18 @@ impl Migrator {
                 }
             }
         });
-        Ok(m)
     }
 
     fn ask(&self, ask: Ask) -> Result<Arc<Migration>, AskError> {
         let m = self.current().ok_or(AskError::None)?;
         let p = m.phase().0;
         let copying_back = m.copy_back.load(Ordering::Acquire);
+        if m.kind == Kind::Carry {
+            return Err(AskError::Phase(
+                p.label(),
+                "a failback carry cuts over by itself when the failed endpoint is back",
+            ));
+        }
         let ok = match ask {
             Ask::Cutover => p.before_switch(),
             Ask::Rollback | Ask::Finish => copying_back,
@@ -500,6 +598,105 @@ impl Migrator {
             ));
         }
         m.cancel.cancel();
+        if m.kind == Kind::Carry && !m.carrying.load(Ordering::Acquire) {
+            // Recording, no copy running: stop here.
+            self.policies.remove_runtime("migration");
+            m.set_phase(
+                Phase::Aborted,
+                "aborted: the writes on the fallback are not carried",
+            );
+        }
         Ok(m)
+    }
+}
+
+impl Migrator {
+    /// Whether writes on a fallback are recorded for the failback.
+    fn carrying_writes(&self, from: &Endpoint, to: &Endpoint) -> bool {
+        self.ups.failover_config().carry_writes
+            && from.cluster.is_none()
+            && to.cluster.is_none()
+            && from.db() == to.db()
+    }
+}
+
+impl SwitchHook for Migrator {
+    fn failing_over(&self, from: &Arc<Endpoint>, to: &Arc<Endpoint>) {
+        if let Some(m) = self.current().filter(|m| m.running()) {
+            if m.kind == Kind::Carry && m.from == from.name() {
+                // The fallback failed too: what it took is out of reach.
+                m.cancel.cancel();
+                self.policies.remove_runtime("migration");
+                m.set_phase(
+                    Phase::Failed,
+                    &format!(
+                        "the fallback {} went down too; its writes stay there",
+                        from.name()
+                    ),
+                );
+            } else {
+                // A migration meets its source or target failing by itself.
+                return;
+            }
+        }
+        if !self.carrying_writes(from, to) {
+            return;
+        }
+        let request = Request {
+            to: from.name().to_string(),
+            on_conflict: OnConflict::Replace,
+            cutover: true,
+            max_pause_ms: default_pause(),
+            cutover_rescan: default_rescan(),
+            max_keys_per_second: 0,
+            max_bytes_per_second: 0,
+        };
+        self.begin(
+            Kind::Carry,
+            request,
+            to,
+            from,
+            Phase::Recording,
+            &format!(
+                "{} is down: the keys written on {} are recorded for the failback",
+                from.name(),
+                to.name()
+            ),
+        );
+    }
+
+    fn failback(&self, from: &Arc<Endpoint>, to: &Arc<Endpoint>) -> bool {
+        let Some(m) = self
+            .current()
+            .filter(|m| m.kind == Kind::Carry && m.phase().0.before_switch())
+        else {
+            return false;
+        };
+        if m.from != from.name() || m.to != to.name() {
+            // Recorded for another pair: fail back as usual.
+            return false;
+        }
+        if m.carrying.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let due = m
+            .retry_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none_or(|t| Instant::now() >= t);
+        if !due {
+            m.carrying.store(false, Ordering::Release);
+            return true;
+        }
+        m.set_phase(
+            Phase::Copying,
+            &format!(
+                "{} is back: copying the writes made on {}",
+                to.name(),
+                from.name()
+            ),
+        );
+        self.spawn(m, from.clone(), to.clone(), None);
+        true
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Ask, Item, MAX_BACKLOG, Migration, OnConflict, Phase};
+use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, Phase};
 use crate::upstream::conn::{self, ConnSettings};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::failover::Upstreams;
@@ -56,7 +56,8 @@ pub(super) struct Run {
     pub metrics: crate::metrics::Metrics,
     pub from: Arc<Endpoint>,
     pub to: Arc<Endpoint>,
-    pub target: ControlConn,
+    /// A connection to the target made already (`None`: made here).
+    pub target: Option<ControlConn>,
     pub settings: ConnSettings,
     pub ups: Arc<Upstreams>,
 }
@@ -66,11 +67,17 @@ impl Run {
         let source = connect(&self.from, &self.settings)
             .await
             .map_err(|e| format!("the source cannot be reached: {e}"))?;
+        let target = match self.target {
+            Some(t) => t,
+            None => connect(&self.to, &self.settings)
+                .await
+                .map_err(|e| format!("the target cannot be reached: {e}"))?,
+        };
         let mut c = Copier {
             m: self.m,
             metrics: self.metrics,
             src: Side::new(self.from, source, "source"),
-            dst: Side::new(self.to, self.target, "target"),
+            dst: Side::new(self.to, target, "target"),
             settings: self.settings,
             ups: self.ups,
             target_empty: HashSet::new(),
@@ -290,56 +297,18 @@ impl Copier {
             .filter(|db| !had.contains_key(db))
             .collect();
         let total: u64 = dbs.values().map(|(n, _)| n).sum();
-        self.m.keys_total.store(total, Ordering::Relaxed);
-        let mut order: Vec<i64> = dbs.keys().copied().collect();
-        order.sort_unstable();
-        let mut pace = Pace {
-            start: Instant::now(),
-            keys: 0,
-            bytes: 0,
-            fastest: None,
-        };
-        // The first copy: every db's keys, with what was written meanwhile
-        // copied again between batches.
-        for db in order {
-            let mut cursor = Bytes::from_static(b"0");
-            loop {
-                self.check()?;
-                self.src.select(db).await?;
-                let r = self
-                    .src
-                    .call(&[vec![
-                        Bytes::from_static(b"SCAN"),
-                        cursor.clone(),
-                        Bytes::from_static(b"COUNT"),
-                        Bytes::from(BATCH.to_string()),
-                    ]])
-                    .await?;
-                let (next, keys) = scan_reply(&r[0]).ok_or("SCAN: not an array reply")?;
-                let t = Instant::now();
-                let bytes = self.copy(Dir::Forward, db, &keys, Why::First).await?;
-                let (wait, slow) = pace.after(
-                    keys.len() as u64,
-                    bytes,
-                    t.elapsed(),
-                    self.m.request.max_keys_per_second,
-                    self.m.request.max_bytes_per_second,
-                );
-                if slow {
-                    self.m.backoffs.fetch_add(1, Ordering::Relaxed);
-                }
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                // What was written meanwhile, a bounded share per batch so
-                // the copy itself goes on under a busy app.
-                self.sync(Dir::Forward, BATCH * 10).await?;
-                if next == b"0"[..] {
-                    break;
-                }
-                cursor = next;
+        if self.m.kind == Kind::Carry {
+            // The keys written on the fallback (all of them past the
+            // bound), then the failback's cutover.
+            if self.m.overflowed.load(Ordering::Relaxed) {
+                self.m.keys_total.store(total, Ordering::Relaxed);
+                self.copy_all(&dbs, Why::Again).await?;
             }
+            self.sync(Dir::Forward, usize::MAX / 2).await?;
+            return self.switch(Dir::Forward).await;
         }
+        self.m.keys_total.store(total, Ordering::Relaxed);
+        self.copy_all(&dbs, Why::First).await?;
         self.m.set_phase(Phase::Syncing, "every key copied once");
         loop {
             self.check()?;
@@ -390,6 +359,59 @@ impl Copier {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Copy every key of `dbs` (with what was written meanwhile copied
+    /// again between batches), at the request's pace.
+    async fn copy_all(&mut self, dbs: &HashMap<i64, (u64, u64)>, why: Why) -> Result<(), String> {
+        let mut order: Vec<i64> = dbs.keys().copied().collect();
+        order.sort_unstable();
+        let mut pace = Pace {
+            start: Instant::now(),
+            keys: 0,
+            bytes: 0,
+            fastest: None,
+        };
+        for db in order {
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                self.check()?;
+                self.src.select(db).await?;
+                let r = self
+                    .src
+                    .call(&[vec![
+                        Bytes::from_static(b"SCAN"),
+                        cursor.clone(),
+                        Bytes::from_static(b"COUNT"),
+                        Bytes::from(BATCH.to_string()),
+                    ]])
+                    .await?;
+                let (next, keys) = scan_reply(&r[0]).ok_or("SCAN: not an array reply")?;
+                let t = Instant::now();
+                let bytes = self.copy(Dir::Forward, db, &keys, why).await?;
+                let (wait, slow) = pace.after(
+                    keys.len() as u64,
+                    bytes,
+                    t.elapsed(),
+                    self.m.request.max_keys_per_second,
+                    self.m.request.max_bytes_per_second,
+                );
+                if slow {
+                    self.m.backoffs.fetch_add(1, Ordering::Relaxed);
+                }
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                // What was written meanwhile, a bounded share per batch so
+                // the copy itself goes on under a busy app.
+                self.sync(Dir::Forward, BATCH * 10).await?;
+                if next == b"0"[..] {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), String> {
@@ -564,6 +586,13 @@ impl Copier {
         };
         let why = format!("switched to {to} after a pause of {} ms", took.as_millis());
         match dir {
+            Dir::Forward if self.m.kind == Kind::Carry => {
+                let carried = self.m.keys_recopied.load(Ordering::Relaxed);
+                self.m.set_phase(
+                    Phase::Done,
+                    &format!("failed back: {why}, with the {carried} keys written on {from}"),
+                );
+            }
             Dir::Forward => {
                 self.m.copy_back.store(true, Ordering::Release);
                 self.m.set_phase(
@@ -605,7 +634,11 @@ impl Copier {
         self.rescan(dir).await?;
         self.load_scripts(dir).await?;
         self.copy_functions(dir).await?;
-        self.verify(dir).await?;
+        // A carry's sides differ by design (the endpoint that failed keeps
+        // what was not written during the outage).
+        if self.m.kind == Kind::Migrate {
+            self.verify(dir).await?;
+        }
         if started.elapsed() > max_pause {
             return Err(late("the copy was not done"));
         }
@@ -614,9 +647,13 @@ impl Copier {
             Dir::Back => self.src.ep.clone(),
         };
         let old = self.ups.active();
-        self.ups
-            .activate(new.name())
-            .map_err(|e| format!("switching to {}: {e}", new.name()))?;
+        match self.m.kind {
+            Kind::Migrate => self.ups.activate(new.name()).map(drop),
+            Kind::Carry => self
+                .ups
+                .switch_automatically(new.name(), crate::upstream::failover::reason::FAILBACK),
+        }
+        .map_err(|e| format!("switching to {}: {e}", new.name()))?;
         // The old endpoint's connections retire: each stops writing at its
         // next batch (its replies still come back, its blocked commands
         // wait). Only once no writer is left can a released write not
@@ -642,6 +679,7 @@ impl Copier {
     /// wrote without declaring the keys.
     async fn rescan(&mut self, dir: Dir) -> Result<(), String> {
         let patterns = self.m.request.cutover_rescan.clone();
+        let kind = self.m.kind;
         if patterns.is_empty() {
             return Ok(());
         }
@@ -651,7 +689,13 @@ impl Copier {
                 from.select(db).await?;
                 to.select(db).await?;
                 let there = from.scan_all(p.as_bytes()).await?;
-                let here = to.scan_all(p.as_bytes()).await?;
+                // A carry adds what the fallback holds; the endpoint that
+                // failed keeps its own keys of the pattern.
+                let here = if kind == Kind::Carry {
+                    Vec::new()
+                } else {
+                    to.scan_all(p.as_bytes()).await?
+                };
                 let there_set: HashSet<&Bytes> = there.iter().collect();
                 let gone: Vec<Bytes> = here
                     .into_iter()

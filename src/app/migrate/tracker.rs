@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
-use super::Migration;
+use super::{Kind, Migration};
 use crate::policy::{Ctx, Exchange, Mode, ReplyAction, Stage, Verdict};
 use crate::upstream::URL_DB;
 
@@ -60,12 +60,14 @@ struct Marked {
 }
 
 impl Marked {
-    fn finish(&self) {
+    fn finish(&self, mark: bool) {
         if self.done.swap(true, Ordering::SeqCst) {
             return;
         }
-        for item in &self.items {
-            self.m.mark(item.clone());
+        if mark {
+            for item in &self.items {
+                self.m.mark(item.clone());
+            }
         }
         if self.counted {
             self.m.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -74,16 +76,27 @@ impl Marked {
 }
 
 impl ReplyAction for Marked {
-    fn on_reply(&self, index: u32, _reply: &Bytes) {
-        if index == 0 {
-            self.finish();
+    fn on_reply(&self, index: u32, reply: &Bytes) {
+        if index != 0 {
+            return;
+        }
+        if self.m.kind == Kind::Carry && crate::wire::is_error(reply) {
+            // A carry copies what ran on the fallback; a write refused or
+            // lost (the endpoint that failed, during the failover) did not
+            // run there.
+            self.finish(false);
+        } else {
+            self.finish(true);
         }
     }
 }
 
 impl Drop for Marked {
     fn drop(&mut self) {
-        self.finish();
+        // A migration's source has it or not: copy it again either way. A
+        // carry's write whose fate is unknown is not taken to the endpoint
+        // that failed.
+        self.finish(self.m.kind == Kind::Migrate);
     }
 }
 
