@@ -15,6 +15,7 @@
 //! what it does not do yet is listed in the README.
 
 pub mod cli;
+mod rebuild;
 mod run;
 mod tracker;
 
@@ -136,6 +137,34 @@ pub struct Request {
     pub max_keys_per_second: u64,
     #[serde(default = "default_bytes_per_second")]
     pub max_bytes_per_second: u64,
+    /// When keys are rebuilt from their contents instead of RESTOREd.
+    #[serde(default = "default_rebuild")]
+    pub rebuild: Rebuild,
+    /// A DUMP payload larger than this is not sent as one RESTORE: the key
+    /// is rebuilt in pieces.
+    #[serde(default = "default_max_restore")]
+    pub max_restore_bytes: u64,
+}
+
+/// When a key is rebuilt with ordinary commands (HSET, RPUSH, XADD ...)
+/// rather than RESTOREd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebuild {
+    /// When the target refuses the payload, or it is too large.
+    Auto,
+    /// Every key (e.g. between Redis and Valkey of different versions).
+    Always,
+    /// Never: a refused payload fails the migration.
+    Never,
+}
+
+fn default_rebuild() -> Rebuild {
+    Rebuild::Auto
+}
+
+fn default_max_restore() -> u64 {
+    64 << 20
 }
 
 fn default_conflict() -> OnConflict {
@@ -221,6 +250,8 @@ pub struct Migration {
     pub bytes_copied: AtomicU64,
     pub keys_recopied: AtomicU64,
     pub keys_copied_back: AtomicU64,
+    /// Keys rebuilt from their contents (a refused or too large payload).
+    pub keys_rebuilt: AtomicU64,
     pub errors: AtomicU64,
     keys_total: AtomicU64,
     scripts_loaded: AtomicU64,
@@ -292,6 +323,7 @@ impl Migration {
             "bytes_copied": self.bytes_copied.load(Ordering::Relaxed),
             "keys_recopied": self.keys_recopied.load(Ordering::Relaxed),
             "keys_copied_back": self.keys_copied_back.load(Ordering::Relaxed),
+            "keys_rebuilt": self.keys_rebuilt.load(Ordering::Relaxed),
             "keys_total_estimate": total,
             "keys_left_estimate": total.saturating_sub(copied),
             "keys_per_second": (copied as f64 / secs).round(),
@@ -458,6 +490,7 @@ impl Migrator {
             bytes_copied: AtomicU64::new(0),
             keys_recopied: AtomicU64::new(0),
             keys_copied_back: AtomicU64::new(0),
+            keys_rebuilt: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             keys_total: AtomicU64::new(0),
             scripts_loaded: AtomicU64::new(0),
@@ -650,6 +683,8 @@ impl SwitchHook for Migrator {
             cutover_rescan: default_rescan(),
             max_keys_per_second: 0,
             max_bytes_per_second: 0,
+            rebuild: default_rebuild(),
+            max_restore_bytes: default_max_restore(),
         };
         self.begin(
             Kind::Carry,

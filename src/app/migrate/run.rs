@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, Phase};
+use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, Phase, Rebuild};
 use crate::upstream::conn::{self, ConnSettings};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::failover::Upstreams;
@@ -89,7 +89,7 @@ impl Run {
 
 /// One end of the migration: its endpoint and control connection, and
 /// the db that connection has selected.
-struct Side {
+pub(super) struct Side {
     ep: Arc<Endpoint>,
     conn: ControlConn,
     db: Option<i64>,
@@ -106,7 +106,7 @@ impl Side {
         }
     }
 
-    async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, String> {
+    pub(super) async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, String> {
         let name = cmds
             .first()
             .and_then(|c| c.first())
@@ -437,6 +437,7 @@ impl Copier {
             Why::First => self.m.request.on_conflict,
             Why::Again => OnConflict::Replace,
         };
+        let m = self.m.clone();
         let (from, to) = self.sides(dir);
         from.select(db).await?;
         to.select(db).await?;
@@ -447,12 +448,25 @@ impl Copier {
         }
         let got = from.call(&reads).await?;
         let mut writes = Vec::with_capacity(keys.len());
+        // Keys rebuilt from their contents instead (with their PTTL).
+        let mut rebuild: Vec<(Bytes, i64)> = Vec::new();
+        let mut restored: Vec<&Bytes> = Vec::with_capacity(keys.len());
         let mut bytes = 0u64;
+        let req = &m.request;
         for (i, k) in keys.iter().enumerate() {
             let (dump, ttl) = (&got[2 * i], integer(&got[2 * i + 1]).unwrap_or(-1));
             match bulk(dump) {
                 // Gone (deleted or expired) there.
-                None => writes.push(vec![Bytes::from_static(b"DEL"), k.clone()]),
+                None => {
+                    writes.push(vec![Bytes::from_static(b"DEL"), k.clone()]);
+                    restored.push(k);
+                }
+                Some(payload)
+                    if req.rebuild == Rebuild::Always
+                        || payload.len() as u64 > req.max_restore_bytes =>
+                {
+                    rebuild.push((k.clone(), ttl));
+                }
                 Some(payload) => {
                     bytes += payload.len() as u64;
                     let mut w = vec![
@@ -465,36 +479,78 @@ impl Copier {
                         w.push(Bytes::from_static(b"REPLACE"));
                     }
                     writes.push(w);
+                    restored.push(k);
                 }
             }
         }
         let replies = to.call(&writes).await?;
         let what = to.what;
-        for (k, r) in keys.iter().zip(&replies) {
+        let mut conflicts = Vec::new();
+        for ((k, r), w) in restored.into_iter().zip(&replies).zip(&writes) {
             if r.starts_with(b"-BUSYKEY") {
-                let ours = self
-                    .m
-                    .ours
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .contains(&(db, k.clone()));
-                match on_conflict {
-                    // Copied already after a write: that copy is as fresh.
-                    _ if ours => continue,
-                    OnConflict::Skip => continue,
-                    _ => {
-                        return Err(format!(
-                            "a key of db {db} already exists on the target (on_conflict = fail)"
-                        ));
-                    }
-                }
+                conflicts.push(k.clone());
+                continue;
+            }
+            // A payload of another RDB version (a newer Redis, Valkey), or
+            // a target without RESTORE (renamed away, a service that does
+            // not offer it): rebuilt from the key's contents.
+            let refused = r.starts_with(b"-ERR DUMP payload version or checksum are wrong")
+                || r.starts_with(b"-ERR Bad data format")
+                || (w[0].eq_ignore_ascii_case(b"RESTORE")
+                    && r.starts_with(b"-ERR unknown command"));
+            if refused && req.rebuild != Rebuild::Never {
+                let ttl = w
+                    .get(2)
+                    .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok());
+                rebuild.push((k.clone(), ttl.filter(|t| *t > 0).unwrap_or(-1)));
+                continue;
             }
             if is_error(r) {
-                self.m.errors.fetch_add(1, Ordering::Relaxed);
+                m.errors.fetch_add(1, Ordering::Relaxed);
                 return Err(format!(
                     "RESTORE on the {what} (db {db}): {}",
                     error_text(r)
                 ));
+            }
+        }
+        if on_conflict != OnConflict::Replace && !rebuild.is_empty() {
+            // What RESTORE's BUSYKEY says, for the keys rebuilt.
+            let exists: Vec<Vec<Bytes>> = rebuild
+                .iter()
+                .map(|(k, _)| vec![Bytes::from_static(b"EXISTS"), k.clone()])
+                .collect();
+            let r = to.call(&exists).await?;
+            let mut kept = Vec::new();
+            for ((k, t), e) in rebuild.into_iter().zip(&r) {
+                if integer(e) == Some(1) {
+                    conflicts.push(k);
+                } else {
+                    kept.push((k, t));
+                }
+            }
+            rebuild = kept;
+        }
+        for k in &conflicts {
+            let ours = m
+                .ours
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&(db, k.clone()));
+            match on_conflict {
+                // Copied already after a write: that copy is as fresh.
+                _ if ours => {}
+                OnConflict::Skip => {}
+                _ => {
+                    return Err(format!(
+                        "a key of db {db} already exists on the target (on_conflict = fail)"
+                    ));
+                }
+            }
+        }
+        for (k, ttl) in &rebuild {
+            if let Some(n) = super::rebuild::rebuild(from, to, k, *ttl).await? {
+                bytes += n;
+                m.keys_rebuilt.fetch_add(1, Ordering::Relaxed);
             }
         }
         let (counter, result) = match (why, dir) {
