@@ -750,3 +750,118 @@ async fn migrate_command_runs_a_migration_to_its_cutover() {
     assert!(stderr.contains("finish or roll it back"), "{stderr}");
     s.shutdown().await;
 }
+
+/// `kill -9` of the sidecar mid-copy: the migration lived in that process,
+/// so the restarted sidecar has none (404) and serves the app from the
+/// source with nothing lost; a new migration (`on_conflict` replace: the
+/// target holds part of the copy) goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let mut src = a.direct().await;
+    for i in 0..3000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k:{i}"))
+            .arg(i)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("sidecar-kill9-{}", a.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    let (port, admin) = (free_port(), free_port());
+    write_config(
+        &file,
+        &format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n"),
+        &[("a", &a), ("b", &b)],
+    );
+    let start = || {
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+            assert!(Instant::now() < deadline, "sidecar did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    };
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let mut child = start();
+    // Both endpoints up before the migration is asked for.
+    assert!(
+        eventually(|| async { upstreams_at(admin_addr).await["upstreams"][1]["health"] == "up" })
+            .await
+    );
+    let (st, body) = http_json(
+        admin_addr,
+        "POST",
+        "/migrations",
+        r#"{"to": "b", "max_keys_per_second": 1000}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let mut dst = b.direct().await;
+    assert!(
+        eventually(|| async {
+            let n: i64 = redis::cmd("DBSIZE")
+                .query_async(&mut b.direct().await)
+                .await
+                .unwrap();
+            n > 100
+        })
+        .await
+    );
+    signal(&child, "KILL");
+    let _ = child.wait();
+    let copied: i64 = redis::cmd("DBSIZE").query_async(&mut dst).await.unwrap();
+    assert!(copied < 3000, "the copy was cut short ({copied})");
+    let mut child = start();
+    assert_eq!(http_get(admin_addr, "/migrations/current").await.0, 404);
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut app = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for i in (0..3000).step_by(3) {
+        let v: String = redis::cmd("GET")
+            .arg(format!("k:{i}"))
+            .query_async(&mut app)
+            .await
+            .unwrap();
+        assert_eq!(v, i.to_string());
+    }
+    assert!(
+        eventually(|| async { upstreams_at(admin_addr).await["upstreams"][1]["health"] == "up" })
+            .await
+    );
+    let (st, body) = http_json(
+        admin_addr,
+        "POST",
+        "/migrations",
+        r#"{"to": "b", "on_conflict": "replace", "cutover": true}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    assert!(
+        eventually(|| async {
+            http_get(admin_addr, "/migrations/current")
+                .await
+                .1
+                .contains("\"phase\":\"done\"")
+        })
+        .await
+    );
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut dst).await.unwrap();
+    assert_eq!(n, 3000);
+    signal(&child, "TERM");
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

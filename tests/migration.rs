@@ -958,3 +958,125 @@ fn strip(v: redis::Value, names: &[&str]) -> redis::Value {
         other => other,
     }
 }
+
+/// The id of the migration's connection on `server` (`CLIENT LIST`).
+async fn migration_conn(server: &RedisServer) -> Option<i64> {
+    let mut c = server.direct().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    list.lines()
+        .find(|l| l.contains("name=redis-sidecar-migration"))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .and_then(|id| id.parse().ok())
+}
+
+/// The source's connection lost mid-copy: the migration is aborted with
+/// the reason, its tracking ends, and the app goes on on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_source_aborts_the_migration() {
+    let (a, _b, s, admin) = two().await;
+    let mut src = a.direct().await;
+    for i in 0..3000 {
+        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
+    }
+    start(admin, r#"{"to": "b", "max_keys_per_second": 1000}"#).await;
+    let id = loop {
+        if let Some(id) = migration_conn(&a).await {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = migration(admin).await;
+        if m["phase"] == "aborted" {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        m["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the source was lost"),
+        "{m}"
+    );
+    assert!(!s.control.policies.current().names().contains(&"migration"));
+    assert_eq!(active(&s).await, "a");
+    let mut app = client(&s).await;
+    let _: () = app.set("after", 1).await.unwrap();
+    let v: String = app.get("k:7").await.unwrap();
+    assert_eq!(v, "7");
+    s.shutdown().await;
+}
+
+/// The target restarted mid-copy (without its data): the migration pauses
+/// while it is away, copies every key again once it is back, and cuts
+/// over with every key and every INCR the app was told succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_restarts_pauses_the_migration_and_it_resumes() {
+    let (a, mut b, s, admin) = two().await;
+    let mut src = a.direct().await;
+    for i in 0..2000 {
+        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
+    }
+    start(admin, r#"{"to": "b", "max_keys_per_second": 1000}"#).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let app = {
+        let (stop, url) = (stop.clone(), url(&s));
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _: i64 = c.incr("counter", 1).await.unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = b.port;
+    b.kill();
+    assert!(
+        eventually(|| async {
+            migration(admin).await["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("paused"))
+        })
+        .await,
+        "{}",
+        migration(admin).await
+    );
+    assert_eq!(migration(admin).await["phase"], "copying");
+    let b2 = RedisServer::start_on(port, &[]).unwrap();
+    let synced = wait_phase(admin, "syncing").await;
+    println!("resumed: {synced}");
+    let (st, resp) = post(admin, "/migrations/current/cutover").await;
+    assert_eq!(st, 200, "{resp}");
+    wait_phase(admin, "done").await;
+    stop.store(true, Ordering::Relaxed);
+    let incrs = app.await.unwrap();
+    let mut dst = b2.direct().await;
+    for i in (0..2000).step_by(7) {
+        let v: Option<String> = dst.get(format!("k:{i}")).await.unwrap();
+        assert_eq!(v, Some(i.to_string()), "k:{i} on the restarted target");
+    }
+    let n: i64 = dst.get("counter").await.unwrap();
+    assert_eq!(n as u64, incrs, "every acknowledged INCR");
+    let size: i64 = redis::cmd("DBSIZE").query_async(&mut dst).await.unwrap();
+    assert_eq!(size, 2001);
+    s.shutdown().await;
+}

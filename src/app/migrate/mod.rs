@@ -325,7 +325,8 @@ impl Migration {
             "keys_copied_back": self.keys_copied_back.load(Ordering::Relaxed),
             "keys_rebuilt": self.keys_rebuilt.load(Ordering::Relaxed),
             "keys_total_estimate": total,
-            "keys_left_estimate": total.saturating_sub(copied),
+            // Past the first copy (or a copy again after a pause), none.
+            "keys_left_estimate": if phase == Phase::Copying { total.saturating_sub(copied) } else { 0 },
             "keys_per_second": (copied as f64 / secs).round(),
             "elapsed_seconds": (secs * 10.0).round() / 10.0,
             "backlog": self.backlog(),

@@ -19,6 +19,8 @@ use crate::wire::{Proto, error_text, is_error};
 
 /// Keys copied per SCAN step and per pipelined batch.
 const BATCH: usize = 100;
+/// The migration's connections' name on both sides (`CLIENT LIST`).
+pub const CLIENT_NAME: &str = "redis-sidecar-migration";
 /// Keys compared per db when a cutover verifies the copy.
 const SAMPLE: usize = 16;
 
@@ -32,7 +34,9 @@ pub(super) async fn connect(
         db: URL_DB,
         auth: None,
     };
-    let c = conn::connect(e, &ident, None, settings).await?;
+    // Named, for whoever looks at CLIENT LIST on either side.
+    let name = Bytes::from_static(CLIENT_NAME.as_bytes());
+    let c = conn::connect(e, &ident, Some(&name), settings).await?;
     Ok(ControlConn::new(
         c,
         settings.max_reply_bulk,
@@ -80,7 +84,7 @@ impl Run {
             dst: Side::new(self.to, target, "target"),
             settings: self.settings,
             ups: self.ups,
-            target_empty: HashSet::new(),
+            target_empty: None,
             scripts_loaded: HashSet::new(),
         };
         c.run().await
@@ -94,6 +98,9 @@ pub(super) struct Side {
     conn: ControlConn,
     db: Option<i64>,
     what: &'static str,
+    /// The connection failed (not a command): what the copy does next
+    /// depends on which side it was.
+    lost: bool,
 }
 
 impl Side {
@@ -103,7 +110,29 @@ impl Side {
             conn,
             db: None,
             what,
+            lost: false,
         }
+    }
+
+    /// A new control connection to the same endpoint.
+    async fn reconnect(&mut self, settings: &ConnSettings) -> Result<(), UpstreamError> {
+        self.conn = connect(&self.ep, settings).await?;
+        self.db = None;
+        self.lost = false;
+        Ok(())
+    }
+
+    /// The server's `run_id` (`INFO server`): another one after a
+    /// reconnect means it restarted, and may have lost what it had.
+    async fn run_id(&mut self) -> Result<String, String> {
+        let r = self.call(&[cmd(&[b"INFO", b"server"])]).await?;
+        let text = bulk(&r[0]).ok_or("INFO: not a bulk reply")?;
+        Ok(String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string())
     }
 
     pub(super) async fn call(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, String> {
@@ -112,10 +141,10 @@ impl Side {
             .and_then(|c| c.first())
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .unwrap_or_default();
-        self.conn
-            .call(cmds)
-            .await
-            .map_err(|e| format!("{name} on the {} ({}): {e}", self.what, self.ep.name()))
+        self.conn.call(cmds).await.map_err(|e| {
+            self.lost = true;
+            format!("{name} on the {} ({}): {e}", self.what, self.ep.name())
+        })
     }
 
     async fn select(&mut self, db: i64) -> Result<(), String> {
@@ -276,7 +305,7 @@ struct Copier {
     ups: Arc<Upstreams>,
     /// The dbs that held no key on the target when the copy began: there,
     /// the cutover's key counts must be equal.
-    target_empty: HashSet<i64>,
+    target_empty: Option<HashSet<i64>>,
     /// Script bodies already loaded on the side the app goes to.
     scripts_loaded: HashSet<Bytes>,
 }
@@ -289,13 +318,70 @@ impl Copier {
         }
     }
 
+    /// The migration, paused while the target cannot be reached and
+    /// resumed once it answers (from the syncing phase if it kept its data,
+    /// else with the copy again); a lost source aborts it (the app stays on
+    /// the source).
     async fn run(&mut self) -> Result<(), String> {
+        let target_id = self.dst.run_id().await?;
+        let mut resume = None;
+        loop {
+            let Err(e) = self.run_once(resume).await else {
+                return Ok(());
+            };
+            let (phase, _) = self.m.phase();
+            if self.src.lost && phase.before_switch() && self.m.kind == Kind::Migrate {
+                self.m.cancel.cancel();
+                return Err(format!("the source was lost: {e}"));
+            }
+            if !(self.dst.lost && phase.before_switch() && self.m.kind == Kind::Migrate) {
+                return Err(e);
+            }
+            let phase = if phase == Phase::CuttingOver {
+                Phase::Syncing
+            } else {
+                phase
+            };
+            self.m.set_phase(
+                phase,
+                &format!(
+                    "paused: the target cannot be reached ({e}); the copy goes on once it answers"
+                ),
+            );
+            loop {
+                self.check()?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if self.dst.reconnect(&self.settings).await.is_ok() {
+                    break;
+                }
+            }
+            let same = self.dst.run_id().await? == target_id;
+            // Restarted: what it had may be gone, so all is copied again.
+            resume = Some(same && phase == Phase::Syncing);
+            self.m.set_phase(
+                phase,
+                if same {
+                    "resumed: the target answers again"
+                } else {
+                    "resumed: the target restarted; copying every key again"
+                },
+            );
+        }
+    }
+
+    /// One go (`resume`: after a pause, `Some(true)` at the syncing phase,
+    /// `Some(false)` with every key copied again).
+    async fn run_once(&mut self, resume: Option<bool>) -> Result<(), String> {
         let dbs = self.src.databases().await?;
-        let had = self.dst.databases().await?;
-        self.target_empty = (0..16)
-            .chain(dbs.keys().copied())
-            .filter(|db| !had.contains_key(db))
-            .collect();
+        if self.target_empty.is_none() {
+            let had = self.dst.databases().await?;
+            self.target_empty = Some(
+                (0..16)
+                    .chain(dbs.keys().copied())
+                    .filter(|db| !had.contains_key(db))
+                    .collect(),
+            );
+        }
         let total: u64 = dbs.values().map(|(n, _)| n).sum();
         if self.m.kind == Kind::Carry {
             // The keys written on the fallback (all of them past the
@@ -308,7 +394,11 @@ impl Copier {
             return self.switch(Dir::Forward).await;
         }
         self.m.keys_total.store(total, Ordering::Relaxed);
-        self.copy_all(&dbs, Why::First).await?;
+        match resume {
+            None => self.copy_all(&dbs, Why::First).await?,
+            Some(false) => self.copy_all(&dbs, Why::Again).await?,
+            Some(true) => {}
+        }
         self.m.set_phase(Phase::Syncing, "every key copied once");
         loop {
             self.check()?;
@@ -581,35 +671,50 @@ impl Copier {
             left = left.saturating_sub(batch.len());
             let mut at = 0;
             while at < batch.len() {
-                match &batch[at] {
-                    Item::Key(db, _) => {
-                        let db = *db;
-                        let keys: Vec<Bytes> = batch[at..]
-                            .iter()
-                            .map_while(|i| match i {
-                                Item::Key(d, k) if *d == db => Some(k.clone()),
-                                _ => None,
-                            })
-                            .collect();
-                        at += keys.len();
-                        self.copy(dir, db, &keys, Why::Again).await?;
-                    }
-                    Item::FlushDb(db) => {
-                        let (_, to) = self.sides(dir);
-                        to.select(*db).await?;
-                        to.call(&[cmd(&[b"FLUSHDB"])]).await?;
-                        at += 1;
-                    }
-                    Item::FlushAll => {
-                        let (_, to) = self.sides(dir);
-                        to.call(&[cmd(&[b"FLUSHALL"])]).await?;
-                        at += 1;
+                match self.apply(dir, &batch[at..]).await {
+                    Ok(n) => at += n,
+                    Err(e) => {
+                        // Not copied: marked again, for after a pause.
+                        for item in &batch[at..] {
+                            self.m.mark(item.clone());
+                        }
+                        return Err(e);
                     }
                 }
             }
         }
         self.metrics.migration_backlog(self.m.backlog());
         Ok(())
+    }
+
+    /// Copy the first items of `items` (the keys of one db in a row, or a
+    /// flush); answers how many.
+    async fn apply(&mut self, dir: Dir, items: &[Item]) -> Result<usize, String> {
+        match &items[0] {
+            Item::Key(db, _) => {
+                let db = *db;
+                let keys: Vec<Bytes> = items
+                    .iter()
+                    .map_while(|i| match i {
+                        Item::Key(d, k) if *d == db => Some(k.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.copy(dir, db, &keys, Why::Again).await?;
+                Ok(keys.len())
+            }
+            Item::FlushDb(db) => {
+                let (_, to) = self.sides(dir);
+                to.select(*db).await?;
+                to.call(&[cmd(&[b"FLUSHDB"])]).await?;
+                Ok(1)
+            }
+            Item::FlushAll => {
+                let (_, to) = self.sides(dir);
+                to.call(&[cmd(&[b"FLUSHALL"])]).await?;
+                Ok(1)
+            }
+        }
     }
 
     /// The cutover (`Forward`) or the rollback (`Back`): hold writes, let
@@ -846,7 +951,7 @@ impl Copier {
     /// least as many on the target), and a sample of keys by type, size
     /// and whether they expire.
     async fn verify(&mut self, dir: Dir) -> Result<(), String> {
-        let target_empty = self.target_empty.clone();
+        let target_empty = self.target_empty.clone().unwrap_or_default();
         let (from, to) = self.sides(dir);
         let a = from.databases().await?;
         let b = to.databases().await?;
