@@ -65,7 +65,7 @@ impl Control {
             pool.ups.clone(),
             metrics.clone(),
             policies.clone(),
-            pool.settings().clone(),
+            pool.clone(),
             tasks.clone(),
             shutdown.clone(),
         ));

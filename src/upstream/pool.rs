@@ -736,21 +736,49 @@ impl Pool {
     /// TTL sweeper, readiness, learning the table).
     pub async fn control(self: &Arc<Self>, ident: &Identity) -> Result<ControlConn, UpstreamError> {
         let (conn, made_for) = self.connect(ident, None).await?;
+        Ok(self.control_conn(conn, made_for, ident))
+    }
+
+    /// A control connection to `endpoint`, active or not (a live
+    /// migration's source and target), named `name` on the server; in
+    /// front of a cluster it routes by the endpoint's own slot map.
+    pub async fn control_for(
+        self: &Arc<Self>,
+        endpoint: &Arc<super::endpoint::Endpoint>,
+        ident: &Identity,
+        name: Option<&Bytes>,
+    ) -> Result<ControlConn, UpstreamError> {
+        let conn = conn::connect(endpoint, ident, name, &self.settings).await?;
+        let of = Active {
+            endpoint: endpoint.clone(),
+            generation: 0,
+            retired: tokio_util::sync::CancellationToken::new(),
+            writers: Arc::default(),
+        };
+        Ok(self.control_conn(conn, of, ident))
+    }
+
+    fn control_conn(
+        self: &Arc<Self>,
+        conn: Connected,
+        of: Active,
+        ident: &Identity,
+    ) -> ControlConn {
         let mut c = ControlConn::new(
             conn,
             self.settings.max_reply_bulk,
             self.settings.command_timeout,
-            made_for.generation,
+            of.generation,
         );
-        if made_for.endpoint.cluster.is_some() {
+        if of.endpoint.cluster.is_some() {
             c.cluster = Some(ClusterControl {
                 pool: self.clone(),
                 ident: ident.clone(),
-                active: made_for,
+                active: of,
                 nodes: HashMap::new(),
             });
         }
-        Ok(c)
+        c
     }
 
     /// A plain connection to one node of the active cluster endpoint (the
@@ -879,6 +907,36 @@ impl ControlConn {
         tokio::time::timeout(timeout, self.call_inner(cmds))
             .await
             .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// `cmd` on every master of a cluster (its replies in the map's
+    /// order), or the one reply of a single Redis.
+    pub async fn each_master(&mut self, cmd: &[Bytes]) -> Result<Vec<Bytes>, UpstreamError> {
+        let max_bulk = self.max_bulk;
+        let timeout = self.timeout;
+        let Some(cl) = self.cluster.as_mut() else {
+            return self.call(&[cmd.to_vec()]).await;
+        };
+        let masters = cl
+            .active
+            .endpoint
+            .cluster
+            .as_ref()
+            .map(|t| t.map().masters.clone())
+            .unwrap_or_default();
+        let mut replies = Vec::with_capacity(masters.len());
+        for m in &masters {
+            let r = tokio::time::timeout(timeout, cl.at(m, cmd, max_bulk, false))
+                .await
+                .map_err(|_| UpstreamError::Timeout)??;
+            replies.push(r);
+        }
+        Ok(replies)
+    }
+
+    /// Whether this talks to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     async fn call_inner(&mut self, cmds: &[Vec<Bytes>]) -> Result<Vec<Bytes>, UpstreamError> {

@@ -10,5 +10,6 @@
 mod support;
 
 mod faults;
+mod migration;
 mod proxy;
 mod slots;

@@ -11,8 +11,9 @@
 //! endpoint until `finish`, so a `rollback` (the same cutover, the other
 //! way) loses nothing.
 //!
-//! One Redis to another (not a cluster on either side), from one sidecar;
-//! what it does not do yet is listed in the README.
+//! A single Redis or a Redis Cluster on either side, from one sidecar; a
+//! failover's writes carried back at the failback (`carry_writes`); what
+//! it does not do yet is listed in the README.
 
 pub mod cli;
 mod rebuild;
@@ -31,10 +32,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::policy::Policies;
 use crate::upstream::UpstreamError;
-use crate::upstream::conn::ConnSettings;
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::failover::{SwitchHook, Upstreams};
-use crate::upstream::pool::ControlConn;
+use crate::upstream::pool::{ControlConn, Pool};
 pub use tracker::Item;
 
 /// Writes waiting to be copied again, at most; past it the migration fails
@@ -198,8 +198,6 @@ pub enum StartError {
     Unknown(String),
     #[error("{0} is the active upstream")]
     Active(String),
-    #[error("a migration to or from a Redis Cluster is not supported yet")]
-    Cluster,
     #[error(
         "the endpoints' URLs select different databases ({0} and {1}); each database is copied to the same number"
     )]
@@ -398,7 +396,7 @@ pub struct Migrator {
     ups: Arc<Upstreams>,
     metrics: crate::metrics::Metrics,
     policies: Arc<Policies>,
-    settings: ConnSettings,
+    pool: Arc<Pool>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     current: Mutex<Option<Arc<Migration>>>,
@@ -409,7 +407,7 @@ impl Migrator {
         ups: Arc<Upstreams>,
         metrics: crate::metrics::Metrics,
         policies: Arc<Policies>,
-        settings: ConnSettings,
+        pool: Arc<Pool>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Migrator {
@@ -417,7 +415,7 @@ impl Migrator {
             ups,
             metrics,
             policies,
-            settings,
+            pool,
             tasks,
             shutdown,
             current: Mutex::new(None),
@@ -450,14 +448,11 @@ impl Migrator {
         if Arc::ptr_eq(&from, &to) {
             return Err(StartError::Active(req.to.clone()));
         }
-        if from.cluster.is_some() || to.cluster.is_some() {
-            return Err(StartError::Cluster);
-        }
         if from.db() != to.db() {
             return Err(StartError::Databases(from.db(), to.db()));
         }
         // The target must answer before anything starts.
-        let target = run::connect(&to, &self.settings)
+        let target = run::connect(&self.pool, &to)
             .await
             .map_err(StartError::Target)?;
         let m = self.begin(Kind::Migrate, req, &from, &to, Phase::Copying, "started");
@@ -532,7 +527,7 @@ impl Migrator {
             from,
             to,
             target,
-            settings: self.settings.clone(),
+            pool: self.pool.clone(),
             ups: self.ups.clone(),
         };
         let policies = self.policies.clone();

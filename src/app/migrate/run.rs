@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, Phase, Rebuild};
-use crate::upstream::conn::{self, ConnSettings};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::failover::Upstreams;
 use crate::upstream::pool::ControlConn;
+use crate::upstream::pool::Pool;
 use crate::upstream::{Identity, URL_DB, UpstreamError};
 use crate::wire::resp::{bulk_text, integer};
 use crate::wire::{Proto, error_text, is_error};
@@ -24,10 +24,11 @@ pub const CLIENT_NAME: &str = "redis-sidecar-migration";
 /// Keys compared per db when a cutover verifies the copy.
 const SAMPLE: usize = 16;
 
-/// A control connection to `e` with its URL's credentials and db.
+/// A control connection to `e` with its URL's credentials and db (in
+/// front of a cluster, routing by `e`'s slot map).
 pub(super) async fn connect(
-    e: &Endpoint,
-    settings: &ConnSettings,
+    pool: &Arc<Pool>,
+    e: &Arc<Endpoint>,
 ) -> Result<ControlConn, UpstreamError> {
     let ident = Identity {
         proto: Proto::Resp2,
@@ -36,13 +37,7 @@ pub(super) async fn connect(
     };
     // Named, for whoever looks at CLIENT LIST on either side.
     let name = Bytes::from_static(CLIENT_NAME.as_bytes());
-    let c = conn::connect(e, &ident, Some(&name), settings).await?;
-    Ok(ControlConn::new(
-        c,
-        settings.max_reply_bulk,
-        settings.command_timeout,
-        0,
-    ))
+    pool.control_for(e, &ident, Some(&name)).await
 }
 
 fn cmd(parts: &[&[u8]]) -> Vec<Bytes> {
@@ -62,18 +57,18 @@ pub(super) struct Run {
     pub to: Arc<Endpoint>,
     /// A connection to the target made already (`None`: made here).
     pub target: Option<ControlConn>,
-    pub settings: ConnSettings,
+    pub pool: Arc<Pool>,
     pub ups: Arc<Upstreams>,
 }
 
 impl Run {
     pub async fn run(self) -> Result<(), String> {
-        let source = connect(&self.from, &self.settings)
+        let source = connect(&self.pool, &self.from)
             .await
             .map_err(|e| format!("the source cannot be reached: {e}"))?;
         let target = match self.target {
             Some(t) => t,
-            None => connect(&self.to, &self.settings)
+            None => connect(&self.pool, &self.to)
                 .await
                 .map_err(|e| format!("the target cannot be reached: {e}"))?,
         };
@@ -82,7 +77,7 @@ impl Run {
             metrics: self.metrics,
             src: Side::new(self.from, source, "source"),
             dst: Side::new(self.to, target, "target"),
-            settings: self.settings,
+            pool: self.pool,
             ups: self.ups,
             target_empty: None,
             scripts_loaded: HashSet::new(),
@@ -115,8 +110,8 @@ impl Side {
     }
 
     /// A new control connection to the same endpoint.
-    async fn reconnect(&mut self, settings: &ConnSettings) -> Result<(), UpstreamError> {
-        self.conn = connect(&self.ep, settings).await?;
+    async fn reconnect(&mut self, pool: &Arc<Pool>) -> Result<(), UpstreamError> {
+        self.conn = connect(pool, &self.ep).await?;
         self.db = None;
         self.lost = false;
         Ok(())
@@ -171,9 +166,41 @@ impl Side {
     /// Every db that holds keys: its keys and, of them, those with a TTL
     /// (`INFO keyspace`).
     async fn databases(&mut self) -> Result<HashMap<i64, (u64, u64)>, String> {
-        let r = self.call(&[cmd(&[b"INFO", b"keyspace"])]).await?;
-        let text = bulk(&r[0]).ok_or("INFO: not a bulk reply")?;
-        Ok(parse_keyspace(&String::from_utf8_lossy(&text)))
+        let mut out: HashMap<i64, (u64, u64)> = HashMap::new();
+        // Every master of a cluster, summed.
+        for r in self.each_master(&cmd(&[b"INFO", b"keyspace"])).await? {
+            let text = bulk(&r).ok_or("INFO: not a bulk reply")?;
+            for (db, (k, e)) in parse_keyspace(&String::from_utf8_lossy(&text)) {
+                let t = out.entry(db).or_default();
+                t.0 += k;
+                t.1 += e;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `cmd` on every master of a cluster, or on the one Redis.
+    async fn each_master(&mut self, cmd: &[Bytes]) -> Result<Vec<Bytes>, String> {
+        let name = String::from_utf8_lossy(&cmd[0]).into_owned();
+        self.conn.each_master(cmd).await.map_err(|e| {
+            self.lost = true;
+            format!("{name} on the {} ({}): {e}", self.what, self.ep.name())
+        })
+    }
+
+    /// Up to `n` random keys of the selected db (of every master).
+    async fn random_keys(&mut self, n: usize) -> Result<Vec<Bytes>, String> {
+        let mut keys = Vec::new();
+        for _ in 0..n {
+            let r = self.each_master(&cmd(&[b"RANDOMKEY"])).await?;
+            keys.extend(r.iter().filter_map(bulk));
+            if keys.len() >= n {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
     }
 
     /// SCAN the selected db to its end (`pattern`: MATCH).
@@ -301,7 +328,7 @@ struct Copier {
     metrics: crate::metrics::Metrics,
     src: Side,
     dst: Side,
-    settings: ConnSettings,
+    pool: Arc<Pool>,
     ups: Arc<Upstreams>,
     /// The dbs that held no key on the target when the copy began: there,
     /// the cutover's key counts must be equal.
@@ -351,7 +378,7 @@ impl Copier {
             loop {
                 self.check()?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if self.dst.reconnect(&self.settings).await.is_ok() {
+                if self.dst.reconnect(&self.pool).await.is_ok() {
                     break;
                 }
             }
@@ -373,6 +400,13 @@ impl Copier {
     /// `Some(false)` with every key copied again).
     async fn run_once(&mut self, resume: Option<bool>) -> Result<(), String> {
         let dbs = self.src.databases().await?;
+        if self.dst.conn.is_cluster()
+            && let Some(db) = dbs.keys().find(|db| **db != 0)
+        {
+            return Err(format!(
+                "db {db} holds keys on the source; a Redis Cluster has db 0 only"
+            ));
+        }
         if self.target_empty.is_none() {
             let had = self.dst.databases().await?;
             self.target_empty = Some(
@@ -706,12 +740,12 @@ impl Copier {
             Item::FlushDb(db) => {
                 let (_, to) = self.sides(dir);
                 to.select(*db).await?;
-                to.call(&[cmd(&[b"FLUSHDB"])]).await?;
+                to.each_master(&cmd(&[b"FLUSHDB"])).await?;
                 Ok(1)
             }
             Item::FlushAll => {
                 let (_, to) = self.sides(dir);
-                to.call(&[cmd(&[b"FLUSHALL"])]).await?;
+                to.each_master(&cmd(&[b"FLUSHALL"])).await?;
                 Ok(1)
             }
         }
@@ -819,7 +853,7 @@ impl Copier {
         // next batch (its replies still come back, its blocked commands
         // wait). Only once no writer is left can a released write not
         // reach the old endpoint; bounded by the command timeout.
-        let until = Instant::now() + self.settings.command_timeout;
+        let until = Instant::now() + self.pool.settings().command_timeout;
         while old.writers.load(Ordering::SeqCst) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -935,13 +969,14 @@ impl Copier {
             payload,
             Bytes::from_static(b"REPLACE"),
         ];
-        let r = to.call(&[w]).await?;
-        if is_error(&r[0]) {
-            return Err(format!(
-                "FUNCTION RESTORE on the {}: {}",
-                to.what,
-                error_text(&r[0])
-            ));
+        for r in to.each_master(&w).await? {
+            if is_error(&r) {
+                return Err(format!(
+                    "FUNCTION RESTORE on the {}: {}",
+                    to.what,
+                    error_text(&r)
+                ));
+            }
         }
         Ok(())
     }
@@ -989,10 +1024,7 @@ impl Copier {
         let (from, to) = self.sides(dir);
         from.select(db).await?;
         to.select(db).await?;
-        let r = from.call(&vec![cmd(&[b"RANDOMKEY"]); SAMPLE]).await?;
-        let mut keys: Vec<Bytes> = r.iter().filter_map(bulk).collect();
-        keys.sort();
-        keys.dedup();
+        let keys = from.random_keys(SAMPLE).await?;
         let shape = |k: &Bytes| {
             vec![
                 vec![Bytes::from_static(b"TYPE"), k.clone()],
