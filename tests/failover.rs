@@ -641,3 +641,28 @@ async fn a_failing_carry_holds_the_failback() {
     assert_eq!(active(&s).await, "b", "failed back without the writes");
     s.shutdown().await;
 }
+
+/// A user that may not run CLIENT (an ACL without it) can still be the
+/// URL's user: the health check's CLIENT SETNAME is refused, and the
+/// connection is used unnamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_client_setname_still_connects() {
+    let r = RedisServer::start_with(&[
+        "--user",
+        "limited",
+        "on",
+        ">lim-pw-3",
+        "~*",
+        "&*",
+        "+@all",
+        "-client",
+    ]);
+    let url = format!("redis://limited:lim-pw-3@127.0.0.1:{}", r.port);
+    let s = sidecar_with(config(&url), Builder::default()).await;
+    wait_up(&s, 0).await;
+    set_through(&s, "limited-key").await;
+    let mut c = client(&s).await;
+    let v: String = c.get("limited-key").await.unwrap();
+    assert_eq!(v, "x");
+    s.shutdown().await;
+}

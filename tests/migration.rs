@@ -1080,3 +1080,72 @@ async fn a_target_that_restarts_pauses_the_migration_and_it_resumes() {
     assert_eq!(size, 2001);
     s.shutdown().await;
 }
+
+/// Another sidecar in front of the same source (its health checks show
+/// in the source's CLIENT LIST): a migration from this one would leave
+/// that one's writes behind, so it is refused, naming it, unless asked to
+/// go on anyway; a sidecar that appears before the cutover abandons it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sidecars_in_front_of_the_source_are_named() {
+    let (a, b, s, admin) = two().await;
+    let other = sidecar_with(
+        config_multi(&[("a", a.url()), ("b", b.url())]),
+        redis_sidecar::policy::Builder::default(),
+    )
+    .await;
+    wait_up(&other, 0).await;
+    let (st, body) = http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#).await;
+    assert_eq!(st, 409, "{body}");
+    let name = String::from_utf8_lossy(&other.control.ups.instance).to_string();
+    assert!(body.contains(&name), "{body} names {name}");
+    assert!(
+        !body.contains(&*String::from_utf8_lossy(&s.control.ups.instance)),
+        "{body}"
+    );
+    other.shutdown().await;
+    // Gone: a migration starts; another one appearing holds the cutover.
+    assert!(
+        eventually(|| async {
+            http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#)
+                .await
+                .0
+                == 202
+        })
+        .await
+    );
+    wait_phase(admin, "syncing").await;
+    let late = sidecar_with(
+        config_multi(&[("a", a.url()), ("b", b.url())]),
+        redis_sidecar::policy::Builder::default(),
+    )
+    .await;
+    wait_up(&late, 0).await;
+    let (st, _) = post(admin, "/migrations/current/cutover").await;
+    assert_eq!(st, 200);
+    assert!(
+        eventually(|| async {
+            migration(admin).await["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("other sidecars use the source"))
+        })
+        .await,
+        "{}",
+        migration(admin).await
+    );
+    assert_eq!(active(&s).await, "a");
+    let (st, _) = post(admin, "/migrations/current/abort").await;
+    assert_eq!(st, 200);
+    wait_phase(admin, "aborted").await;
+    // Asked to go on anyway.
+    let (st, body) = http_json(
+        admin,
+        "POST",
+        "/migrations",
+        r#"{"to": "b", "other_sidecars": "ignore", "on_conflict": "replace", "cutover": true}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    wait_phase(admin, "done").await;
+    late.shutdown().await;
+    s.shutdown().await;
+}

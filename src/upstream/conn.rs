@@ -140,6 +140,7 @@ pub async fn connect_to(
         if db != 0 {
             cmds.push(select_command(db));
         }
+        let setname_at = client_name.map(|_| cmds.len());
         if let Some(name) = client_name {
             cmds.push(setname_command(name));
         }
@@ -167,6 +168,12 @@ pub async fn connect_to(
                 client_id = r
                     .strip_prefix(b":")
                     .and_then(|n| scan::parse_int(n.strip_suffix(b"\r\n")?));
+                continue;
+            }
+            if Some(i) == setname_at && crate::wire::is_error(r) {
+                // A user that may not name its connections (an ACL without
+                // @connection) still has a usable connection.
+                tracing::debug!(error = %error_text(r), "CLIENT SETNAME refused; the connection stays unnamed");
                 continue;
             }
             if i == role_at {

@@ -85,6 +85,27 @@ pub struct Upstreams {
     checks: tokio::runtime::Handle,
     /// Told of every automatic switch, and asked before a failback.
     hook: std::sync::RwLock<Option<std::sync::Weak<dyn SwitchHook>>>,
+    /// This sidecar's name on the health checks' connections (`CLIENT
+    /// LIST`): how a live migration finds other sidecars in front of the
+    /// same Redis.
+    pub instance: Bytes,
+}
+
+/// Sidecars in one process, numbered.
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The prefix of every sidecar's checker connection name.
+pub const INSTANCE_PREFIX: &str = "redis-sidecar:";
+
+/// `redis-sidecar:<host>:<pid>:<n>`.
+fn instance_name() -> Bytes {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(char::is_ascii_graphic).collect();
+    let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Bytes::from(format!(
+        "{INSTANCE_PREFIX}{host}:{}:{n}",
+        std::process::id()
+    ))
 }
 
 /// What the layer above (the live migration's failback carry) hears from
@@ -199,6 +220,7 @@ impl Upstreams {
             tasks,
             checks,
             hook: std::sync::RwLock::new(None),
+            instance: instance_name(),
         });
         for e in &endpoints {
             ups.spawn_endpoint_tasks(e);
@@ -546,7 +568,7 @@ impl Upstreams {
                 db: URL_DB,
                 auth: None,
             };
-            let c = conn::connect(e, &ident, None, &self.settings).await?;
+            let c = conn::connect(e, &ident, Some(&self.instance), &self.settings).await?;
             let addr = c.addr.clone();
             let (s, b) = c.into_parts();
             *conn = Some((s, b));

@@ -137,6 +137,10 @@ pub struct Request {
     pub max_keys_per_second: u64,
     #[serde(default = "default_bytes_per_second")]
     pub max_bytes_per_second: u64,
+    /// Other sidecars in front of the source (their health checks seen in
+    /// its `CLIENT LIST`): `refuse` to start or cut over, `ignore`.
+    #[serde(default = "default_others")]
+    pub other_sidecars: OtherSidecars,
     /// When keys are rebuilt from their contents instead of RESTOREd.
     #[serde(default = "default_rebuild")]
     pub rebuild: Rebuild,
@@ -144,6 +148,20 @@ pub struct Request {
     /// is rebuilt in pieces.
     #[serde(default = "default_max_restore")]
     pub max_restore_bytes: u64,
+}
+
+/// What a migration does when other sidecars use the source: their
+/// writes are not marked by this one, so a cutover would leave them
+/// behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherSidecars {
+    Refuse,
+    Ignore,
+}
+
+fn default_others() -> OtherSidecars {
+    OtherSidecars::Refuse
 }
 
 /// When a key is rebuilt with ordinary commands (HSET, RPUSH, XADD ...)
@@ -204,6 +222,13 @@ pub enum StartError {
     Databases(i64, i64),
     #[error("the target cannot be reached: {0}")]
     Target(#[source] UpstreamError),
+    #[error("the source cannot be reached: {0}")]
+    Source(#[source] UpstreamError),
+    #[error(
+        "other sidecars use the source, and a migration from this one would leave their writes behind: {}; send \"other_sidecars\": \"ignore\" to go on anyway",
+        .0.join(", ")
+    )]
+    OtherSidecars(Vec<String>),
 }
 
 /// Why `cutover`, `abort`, `rollback` or `finish` cannot be done now.
@@ -455,6 +480,21 @@ impl Migrator {
         let target = run::connect(&self.pool, &to)
             .await
             .map_err(StartError::Target)?;
+        if req.other_sidecars == OtherSidecars::Refuse {
+            let mut source = run::connect(&self.pool, &from)
+                .await
+                .map_err(StartError::Source)?;
+            match run::other_sidecars(&mut source, &self.ups.instance).await {
+                Some(others) if !others.is_empty() => {
+                    return Err(StartError::OtherSidecars(others));
+                }
+                Some(_) => {}
+                None => tracing::warn!(
+                    from = %from.name(),
+                    "the source refuses CLIENT LIST: other sidecars in front of it cannot be seen"
+                ),
+            }
+        }
         let m = self.begin(Kind::Migrate, req, &from, &to, Phase::Copying, "started");
         self.spawn(m.clone(), from, to, Some(target));
         Ok(m)
@@ -681,6 +721,7 @@ impl SwitchHook for Migrator {
             max_bytes_per_second: 0,
             rebuild: default_rebuild(),
             max_restore_bytes: default_max_restore(),
+            other_sidecars: OtherSidecars::Ignore,
         };
         self.begin(
             Kind::Carry,

@@ -40,6 +40,37 @@ pub(super) async fn connect(
     pool.control_for(e, &ident, Some(&name)).await
 }
 
+/// The other sidecars whose health checks reach `c`'s server (every
+/// master of a cluster), as `name (addr)`, from `CLIENT LIST`; `None`
+/// when the server does not say (CLIENT LIST refused).
+pub(super) async fn other_sidecars(c: &mut ControlConn, me: &[u8]) -> Option<Vec<String>> {
+    let replies = c.each_master(&cmd(&[b"CLIENT", b"LIST"])).await.ok()?;
+    let mut out = Vec::new();
+    for r in replies {
+        out.extend(sidecars_in(&String::from_utf8_lossy(&bulk(&r)?), me));
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
+}
+
+/// `name (addr)` of the sidecars' connections in a `CLIENT LIST` text but
+/// `me`.
+fn sidecars_in(list: &str, me: &[u8]) -> Vec<String> {
+    let me = String::from_utf8_lossy(me);
+    list.lines()
+        .filter_map(|l| {
+            let field = |k: &str| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix(k).and_then(|f| f.strip_prefix('=')))
+            };
+            let name = field("name")?;
+            (name.starts_with(crate::upstream::failover::INSTANCE_PREFIX) && name != me)
+                .then(|| format!("{name} ({})", field("addr").unwrap_or("?")))
+        })
+        .collect()
+}
+
 fn cmd(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
 }
@@ -755,6 +786,16 @@ impl Copier {
     /// those in flight finish, copy what is left, verify, switch, release.
     async fn switch(&mut self, dir: Dir) -> Result<(), String> {
         let max_pause = Duration::from_millis(self.m.request.max_pause_ms);
+        if self.m.kind == Kind::Migrate
+            && self.m.request.other_sidecars == super::OtherSidecars::Refuse
+            && let Some(others) = other_sidecars(&mut self.src.conn, &self.ups.instance).await
+            && !others.is_empty()
+        {
+            return Err(format!(
+                "other sidecars use the source, their writes would stay behind: {}",
+                others.join(", ")
+            ));
+        }
         // The scripts first, while the app runs: the pause is for what
         // cannot be done before it.
         self.load_scripts(dir).await?;
@@ -1083,6 +1124,18 @@ impl Copier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_sidecars_in_client_list() {
+        let list = "id=3 addr=10.0.0.5:40112 laddr=x fd=8 name=redis-sidecar:web1:77:0 age=3\n\
+                    id=4 addr=10.0.0.6:40113 laddr=x fd=9 name=redis-sidecar:web2:12:0 age=3\n\
+                    id=5 addr=10.0.0.6:40114 laddr=x fd=9 name=redis-sidecar-migration age=3\n\
+                    id=6 addr=10.0.0.7:40115 laddr=x fd=9 name= age=3\n";
+        assert_eq!(
+            sidecars_in(list, b"redis-sidecar:web1:77:0"),
+            vec!["redis-sidecar:web2:12:0 (10.0.0.6:40113)".to_string()]
+        );
+    }
 
     #[test]
     fn keyspace_lines() {
