@@ -18,6 +18,7 @@
 pub mod cli;
 mod rebuild;
 mod run;
+mod side;
 mod tracker;
 
 use std::collections::{HashSet, VecDeque};
@@ -477,14 +478,14 @@ impl Migrator {
             return Err(StartError::Databases(from.db(), to.db()));
         }
         // The target must answer before anything starts.
-        let target = run::connect(&self.pool, &to)
+        let target = side::connect(&self.pool, &to)
             .await
             .map_err(StartError::Target)?;
         if req.other_sidecars == OtherSidecars::Refuse {
-            let mut source = run::connect(&self.pool, &from)
+            let mut source = side::connect(&self.pool, &from)
                 .await
                 .map_err(StartError::Source)?;
-            match run::other_sidecars(&mut source, &self.ups.instance).await {
+            match side::other_sidecars(&mut source, &self.ups.instance).await {
                 Some(others) if !others.is_empty() => {
                     return Err(StartError::OtherSidecars(others));
                 }

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::run::Side;
+use super::side::Side;
 use crate::wire::resp::{bulk_text, elements, integer};
 use crate::wire::{error_text, is_error};
 
