@@ -14,7 +14,7 @@ Scenarios: 1,000,000 small keys (10-byte values) at the default pace and
 unpaced (max_keys_per_second 0, max_bytes_per_second 0); 1,000 values of
 1 MiB at the default pace.
 
-Usage: python3 benches/migration.py [--rounds 3] [--small 1000000] [--big 1000] [--bin PATH]
+Usage: python3 benches/migration.py [--rounds 3] [--small 1000000] [--big 1000] [--paces 20000,10000] [--bin PATH]
 (builds nothing: run `cargo build --release` first)
 """
 
@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--small", type=int, default=1_000_000)
     ap.add_argument("--big", type=int, default=1000)
     ap.add_argument("--app-requests", type=int, default=40_000)
+    ap.add_argument("--paces", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also run the small keys at these max_keys_per_second (e.g. 20000,10000)")
     ap.add_argument("--bin", default=BIN, help="the sidecar binary (default: target/release)")
     args = ap.parse_args()
     binary = args.bin
@@ -136,6 +138,8 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d')} {cpu}, {os.cpu_count()} CPUs, kernel {os.uname().release}")
     scenarios = [
         (f"{args.small:,} keys of 10 B, default pace", ["{0}".format(args.small), "key", "10"], {"to": "b"}),
+        *[(f"{args.small:,} keys of 10 B, {p:,} keys/s", ["{0}".format(args.small), "key", "10"],
+           {"to": "b", "max_keys_per_second": p}) for p in args.paces],
         (f"{args.small:,} keys of 10 B, unpaced", ["{0}".format(args.small), "key", "10"],
          {"to": "b", "max_keys_per_second": 0, "max_bytes_per_second": 0}),
         (f"{args.big:,} values of 1 MiB, default pace", ["{0}".format(args.big), "big", "1048576"], {"to": "b"}),
