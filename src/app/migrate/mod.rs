@@ -198,8 +198,11 @@ fn default_rescan() -> Vec<String> {
     vec!["bull:*".to_string()]
 }
 
+/// Measured (benches/migration.py --paces): on 2 cores the app's p99
+/// during a small-key copy is 3.5x its baseline at 50,000 keys/s, 2.3x at
+/// 20,000, 2.2x at 5,000.
 fn default_keys_per_second() -> u64 {
-    50_000
+    20_000
 }
 
 fn default_bytes_per_second() -> u64 {
