@@ -257,6 +257,50 @@ enum Ask {
 struct Backlog {
     queue: VecDeque<Item>,
     seen: HashSet<Item>,
+    /// When each key was last taken to be copied: a key written over and
+    /// over (a queue's event stream) is copied at most once per
+    /// [`RECOPY_EVERY`] before the cutover, not after every write.
+    taken: std::collections::HashMap<Item, Instant>,
+}
+
+/// A key written again is copied again at most this often before the
+/// cutover (which copies everything left at once).
+const RECOPY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Backlog {
+    /// Up to `n` items, in the order written; `all`: every key however
+    /// recently it was copied (the cutover), else keys taken within
+    /// [`RECOPY_EVERY`] wait (at the back).
+    fn take(&mut self, n: usize, all: bool, now: Instant) -> Vec<Item> {
+        let Backlog { queue, seen, taken } = self;
+        let mut out = Vec::new();
+        let mut later = Vec::new();
+        for _ in 0..queue.len() {
+            if out.len() >= n {
+                break;
+            }
+            let Some(item) = queue.pop_front() else {
+                break;
+            };
+            let recent = taken
+                .get(&item)
+                .is_some_and(|t| now.duration_since(*t) < RECOPY_EVERY);
+            if recent && !all && matches!(item, Item::Key(..)) {
+                later.push(item);
+                continue;
+            }
+            seen.remove(&item);
+            if matches!(item, Item::Key(..)) {
+                taken.insert(item.clone(), now);
+            }
+            out.push(item);
+        }
+        queue.extend(later);
+        if taken.len() > 100_000 {
+            taken.retain(|_, t| now.duration_since(*t) < RECOPY_EVERY);
+        }
+        out
+    }
 }
 
 /// One migration: its state, counters and the writes to copy again.
@@ -370,7 +414,7 @@ impl Migration {
     /// queued after it.
     fn mark(&self, item: Item) {
         let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
-        let Backlog { queue, seen } = &mut *b;
+        let Backlog { queue, seen, .. } = &mut *b;
         if self.overflowed.load(Ordering::Relaxed) {
             // Every key is copied anyway.
             return;
@@ -401,14 +445,11 @@ impl Migration {
         }
     }
 
-    fn take(&self, n: usize) -> Vec<Item> {
-        let mut b = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
-        let Backlog { queue, seen } = &mut *b;
-        let out: Vec<_> = queue.drain(..n.min(queue.len())).collect();
-        for i in &out {
-            seen.remove(i);
-        }
-        out
+    fn take(&self, n: usize, all: bool) -> Vec<Item> {
+        self.backlog
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(n, all, Instant::now())
     }
 
     fn asked(&self) -> Option<Ask> {
@@ -774,5 +815,33 @@ impl SwitchHook for Migrator {
         );
         self.spawn(m, from.clone(), to.clone(), None);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_written_over_and_over_waits_its_turn_until_the_cutover() {
+        let mut b = Backlog::default();
+        let k = Item::Key(0, Bytes::from_static(b"events"));
+        let other = Item::Key(0, Bytes::from_static(b"other"));
+        let t0 = Instant::now();
+        for item in [&k, &other] {
+            b.seen.insert(item.clone());
+            b.queue.push_back(item.clone());
+        }
+        assert_eq!(b.take(10, false, t0), vec![k.clone(), other.clone()]);
+        // Written again at once: it waits, still queued once.
+        b.seen.insert(k.clone());
+        b.queue.push_back(k.clone());
+        assert!(b.take(10, false, t0 + RECOPY_EVERY / 2).is_empty());
+        assert_eq!(b.queue.len(), 1);
+        // Its turn comes after RECOPY_EVERY, or at once for the cutover.
+        assert_eq!(b.take(10, true, t0 + RECOPY_EVERY / 2), vec![k.clone()]);
+        b.seen.insert(k.clone());
+        b.queue.push_back(k.clone());
+        assert_eq!(b.take(10, false, t0 + RECOPY_EVERY * 2), vec![k]);
     }
 }

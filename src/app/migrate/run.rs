@@ -16,6 +16,9 @@ use crate::upstream::pool::{ControlConn, Pool};
 use crate::wire::resp::integer;
 use crate::wire::{error_text, is_error};
 
+/// `sync`'s `n` for everything (the cutover): keys copied a moment ago
+/// too.
+const ALL: usize = usize::MAX / 2;
 /// Keys copied per SCAN step and per pipelined batch.
 const BATCH: usize = 100;
 /// Keys compared per db when a cutover verifies the copy.
@@ -221,7 +224,7 @@ impl Copier {
                 self.m.keys_total.store(total, Ordering::Relaxed);
                 self.copy_all(&dbs, Why::Again).await?;
             }
-            self.sync(Dir::Forward, usize::MAX / 2).await?;
+            self.sync(Dir::Forward, ALL).await?;
             return self.switch(Dir::Forward).await;
         }
         self.m.keys_total.store(total, Ordering::Relaxed);
@@ -495,7 +498,7 @@ impl Copier {
     async fn sync(&mut self, dir: Dir, n: usize) -> Result<(), String> {
         let mut left = n;
         while left > 0 {
-            let batch = self.m.take(BATCH.min(left));
+            let batch = self.m.take(BATCH.min(left), n == ALL);
             if batch.is_empty() {
                 return Ok(());
             }
@@ -631,7 +634,7 @@ impl Copier {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         while self.m.backlog() > 0 {
-            self.sync(dir, usize::MAX / 2).await?;
+            self.sync(dir, ALL).await?;
         }
         self.rescan(dir).await?;
         self.load_scripts(dir).await?;
