@@ -256,6 +256,33 @@ async fn a_killed_master_is_replaced_by_its_replica() {
         })
         .unwrap()
         .clone();
+    // Replication is asynchronous: the replica has every write before the
+    // kill once it acknowledged the master's offset.
+    let replicated = || {
+        let out = Command::new("redis-cli")
+            .args(["-p", &victim.to_string(), "INFO", "replication"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let master = text
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .map(|v| v.trim().to_string());
+        let replica = text
+            .lines()
+            .find(|l| l.starts_with("slave0:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("offset=")))
+            .map(|v| v.trim().to_string());
+        master.is_some() && master == replica
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replicated() {
+        assert!(
+            Instant::now() < deadline,
+            "the victim's replica did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let i = cluster.nodes.iter().position(|n| n.port == victim).unwrap();
     let killed = Instant::now();
     cluster.nodes[i].kill();
