@@ -575,11 +575,14 @@ async fn failback_carries_the_writes_made_on_the_fallback() {
     s.shutdown().await;
 }
 
-/// A recording carry can be aborted: the failback then happens as without
-/// `carry_writes`, leaving the fallback's writes there; a carry cannot be
-/// cut over by hand.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aborted_carry_fails_back_without_the_writes() {
+/// `a` (killed) and `b` behind a sidecar with `carry_writes`, failed over
+/// to `b`, which took a write of `during`; `a`'s port to start it again.
+async fn outage_with_carry() -> (
+    RedisServer,
+    redis_sidecar::Sidecar,
+    std::net::SocketAddr,
+    u16,
+) {
     let mut a = RedisServer::start();
     let b = RedisServer::start();
     let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
@@ -592,6 +595,15 @@ async fn an_aborted_carry_fails_back_without_the_writes() {
     a.kill();
     assert!(eventually(|| async { active(&s).await == "b" }).await);
     set_through(&s, "during").await;
+    (b, s, admin, port)
+}
+
+/// A recording carry can be aborted: the failback then happens as without
+/// `carry_writes`, leaving the fallback's writes there; a carry cannot be
+/// cut over by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_carry_fails_back_without_the_writes() {
+    let (_b, s, admin, port) = outage_with_carry().await;
     let (st, body) = http(admin, "POST", "/migrations/current/cutover", None).await;
     assert_eq!(st, 409, "{body}");
     let (st, body) = http(admin, "POST", "/migrations/current/abort", None).await;
@@ -611,18 +623,7 @@ async fn an_aborted_carry_fails_back_without_the_writes() {
 /// stays on the fallback, whose writes would otherwise be stranded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_carry_holds_the_failback() {
-    let mut a = RedisServer::start();
-    let b = RedisServer::start();
-    let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
-    fast_failover(&mut cfg);
-    cfg.failover.failback_after = Duration::from_millis(200);
-    cfg.failover.carry_writes = true;
-    let s = sidecar_with(cfg, Builder::default()).await;
-    let admin = s.admin_addr.unwrap();
-    let port = a.port;
-    a.kill();
-    assert!(eventually(|| async { active(&s).await == "b" }).await);
-    set_through(&s, "during").await;
+    let (_b, s, admin, port) = outage_with_carry().await;
     let _a2 = RedisServer::start_on(
         port,
         &[

@@ -715,102 +715,127 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
         // pending entries, one acknowledged.
         let mut ids = Vec::new();
         for i in 0..10 {
-            let id: String = redis::cmd("XADD")
-                .arg("st")
-                .arg("*")
-                .arg("n")
-                .arg(i)
-                .arg("k")
-                .arg("v")
-                .query_async(&mut src)
-                .await
-                .unwrap();
+            let id: String = q(
+                &mut src,
+                &[
+                    "XADD".to_string(),
+                    "st".to_string(),
+                    "*".to_string(),
+                    "n".to_string(),
+                    i.to_string(),
+                    "k".to_string(),
+                    "v".to_string(),
+                ],
+            )
+            .await;
             ids.push(id);
         }
-        let _: i64 = redis::cmd("XDEL")
-            .arg("st")
-            .arg(&ids[9])
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("st")
-            .arg("g1")
-            .arg("0")
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("st")
-            .arg("g2")
-            .arg("$")
-            .query_async(&mut src)
-            .await
-            .unwrap();
+        let _: i64 = q(
+            &mut src,
+            &["XDEL".to_string(), "st".to_string(), ids[9].clone()],
+        )
+        .await;
+        let _: () = q(
+            &mut src,
+            &[
+                "XGROUP".to_string(),
+                "CREATE".to_string(),
+                "st".to_string(),
+                "g1".to_string(),
+                "0".to_string(),
+            ],
+        )
+        .await;
+        let _: () = q(
+            &mut src,
+            &[
+                "XGROUP".to_string(),
+                "CREATE".to_string(),
+                "st".to_string(),
+                "g2".to_string(),
+                "$".to_string(),
+            ],
+        )
+        .await;
         for (c, n) in [("c1", 3), ("c2", 2)] {
-            let _: redis::Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("g1")
-                .arg(c)
-                .arg("COUNT")
-                .arg(n)
-                .arg("STREAMS")
-                .arg("st")
-                .arg(">")
-                .query_async(&mut src)
-                .await
-                .unwrap();
+            let _: redis::Value = q(
+                &mut src,
+                &[
+                    "XREADGROUP".to_string(),
+                    "GROUP".to_string(),
+                    "g1".to_string(),
+                    c.to_string(),
+                    "COUNT".to_string(),
+                    n.to_string(),
+                    "STREAMS".to_string(),
+                    "st".to_string(),
+                    ">".to_string(),
+                ],
+            )
+            .await;
         }
-        let _: i64 = redis::cmd("XACK")
-            .arg("st")
-            .arg("g1")
-            .arg(&ids[3])
-            .query_async(&mut src)
-            .await
-            .unwrap();
+        let _: i64 = q(
+            &mut src,
+            &[
+                "XACK".to_string(),
+                "st".to_string(),
+                "g1".to_string(),
+                ids[3].clone(),
+            ],
+        )
+        .await;
         // Delivered twice: a claim by c2 of c1's first entry.
-        let _: redis::Value = redis::cmd("XCLAIM")
-            .arg("st")
-            .arg("g1")
-            .arg("c2")
-            .arg(0)
-            .arg(&ids[0])
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATECONSUMER")
-            .arg("st")
-            .arg("g2")
-            .arg("idle")
-            .query_async(&mut src)
-            .await
-            .unwrap();
+        let _: redis::Value = q(
+            &mut src,
+            &[
+                "XCLAIM".to_string(),
+                "st".to_string(),
+                "g1".to_string(),
+                "c2".to_string(),
+                0.to_string(),
+                ids[0].clone(),
+            ],
+        )
+        .await;
+        let _: () = q(
+            &mut src,
+            &[
+                "XGROUP".to_string(),
+                "CREATECONSUMER".to_string(),
+                "st".to_string(),
+                "g2".to_string(),
+                "idle".to_string(),
+            ],
+        )
+        .await;
         // A stream with no entry left, and its group.
-        let id: String = redis::cmd("XADD")
-            .arg("st0")
-            .arg("*")
-            .arg("a")
-            .arg(1)
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("st0")
-            .arg("g")
-            .arg("$")
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        let _: i64 = redis::cmd("XDEL")
-            .arg("st0")
-            .arg(&id)
-            .query_async(&mut src)
-            .await
-            .unwrap();
+        let id: String = q(
+            &mut src,
+            &[
+                "XADD".to_string(),
+                "st0".to_string(),
+                "*".to_string(),
+                "a".to_string(),
+                1.to_string(),
+            ],
+        )
+        .await;
+        let _: () = q(
+            &mut src,
+            &[
+                "XGROUP".to_string(),
+                "CREATE".to_string(),
+                "st0".to_string(),
+                "g".to_string(),
+                "$".to_string(),
+            ],
+        )
+        .await;
+        let _: i64 = q(
+            &mut src,
+            &["XDEL".to_string(), "st0".to_string(), id.clone()],
+        )
+        .await;
 
         let body = if mode == "always" {
             r#"{"to": "b", "rebuild": "always"}"#
@@ -889,15 +914,18 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
             }
         }
         for g in ["g1", "g2"] {
-            let x: redis::Value = redis::cmd("XPENDING")
-                .arg("st")
-                .arg(g)
-                .arg("-")
-                .arg("+")
-                .arg(100)
-                .query_async(&mut src)
-                .await
-                .unwrap();
+            let x: redis::Value = q(
+                &mut src,
+                &[
+                    "XPENDING".to_string(),
+                    "st".to_string(),
+                    g.to_string(),
+                    "-".to_string(),
+                    "+".to_string(),
+                    100.to_string(),
+                ],
+            )
+            .await;
             let y: redis::Value = redis::cmd("XPENDING")
                 .arg("st")
                 .arg(g)
@@ -922,13 +950,16 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
                 other => vec![other],
             };
             assert_eq!(norm(x), norm(y), "{mode}: XPENDING {g}");
-            let cx: Vec<redis::Value> = redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg("st")
-                .arg(g)
-                .query_async(&mut src)
-                .await
-                .unwrap();
+            let cx: Vec<redis::Value> = q(
+                &mut src,
+                &[
+                    "XINFO".to_string(),
+                    "CONSUMERS".to_string(),
+                    "st".to_string(),
+                    g.to_string(),
+                ],
+            )
+            .await;
             let cy: Vec<redis::Value> = redis::cmd("XINFO")
                 .arg("CONSUMERS")
                 .arg("st")
@@ -940,6 +971,18 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
         }
         s.shutdown().await;
     }
+}
+
+/// One command on `c`, its reply converted (panics on an error).
+async fn q<T: redis::FromRedisValue>(
+    c: &mut redis::aio::MultiplexedConnection,
+    args: &[String],
+) -> T {
+    redis::cmd(&args[0])
+        .arg(&args[1..])
+        .query_async(c)
+        .await
+        .unwrap()
 }
 
 /// A flat map reply without the named fields.
