@@ -715,127 +715,27 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
         // pending entries, one acknowledged.
         let mut ids = Vec::new();
         for i in 0..10 {
-            let id: String = q(
-                &mut src,
-                &[
-                    "XADD".to_string(),
-                    "st".to_string(),
-                    "*".to_string(),
-                    "n".to_string(),
-                    i.to_string(),
-                    "k".to_string(),
-                    "v".to_string(),
-                ],
-            )
-            .await;
+            let id: String = q(&mut src, &format!("XADD st * n {} k v", i)).await;
             ids.push(id);
         }
-        let _: i64 = q(
-            &mut src,
-            &["XDEL".to_string(), "st".to_string(), ids[9].clone()],
-        )
-        .await;
-        let _: () = q(
-            &mut src,
-            &[
-                "XGROUP".to_string(),
-                "CREATE".to_string(),
-                "st".to_string(),
-                "g1".to_string(),
-                "0".to_string(),
-            ],
-        )
-        .await;
-        let _: () = q(
-            &mut src,
-            &[
-                "XGROUP".to_string(),
-                "CREATE".to_string(),
-                "st".to_string(),
-                "g2".to_string(),
-                "$".to_string(),
-            ],
-        )
-        .await;
+        let _: i64 = q(&mut src, &format!("XDEL st {}", ids[9])).await;
+        let _: () = q(&mut src, "XGROUP CREATE st g1 0").await;
+        let _: () = q(&mut src, "XGROUP CREATE st g2 $").await;
         for (c, n) in [("c1", 3), ("c2", 2)] {
             let _: redis::Value = q(
                 &mut src,
-                &[
-                    "XREADGROUP".to_string(),
-                    "GROUP".to_string(),
-                    "g1".to_string(),
-                    c.to_string(),
-                    "COUNT".to_string(),
-                    n.to_string(),
-                    "STREAMS".to_string(),
-                    "st".to_string(),
-                    ">".to_string(),
-                ],
+                &format!("XREADGROUP GROUP g1 {} COUNT {} STREAMS st >", c, n),
             )
             .await;
         }
-        let _: i64 = q(
-            &mut src,
-            &[
-                "XACK".to_string(),
-                "st".to_string(),
-                "g1".to_string(),
-                ids[3].clone(),
-            ],
-        )
-        .await;
+        let _: i64 = q(&mut src, &format!("XACK st g1 {}", ids[3])).await;
         // Delivered twice: a claim by c2 of c1's first entry.
-        let _: redis::Value = q(
-            &mut src,
-            &[
-                "XCLAIM".to_string(),
-                "st".to_string(),
-                "g1".to_string(),
-                "c2".to_string(),
-                0.to_string(),
-                ids[0].clone(),
-            ],
-        )
-        .await;
-        let _: () = q(
-            &mut src,
-            &[
-                "XGROUP".to_string(),
-                "CREATECONSUMER".to_string(),
-                "st".to_string(),
-                "g2".to_string(),
-                "idle".to_string(),
-            ],
-        )
-        .await;
+        let _: redis::Value = q(&mut src, &format!("XCLAIM st g1 c2 {} {}", 0, ids[0])).await;
+        let _: () = q(&mut src, "XGROUP CREATECONSUMER st g2 idle").await;
         // A stream with no entry left, and its group.
-        let id: String = q(
-            &mut src,
-            &[
-                "XADD".to_string(),
-                "st0".to_string(),
-                "*".to_string(),
-                "a".to_string(),
-                1.to_string(),
-            ],
-        )
-        .await;
-        let _: () = q(
-            &mut src,
-            &[
-                "XGROUP".to_string(),
-                "CREATE".to_string(),
-                "st0".to_string(),
-                "g".to_string(),
-                "$".to_string(),
-            ],
-        )
-        .await;
-        let _: i64 = q(
-            &mut src,
-            &["XDEL".to_string(), "st0".to_string(), id.clone()],
-        )
-        .await;
+        let id: String = q(&mut src, &format!("XADD st0 * a {}", 1)).await;
+        let _: () = q(&mut src, "XGROUP CREATE st0 g $").await;
+        let _: i64 = q(&mut src, &format!("XDEL st0 {}", id)).await;
 
         let body = if mode == "always" {
             r#"{"to": "b", "rebuild": "always"}"#
@@ -914,27 +814,8 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
             }
         }
         for g in ["g1", "g2"] {
-            let x: redis::Value = q(
-                &mut src,
-                &[
-                    "XPENDING".to_string(),
-                    "st".to_string(),
-                    g.to_string(),
-                    "-".to_string(),
-                    "+".to_string(),
-                    100.to_string(),
-                ],
-            )
-            .await;
-            let y: redis::Value = redis::cmd("XPENDING")
-                .arg("st")
-                .arg(g)
-                .arg("-")
-                .arg("+")
-                .arg(100)
-                .query_async(&mut dst)
-                .await
-                .unwrap();
+            let x: redis::Value = q(&mut src, &format!("XPENDING st {} - + {}", g, 100)).await;
+            let y: redis::Value = q(&mut dst, &format!("XPENDING st {} - + {}", g, 100)).await;
             // id, consumer, idle (differs by the copy's time), deliveries.
             let norm = |v: redis::Value| match v {
                 redis::Value::Array(items) => items
@@ -950,35 +831,19 @@ async fn keys_rebuilt_from_their_contents_match_the_source() {
                 other => vec![other],
             };
             assert_eq!(norm(x), norm(y), "{mode}: XPENDING {g}");
-            let cx: Vec<redis::Value> = q(
-                &mut src,
-                &[
-                    "XINFO".to_string(),
-                    "CONSUMERS".to_string(),
-                    "st".to_string(),
-                    g.to_string(),
-                ],
-            )
-            .await;
-            let cy: Vec<redis::Value> = redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg("st")
-                .arg(g)
-                .query_async(&mut dst)
-                .await
-                .unwrap();
+            let cx: Vec<redis::Value> = q(&mut src, &format!("XINFO CONSUMERS st {}", g)).await;
+            let cy: Vec<redis::Value> = q(&mut dst, &format!("XINFO CONSUMERS st {}", g)).await;
             assert_eq!(cx.len(), cy.len(), "{mode}: consumers of {g}");
         }
         s.shutdown().await;
     }
 }
 
-/// One command on `c`, its reply converted (panics on an error).
-async fn q<T: redis::FromRedisValue>(
-    c: &mut redis::aio::MultiplexedConnection,
-    args: &[String],
-) -> T {
-    redis::cmd(&args[0])
+/// One command on `c` (its words separated by single spaces), its reply
+/// converted (panics on an error).
+async fn q<T: redis::FromRedisValue>(c: &mut redis::aio::MultiplexedConnection, line: &str) -> T {
+    let args: Vec<&str> = line.split(' ').collect();
+    redis::cmd(args[0])
         .arg(&args[1..])
         .query_async(c)
         .await
