@@ -692,14 +692,7 @@ async fn migrate_command_runs_a_migration_to_its_cutover() {
     let a = RedisServer::start();
     let b = RedisServer::start();
     let mut src = a.direct().await;
-    for i in 0..300 {
-        let _: () = redis::cmd("SET")
-            .arg(format!("k:{i}"))
-            .arg(i)
-            .query_async(&mut src)
-            .await
-            .unwrap();
-    }
+    set_numbered(&mut src, 300).await;
     let mut cfg = config_multi(&[("a", a.url()), ("b", b.url())]);
     cfg.admin_token = "cli-token-5".into();
     let s = sidecar_with(cfg, Default::default()).await;
@@ -760,14 +753,7 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
     let a = RedisServer::start();
     let b = RedisServer::start();
     let mut src = a.direct().await;
-    for i in 0..3000 {
-        let _: () = redis::cmd("SET")
-            .arg(format!("k:{i}"))
-            .arg(i)
-            .query_async(&mut src)
-            .await
-            .unwrap();
-    }
+    set_numbered(&mut src, 3000).await;
     let dir = std::env::temp_dir().join(format!("sidecar-kill9-{}", a.port));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("sidecar.toml");

@@ -231,8 +231,7 @@ async fn migrate_while_the_app_writes_and_cut_over() {
     assert!(metric(&s, "migration_keys_total", &[("result", "copied")]) >= 800.0);
     let pause = metric(&s, "migration_cutover_pause_seconds", &[]);
     assert!(pause > 0.0 && pause < 2.0, "pause {pause}");
-    assert_eq!(post(admin, "/migrations/current/finish").await.0, 200);
-    assert!(eventually(|| async { migration(admin).await["copy_back"] == false }).await);
+    finish(admin).await;
     assert!(
         !s.control.policies.current().names().contains(&"migration"),
         "the tracking stage left with the migration"
@@ -330,6 +329,17 @@ async fn cut_over(admin: std::net::SocketAddr) -> serde_json::Value {
     wait_phase(admin, "done").await
 }
 
+/// Finish the current migration and wait until it stopped copying back.
+async fn finish(admin: std::net::SocketAddr) {
+    let (st, resp) = post(admin, "/migrations/current/finish").await;
+    assert_eq!(st, 200, "{resp}");
+    assert!(
+        eventually(|| async { migration(admin).await["copy_back"] == false }).await,
+        "{}",
+        migration(admin).await
+    );
+}
+
 async fn get_in(c: &mut redis::aio::MultiplexedConnection, db: i64, key: &str) -> Option<String> {
     let _: () = redis::cmd("SELECT").arg(db).query_async(c).await.unwrap();
     c.get(key).await.unwrap()
@@ -342,9 +352,7 @@ async fn get_in(c: &mut redis::aio::MultiplexedConnection, db: i64, key: &str) -
 async fn rollback_takes_the_writes_made_after_the_cutover_back() {
     let (a, b, s, admin) = two().await;
     let mut src = a.direct().await;
-    for i in 0..1000 {
-        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
-    }
+    set_numbered(&mut src, 1000).await;
     // At 2,000 keys a second, 1,000 keys take half a second at least.
     start(admin, r#"{"to": "b", "max_keys_per_second": 2000}"#).await;
     let synced = wait_phase(admin, "syncing").await;
@@ -453,13 +461,7 @@ async fn rollback_takes_the_writes_made_after_the_cutover_back() {
     assert_eq!(post(admin, "/migrations/current/finish").await.0, 409);
     start(admin, r#"{"to": "b", "on_conflict": "replace"}"#).await;
     cut_over(admin).await;
-    let (st, resp) = post(admin, "/migrations/current/finish").await;
-    assert_eq!(st, 200, "{resp}");
-    assert!(
-        eventually(|| async { migration(admin).await["copy_back"] == false }).await,
-        "{}",
-        migration(admin).await
-    );
+    finish(admin).await;
     assert_eq!(post(admin, "/migrations/current/rollback").await.0, 409);
     // Finished: a's copy no longer follows.
     let _: () = app.set("after-finish", 1).await.unwrap();
@@ -887,9 +889,7 @@ async fn migration_conn(server: &RedisServer) -> Option<i64> {
 async fn a_lost_source_aborts_the_migration() {
     let (a, _b, s, admin) = two().await;
     let mut src = a.direct().await;
-    for i in 0..3000 {
-        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
-    }
+    set_numbered(&mut src, 3000).await;
     start(admin, r#"{"to": "b", "max_keys_per_second": 1000}"#).await;
     let id = loop {
         if let Some(id) = migration_conn(&a).await {
@@ -936,9 +936,7 @@ async fn a_lost_source_aborts_the_migration() {
 async fn a_target_that_restarts_pauses_the_migration_and_it_resumes() {
     let (a, mut b, s, admin) = two().await;
     let mut src = a.direct().await;
-    for i in 0..2000 {
-        let _: () = src.set(format!("k:{i}"), i).await.unwrap();
-    }
+    set_numbered(&mut src, 2000).await;
     start(admin, r#"{"to": "b", "max_keys_per_second": 1000}"#).await;
     let stop = Arc::new(AtomicBool::new(false));
     let app = {
@@ -1055,5 +1053,26 @@ async fn other_sidecars_in_front_of_the_source_are_named() {
     assert_eq!(st, 202, "{body}");
     wait_phase(admin, "done").await;
     late.shutdown().await;
+    s.shutdown().await;
+}
+
+/// `"rebuild": "never"`: a target that refuses RESTORE fails the migration
+/// with Redis's reason instead of getting the key rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_never_fails_on_a_refused_restore() {
+    let (a, _b, s, admin) = two_servers(RedisServer::start_with(&[
+        "--rename-command",
+        "RESTORE",
+        "",
+    ]))
+    .await;
+    let _: () = a.direct().await.set("k", "v").await.unwrap();
+    start(admin, r#"{"to": "b", "rebuild": "never"}"#).await;
+    let m = wait_phase(admin, "failed").await;
+    assert!(
+        m["reason"].as_str().unwrap().contains("unknown command"),
+        "{m}"
+    );
+    assert_eq!(m["keys_rebuilt"], 0, "{m}");
     s.shutdown().await;
 }

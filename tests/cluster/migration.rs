@@ -41,16 +41,10 @@ async fn single_to_cluster_and_cluster_to_single() {
     let cluster = Cluster::start(3);
     let single = RedisServer::start();
     let back = RedisServer::start();
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .take(2)
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
     let s = sidecar_with(
         config_multi(&[
             ("single", single.url()),
-            ("cluster", format!("redis-cluster://{}", seeds.join(","))),
+            ("cluster", cluster.url()),
             ("back", back.url()),
         ]),
         Default::default(),

@@ -160,6 +160,15 @@ impl Drop for RedisServer {
     }
 }
 
+/// `SET k:<i> <i>` for `i` in `0..n`, pipelined.
+pub async fn set_numbered(c: &mut redis::aio::MultiplexedConnection, n: usize) {
+    let mut p = redis::pipe();
+    for i in 0..n {
+        p.set(format!("k:{i}"), i).ignore();
+    }
+    let () = p.query_async(c).await.unwrap();
+}
+
 pub fn which(bin: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -220,6 +229,17 @@ enum Share {
 }
 
 impl Cluster {
+    /// `redis-cluster://` with its first two nodes as seeds.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
     pub fn start(masters: usize) -> Cluster {
         let share = Share::Beside(
             CLUSTERS

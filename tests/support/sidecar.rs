@@ -167,17 +167,7 @@ pub async fn wait_up(s: &Sidecar, index: usize) {
 
 /// The sidecar in front of `cluster` (seeds: its first two nodes), up.
 pub async fn cluster_sidecar(cluster: &Cluster) -> Sidecar {
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .take(2)
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let s = sidecar_with(
-        config(&format!("redis-cluster://{}", seeds.join(","))),
-        Builder::default(),
-    )
-    .await;
+    let s = sidecar_with(config(&cluster.url()), Builder::default()).await;
     wait_up(&s, 0).await;
     s
 }

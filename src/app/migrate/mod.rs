@@ -63,17 +63,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
-        Phase::Recording,
-        Phase::Copying,
-        Phase::Syncing,
-        Phase::CuttingOver,
-        Phase::Done,
-        Phase::RolledBack,
-        Phase::Aborted,
-        Phase::Failed,
-    ];
-
     pub fn label(self) -> &'static str {
         match self {
             Phase::Recording => "recording",
@@ -521,14 +510,14 @@ impl Migrator {
         if from.db() != to.db() {
             return Err(StartError::Databases(from.db(), to.db()));
         }
-        // The target must answer before anything starts.
+        // Both sides must answer before anything starts.
         let target = side::connect(&self.pool, &to)
             .await
             .map_err(StartError::Target)?;
+        let mut source = side::connect(&self.pool, &from)
+            .await
+            .map_err(StartError::Source)?;
         if req.other_sidecars == OtherSidecars::Refuse {
-            let mut source = side::connect(&self.pool, &from)
-                .await
-                .map_err(StartError::Source)?;
             match side::other_sidecars(&mut source, &self.ups.instance).await {
                 Some(others) if !others.is_empty() => {
                     return Err(StartError::OtherSidecars(others));
@@ -541,7 +530,7 @@ impl Migrator {
             }
         }
         let m = self.begin(Kind::Migrate, req, &from, &to, Phase::Copying, "started");
-        self.spawn(m.clone(), from, to, Some(target));
+        self.spawn(m.clone(), from, to, Some((source, target)));
         Ok(m)
     }
 
@@ -597,21 +586,21 @@ impl Migrator {
         m
     }
 
-    /// Run `m`'s copy on a task of its own (`target`: a connection made
-    /// already).
+    /// Run `m`'s copy on a task of its own (`conns`: the source's and the
+    /// target's connections, made already; else made there).
     fn spawn(
         &self,
         m: Arc<Migration>,
         from: Arc<Endpoint>,
         to: Arc<Endpoint>,
-        target: Option<ControlConn>,
+        conns: Option<(ControlConn, ControlConn)>,
     ) {
         let run = run::Run {
             m: m.clone(),
             metrics: self.metrics.clone(),
             from,
             to,
-            target,
+            conns,
             pool: self.pool.clone(),
             ups: self.ups.clone(),
         };
@@ -821,6 +810,24 @@ impl SwitchHook for Migrator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metric's labels (the metrics layer cannot see `Phase`) are the
+    /// phases' own.
+    #[test]
+    fn the_phase_metric_knows_every_phase() {
+        let all = [
+            Phase::Recording,
+            Phase::Copying,
+            Phase::Syncing,
+            Phase::CuttingOver,
+            Phase::Done,
+            Phase::RolledBack,
+            Phase::Aborted,
+            Phase::Failed,
+        ];
+        let labels: Vec<&str> = all.iter().map(|p| p.label()).collect();
+        assert_eq!(labels, crate::metrics::MIGRATION_PHASES);
+    }
 
     #[test]
     fn a_key_written_over_and_over_waits_its_turn_until_the_cutover() {

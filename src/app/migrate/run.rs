@@ -30,22 +30,25 @@ pub(super) struct Run {
     pub metrics: crate::metrics::Metrics,
     pub from: Arc<Endpoint>,
     pub to: Arc<Endpoint>,
-    /// A connection to the target made already (`None`: made here).
-    pub target: Option<ControlConn>,
+    /// Connections to the source and the target made already (`None`:
+    /// made here).
+    pub conns: Option<(ControlConn, ControlConn)>,
     pub pool: Arc<Pool>,
     pub ups: Arc<Upstreams>,
 }
 
 impl Run {
     pub async fn run(self) -> Result<(), String> {
-        let source = connect(&self.pool, &self.from)
-            .await
-            .map_err(|e| format!("the source cannot be reached: {e}"))?;
-        let target = match self.target {
-            Some(t) => t,
-            None => connect(&self.pool, &self.to)
-                .await
-                .map_err(|e| format!("the target cannot be reached: {e}"))?,
+        let (source, target) = match self.conns {
+            Some(c) => c,
+            None => (
+                connect(&self.pool, &self.from)
+                    .await
+                    .map_err(|e| format!("the source cannot be reached: {e}"))?,
+                connect(&self.pool, &self.to)
+                    .await
+                    .map_err(|e| format!("the target cannot be reached: {e}"))?,
+            ),
         };
         let mut c = Copier {
             m: self.m,
@@ -374,7 +377,9 @@ impl Copier {
         let mut writes = Vec::with_capacity(keys.len());
         // Keys rebuilt from their contents instead (with their PTTL).
         let mut rebuild: Vec<(Bytes, i64)> = Vec::new();
-        let mut restored: Vec<&Bytes> = Vec::with_capacity(keys.len());
+        // What each write is for: the key, its PTTL, and whether it is a
+        // RESTORE (else a DEL).
+        let mut restored: Vec<(&Bytes, i64, bool)> = Vec::with_capacity(keys.len());
         let mut bytes = 0u64;
         let req = &m.request;
         for (i, k) in keys.iter().enumerate() {
@@ -383,7 +388,7 @@ impl Copier {
                 // Gone (deleted or expired) there.
                 None => {
                     writes.push(vec![Bytes::from_static(b"DEL"), k.clone()]);
-                    restored.push(k);
+                    restored.push((k, ttl, false));
                 }
                 Some(payload)
                     if req.rebuild == Rebuild::Always
@@ -403,14 +408,14 @@ impl Copier {
                         w.push(Bytes::from_static(b"REPLACE"));
                     }
                     writes.push(w);
-                    restored.push(k);
+                    restored.push((k, ttl, true));
                 }
             }
         }
         let replies = to.call(&writes).await?;
         let what = to.what;
         let mut conflicts = Vec::new();
-        for ((k, r), w) in restored.into_iter().zip(&replies).zip(&writes) {
+        for ((k, ttl, restore), r) in restored.into_iter().zip(&replies) {
             if r.starts_with(b"-BUSYKEY") {
                 conflicts.push(k.clone());
                 continue;
@@ -420,13 +425,9 @@ impl Copier {
             // not offer it): rebuilt from the key's contents.
             let refused = r.starts_with(b"-ERR DUMP payload version or checksum are wrong")
                 || r.starts_with(b"-ERR Bad data format")
-                || (w[0].eq_ignore_ascii_case(b"RESTORE")
-                    && r.starts_with(b"-ERR unknown command"));
+                || (restore && r.starts_with(b"-ERR unknown command"));
             if refused && req.rebuild != Rebuild::Never {
-                let ttl = w
-                    .get(2)
-                    .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok());
-                rebuild.push((k.clone(), ttl.filter(|t| *t > 0).unwrap_or(-1)));
+                rebuild.push((k.clone(), ttl));
                 continue;
             }
             if is_error(r) {

@@ -122,10 +122,14 @@ impl Side {
             .and_then(|c| c.first())
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .unwrap_or_default();
-        self.conn.call(cmds).await.map_err(|e| {
-            self.lost = true;
-            format!("{name} on the {} ({}): {e}", self.what, self.ep.name())
-        })
+        let r = self.conn.call(cmds).await;
+        r.map_err(|e| self.lost(&name, e))
+    }
+
+    /// The connection failed running `name`: marked lost, and said so.
+    fn lost(&mut self, name: &str, e: UpstreamError) -> String {
+        self.lost = true;
+        format!("{name} on the {} ({}): {e}", self.what, self.ep.name())
     }
 
     pub(super) async fn select(&mut self, db: i64) -> Result<(), String> {
@@ -168,10 +172,8 @@ impl Side {
     /// `cmd` on every master of a cluster, or on the one Redis.
     pub(super) async fn each_master(&mut self, cmd: &[Bytes]) -> Result<Vec<Bytes>, String> {
         let name = String::from_utf8_lossy(&cmd[0]).into_owned();
-        self.conn.each_master(cmd).await.map_err(|e| {
-            self.lost = true;
-            format!("{name} on the {} ({}): {e}", self.what, self.ep.name())
-        })
+        let r = self.conn.each_master(cmd).await;
+        r.map_err(|e| self.lost(&name, e))
     }
 
     /// Up to `n` random keys of the selected db (of every master).
