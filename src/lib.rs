@@ -234,6 +234,9 @@ impl Sidecar {
             limits,
             v.client_auth.clone(),
         );
+        // A migration another sidecar leads is joined before any client's
+        // write can pass unmarked.
+        control.migrations.watch().await;
         let server = tokio::spawn(client::serve(
             listener,
             shared,

@@ -987,72 +987,148 @@ async fn a_target_that_restarts_pauses_the_migration_and_it_resumes() {
     s.shutdown().await;
 }
 
-/// Another sidecar in front of the same source (its health checks show
-/// in the source's CLIENT LIST): a migration from this one would leave
-/// that one's writes behind, so it is refused, naming it, unless asked to
-/// go on anyway; a sidecar that appears before the cutover abandons it.
+/// Writes through one sidecar until `stop`: INCRs of `c:<tag>` and a SET
+/// of `k:<tag>:<n>` each round; answers how many of each succeeded and the
+/// errors seen.
+fn app_writes(
+    s: &redis_sidecar::Sidecar,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let url = url(s);
+    tokio::spawn(async move {
+        let mut c = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let (mut n, mut errors) = (0u64, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let r: redis::RedisResult<()> = redis::pipe()
+                .cmd("INCR")
+                .arg(format!("c:{tag}"))
+                .ignore()
+                .cmd("SET")
+                .arg(format!("k:{tag}:{n}"))
+                .arg(n)
+                .ignore()
+                .query_async(&mut c)
+                .await;
+            match r {
+                Ok(()) => n += 1,
+                Err(e) => errors.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (n, errors)
+    })
+}
+
+/// Three sidecars in front of one Redis, each carrying writes: the one
+/// asked leads, the others (one started during the migration) follow it
+/// from its record on the source, mark and hold their own writes, and
+/// switch with it; every write through any of them is on the target, the
+/// counters exact, no error seen. A follower refuses to lead (409, naming
+/// the leader), and the record and the followers' keys are never copied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_sidecars_in_front_of_the_source_are_named() {
+async fn sidecars_in_front_of_one_source_cut_over_together() {
     let (a, b, s, admin) = two().await;
-    let other = sidecar_with(
-        config_multi(&[("a", a.url()), ("b", b.url())]),
-        redis_sidecar::policy::Builder::default(),
-    )
-    .await;
-    wait_up(&other, 0).await;
-    let (st, body) = http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#).await;
-    assert_eq!(st, 409, "{body}");
-    let name = String::from_utf8_lossy(&other.control.ups.instance).to_string();
-    assert!(body.contains(&name), "{body} names {name}");
-    assert!(
-        !body.contains(&*String::from_utf8_lossy(&s.control.ups.instance)),
-        "{body}"
-    );
-    other.shutdown().await;
-    // Gone: a migration starts; another one appearing holds the cutover.
-    assert!(
-        eventually(|| async {
-            http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#)
-                .await
-                .0
-                == 202
-        })
-        .await
-    );
+    let mut src = a.direct().await;
+    set_numbered(&mut src, 2000).await;
+    let peer = || {
+        sidecar_with(
+            config_multi(&[("a", a.url()), ("b", b.url())]),
+            redis_sidecar::policy::Builder::default(),
+        )
+    };
+    let f = peer().await;
+    wait_up(&f, 1).await;
+    let f_admin = f.admin_addr.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w_s = app_writes(&s, "s", stop.clone());
+    let w_f = app_writes(&f, "f", stop.clone());
+    start(admin, r#"{"to": "b", "max_keys_per_second": 4000}"#).await;
     wait_phase(admin, "syncing").await;
-    let late = sidecar_with(
-        config_multi(&[("a", a.url()), ("b", b.url())]),
-        redis_sidecar::policy::Builder::default(),
-    )
-    .await;
-    wait_up(&late, 0).await;
-    let (st, _) = post(admin, "/migrations/current/cutover").await;
-    assert_eq!(st, 200);
+    let name =
+        |x: &redis_sidecar::Sidecar| String::from_utf8_lossy(&x.control.ups.instance).to_string();
+    assert!(
+        eventually(|| async { migration(f_admin).await["kind"] == "follower" }).await,
+        "{}",
+        migration(f_admin).await
+    );
+    let fm = migration(f_admin).await;
+    assert_eq!(fm["leader"], name(&s), "{fm}");
+    // The leader's phase, as its record says (refreshed twice a second).
+    assert!(
+        eventually(|| async { migration(f_admin).await["phase"] == "syncing" }).await,
+        "{}",
+        migration(f_admin).await
+    );
+    let (st, body) = post(f_admin, "/migrations/current/cutover").await;
+    assert_eq!(st, 409, "{body}");
+    assert!(body.contains(&name(&s)), "{body}");
+    // Started during the migration: it joins before taking clients.
+    let late = peer().await;
+    wait_up(&late, 1).await;
+    let late_admin = late.admin_addr.unwrap();
+    assert_eq!(migration(late_admin).await["kind"], "follower");
+    let w_late = app_writes(&late, "late", stop.clone());
     assert!(
         eventually(|| async {
-            migration(admin).await["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("other sidecars use the source"))
+            let f = migration(admin).await["followers"].to_string();
+            f.contains(&name(&late))
         })
         .await,
         "{}",
         migration(admin).await
     );
-    assert_eq!(active(&s).await, "a");
-    let (st, _) = post(admin, "/migrations/current/abort").await;
-    assert_eq!(st, 200);
-    wait_phase(admin, "aborted").await;
-    // Asked to go on anyway.
-    let (st, body) = http_json(
-        admin,
-        "POST",
-        "/migrations",
-        r#"{"to": "b", "other_sidecars": "ignore", "on_conflict": "replace", "cutover": true}"#,
-    )
-    .await;
-    assert_eq!(st, 202, "{body}");
-    wait_phase(admin, "done").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = cut_over(admin).await;
+    assert!(
+        m["reason"].as_str().unwrap().contains("switched to b"),
+        "{m}"
+    );
+    for x in [&f, &late] {
+        assert!(
+            eventually(|| async { active(x).await == "b" }).await,
+            "a follower did not switch"
+        );
+    }
+    // Writes go on through all three, now to b.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut dst = b.direct().await;
+    for (tag, w) in [("s", w_s), ("f", w_f), ("late", w_late)] {
+        let (n, errors) = w.await.unwrap();
+        assert!(errors.is_empty(), "{tag}: {errors:?}");
+        assert!(n > 10, "{tag}: {n} writes");
+        let c: u64 = dst.get(format!("c:{tag}")).await.unwrap();
+        assert_eq!(c, n, "the counter of {tag}");
+        for i in (0..n).step_by(7) {
+            let v: Option<u64> = dst.get(format!("k:{tag}:{i}")).await.unwrap();
+            assert_eq!(v, Some(i), "k:{tag}:{i}");
+        }
+    }
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("{redis-sidecar}*")
+        .query_async(&mut dst)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "the fleet's keys copied: {keys:?}");
+    finish(admin).await;
+    for x in [f_admin, late_admin] {
+        assert!(
+            eventually(|| async {
+                let m = migration(x).await;
+                m["phase"] == "done" && m["copy_back"] == false
+            })
+            .await,
+            "{}",
+            migration(x).await
+        );
+    }
     late.shutdown().await;
+    f.shutdown().await;
     s.shutdown().await;
 }
 

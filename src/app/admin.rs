@@ -192,7 +192,7 @@ impl Admin {
                         *resp.status_mut() = StatusCode::ACCEPTED;
                         resp
                     }
-                    Err(e @ (E::Running | E::CopyingBack(_) | E::OtherSidecars(_))) => {
+                    Err(e @ (E::Running | E::CopyingBack(_))) => {
                         respond_json(StatusCode::CONFLICT, false, &e.to_string())
                     }
                     Err(e @ E::Unknown(_)) => {

@@ -16,6 +16,8 @@
 //! it does not do yet is listed in the README.
 
 pub mod cli;
+mod fleet;
+mod follow;
 mod rebuild;
 mod run;
 mod side;
@@ -76,6 +78,22 @@ impl Phase {
         }
     }
 
+    /// The phase of a label (a leader's record).
+    fn from_label(label: &str) -> Option<Phase> {
+        [
+            Phase::Recording,
+            Phase::Copying,
+            Phase::Syncing,
+            Phase::CuttingOver,
+            Phase::Done,
+            Phase::RolledBack,
+            Phase::Aborted,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .find(|p| p.label() == label)
+    }
+
     /// Before the cutover ended.
     fn before_switch(self) -> bool {
         matches!(
@@ -93,6 +111,9 @@ pub enum Kind {
     /// only the keys written on the fallback, no verification (the two
     /// sides differ by design), switched without pinning.
     Carry,
+    /// Another sidecar leads the migration (its record on the source):
+    /// this one marks and holds its own writes, and switches when told.
+    Follow,
 }
 
 /// What a target that already holds a key gets.
@@ -128,7 +149,8 @@ pub struct Request {
     #[serde(default = "default_bytes_per_second")]
     pub max_bytes_per_second: u64,
     /// Other sidecars in front of the source (their health checks seen in
-    /// its `CLIENT LIST`): `refuse` to start or cut over, `ignore`.
+    /// its `CLIENT LIST`): `join` (each must join the migration, or it
+    /// fails), `ignore` (those that join take part, the others are left).
     #[serde(default = "default_others")]
     pub other_sidecars: OtherSidecars,
     /// When keys are rebuilt from their contents instead of RESTOREd.
@@ -140,18 +162,35 @@ pub struct Request {
     pub max_restore_bytes: u64,
 }
 
-/// What a migration does when other sidecars use the source: their
-/// writes are not marked by this one, so a cutover would leave them
-/// behind.
+impl Request {
+    /// Every option at its default.
+    fn defaults(to: &str) -> Request {
+        Request {
+            to: to.to_string(),
+            on_conflict: default_conflict(),
+            cutover: false,
+            max_pause_ms: default_pause(),
+            cutover_rescan: default_rescan(),
+            max_keys_per_second: default_keys_per_second(),
+            max_bytes_per_second: default_bytes_per_second(),
+            other_sidecars: default_others(),
+            rebuild: default_rebuild(),
+            max_restore_bytes: default_max_restore(),
+        }
+    }
+}
+
+/// What a migration does with other sidecars in front of the source:
+/// their writes are marked and held by themselves once they join.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OtherSidecars {
-    Refuse,
+    Join,
     Ignore,
 }
 
 fn default_others() -> OtherSidecars {
-    OtherSidecars::Refuse
+    OtherSidecars::Join
 }
 
 /// When a key is rebuilt with ordinary commands (HSET, RPUSH, XADD ...)
@@ -217,11 +256,6 @@ pub enum StartError {
     Target(#[source] UpstreamError),
     #[error("the source cannot be reached: {0}")]
     Source(#[source] UpstreamError),
-    #[error(
-        "other sidecars use the source, and a migration from this one would leave their writes behind: {}; send \"other_sidecars\": \"ignore\" to go on anyway",
-        .0.join(", ")
-    )]
-    OtherSidecars(Vec<String>),
 }
 
 /// Why `cutover`, `abort`, `rollback` or `finish` cannot be done now.
@@ -231,6 +265,8 @@ pub enum AskError {
     None,
     #[error("the migration is {0}: {1}")]
     Phase(&'static str, &'static str),
+    #[error("this sidecar follows the migration led by {0}: ask that one")]
+    Follower(String),
 }
 
 /// What the operator asked of a running migration.
@@ -297,6 +333,14 @@ pub struct Migration {
     pub from: String,
     pub to: String,
     pub kind: Kind,
+    /// The record's id on the source (a follower: the leader's).
+    id: String,
+    /// The sidecars taking part: a follower's leader, a leader's
+    /// followers (as last seen).
+    leader: Mutex<Option<String>>,
+    followers: Mutex<Vec<String>>,
+    /// Each follower's epoch when first seen.
+    epochs: Mutex<std::collections::HashMap<String, String>>,
     request: Request,
     /// A carry's backlog passed [`MAX_BACKLOG`]: the carry copies every
     /// key of the fallback instead.
@@ -373,8 +417,20 @@ impl Migration {
         let copied = self.keys_copied.load(Ordering::Relaxed);
         let total = self.keys_total.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let leader = self
+            .leader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let followers = self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         serde_json::json!({
-            "kind": match self.kind { Kind::Migrate => "migration", Kind::Carry => "failback_carry" },
+            "kind": match self.kind { Kind::Migrate => "migration", Kind::Carry => "failback_carry", Kind::Follow => "follower" },
+            "leader": leader,
+            "followers": followers,
             "from": self.from,
             "to": self.to,
             "phase": phase.label(),
@@ -441,13 +497,80 @@ impl Migration {
             .take(n, all, Instant::now())
     }
 
+    /// A script body a client sent (EVAL, SCRIPT LOAD): loaded on the
+    /// target before the cutover.
+    fn remember_script(&self, body: &Bytes) {
+        let mut s = self.scripts.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, bytes) = &mut *s;
+        if set.len() < tracker::MAX_SCRIPTS
+            && *bytes + body.len() <= tracker::MAX_SCRIPT_BYTES
+            && set.insert(body.clone())
+        {
+            *bytes += body.len();
+        }
+    }
+
+    /// Let held writes go.
+    fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.holding.send_replace(false);
+    }
+
+    /// Hold new writes (a write sees the hold, or is counted in flight).
+    fn hold(&self) {
+        self.holding.send_replace(true);
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
     fn asked(&self) -> Option<Ask> {
         *self.ask.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The followers as the leader last saw them; each one's first epoch
+    /// kept.
+    fn see_followers(&self, members: &[(String, Option<fleet::Beat>)]) {
+        let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, beat) in members {
+            if let Some(b) = beat {
+                epochs.entry(id.clone()).or_insert_with(|| b.epoch.clone());
+            }
+        }
+        *self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            members.iter().map(|(id, _)| id.clone()).collect();
+    }
+
+    /// Whether `id` follows with another epoch than when first seen (it
+    /// stopped following for a while).
+    fn epoch_changed(&self, id: &str, epoch: &str) -> bool {
+        let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = epochs
+            .entry(id.to_string())
+            .or_insert_with(|| epoch.to_string());
+        first != epoch
+    }
+
+    fn leader_name(&self) -> String {
+        self.leader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default()
     }
 
     fn clear_ask(&self) {
         *self.ask.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
+}
+
+/// A record's id: unique enough among the migrations of one source.
+fn new_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}-{:x}", nanos, std::process::id())
 }
 
 /// Starts migrations and holds the current one.
@@ -517,20 +640,24 @@ impl Migrator {
         let mut source = side::connect(&self.pool, &from)
             .await
             .map_err(StartError::Source)?;
-        if req.other_sidecars == OtherSidecars::Refuse {
-            match side::other_sidecars(&mut source, &self.ups.instance).await {
-                Some(others) if !others.is_empty() => {
-                    return Err(StartError::OtherSidecars(others));
-                }
-                Some(_) => {}
-                None => tracing::warn!(
-                    from = %from.name(),
-                    "the source refuses CLIENT LIST: other sidecars in front of it cannot be seen"
-                ),
-            }
+        // The other sidecars in front of the source: each joins (or the
+        // migration fails, unless asked to ignore them).
+        let others = side::other_sidecars(&mut source, &self.ups.instance).await;
+        if others.is_none() {
+            tracing::warn!(
+                from = %from.name(),
+                "the source refuses CLIENT LIST: other sidecars in front of it cannot be seen"
+            );
         }
-        let m = self.begin(Kind::Migrate, req, &from, &to, Phase::Copying, "started");
-        self.spawn(m.clone(), from, to, Some((source, target)));
+        let m = self.begin(
+            Kind::Migrate,
+            req,
+            &from,
+            &to,
+            (Phase::Copying, "started"),
+            None,
+        );
+        self.spawn(m.clone(), from, to, Some((source, target, others)));
         Ok(m)
     }
 
@@ -543,14 +670,18 @@ impl Migrator {
         request: Request,
         from: &Arc<Endpoint>,
         to: &Arc<Endpoint>,
-        phase: Phase,
-        why: &str,
+        (phase, why): (Phase, &str),
+        id: Option<String>,
     ) -> Arc<Migration> {
         let (holding, _) = watch::channel(false);
         let m = Arc::new(Migration {
             from: from.name().to_string(),
             to: to.name().to_string(),
             kind,
+            id: id.unwrap_or_else(new_id),
+            leader: Mutex::new(None),
+            followers: Mutex::new(Vec::new()),
+            epochs: Mutex::new(std::collections::HashMap::new()),
             request,
             overflowed: AtomicBool::new(false),
             carrying: AtomicBool::new(false),
@@ -593,8 +724,9 @@ impl Migrator {
         m: Arc<Migration>,
         from: Arc<Endpoint>,
         to: Arc<Endpoint>,
-        conns: Option<(ControlConn, ControlConn)>,
+        conns: Option<(ControlConn, ControlConn, Option<Vec<side::Other>>)>,
     ) {
+        let done = CancellationToken::new();
         let run = run::Run {
             m: m.clone(),
             metrics: self.metrics.clone(),
@@ -603,13 +735,16 @@ impl Migrator {
             conns,
             pool: self.pool.clone(),
             ups: self.ups.clone(),
+            tasks: self.tasks.clone(),
+            done: done.clone(),
         };
         let policies = self.policies.clone();
         self.tasks.spawn(async move {
+            // The record on the source says how it ended once this ends.
+            let _done = done.drop_guard();
             let result = run.run().await;
             // Anything held is let go, whatever happened.
-            m.hold.store(false, Ordering::SeqCst);
-            m.holding.send_replace(false);
+            m.release();
             m.copy_back.store(false, Ordering::Release);
             m.carrying.store(false, Ordering::Release);
             if let Err(e) = &result
@@ -650,6 +785,9 @@ impl Migrator {
         let m = self.current().ok_or(AskError::None)?;
         let p = m.phase().0;
         let copying_back = m.copy_back.load(Ordering::Acquire);
+        if m.kind == Kind::Follow {
+            return Err(AskError::Follower(m.leader_name()));
+        }
         if m.kind == Kind::Carry {
             return Err(AskError::Phase(
                 p.label(),
@@ -694,6 +832,9 @@ impl Migrator {
     pub fn abort(&self) -> Result<Arc<Migration>, AskError> {
         let m = self.current().ok_or(AskError::None)?;
         let p = m.phase().0;
+        if m.kind == Kind::Follow {
+            return Err(AskError::Follower(m.leader_name()));
+        }
         if !p.before_switch() {
             return Err(AskError::Phase(
                 p.label(),
@@ -746,28 +887,27 @@ impl SwitchHook for Migrator {
             return;
         }
         let request = Request {
-            to: from.name().to_string(),
             on_conflict: OnConflict::Replace,
             cutover: true,
-            max_pause_ms: default_pause(),
-            cutover_rescan: default_rescan(),
             max_keys_per_second: 0,
             max_bytes_per_second: 0,
-            rebuild: default_rebuild(),
-            max_restore_bytes: default_max_restore(),
             other_sidecars: OtherSidecars::Ignore,
+            ..Request::defaults(from.name())
         };
         self.begin(
             Kind::Carry,
             request,
             to,
             from,
-            Phase::Recording,
-            &format!(
-                "{} is down: the keys written on {} are recorded for the failback",
-                from.name(),
-                to.name()
+            (
+                Phase::Recording,
+                &format!(
+                    "{} is down: the keys written on {} are recorded for the failback",
+                    from.name(),
+                    to.name()
+                ),
             ),
+            None,
         );
     }
 

@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::side::{Side, bulk, cmd, connect, other_sidecars, scan_reply};
-use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, Phase, Rebuild};
+use super::fleet::{self, Mark, State};
+use super::side::{Other, Side, bulk, cmd, connect, other_sidecars, scan_reply};
+use super::{Ask, Item, Kind, MAX_BACKLOG, Migration, OnConflict, OtherSidecars, Phase, Rebuild};
 use crate::upstream::endpoint::Endpoint;
-use crate::upstream::failover::Upstreams;
+use crate::upstream::failover::{Active, Upstreams};
 use crate::upstream::pool::{ControlConn, Pool};
 use crate::wire::resp::integer;
 use crate::wire::{error_text, is_error};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// `sync`'s `n` for everything (the cutover): keys copied a moment ago
 /// too.
@@ -30,16 +33,19 @@ pub(super) struct Run {
     pub metrics: crate::metrics::Metrics,
     pub from: Arc<Endpoint>,
     pub to: Arc<Endpoint>,
-    /// Connections to the source and the target made already (`None`:
-    /// made here).
-    pub conns: Option<(ControlConn, ControlConn)>,
+    /// Connections to the source and the target made already, with the
+    /// other sidecars seen on the source (`None`: made here).
+    pub conns: Option<(ControlConn, ControlConn, Option<Vec<Other>>)>,
     pub pool: Arc<Pool>,
     pub ups: Arc<Upstreams>,
+    pub tasks: TaskTracker,
+    /// Cancelled once the migration ended (its record then says how).
+    pub done: CancellationToken,
 }
 
 impl Run {
     pub async fn run(self) -> Result<(), String> {
-        let (source, target) = match self.conns {
+        let (source, target, others) = match self.conns {
             Some(c) => c,
             None => (
                 connect(&self.pool, &self.from)
@@ -48,8 +54,10 @@ impl Run {
                 connect(&self.pool, &self.to)
                     .await
                     .map_err(|e| format!("the target cannot be reached: {e}"))?,
+                None,
             ),
         };
+        let (tasks, done) = (self.tasks, self.done);
         let mut c = Copier {
             m: self.m,
             metrics: self.metrics,
@@ -59,8 +67,120 @@ impl Run {
             ups: self.ups,
             target_empty: None,
             scripts_loaded: HashSet::new(),
+            lead: None,
         };
+        if c.m.kind == Kind::Migrate {
+            c.lead(others.unwrap_or_default(), &tasks, done).await?;
+        }
         c.run().await
+    }
+}
+
+fn names(others: &[Other]) -> String {
+    others
+        .iter()
+        .map(Other::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The leader's part in a migration of several sidecars.
+struct Lead {
+    /// The last hold asked for.
+    hold: u64,
+}
+
+/// The record's fields the leader refreshes.
+fn record_fields(m: &Migration, leader: &str) -> Vec<(&'static str, String)> {
+    let (phase, reason) = m.phase();
+    vec![
+        ("id", m.id.clone()),
+        ("leader", leader.to_string()),
+        ("from", m.from.clone()),
+        ("to", m.to.clone()),
+        ("max_pause_ms", m.request.max_pause_ms.to_string()),
+        ("phase", phase.label().to_string()),
+        ("reason", reason),
+        (
+            "keys_copied",
+            m.keys_copied.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keys_total",
+            m.keys_total.load(Ordering::Relaxed).to_string(),
+        ),
+    ]
+}
+
+/// A mark a follower pushed, taken as this sidecar's own.
+fn apply(m: &Migration, mark: Mark) {
+    match mark {
+        Mark::Item(item) => m.mark(item),
+        Mark::Script(body) => m.remember_script(&body),
+    }
+}
+
+/// The leader's heartbeat, on a connection of its own: the record
+/// refreshed every [`fleet::BEAT`], the followers' marks drained and
+/// their heartbeats read; once `done`, the record says how it ended.
+async fn beat(
+    m: Arc<Migration>,
+    pool: Arc<Pool>,
+    from: Arc<Endpoint>,
+    leader: String,
+    done: CancellationToken,
+) {
+    let mut conn: Option<ControlConn> = None;
+    loop {
+        let finished = tokio::select! {
+            _ = done.cancelled() => true,
+            _ = tokio::time::sleep(fleet::BEAT) => false,
+        };
+        if conn.is_none() {
+            conn = super::side::connect_as(&pool, &from, fleet::CLIENT_NAME)
+                .await
+                .ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            if finished {
+                return;
+            }
+            continue;
+        };
+        let fields = record_fields(&m, &leader);
+        if finished {
+            if let Err(e) = fleet::end(c, &fields).await {
+                tracing::warn!(error = %e, "migration: the record's end was not written (it expires by itself)");
+            }
+            return;
+        }
+        let r = async {
+            fleet::refresh(c, &fields).await?;
+            for mark in fleet::drain(c).await? {
+                apply(&m, mark);
+            }
+            let members = fleet::members(c).await?;
+            m.see_followers(&members);
+            Ok::<_, fleet::FleetError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "migration: the record's refresh");
+            if matches!(e, fleet::FleetError::Conn(_)) {
+                conn = None;
+            }
+        }
+    }
+}
+
+/// Once the retired endpoint's connections stopped writing (each stops at
+/// its next batch; its replies still come back, its blocked commands
+/// wait): only then can a released write not reach the old endpoint.
+/// Bounded by the command timeout.
+pub(super) async fn retired(old: &Active, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    while old.writers.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -138,9 +258,202 @@ struct Copier {
     target_empty: Option<HashSet<i64>>,
     /// Script bodies already loaded on the side the app goes to.
     scripts_loaded: HashSet<Bytes>,
+    /// Leading other sidecars (the record on the source was written).
+    lead: Option<Lead>,
 }
 
 impl Copier {
+    /// Write the record on the source, start its heartbeat, and wait for
+    /// the other sidecars seen there to join. A source that refuses the
+    /// record is fine while no other sidecar uses it.
+    async fn lead(
+        &mut self,
+        others: Vec<Other>,
+        tasks: &TaskTracker,
+        done: CancellationToken,
+    ) -> Result<(), String> {
+        let leader = String::from_utf8_lossy(&self.ups.instance).into_owned();
+        let fields = record_fields(&self.m, &leader);
+        let from = self.m.from.clone();
+        let made = match self.fleet_conn().await {
+            Ok(c) => fleet::create(c, &fields, &from).await,
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = made {
+            if others.is_empty() {
+                tracing::warn!(error = %e, "migration: no record on the source; a sidecar started during the migration will not join it");
+                return Ok(());
+            }
+            return Err(format!(
+                "other sidecars use the source ({}), and the record they would follow cannot be written: {e}",
+                names(&others)
+            ));
+        }
+        self.lead = Some(Lead { hold: 0 });
+        tasks.spawn(beat(
+            self.m.clone(),
+            self.pool.clone(),
+            self.src.ep.clone(),
+            leader,
+            done,
+        ));
+        if others.is_empty() {
+            return Ok(());
+        }
+        self.m.set_phase(
+            Phase::Copying,
+            &format!("waiting for {} other sidecars to join", others.len()),
+        );
+        let until = Instant::now() + fleet::JOIN_WAIT;
+        loop {
+            self.check()?;
+            let missing = self.not_joined().await?;
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() > until {
+                let why = format!(
+                    "{} did not join the migration within {} s (a sidecar of an older version, or one without an upstream named {})",
+                    names(&missing),
+                    fleet::JOIN_WAIT.as_secs(),
+                    self.m.to
+                );
+                if self.m.request.other_sidecars == OtherSidecars::Join {
+                    return Err(format!(
+                        "{why}; send \"other_sidecars\": \"ignore\" to go on without them"
+                    ));
+                }
+                tracing::warn!("migration: {why}; going on without them (other_sidecars = ignore)");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.m.set_phase(Phase::Copying, "started");
+        Ok(())
+    }
+
+    /// The source's connection, in the db the record is in.
+    async fn fleet_conn(&mut self) -> Result<&mut ControlConn, String> {
+        self.src.select(self.m.url_db).await?;
+        Ok(&mut self.src.conn)
+    }
+
+    /// The other sidecars in front of the source that are not following
+    /// (with a heartbeat, or saying they cannot).
+    async fn not_joined(&mut self) -> Result<Vec<Other>, String> {
+        let me = self.ups.instance.clone();
+        let c = self.fleet_conn().await?;
+        let others = other_sidecars(c, &me).await.unwrap_or_default();
+        let members = fleet::members(c).await.map_err(|e| e.to_string())?;
+        self.m.see_followers(&members);
+        Ok(others
+            .into_iter()
+            .filter(|o| {
+                !members
+                    .iter()
+                    .any(|(id, beat)| *id == o.name && beat.is_some())
+            })
+            .collect())
+    }
+
+    /// While the leader holds its writes: ask every follower to hold, and
+    /// wait until each does (its marks pushed), then take their marks.
+    /// Fails (the cutover is abandoned) on a follower that stopped
+    /// heartbeating with its connections still open, that stopped
+    /// following for a while, or that cannot take part, and on another
+    /// sidecar that did not join.
+    async fn hold_followers(
+        &mut self,
+        started: Instant,
+        max_pause: Duration,
+    ) -> Result<(), String> {
+        let Some(lead) = self.lead.as_mut() else {
+            return Ok(());
+        };
+        lead.hold += 1;
+        let n = lead.hold;
+        let me = self.ups.instance.clone();
+        let join = self.m.request.other_sidecars == OtherSidecars::Join;
+        let m = self.m.clone();
+        let c = self.fleet_conn().await?;
+        fleet::set_state(c, State::Hold, n, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let members = fleet::members(c).await.map_err(|e| e.to_string())?;
+            let others = other_sidecars(c, &me).await;
+            let open = |id: &str| {
+                others
+                    .as_ref()
+                    .is_none_or(|o| o.iter().any(|o| o.name == id))
+            };
+            let mut waiting = Vec::new();
+            for (id, beat) in &members {
+                let Some(beat) = beat else {
+                    if open(id) {
+                        return Err(format!(
+                            "the sidecar {id} stopped heartbeating, and its connections are still open on the source"
+                        ));
+                    }
+                    // Gone: no heartbeat and no connection left to write
+                    // with.
+                    tracing::info!(sidecar = %id, "migration: a follower left");
+                    fleet::forget(c, id).await.map_err(|e| e.to_string())?;
+                    continue;
+                };
+                if m.epoch_changed(id, &beat.epoch) {
+                    return Err(format!(
+                        "the sidecar {id} stopped following the migration for a while (the writes it passed then are not known): abort and start again"
+                    ));
+                }
+                match &beat.says {
+                    fleet::Says::Held(h) if *h == n => {}
+                    fleet::Says::Cannot(why) => {
+                        return Err(format!("the sidecar {id} cannot take part: {why}"));
+                    }
+                    _ => waiting.push(id.clone()),
+                }
+            }
+            if join
+                && let Some(o) = others
+                    .iter()
+                    .flatten()
+                    .find(|o| !members.iter().any(|(id, _)| *id == o.name))
+            {
+                return Err(format!(
+                    "the sidecar {o} uses the source and has not joined the migration"
+                ));
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            if started.elapsed() > max_pause {
+                return Err(format!(
+                    "{} did not hold their writes within max_pause_ms {}",
+                    waiting.join(", "),
+                    max_pause.as_millis()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for mark in fleet::drain(c).await.map_err(|e| e.to_string())? {
+            apply(&m, mark);
+        }
+        Ok(())
+    }
+
+    /// Tell the followers where the apps are now (`Some`), or to let their
+    /// writes go on where they were (`None`, an abandoned cutover).
+    async fn release_followers(&mut self, on: Option<&str>) -> Result<(), String> {
+        let Some(n) = self.lead.as_ref().map(|l| l.hold) else {
+            return Ok(());
+        };
+        let c = self.fleet_conn().await?;
+        fleet::set_state(c, State::Run, n, on)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     fn sides(&mut self, dir: Dir) -> (&mut Side, &mut Side) {
         match dir {
             Dir::Forward => (&mut self.src, &mut self.dst),
@@ -357,6 +670,9 @@ impl Copier {
     /// other; a key gone from the first is deleted from the other. Answers
     /// the payload bytes copied.
     async fn copy(&mut self, dir: Dir, db: i64, keys: &[Bytes], why: Why) -> Result<u64, String> {
+        // The record and the followers' keys stay where they are.
+        let keys: Vec<Bytes> = keys.iter().filter(|k| !fleet::ours(k)).cloned().collect();
+        let keys = &keys[..];
         if keys.is_empty() {
             return Ok(0);
         }
@@ -556,16 +872,6 @@ impl Copier {
     /// those in flight finish, copy what is left, verify, switch, release.
     async fn switch(&mut self, dir: Dir) -> Result<(), String> {
         let max_pause = Duration::from_millis(self.m.request.max_pause_ms);
-        if self.m.kind == Kind::Migrate
-            && self.m.request.other_sidecars == super::OtherSidecars::Refuse
-            && let Some(others) = other_sidecars(&mut self.src.conn, &self.ups.instance).await
-            && !others.is_empty()
-        {
-            return Err(format!(
-                "other sidecars use the source, their writes would stay behind: {}",
-                others.join(", ")
-            ));
-        }
         // The scripts first, while the app runs: the pause is for what
         // cannot be done before it.
         self.load_scripts(dir).await?;
@@ -575,11 +881,15 @@ impl Copier {
         };
         self.m.set_phase(Phase::CuttingOver, label);
         let started = Instant::now();
-        self.m.holding.send_replace(true);
-        self.m.hold.store(true, Ordering::SeqCst);
+        self.m.hold();
         let result = self.held(dir, started, max_pause).await;
-        self.m.hold.store(false, Ordering::SeqCst);
-        self.m.holding.send_replace(false);
+        if result.is_err() {
+            // The followers' writes go on where they were.
+            if let Err(e) = self.release_followers(None).await {
+                tracing::warn!(error = %e, "migration: the followers were not told to let their writes go (they do once the record expires)");
+            }
+        }
+        self.m.release();
         let took = started.elapsed();
         self.metrics.migration_pause(took);
         self.m
@@ -634,6 +944,7 @@ impl Copier {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        self.hold_followers(started, max_pause).await?;
         while self.m.backlog() > 0 {
             self.sync(dir, ALL).await?;
         }
@@ -654,20 +965,19 @@ impl Copier {
         };
         let old = self.ups.active();
         match self.m.kind {
-            Kind::Migrate => self.ups.activate(new.name()).map(drop),
+            Kind::Migrate | Kind::Follow => self.ups.activate(new.name()).map(drop),
             Kind::Carry => self
                 .ups
                 .switch_automatically(new.name(), crate::upstream::failover::reason::FAILBACK),
         }
         .map_err(|e| format!("switching to {}: {e}", new.name()))?;
-        // The old endpoint's connections retire: each stops writing at its
-        // next batch (its replies still come back, its blocked commands
-        // wait). Only once no writer is left can a released write not
-        // reach the old endpoint; bounded by the command timeout.
-        let until = Instant::now() + self.pool.settings().command_timeout;
-        while old.writers.load(Ordering::SeqCst) > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        // The followers switch once they read it; a record that cannot be
+        // written takes this sidecar back (its writes are still held).
+        if let Err(e) = self.release_followers(Some(new.name())).await {
+            let _ = self.ups.activate(old.endpoint.name());
+            return Err(format!("the followers could not be told to switch: {e}"));
         }
+        retired(&old, self.pool.settings().command_timeout).await;
         Ok(())
     }
 
@@ -835,7 +1145,8 @@ impl Copier {
         let (from, to) = self.sides(dir);
         from.select(db).await?;
         to.select(db).await?;
-        let keys = from.random_keys(SAMPLE).await?;
+        let mut keys = from.random_keys(SAMPLE).await?;
+        keys.retain(|k| !fleet::ours(k));
         let shape = |k: &Bytes| {
             vec![
                 vec![Bytes::from_static(b"TYPE"), k.clone()],

@@ -22,33 +22,55 @@ pub(super) async fn connect(
     pool: &Arc<Pool>,
     e: &Arc<Endpoint>,
 ) -> Result<ControlConn, UpstreamError> {
+    connect_as(pool, e, CLIENT_NAME).await
+}
+
+/// [`connect`], the connection named `name` (for whoever looks at `CLIENT
+/// LIST` on either side).
+pub(super) async fn connect_as(
+    pool: &Arc<Pool>,
+    e: &Arc<Endpoint>,
+    name: &'static str,
+) -> Result<ControlConn, UpstreamError> {
     let ident = Identity {
         proto: Proto::Resp2,
         db: URL_DB,
         auth: None,
     };
-    // Named, for whoever looks at CLIENT LIST on either side.
-    let name = Bytes::from_static(CLIENT_NAME.as_bytes());
+    let name = Bytes::from_static(name.as_bytes());
     pool.control_for(e, &ident, Some(&name)).await
 }
 
+/// Another sidecar seen in `CLIENT LIST`: its name (its health checks'
+/// connection's), and where that connection comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Other {
+    pub name: String,
+    pub addr: String,
+}
+
+impl std::fmt::Display for Other {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.addr)
+    }
+}
+
 /// The other sidecars whose health checks reach `c`'s server (every
-/// master of a cluster), as `name (addr)`, from `CLIENT LIST`; `None`
-/// when the server does not say (CLIENT LIST refused).
-pub(super) async fn other_sidecars(c: &mut ControlConn, me: &[u8]) -> Option<Vec<String>> {
+/// master of a cluster), from `CLIENT LIST`; `None` when the server does
+/// not say (CLIENT LIST refused).
+pub(super) async fn other_sidecars(c: &mut ControlConn, me: &[u8]) -> Option<Vec<Other>> {
     let replies = c.each_master(&cmd(&[b"CLIENT", b"LIST"])).await.ok()?;
-    let mut out = Vec::new();
+    let mut out: Vec<Other> = Vec::new();
     for r in replies {
         out.extend(sidecars_in(&String::from_utf8_lossy(&bulk(&r)?), me));
     }
-    out.sort();
-    out.dedup();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup_by(|a, b| a.name == b.name);
     Some(out)
 }
 
-/// `name (addr)` of the sidecars' connections in a `CLIENT LIST` text but
-/// `me`.
-fn sidecars_in(list: &str, me: &[u8]) -> Vec<String> {
+/// The sidecars' connections in a `CLIENT LIST` text but `me`.
+fn sidecars_in(list: &str, me: &[u8]) -> Vec<Other> {
     let me = String::from_utf8_lossy(me);
     list.lines()
         .filter_map(|l| {
@@ -57,8 +79,12 @@ fn sidecars_in(list: &str, me: &[u8]) -> Vec<String> {
                     .find_map(|f| f.strip_prefix(k).and_then(|f| f.strip_prefix('=')))
             };
             let name = field("name")?;
-            (name.starts_with(crate::upstream::failover::INSTANCE_PREFIX) && name != me)
-                .then(|| format!("{name} ({})", field("addr").unwrap_or("?")))
+            (name.starts_with(crate::upstream::failover::INSTANCE_PREFIX) && name != me).then(
+                || Other {
+                    name: name.to_string(),
+                    addr: field("addr").unwrap_or("?").to_string(),
+                },
+            )
         })
         .collect()
 }
@@ -261,7 +287,10 @@ mod tests {
                     id=6 addr=10.0.0.7:40115 laddr=x fd=9 name= age=3\n";
         assert_eq!(
             sidecars_in(list, b"redis-sidecar:web1:77:0"),
-            vec!["redis-sidecar:web2:12:0 (10.0.0.6:40113)".to_string()]
+            vec![Other {
+                name: "redis-sidecar:web2:12:0".into(),
+                addr: "10.0.0.6:40113".into()
+            }]
         );
     }
 

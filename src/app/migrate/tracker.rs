@@ -25,9 +25,9 @@ pub enum Item {
 }
 
 /// Scripts remembered for the target, at most (past it, no new one is).
-const MAX_SCRIPTS: usize = 4096;
+pub(super) const MAX_SCRIPTS: usize = 4096;
 /// Bytes of script bodies remembered, at most.
-const MAX_SCRIPT_BYTES: usize = 16 << 20;
+pub(super) const MAX_SCRIPT_BYTES: usize = 16 << 20;
 
 pub(super) struct Tracker {
     pub m: Arc<Migration>,
@@ -96,7 +96,7 @@ impl Drop for Marked {
         // A migration's source has it or not: copy it again either way. A
         // carry's write whose fate is unknown is not taken to the endpoint
         // that failed.
-        self.finish(self.m.kind == Kind::Migrate);
+        self.finish(self.m.kind != Kind::Carry);
     }
 }
 
@@ -127,23 +127,6 @@ impl Tracker {
             done: AtomicBool::new(false),
         }));
         Verdict::Continue
-    }
-
-    /// A script body a client sent (EVAL, SCRIPT LOAD): loaded on the
-    /// target before the cutover.
-    fn remember_script(&self, body: &Bytes) {
-        let mut s = self
-            .m
-            .scripts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (set, bytes) = &mut *s;
-        if set.len() < MAX_SCRIPTS
-            && *bytes + body.len() <= MAX_SCRIPT_BYTES
-            && set.insert(body.clone())
-        {
-            *bytes += body.len();
-        }
     }
 }
 
@@ -204,12 +187,12 @@ impl Stage for Tracker {
             }
             "eval" | "eval_ro" => {
                 if let Some(body) = ex.args().get(1) {
-                    self.remember_script(body);
+                    self.m.remember_script(body);
                 }
             }
             "script|load" => {
                 if let Some(body) = ex.args().get(2) {
-                    self.remember_script(body);
+                    self.m.remember_script(body);
                 }
                 return Verdict::Continue;
             }
