@@ -745,7 +745,8 @@ async fn migrate_command_runs_a_migration_to_its_cutover() {
 }
 
 /// `kill -9` of the sidecar mid-copy: the migration lived in that process,
-/// so the restarted sidecar has none (404) and serves the app from the
+/// so it is aborted (the restarted sidecar follows the dead one's record
+/// until it expires, then has it aborted) and serves the app from the
 /// source with nothing lost; a new migration (`on_conflict` replace: the
 /// target holds part of the copy) goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,7 +810,23 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
     let copied: i64 = redis::cmd("DBSIZE").query_async(&mut dst).await.unwrap();
     assert!(copied < 3000, "the copy was cut short ({copied})");
     let mut child = start();
-    assert_eq!(http_get(admin_addr, "/migrations/current").await.0, 404);
+    // The killed sidecar's record stays on the source until its TTL (3 s):
+    // the restarted one follows it until then, and that ends aborted.
+    let (st, body) = http_get(admin_addr, "/migrations/current").await;
+    if st == 200 {
+        assert!(body.contains("\"follower\""), "{body}");
+        assert!(
+            eventually(|| async {
+                let (_, body) = http_get(admin_addr, "/migrations/current").await;
+                body.contains("\"aborted\"") && body.contains("stopped")
+            })
+            .await,
+            "{}",
+            http_get(admin_addr, "/migrations/current").await.1
+        );
+    } else {
+        assert_eq!(st, 404, "{body}");
+    }
     let url = format!("redis://127.0.0.1:{port}");
     let mut app = redis::Client::open(url)
         .unwrap()
@@ -850,4 +867,124 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
     signal(&child, "TERM");
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A follower that stops heartbeating (SIGSTOP: its connections stay open
+/// on the source) blocks the cutover, the reason naming it; once it runs
+/// again (SIGCONT) the cutover goes through and it switches too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let leader = sidecar_with(
+        config_multi(&[("a", a.url()), ("b", b.url())]),
+        redis_sidecar::policy::Builder::default(),
+    )
+    .await;
+    wait_up(&leader, 1).await;
+    let admin = leader.admin_addr.unwrap();
+    let dir = std::env::temp_dir().join(format!("sidecar-stop-{}", a.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    let (port, f_admin) = (free_port(), free_port());
+    write_config(
+        &file,
+        &format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{f_admin}\"\n"),
+        &[("a", &a), ("b", &b)],
+    );
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let f_admin: std::net::SocketAddr = format!("127.0.0.1:{f_admin}").parse().unwrap();
+    assert!(
+        eventually(|| async {
+            std::net::TcpStream::connect(f_admin).is_ok()
+                && upstreams_at(f_admin).await["upstreams"][1]["health"] == "up"
+        })
+        .await
+    );
+    let mut src = a.direct().await;
+    set_numbered(&mut src, 500).await;
+    let (st, body) = http_json(
+        admin,
+        "POST",
+        "/migrations",
+        r#"{"to": "b", "max_pause_ms": 500}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let status = |at| async move {
+        let (_, body) = http_get(at, "/migrations/current").await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert!(
+        eventually(|| async {
+            status(admin).await["phase"] == "syncing" && status(f_admin).await["kind"] == "follower"
+        })
+        .await,
+        "{} {}",
+        status(admin).await,
+        status(f_admin).await
+    );
+    signal(&child, "STOP");
+    let pid = format!(":{}:", child.id());
+    // Each try ends within max_pause; the heartbeat expires in 3 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let (st, _) = http(admin, "POST", "/migrations/current/cutover", None).await;
+        assert_eq!(st, 200);
+        let r = loop {
+            let m = status(admin).await;
+            let r = m["reason"].as_str().unwrap_or_default().to_string();
+            if r.contains("cutover abandoned") {
+                break r;
+            }
+            assert_ne!(m["phase"], "done", "{m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if r.contains("stopped heartbeating") || Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert!(reason.contains("stopped heartbeating"), "{reason}");
+    assert!(reason.contains(&pid), "{reason} names {pid}");
+    assert_eq!(upstreams_at(admin).await["active"], "a");
+    signal(&child, "CONT");
+    let (st, _) = http(admin, "POST", "/migrations/current/cutover", None).await;
+    assert_eq!(st, 200);
+    assert!(
+        eventually(|| async { status(admin).await["phase"] == "done" }).await,
+        "{}",
+        status(admin).await
+    );
+    assert!(
+        eventually(|| async { upstreams_at(f_admin).await["active"] == "b" }).await,
+        "{}",
+        upstreams_at(f_admin).await
+    );
+    // A write through the follower lands on b.
+    let mut app = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("after")
+        .arg("1")
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let v: Option<String> = redis::cmd("GET")
+        .arg("after")
+        .query_async(&mut b.direct().await)
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("1"));
+    signal(&child, "KILL");
+    let _ = child.wait();
+    leader.shutdown().await;
 }

@@ -388,6 +388,15 @@ pub(super) async fn members(
         .collect())
 }
 
+/// How many of the fleet's keys there are (left out of the key count the
+/// copy's progress is measured against).
+pub(super) async fn count(c: &mut ControlConn) -> Result<u64, FleetError> {
+    let mut exists = cmd(&[b"EXISTS", RECORD, MEMBERS, MARKS]);
+    exists.extend(members(c).await?.iter().map(|(id, _)| member_key(id)));
+    let r = ok(c, &[exists]).await?;
+    Ok(crate::wire::resp::integer(&r[0]).unwrap_or(0).max(0) as u64)
+}
+
 /// The leader: a follower that left (no heartbeat, no connection).
 pub(super) async fn forget(c: &mut ControlConn, id: &str) -> Result<(), FleetError> {
     ok(c, &[cmd(&[b"HDEL", MEMBERS, id.as_bytes()])])

@@ -532,7 +532,11 @@ impl Copier {
                     .collect(),
             );
         }
-        let total: u64 = dbs.values().map(|(n, _)| n).sum();
+        let mut total: u64 = dbs.values().map(|(n, _)| n).sum();
+        if self.lead.is_some() {
+            let c = self.fleet_conn().await?;
+            total = total.saturating_sub(fleet::count(c).await.unwrap_or(0));
+        }
         if self.m.kind == Kind::Carry {
             // The keys written on the fallback (all of them past the
             // bound), then the failback's cutover.
