@@ -871,7 +871,8 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
 
 /// A follower that stops heartbeating (SIGSTOP: its connections stay open
 /// on the source) blocks the cutover, the reason naming it; once it runs
-/// again (SIGCONT) the cutover goes through and it switches too.
+/// again (SIGCONT) the cutover goes through and it switches too. Another
+/// follower, killed, has left: it is forgotten, not waited for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
     let a = RedisServer::start();
@@ -892,13 +893,30 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
         &format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{f_admin}\"\n"),
         &[("a", &a), ("b", &b)],
     );
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let spawn_follower = |file: &std::path::Path| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn_follower(&file);
+    // A second follower, killed during the migration: it left (no
+    // heartbeat, no connection), and is forgotten.
+    let file2 = dir.join("sidecar2.toml");
+    let g_admin = free_port();
+    write_config(
+        &file2,
+        &format!(
+            "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{g_admin}\"\n",
+            free_port()
+        ),
+        &[("a", &a), ("b", &b)],
+    );
+    let mut killed = spawn_follower(&file2);
+    let g_admin: std::net::SocketAddr = format!("127.0.0.1:{g_admin}").parse().unwrap();
     let f_admin: std::net::SocketAddr = format!("127.0.0.1:{f_admin}").parse().unwrap();
     assert!(
         eventually(|| async {
@@ -923,13 +941,22 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
     };
     assert!(
         eventually(|| async {
-            status(admin).await["phase"] == "syncing" && status(f_admin).await["kind"] == "follower"
+            status(admin).await["phase"] == "syncing"
+                && status(f_admin).await["kind"] == "follower"
+                && std::net::TcpStream::connect(g_admin).is_ok()
+                && status(g_admin).await["kind"] == "follower"
         })
         .await,
         "{} {}",
         status(admin).await,
         status(f_admin).await
     );
+    assert_eq!(
+        status(admin).await["followers"].as_array().map(Vec::len),
+        Some(2)
+    );
+    signal(&killed, "KILL");
+    let _ = killed.wait();
     signal(&child, "STOP");
     let pid = format!(":{}:", child.id());
     // Each try ends within max_pause; the heartbeat expires in 3 s.
@@ -965,6 +992,14 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
         eventually(|| async { upstreams_at(f_admin).await["active"] == "b" }).await,
         "{}",
         upstreams_at(f_admin).await
+    );
+    assert!(
+        eventually(|| async {
+            status(admin).await["followers"].as_array().map(Vec::len) == Some(1)
+        })
+        .await,
+        "{}",
+        status(admin).await
     );
     // A write through the follower lands on b.
     let mut app = redis::Client::open(format!("redis://127.0.0.1:{port}"))
