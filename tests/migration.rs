@@ -1027,8 +1027,9 @@ fn app_writes(
 /// Three sidecars in front of one Redis, each carrying writes: the one
 /// asked leads, the others (one started during the migration) follow it
 /// from its record on the source, mark and hold their own writes, and
-/// switch with it; every write through any of them is on the target, the
-/// counters exact, no error seen. A follower refuses to lead (409, naming
+/// switch with it, to the target and back at the rollback; every write
+/// through any of them is on the source afterwards (copied, copied back),
+/// the counters exact, no error seen. A follower refuses to lead (409, naming
 /// the leader), and the record and the followers' keys are never copied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_in_front_of_one_source_cut_over_together() {
@@ -1094,35 +1095,50 @@ async fn sidecars_in_front_of_one_source_cut_over_together() {
             "a follower did not switch"
         );
     }
-    // Writes go on through all three, now to b.
+    // Writes go on through all three, now to b, and are copied back to a.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut on_b = std::collections::HashMap::new();
+    for tag in ["s", "f", "late"] {
+        let c: u64 = b.direct().await.get(format!("c:{tag}")).await.unwrap();
+        on_b.insert(tag, c);
+    }
+    // The rollback takes every sidecar back to a, with what they wrote.
+    let (st, body) = post(admin, "/migrations/current/rollback").await;
+    assert_eq!(st, 200, "{body}");
+    wait_phase(admin, "rolled_back").await;
+    for x in [&f, &late] {
+        assert!(
+            eventually(|| async { active(x).await == "a" }).await,
+            "a follower did not switch back"
+        );
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut dst = b.direct().await;
     for (tag, w) in [("s", w_s), ("f", w_f), ("late", w_late)] {
         let (n, errors) = w.await.unwrap();
         assert!(errors.is_empty(), "{tag}: {errors:?}");
-        assert!(n > 10, "{tag}: {n} writes");
-        let c: u64 = dst.get(format!("c:{tag}")).await.unwrap();
+        assert!(
+            n > on_b[tag],
+            "{tag}: {n} writes, {} before the rollback",
+            on_b[tag]
+        );
+        let c: u64 = src.get(format!("c:{tag}")).await.unwrap();
         assert_eq!(c, n, "the counter of {tag}");
         for i in (0..n).step_by(7) {
-            let v: Option<u64> = dst.get(format!("k:{tag}:{i}")).await.unwrap();
+            let v: Option<u64> = src.get(format!("k:{tag}:{i}")).await.unwrap();
             assert_eq!(v, Some(i), "k:{tag}:{i}");
         }
     }
+    let mut dst = b.direct().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("{redis-sidecar}*")
         .query_async(&mut dst)
         .await
         .unwrap();
     assert!(keys.is_empty(), "the fleet's keys copied: {keys:?}");
-    finish(admin).await;
     for x in [f_admin, late_admin] {
         assert!(
-            eventually(|| async {
-                let m = migration(x).await;
-                m["phase"] == "done" && m["copy_back"] == false
-            })
-            .await,
+            eventually(|| async { migration(x).await["phase"] == "rolled_back" }).await,
             "{}",
             migration(x).await
         );

@@ -205,11 +205,12 @@ impl Migrator {
             }
             m.keys_copied.store(now.keys_copied, Ordering::Relaxed);
             m.keys_total.store(now.keys_total, Ordering::Relaxed);
+            // The last word too: a rollback's switch, then the end.
+            self.obey(m, &mut f, &now, &mut c, &id).await;
             if now.state == State::End {
                 let p = Phase::from_label(&now.phase).unwrap_or(Phase::Aborted);
                 break (p, now.reason);
             }
-            self.obey(m, &mut f, &now, &mut c, &id).await;
         };
         let (mut phase, why) = end;
         if let Some(m) = &m {
