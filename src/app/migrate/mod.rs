@@ -78,20 +78,20 @@ impl Phase {
         }
     }
 
+    const ALL: [Phase; 8] = [
+        Phase::Recording,
+        Phase::Copying,
+        Phase::Syncing,
+        Phase::CuttingOver,
+        Phase::Done,
+        Phase::RolledBack,
+        Phase::Aborted,
+        Phase::Failed,
+    ];
+
     /// The phase of a label (a leader's record).
     fn from_label(label: &str) -> Option<Phase> {
-        [
-            Phase::Recording,
-            Phase::Copying,
-            Phase::Syncing,
-            Phase::CuttingOver,
-            Phase::Done,
-            Phase::RolledBack,
-            Phase::Aborted,
-            Phase::Failed,
-        ]
-        .into_iter()
-        .find(|p| p.label() == label)
+        Phase::ALL.into_iter().find(|p| p.label() == label)
     }
 
     /// Before the cutover ended.
@@ -955,17 +955,7 @@ mod tests {
     /// phases' own.
     #[test]
     fn the_phase_metric_knows_every_phase() {
-        let all = [
-            Phase::Recording,
-            Phase::Copying,
-            Phase::Syncing,
-            Phase::CuttingOver,
-            Phase::Done,
-            Phase::RolledBack,
-            Phase::Aborted,
-            Phase::Failed,
-        ];
-        let labels: Vec<&str> = all.iter().map(|p| p.label()).collect();
+        let labels: Vec<&str> = Phase::ALL.iter().map(|p| p.label()).collect();
         assert_eq!(labels, crate::metrics::MIGRATION_PHASES);
     }
 
