@@ -7,7 +7,10 @@ scenario, the median throughput and p50/p99 latency of each target as a
 ratio to direct Redis, plus the proxy's CPU time per operation (from
 /proc/<pid>/stat) and the RSS of each proxy holding 10,000 idle clients.
 
-Usage: benches/e2e.sh [--rounds N] [--requests N] [--baseline BIN]   (installs what it needs)
+Usage: benches/e2e.sh [--rounds N] [--requests N] [--threads N]
+                      [--baseline BIN [--baseline-threads N]]   (installs what it needs)
+
+It prints the processor, the kernel and the date first.
 
 With --baseline, a second sidecar binary runs as a fourth target in the
 same rounds (A/B of a change: both against one Redis, interleaved), and
@@ -65,11 +68,14 @@ def start_redis(tmp, procs):
     return port
 
 
-def start_sidecar(binary, upstream_port, procs, config=None):
+def start_sidecar(binary, upstream_port, procs, config=None, threads=None):
     """A sidecar on free ports in front of 127.0.0.1:`upstream_port` (with
-    `config` when given), added to `procs`: (pid, port, admin port)."""
+    `config` and `threads` when given), added to `procs`: (pid, port,
+    admin port)."""
     port, admin = free_port(), free_port()
     extra = ["--config", config] if config else []
+    if threads:
+        extra += ["--threads", str(threads)]
     p = subprocess.Popen([binary, *extra, "--listen", f"127.0.0.1:{port}", "--admin-listen",
                           f"127.0.0.1:{admin}", "--upstream", f"redis://127.0.0.1:{upstream_port}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -130,7 +136,12 @@ def main():
     ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
     ap.add_argument("--baseline", help="another redis-sidecar binary (e.g. built from an earlier "
                     "commit), run in the same interleaved rounds: prints this sidecar against it")
+    ap.add_argument("--threads", type=int, help="the sidecar's worker threads (default: its config's, 1)")
+    ap.add_argument("--baseline-threads", type=int,
+                    help="the baseline's worker threads (with --baseline; the same binary with "
+                    "another --threads measures how it scales)")
     args = ap.parse_args()
+    print(machine())
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -140,8 +151,9 @@ def main():
     try:
         tport, tstats = free_port(), free_port()
         rport = start_redis(tmp, procs)
-        spid, sport, _ = start_sidecar(args.sidecar, rport, procs)
-        baseline = start_sidecar(args.baseline, rport, procs) if args.baseline else None
+        spid, sport, _ = start_sidecar(args.sidecar, rport, procs, threads=args.threads)
+        baseline = (start_sidecar(args.baseline, rport, procs, threads=args.baseline_threads)
+                    if args.baseline else None)
         conf = os.path.join(tmp, "nutcracker.yml")
         with open(conf, "w") as f:
             f.write(f"bench:\n  listen: 127.0.0.1:{tport}\n  hash: fnv1a_64\n  distribution: ketama\n"
@@ -203,19 +215,41 @@ def main():
         stop(procs)
 
 
+def machine():
+    """The processor, its count, the kernel and the date: a figure is only
+    true of the machine it was measured on."""
+    model = "unknown processor"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"machine: {model}, {os.cpu_count()} CPUs, kernel {os.uname().release}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
 def ratio_table(results, other, title):
-    """Per round, the sidecar's throughput and CPU per op over `other`'s in
-    that round; medians of those ratios, per scenario and test."""
+    """Per round, the sidecar's throughput, CPU per op and p99 over
+    `other`'s in that round; medians of those ratios (and their range over
+    the rounds), per scenario and test."""
     print(f"\n{title}\n")
-    print("| scenario | test | rps | CPU per op |")
-    print("|---|---|---|---|")
+    print("| scenario | test | rps (range) | CPU per op (range) | p99 (range) |")
+    print("|---|---|---|---|---|")
     for name, *_ in SCENARIOS:
         for test in ("SET", "GET"):
             s_vals = results.get((name, "sidecar", test), [])
             o_vals = results.get((name, other, test), [])
-            rps = statistics.median(a[0] / b[0] for a, b in zip(s_vals, o_vals))
-            cpu = statistics.median(a[3] / b[3] for a, b in zip(s_vals, o_vals))
-            print(f"| {name} | {test} | {rps:.2f} | {cpu:.2f} |")
+
+            def cell(i):
+                r = [a[i] / b[i] for a, b in zip(s_vals, o_vals) if b[i] > 0]
+                if not r:
+                    return "-"
+                return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+
+            print(f"| {name} | {test} | {cell(0)} | {cell(3)} | {cell(2)} |")
 
 
 def stop(procs):
