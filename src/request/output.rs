@@ -279,6 +279,12 @@ impl ClientShared {
     /// Complete entry `seq` with an upstream's reply (or the error that
     /// took its place), counting it in the entry's metrics.
     pub fn deliver(&self, seq: u64, reply: Reply) {
+        self.deliver_at(seq, reply, Instant::now());
+    }
+
+    /// [`ClientShared::deliver`] of a reply read at `now` (one clock read
+    /// for every reply of an upstream read).
+    pub fn deliver_at(&self, seq: u64, reply: Reply, now: Instant) {
         let mut o = self.lock();
         if matches!(o.sock, Sock::Gone) {
             return;
@@ -297,7 +303,9 @@ impl ClientShared {
         else {
             return;
         };
-        metrics.duration.observe(start.elapsed().as_secs_f64());
+        metrics
+            .duration
+            .observe(now.duration_since(*start).as_secs_f64());
         let bytes = match reply {
             // The rest of a reply whose first part went out.
             Ok(b) if *streamed => {

@@ -662,9 +662,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if rx.is_empty() && backlog.is_empty() {
             tokio::task::yield_now().await;
         }
+        // One clock read per batch: the jobs of a batch are sent together.
+        let now = Instant::now();
         let mut next = Some(job);
         while let Some(job) = next.take() {
-            let payload = enqueue(job, fifo, settings, redirectable);
+            let payload = enqueue(job, fifo, settings, redirectable, now);
             if payload.len() >= DIRECT_WRITE {
                 if !wbuf.is_empty() {
                     if let Err(e) = w.write_all(&wbuf).await {
@@ -700,7 +702,13 @@ fn write_error(e: std::io::Error) -> UpstreamError {
 /// On a cluster node's connection (`redirectable`) the bytes are kept to
 /// send the job again after a redirection, and an ASK resend gets its
 /// `ASKING`s.
-fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -> Bytes {
+fn enqueue(
+    job: Job,
+    fifo: &Fifo,
+    settings: &ConnSettings,
+    redirectable: bool,
+    now: Instant,
+) -> Bytes {
     let mut payload = job.payload;
     let pending = match job.kind {
         JobKind::Request {
@@ -718,7 +726,6 @@ fn enqueue(job: Job, fifo: &Fifo, settings: &ConnSettings, redirectable: bool) -
             if asking {
                 payload = with_asking(&payload);
             }
-            let now = Instant::now();
             Some(Pending {
                 plan: Some(plan),
                 got: 0,
@@ -786,6 +793,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut large = false;
     loop {
         let mut result = Ok(());
+        // One clock read per read: the replies it brought arrived together.
+        let now = Instant::now();
         loop {
             // Once every reply before a SYNC is dispatched, the rest of the
             // connection (the RDB, then the command stream) passes as is.
@@ -803,7 +812,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             match scanner.next(&mut rbuf) {
                 Ok(Some(frame)) => {
                     large |= frame.len() > KEEP_RBUF;
-                    match dispatch(frame, fifo, &mut streaming, io) {
+                    match dispatch(frame, fifo, &mut streaming, io, now) {
                         Ok(Some(c)) => {
                             if !touched.last().is_some_and(|l| Arc::ptr_eq(l, &c)) {
                                 touched.push(c);
@@ -925,6 +934,7 @@ fn dispatch(
     fifo: &Fifo,
     streaming: &mut bool,
     io: &Io<'_>,
+    now: Instant,
 ) -> Result<Option<Arc<ClientShared>>, UpstreamError> {
     let (settings, oob, metrics) = (io.settings, io.oob, io.metrics);
     let mut q = lock(fifo);
@@ -1081,10 +1091,11 @@ fn dispatch(
         // histogram update on every reply cost 2.9 % of the sidecar's
         // instructions); blocking commands wait by design, not counted.
         if seq % LATENCY_SAMPLE == 0 && done.deadline.is_some() {
-            io.latency.observe(done.sent.elapsed().as_secs_f64());
+            io.latency
+                .observe(now.duration_since(done.sent).as_secs_f64());
         }
         // The client may be gone; its reply is then dropped.
-        done.client.deliver(seq, Ok(reply));
+        done.client.deliver_at(seq, Ok(reply), now);
     }
     if refused || done.moved_under {
         done.client.close();
