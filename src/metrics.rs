@@ -45,6 +45,7 @@ struct Inner {
     upstream_connections: IntGaugeVec,
     upstream_up: IntGaugeVec,
     upstream_active: IntGaugeVec,
+    on_fallback: IntGauge,
     failovers: IntCounterVec,
     config_reloads: IntCounterVec,
     check_duration: HistogramVec,
@@ -154,6 +155,11 @@ impl Metrics {
             Opts::new("upstream_active", "1 for the endpoint new requests go to"),
             &["upstream"],
         )
+        .expect("static metric");
+        let on_fallback = IntGauge::with_opts(Opts::new(
+            "upstream_fallback_active",
+            "1 while the active endpoint is not the first configured one (a failover or a switch)",
+        ))
         .expect("static metric");
         let failovers = IntCounterVec::new(
             Opts::new(
@@ -479,6 +485,7 @@ impl Metrics {
             Box::new(upstream_connections.clone()),
             Box::new(upstream_up.clone()),
             Box::new(upstream_active.clone()),
+            Box::new(on_fallback.clone()),
             Box::new(failovers.clone()),
             Box::new(config_reloads.clone()),
             Box::new(check_duration.clone()),
@@ -504,6 +511,7 @@ impl Metrics {
             upstream_connections,
             upstream_up,
             upstream_active,
+            on_fallback,
             failovers,
             config_reloads,
             check_duration,
@@ -647,6 +655,11 @@ impl Metrics {
             .upstream_up
             .with_label_values(&[upstream])
             .set(i64::from(up));
+    }
+
+    /// Whether the active endpoint is a fallback (not the first one).
+    pub fn on_fallback(&self, yes: bool) {
+        self.0.on_fallback.set(i64::from(yes));
     }
 
     pub fn upstream_active(&self, upstream: &str, active: bool) {

@@ -302,6 +302,11 @@ impl Upstreams {
             self.metrics
                 .upstream_active(e.name(), Arc::ptr_eq(e, &st.active.endpoint));
         }
+        self.metrics.on_fallback(
+            st.endpoints
+                .first()
+                .is_some_and(|e| !Arc::ptr_eq(e, &st.active.endpoint)),
+        );
     }
 
     /// Switch to `name` now (operator's `POST /upstreams/{name}/activate`).

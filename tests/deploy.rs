@@ -1,0 +1,135 @@
+//! The files under `deploy/`: the alert rules pass `promtool check rules`
+//! and every series they name exists in a running sidecar's `/metrics`
+//! (once each feature they watch has been used); the VPS configuration of
+//! the systemd unit validates.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const BIN: &str = env!("CARGO_BIN_EXE_redis-sidecar");
+
+#[test]
+fn promtool_accepts_the_alert_rules() {
+    let out = Command::new("promtool")
+        .args(["check", "rules", &format!("{ROOT}/deploy/alerts.yml")])
+        .output()
+        .expect("promtool (Debian's prometheus package; scripts/install-deps.sh installs it)");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SUCCESS"),
+        "{out:?}"
+    );
+}
+
+/// Every `redis_sidecar_*` name in `text`.
+fn series_named(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("redis_sidecar_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A sidecar with a cache rule, a rate limit and two endpoints, used so
+/// that every series exists (a switch, a refused reload, a migration
+/// started and aborted); then each name the alert rules use is in its
+/// `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_alert_rules_name_exists() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("sidecar-deploy-{}", a.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    let head = "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        [cache]\nenabled = true\n[[cache.rule]]\npattern = \"c:*\"\nttl = \"5s\"\n\
+        [[rate_limit]]\nname = \"tight\"\npattern = \"r:*\"\nper = \"key\"\nrate = \"1/h\"\n";
+    write_config(&file, head, &[("a", &a), ("b", &b)]);
+    let s = sidecar_from_file(&file).await;
+    wait_up(&s, 1).await;
+    let admin = s.admin_addr.unwrap();
+    let mut c = client(&s).await;
+    for _ in 0..3 {
+        let _: Option<String> = redis::cmd("GET")
+            .arg("c:1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: redis::RedisResult<Option<String>> =
+            redis::cmd("GET").arg("r:1").query_async(&mut c).await;
+    }
+    assert_eq!(
+        http(admin, "POST", "/upstreams/b/activate", None).await.0,
+        200
+    );
+    assert_eq!(
+        http(admin, "POST", "/upstreams/a/activate", None).await.0,
+        200
+    );
+    std::fs::write(&file, "this is not toml").unwrap();
+    assert_ne!(http(admin, "POST", "/reload", None).await.0, 200);
+    let (st, body) = http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#).await;
+    assert_eq!(st, 202, "{body}");
+    assert_eq!(
+        http(admin, "POST", "/migrations/current/abort", None)
+            .await
+            .0,
+        200
+    );
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    let rules = std::fs::read_to_string(format!("{ROOT}/deploy/alerts.yml")).unwrap();
+    let names = series_named(&rules);
+    assert!(names.len() >= 9, "{names:?}");
+    for name in names {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the alert rules name {name}, which /metrics does not have"
+        );
+    }
+    s.shutdown().await;
+}
+
+/// The configuration the systemd unit runs with (its `ExecStartPre`
+/// check, with the environment file's REDIS_URL) validates.
+#[test]
+fn the_systemd_units_configuration_validates() {
+    let unit = std::fs::read_to_string(format!("{ROOT}/deploy/redis-sidecar.service")).unwrap();
+    assert!(unit.contains("--check-config"), "{unit}");
+    assert!(
+        unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "{unit}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            &format!("{ROOT}/deploy/redis-sidecar.toml"),
+            "--check-config",
+        ])
+        .env(
+            "REDIS_URL",
+            "rediss://default:secret@redis.example.com:6380",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("secret")
+            && !String::from_utf8_lossy(&out.stderr).contains("secret"),
+        "{out:?}"
+    );
+}
