@@ -31,19 +31,28 @@ fn check_config_accepts_the_shipped_files_and_reports_every_error() {
         assert!(out.status.success(), "{f}: {out:?}");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("configuration OK"));
-        // The example denies KEYS and FLUSHALL and allows EVAL: it says
-        // that a script can still run them.
-        if f.ends_with("example.toml") {
-            assert!(
-                stdout.contains(
-                    "warning: access: KEYS, FLUSHALL denied, but a script can still run it"
-                ),
-                "{stdout}"
-            );
-        }
     }
     let dir = std::env::temp_dir().join(format!("sidecar-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // The deny list the example recommends, with EVAL allowed: the check
+    // says that a script can still run them.
+    let example = std::fs::read_to_string("config/redis-sidecar.example.toml").unwrap();
+    let denying = dir.join("denying.toml");
+    std::fs::write(
+        &denying,
+        example.replace("deny = []", "deny = [\"KEYS\", \"FLUSHALL\"]"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", denying.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("warning: access: KEYS, FLUSHALL denied, but a script can still run it"),
+        "{stdout}"
+    );
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
@@ -493,14 +502,21 @@ password = "app-pw"
     assert!(refused > paths.len(), "{refused} refusals");
 }
 
-/// Every TOML example in the README is one a user can paste: it parses and
-/// validates (with an `[[upstream]]` added where the example has none),
-/// and no rate-limit example caps `@slow` (Redis 7's category holds SET,
-/// DEL, HGETALL, LRANGE ...: such a cap throttles ordinary traffic).
+/// Every TOML example in the README and in `docs/` is one a user can
+/// paste: it parses and validates (with an `[[upstream]]` added where the
+/// example has none), and no rate-limit example caps `@slow` (Redis 7's
+/// category holds SET, DEL, HGETALL, LRANGE ...: such a cap throttles
+/// ordinary traffic).
 #[test]
 fn the_readme_examples_validate() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    for doc in std::fs::read_dir(format!("{root}/docs")).unwrap() {
+        let path = doc.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            readme.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
     let mut blocks = 0;
     let mut rest = &readme[..];
     while let Some(i) = rest.find("```toml\n") {
@@ -1022,4 +1038,98 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
     signal(&child, "KILL");
     let _ = child.wait();
     leader.shutdown().await;
+}
+
+/// The configuration reference (`docs/configuration.md`), the example
+/// file and the schema (the parser's defaults) agree: the example holds
+/// every default the schema has, every field of the example is in the
+/// reference's table, and every field of the table is in the example with
+/// the default the table gives.
+#[test]
+fn the_configuration_reference_the_example_and_the_schema_agree() {
+    use redis_sidecar::config::Config;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let example =
+        std::fs::read_to_string(format!("{root}/config/redis-sidecar.example.toml")).unwrap();
+    let reference = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    let none = |_: &str| None;
+    // The schema's defaults are the example's values (its endpoint aside:
+    // the schema has none until REDIS_URL or the default one is added).
+    let mut from_example = Config::from_toml(&example, &none).unwrap();
+    let mut defaults = Config::from_toml("", &none).unwrap();
+    from_example.upstream.clear();
+    defaults.upstream.clear();
+    assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+    // The example's fields: dotted paths of its scalar values and arrays
+    // of scalars (arrays of tables are the lists of rules and endpoints).
+    let table: toml::Table = example.parse().unwrap();
+    let mut fields = std::collections::BTreeMap::new();
+    fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::BTreeMap<String, String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => walk(&path, t, out),
+                toml::Value::Array(a) if a.iter().any(|v| v.is_table()) => {}
+                toml::Value::String(s) => {
+                    out.insert(path, s.clone());
+                }
+                other => {
+                    out.insert(path, other.to_string());
+                }
+            }
+        }
+    }
+    walk("", &table, &mut fields);
+    // The reference's table (its first): `| `path` | default | meaning |`.
+    let mut documented = std::collections::BTreeMap::new();
+    let start = reference.find("| field | default |").unwrap();
+    for line in reference[start..]
+        .lines()
+        .take_while(|l| l.starts_with('|'))
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 4 || !cells[1].starts_with('`') {
+            continue;
+        }
+        let path = cells[1].trim_matches('`');
+        if !path
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+        {
+            continue;
+        }
+        let d = cells[2];
+        let default = match d.strip_prefix('`') {
+            Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
+            None => d.split(' ').next().unwrap_or_default().to_string(),
+        };
+        let default = if default == "\"\"" {
+            String::new()
+        } else {
+            default
+        };
+        documented.insert(path.to_string(), default);
+    }
+    assert!(documented.len() >= 30, "{documented:?}");
+    let undocumented: Vec<&String> = fields
+        .keys()
+        .filter(|f| !documented.contains_key(*f))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "example fields missing from the reference's table: {undocumented:?}"
+    );
+    for (path, default) in &documented {
+        let Some(value) = fields.get(path) else {
+            panic!("{path} is in the reference but not in the example");
+        };
+        assert_eq!(
+            value, default,
+            "{path}: the example says {value}, the reference {default}"
+        );
+    }
 }

@@ -46,7 +46,8 @@ fn series_named(text: &str) -> Vec<String> {
 /// A sidecar with a cache rule, a rate limit and two endpoints, used so
 /// that every series exists (a switch, a refused reload, a migration
 /// started and aborted); then each name the alert rules use is in its
-/// `/metrics`.
+/// `/metrics`, and each series of its `/metrics` is in the metrics
+/// reference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_series_the_alert_rules_name_exists() {
     let a = RedisServer::start();
@@ -101,6 +102,18 @@ async fn every_series_the_alert_rules_name_exists() {
             "the alert rules name {name}, which /metrics does not have"
         );
     }
+    // And every series /metrics has is in the metrics reference.
+    let reference = std::fs::read_to_string(format!("{ROOT}/docs/metrics.md")).unwrap();
+    for name in metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        assert!(
+            reference.contains(&format!("`{name}`")),
+            "{name} is missing from docs/metrics.md"
+        );
+    }
     s.shutdown().await;
 }
 
@@ -132,4 +145,63 @@ fn the_systemd_units_configuration_validates() {
             && !String::from_utf8_lossy(&out.stderr).contains("secret"),
         "{out:?}"
     );
+}
+
+/// GitHub's anchor of a heading: lower case, punctuation dropped (but `-`
+/// and `_`), spaces to `-`.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// Every relative link of the README and `docs/` reaches a file of the
+/// repository, and a heading of it where the link names one.
+#[test]
+fn every_link_of_the_readme_and_the_docs_resolves() {
+    let root = std::path::Path::new(ROOT);
+    let mut pages = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            pages.push(p);
+        }
+    }
+    let mut links = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let mut rest = &text[..];
+        while let Some(i) = rest.find("](") {
+            let tail = &rest[i + 2..];
+            let Some(end) = tail.find(')') else { break };
+            let target = &tail[..end];
+            rest = &tail[end..];
+            if target.starts_with("http") || target.contains(' ') {
+                continue;
+            }
+            links += 1;
+            let (file, frag) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(file)
+            };
+            assert!(path.exists(), "{}: {target}: no such file", page.display());
+            if !frag.is_empty() {
+                let body = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    body.lines()
+                        .filter_map(|l| l.strip_prefix('#'))
+                        .any(|h| anchor(h.trim_start_matches('#')) == frag),
+                    "{}: {target}: no such heading",
+                    page.display()
+                );
+            }
+        }
+    }
+    assert!(links > 20, "{links} links");
 }
