@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests and the run script need, where it is missing:
-# redis-server, redis-tools, openssl and promtool (Debian), the Node packages of the
+# redis-server, redis-tools, openssl, promtool and chromium (Debian), the Node packages of the
 # compatibility suite (npm ci) and redis-py (a venv). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,8 @@ if [ "${SKIP_COMPAT_DEPS:-0}" != 1 ]; then
   # The test suite checks deploy/alerts.yml with promtool (Debian's
   # prometheus package; its service is not needed and not started here).
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  # The status page is tested in a headless browser.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages)"

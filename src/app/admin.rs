@@ -155,6 +155,13 @@ impl Admin {
             )
         };
         match (req.method().clone(), path) {
+            // The status page's: 200 whether or not there is one.
+            (Method::GET, "/migrations") => respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({ "current": m.current().map(|mig| mig.status()) }).to_string()
+                    + "\n",
+            ),
             (Method::GET, "/migrations/current") => match m.current() {
                 Some(mig) => status_of(&mig),
                 None => respond_json(StatusCode::NOT_FOUND, false, "no migration"),
@@ -269,6 +276,26 @@ impl Admin {
                 "text/plain; version=0.0.4",
                 self.metrics.render(),
             ),
+            (&Method::GET, "/" | "/status", _) => {
+                let mut r = respond(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    include_str!("status.html"),
+                );
+                // Self-contained (no external asset), never framed.
+                let h = r.headers_mut();
+                h.insert(
+                    hyper::header::CONTENT_SECURITY_POLICY,
+                    hyper::header::HeaderValue::from_static(
+                        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+                    ),
+                );
+                h.insert(
+                    hyper::header::X_FRAME_OPTIONS,
+                    hyper::header::HeaderValue::from_static("DENY"),
+                );
+                r
+            }
             (&Method::GET, "/healthz", _) => respond(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, "/readyz", _) => {
                 let name = self.pool.ups.active().endpoint.name().to_string();
