@@ -1,7 +1,8 @@
 //! The files under `deploy/`: the alert rules pass `promtool check rules`
-//! and every series they name exists in a running sidecar's `/metrics`
-//! (once each feature they watch has been used); the VPS configuration of
-//! the systemd unit validates.
+//! and every series they and the Grafana dashboard name exists in a
+//! running sidecar's `/metrics` (once each feature they watch has been
+//! used); the VPS configuration of the systemd unit validates; every link
+//! of the README and `docs/` resolves.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -57,7 +58,8 @@ async fn every_series_the_alert_rules_name_exists() {
     let file = dir.join("sidecar.toml");
     let head = "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
         [cache]\nenabled = true\n[[cache.rule]]\npattern = \"c:*\"\nttl = \"5s\"\n\
-        [[rate_limit]]\nname = \"tight\"\npattern = \"r:*\"\nper = \"key\"\nrate = \"1/h\"\n";
+        [[rate_limit]]\nname = \"tight\"\npattern = \"r:*\"\nper = \"key\"\nrate = \"1/h\"\n\
+        [[ttl]]\npattern = \"t:*\"\ndefault = \"1h\"\n";
     write_config(&file, head, &[("a", &a), ("b", &b)]);
     let s = sidecar_from_file(&file).await;
     wait_up(&s, 1).await;
@@ -100,6 +102,47 @@ async fn every_series_the_alert_rules_name_exists() {
                 .lines()
                 .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
             "the alert rules name {name}, which /metrics does not have"
+        );
+    }
+    // The dashboard's expressions too (a histogram by its family's name).
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/deploy/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = String::new();
+    fn collect(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(s)) => {
+                            out.push_str(s);
+                            out.push('\n');
+                        }
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut exprs);
+    let named = series_named(&exprs);
+    assert!(named.len() >= 15, "{named:?}");
+    for name in named {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            families.contains(&family),
+            "the dashboard names {name}, which /metrics does not have"
         );
     }
     // And every series /metrics has is in the metrics reference.
