@@ -136,11 +136,18 @@ def main():
     ap.add_argument("--sidecar", default=os.path.join(ROOT, "target/release/redis-sidecar"))
     ap.add_argument("--baseline", help="another redis-sidecar binary (e.g. built from an earlier "
                     "commit), run in the same interleaved rounds: prints this sidecar against it")
+    ap.add_argument("--scenarios", help="only these scenarios, by name, comma-separated "
+                    "(e.g. \"c50 P16,c1000 P1\")")
     ap.add_argument("--threads", type=int, help="the sidecar's worker threads (default: its config's, 1)")
     ap.add_argument("--baseline-threads", type=int,
                     help="the baseline's worker threads (with --baseline; the same binary with "
                     "another --threads measures how it scales)")
     args = ap.parse_args()
+    if args.scenarios:
+        wanted = [w.strip() for w in args.scenarios.split(",")]
+        SCENARIOS[:] = [sc for sc in SCENARIOS if sc[0] in wanted]
+        if not SCENARIOS:
+            sys.exit(f"no scenario named {args.scenarios}")
     print(machine())
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)

@@ -1168,3 +1168,49 @@ async fn rebuild_never_fails_on_a_refused_restore() {
     assert_eq!(m["keys_rebuilt"], 0, "{m}");
     s.shutdown().await;
 }
+
+/// Two sidecars in front of one source asked for a migration at once
+/// (before the second could see the first's record): the first leads,
+/// the second's fails saying so, and the second follows the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_of_two_sidecars_asked_leads() {
+    let (a, b, s, admin) = two().await;
+    let f = sidecar_with(
+        config_multi(&[("a", a.url()), ("b", b.url())]),
+        redis_sidecar::policy::Builder::default(),
+    )
+    .await;
+    wait_up(&f, 1).await;
+    let f_admin = f.admin_addr.unwrap();
+    start(admin, r#"{"to": "b", "other_sidecars": "ignore"}"#).await;
+    let (st, body) = http_json(f_admin, "POST", "/migrations", r#"{"to": "b"}"#).await;
+    if st == 202 {
+        assert!(
+            eventually(|| async {
+                let m = migration(f_admin).await;
+                m["kind"] == "follower"
+                    || (m["phase"] == "failed"
+                        && m["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("leads a migration")))
+            })
+            .await,
+            "{}",
+            migration(f_admin).await
+        );
+    } else {
+        // It followed already.
+        assert_eq!(st, 409, "{body}");
+    }
+    let leader = String::from_utf8_lossy(&s.control.ups.instance).to_string();
+    assert!(
+        eventually(|| async { migration(f_admin).await["leader"] == leader.as_str() }).await,
+        "{}",
+        migration(f_admin).await
+    );
+    assert_eq!(migration(admin).await["kind"], "migration");
+    let (st, _) = post(admin, "/migrations/current/abort").await;
+    assert_eq!(st, 200);
+    f.shutdown().await;
+    s.shutdown().await;
+}

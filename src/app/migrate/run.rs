@@ -275,10 +275,19 @@ impl Copier {
         let leader = String::from_utf8_lossy(&self.ups.instance).into_owned();
         let fields = record_fields(&self.m, &leader);
         let from = self.m.from.clone();
-        let made = match self.fleet_conn().await {
-            Ok(c) => fleet::create(c, &fields, &from).await,
-            Err(e) => return Err(e),
-        };
+        let c = self.fleet_conn().await?;
+        // Another sidecar started one from this source a moment ago (before
+        // this one could see it and follow): the first one leads.
+        if let Ok(Some(rec)) = fleet::read_record(c).await
+            && rec.state != State::End
+            && rec.leader != leader
+        {
+            return Err(format!(
+                "the sidecar {} leads a migration from this source ({} to {}); this one follows it instead",
+                rec.leader, rec.from, rec.to
+            ));
+        }
+        let made = fleet::create(c, &fields, &from).await;
         if let Err(e) = made {
             if others.is_empty() {
                 tracing::warn!(error = %e, "migration: no record on the source; a sidecar started during the migration will not join it");
