@@ -875,6 +875,14 @@ impl Topology {
         }
     }
 
+    /// SCRIPT FLUSH through the sidecar: no script is known any more.
+    pub fn forget_scripts(&self) {
+        self.scripts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// The body of a script loaded through the sidecar.
     pub fn script(&self, sha: &[u8]) -> Option<bytes::Bytes> {
         self.scripts

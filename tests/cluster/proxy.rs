@@ -775,3 +775,63 @@ async fn a_pipeline_keeps_its_order_between_router_and_nodes() {
         }
     }
 }
+
+/// Functions reach every master (a library loaded through the sidecar is
+/// called on keys of every slot, then deleted everywhere), an EVALSHA
+/// after SCRIPT FLUSH meets NOSCRIPT, and READONLY/READWRITE are refused:
+/// each reply byte for byte what a single Redis gives.
+#[tokio::test]
+async fn functions_script_flush_and_readonly_as_on_one_redis() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let lib = b"#!lua name=lib\nredis.register_function('incr2', function(keys) return redis.call('INCRBY', keys[1], 2) end)";
+    let steps: Vec<Vec<&[u8]>> = vec![
+        vec![b"FUNCTION", b"LOAD", lib],
+        // Keys of different slots: different masters.
+        vec![b"FCALL", b"incr2", b"1", b"a"],
+        vec![b"FCALL", b"incr2", b"1", b"b"],
+        vec![b"FCALL", b"incr2", b"1", b"c"],
+        vec![b"FCALL", b"incr2", b"1", b"d"],
+        vec![b"FUNCTION", b"LOAD", lib],
+        vec![b"FUNCTION", b"LOAD", b"REPLACE", lib],
+        vec![b"FUNCTION", b"DELETE", b"lib"],
+        vec![b"FCALL", b"incr2", b"1", b"a"],
+        vec![b"FCALL", b"incr2", b"1", b"b"],
+        vec![b"FCALL", b"incr2", b"1", b"c"],
+        vec![b"SCRIPT", b"LOAD", b"return 7"],
+        vec![
+            b"EVALSHA",
+            b"8a5d5a1d2c5e6c7c8f3e7b1f1e0e3a2a9c3e2f5d",
+            b"0",
+        ],
+        vec![b"SCRIPT", b"FLUSH"],
+        vec![b"READONLY"],
+        vec![b"READWRITE"],
+    ];
+    let mut direct = Raw::connect(format!("127.0.0.1:{}", single.port).parse().unwrap()).await;
+    let mut via = Raw::connect(s.addr).await;
+    // The sha of `return 7`, from Redis itself.
+    let sha = direct.call(&[b"SCRIPT", b"LOAD", b"return 7"]).await;
+    let sha = std::str::from_utf8(&sha)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    direct.call(&[b"SCRIPT", b"FLUSH"]).await;
+    let evalsha: Vec<&[u8]> = vec![b"EVALSHA", sha.as_bytes(), b"0"];
+    for step in steps.iter().chain([&evalsha, &evalsha]) {
+        let want = direct.call(step).await;
+        let got = via.call(step).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{:?}",
+            step.iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect::<Vec<_>>()
+        );
+    }
+    s.shutdown().await;
+}

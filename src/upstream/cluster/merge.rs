@@ -28,6 +28,8 @@ pub enum Merge {
     FirstNonNull,
     /// All the same; the first.
     First,
+    /// FUNCTION LOAD: the library's name, the same from every master.
+    Library,
     /// SCRIPT LOAD: the first reply, and the script remembered under it.
     ScriptLoad(Bytes, Arc<Topology>),
     /// 0/1 arrays, element-wise AND (SCRIPT EXISTS).
@@ -139,7 +141,7 @@ pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
         Merge::Split(kind, parts) => cluster::merge(*kind, parts, replies),
         Merge::Sum => cluster::merge(Split::Sum, &[], replies),
         Merge::AllOk => first_error().or(Some(Bytes::from_static(b"+OK\r\n"))),
-        Merge::First => first_error().or_else(|| replies.first().cloned()),
+        Merge::First | Merge::Library => first_error().or_else(|| replies.first().cloned()),
         Merge::ScriptLoad(body, topo) => {
             let r = first_error().or_else(|| replies.first().cloned())?;
             if let Some(sha) = bulk_text(&r) {

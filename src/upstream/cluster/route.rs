@@ -47,6 +47,13 @@ pub(crate) enum Named {
     ScriptLoad,
     ScriptFlush,
     ScriptExists,
+    /// FUNCTION LOAD: every master gets the library (the first's reply).
+    FunctionLoad,
+    /// FUNCTION DELETE/FLUSH/RESTORE: every master.
+    FunctionChange,
+    /// READONLY/READWRITE: refused, as a Redis without cluster support
+    /// refuses them (the app sees one plain Redis).
+    ClusterOnly,
     /// SPUBLISH/SSUBSCRIBE/SUNSUBSCRIBE: by the channel's slot.
     ShardChannel,
 }
@@ -87,6 +94,16 @@ pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
         } else {
             return None;
         }
+    } else if is(b"function") {
+        if sub(&[b"load"]) {
+            Named::FunctionLoad
+        } else if sub(&[b"delete", b"flush", b"restore"]) {
+            Named::FunctionChange
+        } else {
+            return None;
+        }
+    } else if is(b"readonly") || is(b"readwrite") {
+        Named::ClusterOnly
     } else if is(b"spublish") || is(b"ssubscribe") || is(b"sunsubscribe") {
         Named::ShardChannel
     } else {
@@ -142,6 +159,11 @@ pub fn route_of(
             // The body is remembered by the router (Merge::ScriptLoad).
             Named::ScriptLoad => Route::Fan(Merge::First),
             Named::ScriptExists => Route::Fan(Merge::AndArrays),
+            Named::FunctionLoad => Route::Fan(Merge::Library),
+            Named::FunctionChange => Route::Fan(Merge::AllOk),
+            Named::ClusterOnly => Route::Answer(Bytes::from_static(
+                b"-ERR This instance has cluster support disabled\r\n",
+            )),
             Named::ShardChannel => match args.get(1) {
                 Some(ch) => Route::Slot(super::key_slot(ch)),
                 None => Route::Any,

@@ -295,6 +295,11 @@ impl Router {
                 self.send_appended(appended, &client).await;
             }
             Route::Fan(merge) => {
+                if super::route::named(&args) == Some(super::route::Named::ScriptFlush) {
+                    // The scripts are gone: an EVALSHA meets NOSCRIPT, as on
+                    // one Redis, instead of the sidecar loading them again.
+                    self.topo.forget_scripts();
+                }
                 let merge = match (merge, args.get(2)) {
                     (Merge::First, Some(body)) => {
                         Merge::ScriptLoad(body.clone(), self.topo.clone())
