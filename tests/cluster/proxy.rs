@@ -835,3 +835,54 @@ async fn functions_script_flush_and_readonly_as_on_one_redis() {
     }
     s.shutdown().await;
 }
+
+/// `[cursor, sorted keys]` of a SCAN reply.
+fn scan_page(r: &[u8]) -> (String, Vec<String>) {
+    let text = String::from_utf8_lossy(r);
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    let cursor = lines[2].to_string();
+    let mut keys: Vec<String> = lines[4..]
+        .iter()
+        .filter(|l| !l.starts_with('$') && !l.is_empty())
+        .map(|l| l.to_string())
+        .collect();
+    keys.sort();
+    (cursor, keys)
+}
+
+/// On a small keyspace one SCAN call reads every key, as from one Redis
+/// (cursor `0`), with TYPE and MATCH kept.
+#[tokio::test]
+async fn a_small_keyspace_is_scanned_in_one_call() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let mut direct = Raw::connect(format!("127.0.0.1:{}", single.port).parse().unwrap()).await;
+    let mut via = Raw::connect(s.addr).await;
+    for c in [&mut direct, &mut via] {
+        for line in [
+            "SET a 1",
+            "SET b 2",
+            "SET c 3",
+            "SET d 4",
+            "SET k1 x",
+            "SADD myset m",
+            "HSET myhash f v",
+        ] {
+            call(c, line).await;
+        }
+    }
+    for line in [
+        "SCAN 0",
+        "SCAN 0 TYPE set",
+        "SCAN 0 TYPE string COUNT 100",
+        "SCAN 0 MATCH k* COUNT 100",
+        "SCAN 0 TYPE hash",
+    ] {
+        let want = scan_page(&call(&mut direct, line).await);
+        let got = scan_page(&call(&mut via, line).await);
+        assert_eq!(got, want, "{line}");
+        assert_eq!(got.0, "0", "{line}");
+    }
+    s.shutdown().await;
+}

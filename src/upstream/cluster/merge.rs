@@ -34,6 +34,14 @@ pub enum Merge {
     ScriptLoad(Bytes, Arc<Topology>),
     /// 0/1 arrays, element-wise AND (SCRIPT EXISTS).
     AndArrays,
+    /// A fresh SCAN (cursor 0) sent to every master at once: the keys of
+    /// every master up to the first one not done, and the cursor from
+    /// there (`0` when every master is done: a small keyspace is read in
+    /// one call, as from one Redis).
+    ScanAll {
+        epoch: u8,
+        masters: usize,
+    },
     /// One master's SCAN reply, its cursor rewritten.
     Scan {
         epoch: u8,
@@ -220,6 +228,40 @@ pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
             out.extend_from_slice(b"*2\r\n");
             out.extend_from_slice(format!("${}\r\n{text}\r\n", text.len()).as_bytes());
             out.extend_from_slice(&r[ks..ke]);
+            Some(out.freeze())
+        }
+        Merge::ScanAll { epoch, masters } => {
+            if let Some(e) = first_error() {
+                return Some(e);
+            }
+            let mut keys = BytesMut::new();
+            let mut n = 0;
+            let mut cursor = "0".to_string();
+            for (i, r) in replies.iter().enumerate() {
+                let ranges = split_array(r)?;
+                let (cs, ce) = *ranges.first()?;
+                let (ks, ke) = *ranges.get(1)?;
+                let next: u64 = std::str::from_utf8(bulk_text(&r[cs..ce])?)
+                    .ok()?
+                    .parse()
+                    .ok()?;
+                let inner = r.slice(ks..ke);
+                for (s, e) in split_array(&inner)? {
+                    keys.extend_from_slice(&inner[s..e]);
+                    n += 1;
+                }
+                if next != 0 {
+                    cursor = ScanCursor::after(*epoch, u8::try_from(i).ok()?, next, *masters)?
+                        .encode()
+                        .ok()?;
+                    break;
+                }
+            }
+            let mut out = BytesMut::with_capacity(keys.len() + 32);
+            out.extend_from_slice(b"*2\r\n");
+            out.extend_from_slice(format!("${}\r\n{cursor}\r\n", cursor.len()).as_bytes());
+            crate::wire::scan::push_header(&mut out, b'*', n);
+            out.extend_from_slice(&keys);
             Some(out.freeze())
         }
         Merge::Info { version, node } => {

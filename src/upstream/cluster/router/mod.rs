@@ -367,6 +367,19 @@ impl Router {
             );
         };
         let payload = encode_command(&args);
+        if node == 0 && &args[1][..] == b"0" && masters > 1 {
+            // A fresh scan: every master's first step at once, so a small
+            // keyspace is read in one call.
+            let parts = self
+                .map
+                .masters
+                .iter()
+                .map(|m| (Some(m.clone()), payload.clone()))
+                .collect();
+            return self
+                .gather(job, parts, Merge::ScanAll { epoch, masters }, true)
+                .await;
+        }
         self.gather(
             job,
             vec![(Some(target), payload)],
