@@ -886,3 +886,75 @@ async fn a_small_keyspace_is_scanned_in_one_call() {
     }
     s.shutdown().await;
 }
+
+/// Subscribers on several channels and a pattern, through the sidecar in
+/// front of the cluster and directly on a single Redis: PUBLISH counts
+/// every receiver, PUBSUB NUMSUB, NUMPAT and CHANNELS see every
+/// subscription, and every subscriber gets its messages, byte for byte as
+/// from one Redis.
+#[tokio::test]
+async fn pubsub_counts_every_subscriber_as_on_one_redis() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let subscriptions: [&[&[u8]]; 4] = [
+        &[b"SUBSCRIBE", b"foo", b"bar", b"baz"],
+        &[b"SUBSCRIBE", b"baz"],
+        &[b"PSUBSCRIBE", b"b*"],
+        &[b"SUBSCRIBE", b"baz", b"qux"],
+    ];
+    let mut replies = Vec::new();
+    for addr in [single_addr, s.addr] {
+        let mut subs = Vec::new();
+        for sub in subscriptions {
+            let mut c = Raw::connect(addr).await;
+            c.cmd(sub).await;
+            for _ in 1..sub.len() {
+                c.read().await;
+            }
+            subs.push(c);
+        }
+        let mut p = Raw::connect(addr).await;
+        let mut got = Vec::new();
+        for line in [
+            "PUBLISH baz m1",
+            "PUBLISH foo m2",
+            "PUBLISH nobody m3",
+            "PUBSUB NUMSUB foo bar baz qux nobody",
+            "PUBSUB NUMPAT",
+        ] {
+            got.push(call(&mut p, line).await);
+        }
+        let mut channels: Vec<String> =
+            String::from_utf8_lossy(&call(&mut p, "PUBSUB CHANNELS").await)
+                .split("\r\n")
+                .filter(|l| !l.starts_with('*') && !l.starts_with('$') && !l.is_empty())
+                .map(str::to_string)
+                .collect();
+        channels.sort();
+        // What each subscriber received, in order.
+        let mut messages = Vec::new();
+        for (i, c) in subs.iter_mut().enumerate() {
+            let n = match i {
+                0 => 2, // baz, foo
+                1 => 1,
+                2 => 1, // b* matches baz
+                _ => 1,
+            };
+            for _ in 0..n {
+                messages.push(c.read().await);
+            }
+        }
+        replies.push((got, channels, messages));
+    }
+    let show = |r: &[bytes::Bytes]| {
+        r.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(show(&replies[1].0), show(&replies[0].0));
+    assert_eq!(replies[1].1, replies[0].1);
+    assert_eq!(show(&replies[1].2), show(&replies[0].2));
+    s.shutdown().await;
+}

@@ -33,6 +33,12 @@ pub enum Route {
     Answer(Bytes),
 }
 
+/// The slot whose master is the pub/sub node: subscribers and PUBLISH
+/// through the sidecar all go there (the slot of `{redis-sidecar}:pubsub`).
+pub(crate) fn pubsub_slot() -> u16 {
+    super::key_slot(b"{redis-sidecar}:pubsub")
+}
+
 /// Commands routed by their name, whatever their keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Named {
@@ -56,6 +62,9 @@ pub(crate) enum Named {
     ClusterOnly,
     /// SPUBLISH/SSUBSCRIBE/SUNSUBSCRIBE: by the channel's slot.
     ShardChannel,
+    /// PUBLISH and PUBSUB (but its SHARD* subcommands): on the pub/sub
+    /// node, where every subscriber through the sidecar is.
+    PubSub,
 }
 
 /// Which [`Named`] command `args` is (no allocation: it runs for every
@@ -102,6 +111,13 @@ pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
         } else {
             return None;
         }
+    } else if is(b"publish") {
+        Named::PubSub
+    } else if is(b"pubsub") {
+        if sub(&[b"shardchannels", b"shardnumsub"]) {
+            return None;
+        }
+        Named::PubSub
     } else if is(b"readonly") || is(b"readwrite") {
         Named::ClusterOnly
     } else if is(b"spublish") || is(b"ssubscribe") || is(b"sunsubscribe") {
@@ -164,6 +180,7 @@ pub fn route_of(
             Named::ClusterOnly => Route::Answer(Bytes::from_static(
                 b"-ERR This instance has cluster support disabled\r\n",
             )),
+            Named::PubSub => Route::Slot(pubsub_slot()),
             Named::ShardChannel => match args.get(1) {
                 Some(ch) => Route::Slot(super::key_slot(ch)),
                 None => Route::Any,

@@ -221,7 +221,14 @@ impl Router {
 
     /// The client's node for commands without a key: the same one for all
     /// its keyless commands, spread over the masters across clients.
+    /// A pinned client's (subscriptions, MONITOR, transactions) is the
+    /// pub/sub node: every subscriber and every PUBLISH through the sidecar
+    /// meet there, so PUBLISH counts every receiver and PUBSUB NUMSUB,
+    /// NUMPAT and CHANNELS see every subscription, as on one Redis.
     fn default_node(&self, client: &Arc<ClientShared>) -> Option<Node> {
+        if self.pinned.is_some() {
+            return self.owner(super::route::pubsub_slot());
+        }
         self.map.keyless_node(client).cloned()
     }
 
