@@ -891,14 +891,7 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
 /// follower, killed, has left: it is forgotten, not waited for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
-    let a = RedisServer::start();
-    let b = RedisServer::start();
-    let leader = sidecar_with(
-        config_multi(&[("a", a.url()), ("b", b.url())]),
-        redis_sidecar::policy::Builder::default(),
-    )
-    .await;
-    wait_up(&leader, 1).await;
+    let (a, b, leader) = sidecar_ab().await;
     let admin = leader.admin_addr.unwrap();
     let dir = std::env::temp_dir().join(format!("sidecar-stop-{}", a.port));
     std::fs::create_dir_all(&dir).unwrap();

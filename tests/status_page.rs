@@ -45,14 +45,7 @@ async fn browse(url: String, screenshot: Option<std::path::PathBuf>) -> (String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_active_upstream_and_a_switch() {
-    let a = RedisServer::start();
-    let b = RedisServer::start();
-    let s = sidecar_with(
-        config_multi(&[("a", a.url()), ("b", b.url())]),
-        redis_sidecar::policy::Builder::default(),
-    )
-    .await;
-    wait_up(&s, 1).await;
+    let (_a, _b, s) = sidecar_ab().await;
     let admin = s.admin_addr.unwrap();
     let mut c = client(&s).await;
     let _: () = redis::cmd("SET")

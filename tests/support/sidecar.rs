@@ -188,3 +188,16 @@ pub fn ttl_rule(
         sweep_every: Duration::from_secs(600),
     }
 }
+
+/// Two servers and a sidecar in front of them (`a` first, `b` up).
+pub async fn sidecar_ab() -> (RedisServer, RedisServer, Sidecar) {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let s = sidecar_with(
+        config_multi(&[("a", a.url()), ("b", b.url())]),
+        Builder::default(),
+    )
+    .await;
+    wait_up(&s, 1).await;
+    (a, b, s)
+}

@@ -215,6 +215,15 @@ impl Router {
         }
     }
 
+    /// `payload` for every master, in the map's order.
+    fn every_master(&self, payload: &Bytes) -> Vec<(Option<Node>, Bytes)> {
+        self.map
+            .masters
+            .iter()
+            .map(|m| (Some(m.clone()), payload.clone()))
+            .collect()
+    }
+
     fn owner(&self, slot: u16) -> Option<Node> {
         self.topo.owner(&self.map, slot)
     }
@@ -313,13 +322,7 @@ impl Router {
                     }
                     (m, _) => m,
                 };
-                let payload = job.payload.slice(..end);
-                let parts = self
-                    .map
-                    .masters
-                    .iter()
-                    .map(|m| (Some(m.clone()), payload.clone()))
-                    .collect();
+                let parts = self.every_master(&job.payload.slice(..end));
                 self.gather(job, parts, merge, true).await
             }
             Route::Scan => self.scan(job, args).await,
@@ -377,12 +380,7 @@ impl Router {
         if node == 0 && &args[1][..] == b"0" && masters > 1 {
             // A fresh scan: every master's first step at once, so a small
             // keyspace is read in one call.
-            let parts = self
-                .map
-                .masters
-                .iter()
-                .map(|m| (Some(m.clone()), payload.clone()))
-                .collect();
+            let parts = self.every_master(&payload);
             return self
                 .gather(job, parts, Merge::ScanAll { epoch, masters }, true)
                 .await;
