@@ -990,6 +990,18 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
     assert!(reason.contains(&pid), "{reason} names {pid}");
     assert_eq!(upstreams_at(admin).await["active"], "a");
     signal(&child, "CONT");
+    // Its heartbeat is back (its key on the source) before the cutover.
+    assert!(
+        eventually(|| async {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("{redis-sidecar}:member:*")
+                .query_async(&mut a.direct().await)
+                .await
+                .unwrap();
+            keys.iter().any(|k| k.contains(&pid))
+        })
+        .await
+    );
     let (st, _) = http(admin, "POST", "/migrations/current/cutover", None).await;
     assert_eq!(st, 200);
     assert!(
