@@ -57,6 +57,15 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// The hot keys and big keys the running sidecar saw in its traffic
+    /// (needs [hotkeys] enabled = true): a table, like `redis-cli
+    /// --hotkeys`, with no LFU policy and no SCAN.
+    Hotkeys {
+        /// The admin API (default: the configuration's admin_listen). The
+        /// token is the configuration's, or $REDIS_SIDECAR_ADMIN_TOKEN.
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Report, read-only, what the [[ttl]] rules would change: per rule,
     /// keys sampled with SCAN, how many have no TTL, how many a TTL above
     /// the max (on the first upstream endpoint).
@@ -86,12 +95,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Migrate { to, cutover, admin }) = &cli.command {
+    let admin_url = |admin: &Option<String>| {
         let listen = validated
             .config
             .admin_listen
             .replace("0.0.0.0", "127.0.0.1");
-        let admin = admin.clone().unwrap_or(format!("http://{listen}"));
+        admin.clone().unwrap_or(format!("http://{listen}"))
+    };
+    if let Some(Command::Hotkeys { admin }) = &cli.command {
+        let mut out = std::io::stdout();
+        let token = &validated.config.admin_token;
+        return match redis_sidecar::app::hotkeys_cli::run(&admin_url(admin), token, &mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("redis-sidecar: hotkeys: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Migrate { to, cutover, admin }) = &cli.command {
+        let admin = admin_url(admin);
         let token = &validated.config.admin_token;
         let mut out = std::io::stdout();
         return match redis_sidecar::app::migrate::cli::run(&admin, token, to, *cutover, &mut out) {

@@ -46,6 +46,8 @@ struct Inner {
     upstream_up: IntGaugeVec,
     upstream_active: IntGaugeVec,
     on_fallback: IntGauge,
+    hotkeys_tracked: IntGauge,
+    hotkeys_share: prometheus::Gauge,
     failovers: IntCounterVec,
     config_reloads: IntCounterVec,
     check_duration: HistogramVec,
@@ -159,6 +161,16 @@ impl Metrics {
         let on_fallback = IntGauge::with_opts(Opts::new(
             "upstream_fallback_active",
             "1 while the active endpoint is not the first configured one (a failover or a switch)",
+        ))
+        .expect("static metric");
+        let hotkeys_tracked = IntGauge::with_opts(Opts::new(
+            "hotkeys_tracked",
+            "Keys in the last complete window's hot-key report ([hotkeys])",
+        ))
+        .expect("static metric");
+        let hotkeys_share = prometheus::Gauge::with_opts(Opts::new(
+            "hotkeys_top_share",
+            "The share of the last complete window's requests its top keys carry ([hotkeys])",
         ))
         .expect("static metric");
         let failovers = IntCounterVec::new(
@@ -486,6 +498,8 @@ impl Metrics {
             Box::new(upstream_up.clone()),
             Box::new(upstream_active.clone()),
             Box::new(on_fallback.clone()),
+            Box::new(hotkeys_tracked.clone()),
+            Box::new(hotkeys_share.clone()),
             Box::new(failovers.clone()),
             Box::new(config_reloads.clone()),
             Box::new(check_duration.clone()),
@@ -512,6 +526,8 @@ impl Metrics {
             upstream_up,
             upstream_active,
             on_fallback,
+            hotkeys_tracked,
+            hotkeys_share,
             failovers,
             config_reloads,
             check_duration,
@@ -655,6 +671,12 @@ impl Metrics {
             .upstream_up
             .with_label_values(&[upstream])
             .set(i64::from(up));
+    }
+
+    /// The last complete hot-key window: keys reported, their share.
+    pub fn hotkeys(&self, tracked: usize, share: f64) {
+        self.0.hotkeys_tracked.set(tracked as i64);
+        self.0.hotkeys_share.set(share);
     }
 
     /// Whether the active endpoint is a fallback (not the first one).

@@ -296,6 +296,27 @@ impl Admin {
                 );
                 r
             }
+            (&Method::GET, "/hotkeys", _) => {
+                if !authorized() {
+                    return respond_json(
+                        StatusCode::UNAUTHORIZED,
+                        false,
+                        "missing or wrong admin token (keys are data)",
+                    );
+                }
+                match self.control.policies.hotkeys() {
+                    Some(h) => respond(
+                        StatusCode::OK,
+                        "application/json",
+                        crate::policy::hotkeys::report_json(&h).to_string() + "\n",
+                    ),
+                    None => respond_json(
+                        StatusCode::NOT_FOUND,
+                        false,
+                        "the hot-key report is off ([hotkeys] enabled = false)",
+                    ),
+                }
+            }
             (&Method::GET, "/healthz", _) => respond(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, "/readyz", _) => {
                 let name = self.pool.ups.active().endpoint.name().to_string();
@@ -385,7 +406,8 @@ impl Admin {
             }
             (
                 _,
-                "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload" | "/cache/flush",
+                "/metrics" | "/healthz" | "/readyz" | "/upstreams" | "/reload" | "/cache/flush"
+                | "/hotkeys",
                 _,
             )
             | (_, _, Some(_)) => respond(

@@ -3,7 +3,9 @@
 //! admin HTTP listener ([`admin`]).
 
 pub mod admin;
+mod admin_client;
 pub mod control;
+pub mod hotkeys_cli;
 pub mod migrate;
 pub mod validate;
 

@@ -49,6 +49,9 @@ pub struct Config {
     pub rate_limit: Vec<RateLimitRule>,
     /// The L1 cache (a policy stage; rules reload live).
     pub cache: CacheConfig,
+    /// The hot-key and big-key report from the traffic (a policy stage;
+    /// reloads live).
+    pub hotkeys: HotKeysConfig,
     /// The sidecar's own password and users (clients AUTH to the sidecar).
     pub client_auth: ClientAuthConfig,
 }
@@ -126,6 +129,32 @@ fn default_sweep_every() -> Duration {
 impl TtlRule {
     pub fn label(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.pattern)
+    }
+}
+
+/// `[hotkeys]`: hot keys and big keys found from the traffic
+/// (`GET /hotkeys`, `redis-sidecar hotkeys`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotKeysConfig {
+    pub enabled: bool,
+    /// Keys kept per window: the most requested (1 to 1,000).
+    pub top: usize,
+    /// How long a window counts before the next starts.
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// A request or a reply at least this large names a big key.
+    pub big_key_bytes: ByteSize,
+}
+
+impl Default for HotKeysConfig {
+    fn default() -> Self {
+        HotKeysConfig {
+            enabled: false,
+            top: 100,
+            window: Duration::from_secs(10),
+            big_key_bytes: ByteSize(1 << 20),
+        }
     }
 }
 
@@ -336,6 +365,7 @@ impl fmt::Debug for Config {
             .field("ttl", &self.ttl)
             .field("rate_limit", &self.rate_limit)
             .field("cache", &self.cache)
+            .field("hotkeys", &self.hotkeys)
             .field("client_auth", &self.client_auth)
             .finish()
     }
@@ -546,6 +576,7 @@ impl Default for Config {
             ttl: Vec::new(),
             rate_limit: Vec::new(),
             cache: CacheConfig::default(),
+            hotkeys: HotKeysConfig::default(),
             client_auth: ClientAuthConfig::default(),
             log: LogConfig::default(),
         }

@@ -27,6 +27,7 @@
 pub mod access;
 pub mod cache;
 pub mod glob;
+pub mod hotkeys;
 pub mod ratelimit;
 pub mod sweep;
 pub mod ttl;
@@ -192,6 +193,11 @@ pub enum PolicyError {
         index: Option<usize>,
         reason: cache::CacheError,
     },
+    #[error("hotkeys.{field}: {reason}")]
+    HotKeys {
+        field: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// What stages that talk to the upstream (shared rate limits) need.
@@ -219,6 +225,9 @@ pub struct Builder {
     /// The cache's entries and connection, made on the first build with
     /// the cache on, kept across reloads.
     cache: Arc<std::sync::OnceLock<Arc<cache::CacheState>>>,
+    /// The hot-key counts, made on the first build with them on, kept
+    /// across reloads.
+    hotkeys: Arc<std::sync::OnceLock<Arc<hotkeys::HotKeys>>>,
 }
 
 impl Builder {
@@ -267,6 +276,24 @@ impl Builder {
             }
             Err(e) => errors.extend(e),
         }
+        let h = &c.hotkeys;
+        if h.top == 0 || h.top > 1000 {
+            errors.push(PolicyError::HotKeys {
+                field: "top",
+                reason: "must be from 1 to 1000",
+            });
+        } else if h.window < std::time::Duration::from_secs(1) {
+            errors.push(PolicyError::HotKeys {
+                field: "window",
+                reason: "must be at least 1s",
+            });
+        } else if h.enabled {
+            // Before the cache: a read the cache answers counts too.
+            let state = self
+                .hotkeys
+                .get_or_init(|| hotkeys::HotKeys::new(h, metrics));
+            stages.push(Arc::new(hotkeys::HotKeysStage::new(state.clone(), h)));
+        }
         let state = match (&self.env, c.cache.enabled) {
             (Some(env), true) => Some(self.cache.get_or_init(|| {
                 cache::CacheState::start(&c.cache, env, c.timeouts.command, metrics)
@@ -307,6 +334,12 @@ pub struct Policies {
 }
 
 impl Policies {
+    /// The hot-key report's state, while `[hotkeys]` is on.
+    pub fn hotkeys(&self) -> Option<Arc<hotkeys::HotKeys>> {
+        let on = self.current().names().contains(&"hotkeys");
+        on.then(|| self.builder.hotkeys.get().cloned()).flatten()
+    }
+
     pub fn new(
         builder: Builder,
         config: &Config,
