@@ -1,13 +1,13 @@
 //! Hot keys and big keys, found from the traffic (`[hotkeys]`): a
-//! count-min sketch of requests and of bytes per key and database, with
-//! the top keys kept beside it, per time window; big keys seen in requests
+//! count-min sketch of requests per key and database, with the top keys
+//! (and their bytes and commands) kept beside it, per time window; big keys seen in requests
 //! and replies over a size. Bounded memory whatever the number of keys:
 //! the sketch is fixed, the top and the big keys are capped. The report is
 //! `GET /hotkeys` (keys are data: behind the admin token, never in metric
 //! labels) and `redis-sidecar hotkeys`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
@@ -18,7 +18,7 @@ use super::{Ctx, Exchange, ReplyAction, Stage, Verdict};
 use crate::config::HotKeysConfig;
 use crate::metrics::Metrics;
 
-/// Rows and columns of each count-min sketch (4 x 4096 u32: 64 KiB).
+/// Rows and columns of the count-min sketch (4 x 4096 u32: 64 KiB).
 const ROWS: usize = 4;
 const COLS: usize = 4096;
 /// Replies measured for the bytes and the big keys: one command in this
@@ -59,9 +59,39 @@ impl Sketch {
     }
 }
 
+/// A map keyed by hashes already computed: its hasher passes them on.
+#[derive(Clone, Copy, Default)]
+struct Prehashed;
+
+impl BuildHasher for Prehashed {
+    type Hasher = PassOn;
+    fn build_hasher(&self) -> PassOn {
+        PassOn(0)
+    }
+}
+
+#[derive(Default)]
+struct PassOn(u64);
+
+impl Hasher for PassOn {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// One of the top keys.
 #[derive(Clone, Debug)]
 struct Top {
+    db: i64,
+    key: Bytes,
     requests: u32,
     bytes: u64,
     commands: Vec<(String, u32)>,
@@ -71,8 +101,8 @@ struct Top {
 struct Window {
     started: SystemTime,
     requests: Sketch,
-    bytes: Sketch,
-    top: HashMap<(i64, Bytes), Top>,
+    /// By the key's hash (the sketch's): a lookup clones nothing.
+    top: HashMap<u64, Top, Prehashed>,
     /// The smallest request estimate in `top` once it is full.
     floor: u32,
     total: u64,
@@ -83,8 +113,7 @@ impl Window {
         Window {
             started: SystemTime::now(),
             requests: Sketch::new(),
-            bytes: Sketch::new(),
-            top: HashMap::new(),
+            top: HashMap::with_hasher(Prehashed),
             floor: 0,
             total: 0,
         }
@@ -111,7 +140,7 @@ pub struct Report {
 pub struct HotKeys {
     config: Mutex<HotKeysConfig>,
     state: Mutex<State>,
-    hasher: std::collections::hash_map::RandomState,
+    seed: u64,
     sample: AtomicU32,
     metrics: Metrics,
 }
@@ -134,7 +163,11 @@ impl HotKeys {
                 rotated: Instant::now(),
                 big: HashMap::new(),
             }),
-            hasher: std::collections::hash_map::RandomState::new(),
+            seed: {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u8(0);
+                h.finish()
+            },
             sample: AtomicU32::new(0),
             metrics: metrics.clone(),
         })
@@ -156,11 +189,21 @@ impl HotKeys {
         *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config.clone();
     }
 
+    /// FNV-1a of the db and the key, from a per-process random seed (a
+    /// client cannot aim collisions), mixed: fast for short keys.
     fn hash(&self, db: i64, key: &[u8]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        db.hash(&mut h);
-        key.hash(&mut h);
-        h.finish()
+        let mut h = self.seed ^ (db as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for &b in key {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // The finalizer of splitmix64: every bit of the key reaches the
+        // bits the sketch's rows use.
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
     }
 
     /// `key` of `db` was requested by `command`, with `bytes` of request
@@ -171,8 +214,7 @@ impl HotKeys {
         let w = &mut st.current;
         w.total += 1;
         let est = w.requests.add(h, 1);
-        w.bytes.add(h, u32::try_from(bytes).unwrap_or(u32::MAX));
-        if let Some(t) = w.top.get_mut(&(db, key.clone())) {
+        if let Some(t) = w.top.get_mut(&h) {
             t.requests = est;
             t.bytes = t.bytes.saturating_add(bytes);
             note_command(&mut t.commands, command);
@@ -187,7 +229,7 @@ impl HotKeys {
                 .top
                 .iter()
                 .min_by_key(|(_, t)| t.requests)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| *k)
             {
                 w.top.remove(&min);
             }
@@ -195,8 +237,10 @@ impl HotKeys {
         let mut commands = Vec::new();
         note_command(&mut commands, command);
         w.top.insert(
-            (db, key.clone()),
+            h,
             Top {
+                db,
+                key: key.clone(),
                 requests: est,
                 bytes,
                 commands,
@@ -242,7 +286,6 @@ impl HotKeys {
         self.metrics.hotkeys(report.top.len(), share);
         st.last = Some(report);
         st.current.requests.clear();
-        st.current.bytes.clear();
         st.current.top.clear();
         st.current.floor = 0;
         st.current.total = 0;
@@ -281,8 +324,8 @@ fn note_command(commands: &mut Vec<(String, u32)>, command: &str) {
 fn report_of(w: &Window) -> Report {
     let mut top: Vec<_> = w
         .top
-        .iter()
-        .map(|((db, k), t)| (*db, k.clone(), t.requests, t.bytes, t.commands.clone()))
+        .values()
+        .map(|t| (t.db, t.key.clone(), t.requests, t.bytes, t.commands.clone()))
         .collect();
     top.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.1.cmp(&b.1)));
     Report {
