@@ -360,6 +360,15 @@ async fn every_flush_reason() {
         .query_async(&mut d)
         .await
         .unwrap();
+    // A direct write is seen once its invalidation arrives (milliseconds;
+    // more on a loaded machine).
+    let addr = s.addr;
+    assert!(
+        eventually(|| async move {
+            &Raw::connect(addr).await.call(&[b"GET", b"c:f"]).await[..] == b"$1\r\n2\r\n"
+        })
+        .await
+    );
     warm(&mut c).await;
     let (status, _) = http(s.admin_addr.unwrap(), "POST", "/cache/flush", None).await;
     assert_eq!(status, 401, "the flush needs the admin token");
