@@ -16,6 +16,8 @@ async fn the_report_finds_the_hot_key_and_the_big_one() {
     let redis = RedisServer::start();
     let mut cfg = config(&redis.url());
     cfg.hotkeys.enabled = true;
+    // One window for the whole test, however slow the machine.
+    cfg.hotkeys.window = std::time::Duration::from_secs(3600);
     cfg.admin_token = "hk-token".into();
     let s = sidecar_with(cfg, redis_sidecar::policy::Builder::default()).await;
     let admin = s.admin_addr.unwrap();
