@@ -74,14 +74,18 @@ async fn every_series_the_alert_rules_name_exists() {
         let _: redis::RedisResult<Option<String>> =
             redis::cmd("GET").arg("r:1").query_async(&mut c).await;
     }
+    let fallback = || metric(&s, "upstream_fallback_active", &[]);
+    assert_eq!(fallback(), 0.0);
     assert_eq!(
         http(admin, "POST", "/upstreams/b/activate", None).await.0,
         200
     );
+    assert_eq!(fallback(), 1.0, "b is not the first endpoint");
     assert_eq!(
         http(admin, "POST", "/upstreams/a/activate", None).await.0,
         200
     );
+    assert_eq!(fallback(), 0.0);
     std::fs::write(&file, "this is not toml").unwrap();
     assert_ne!(http(admin, "POST", "/reload", None).await.0, 200);
     let (st, body) = http_json(admin, "POST", "/migrations", r#"{"to": "b"}"#).await;

@@ -43,6 +43,22 @@ async fn browse(url: String, screenshot: Option<std::path::PathBuf>) -> (String,
     .unwrap()
 }
 
+/// The response's status line and headers, lower-cased names.
+async fn raw_head(admin: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_active_upstream_and_a_switch() {
     let (_a, _b, s) = sidecar_ab().await;
@@ -59,6 +75,14 @@ async fn the_status_page_shows_the_active_upstream_and_a_switch() {
     assert_eq!(st, 200);
     // Self-contained: nothing is loaded from elsewhere.
     assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("src="));
+    // Never framed (its buttons switch upstreams); scripts only its own.
+    let head = raw_head(admin, "/").await;
+    assert!(head.contains("x-frame-options: DENY"), "{head}");
+    assert!(head.contains("frame-ancestors 'none'"), "{head}");
+    // Its migration source answers 200 whether or not there is one (no
+    // 404 in the browser's console).
+    let (st, body) = http_get(admin, "/migrations").await;
+    assert_eq!((st, body.trim()), (200, r#"{"current":null}"#));
     let (dom, console) = browse(url.clone(), None).await;
     assert!(console.is_empty(), "console: {console:?}");
     assert!(dom.contains(r#"id="active">a<"#), "{dom}");
