@@ -89,12 +89,28 @@ fn spawn(redis: &RedisServer, port: u16) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    wait_port(port);
+    child
+}
+
+/// Until something listens on `port` (panics after 10 s).
+fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "sidecar did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+}
+
+/// The binary with `--config file`, its output discarded.
+fn run_config(file: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// SIGTERM `child`, wait for it, and return what it wrote to stderr.
@@ -781,18 +797,8 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
         &[("a", &a), ("b", &b)],
     );
     let start = || {
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
-            assert!(Instant::now() < deadline, "sidecar did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = run_config(&file);
+        wait_port(admin);
         child
     };
     let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
@@ -902,16 +908,7 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
         &format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{f_admin}\"\n"),
         &[("a", &a), ("b", &b)],
     );
-    let spawn_follower = |file: &std::path::Path| {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut child = spawn_follower(&file);
+    let mut child = run_config(&file);
     // A second follower, killed during the migration: it left (no
     // heartbeat, no connection), and is forgotten.
     let file2 = dir.join("sidecar2.toml");
@@ -924,7 +921,7 @@ async fn a_follower_that_stops_heartbeating_blocks_the_cutover() {
         ),
         &[("a", &a), ("b", &b)],
     );
-    let mut killed = spawn_follower(&file2);
+    let mut killed = run_config(&file2);
     let g_admin: std::net::SocketAddr = format!("127.0.0.1:{g_admin}").parse().unwrap();
     let f_admin: std::net::SocketAddr = format!("127.0.0.1:{f_admin}").parse().unwrap();
     assert!(
