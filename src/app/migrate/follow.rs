@@ -16,23 +16,32 @@ use super::{Kind, Migration, Migrator, OtherSidecars, Phase, Request, side};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::pool::ControlConn;
 
+/// A record found, where, on which connection, and this sidecar's
+/// migration following it (`None`: it cannot follow).
+type Found = (Record, Arc<Endpoint>, ControlConn, Option<Arc<Migration>>);
+
 /// Marks a follower keeps while it cannot push them, at most: past it,
 /// it stops following (and the leader's cutover fails on its silence).
 const MAX_UNSENT: usize = 1_000_000;
 
 impl Migrator {
     /// Look for a migration to follow now (bounded by the connect
-    /// timeout), then every [`fleet::IDLE_POLL`] on a task of its own.
+    /// timeout; one found is joined before this returns, so the sidecar
+    /// takes clients with the stage that marks and holds in), then every
+    /// [`fleet::IDLE_POLL`], on one task that follows what it finds.
     pub async fn watch(self: &Arc<Self>) {
         let mut conn = None;
         let first = self.pool.settings().connect_timeout + Duration::from_secs(1);
-        if let Ok(Some(rec)) = tokio::time::timeout(first, self.look(&mut conn)).await {
-            self.start_following(rec, conn.take());
-        }
+        let mut found = match tokio::time::timeout(first, self.look(&mut conn)).await {
+            Ok(Some(rec)) => self.joined(rec, &mut conn),
+            _ => None,
+        };
         let me = self.clone();
         self.tasks.spawn(async move {
-            let mut conn = conn;
             loop {
+                if let Some((rec, ep, c, m)) = found.take() {
+                    me.follow_with(rec, ep, c, m).await;
+                }
                 tokio::select! {
                     _ = me.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(fleet::IDLE_POLL) => {}
@@ -41,11 +50,7 @@ impl Migrator {
                     continue;
                 }
                 if let Some(rec) = me.look(&mut conn).await {
-                    let (ep, c) = match conn.take() {
-                        Some(x) => x,
-                        None => continue,
-                    };
-                    me.follow(rec, ep, c).await;
+                    found = me.joined(rec, &mut conn);
                 }
             }
         });
@@ -82,21 +87,15 @@ impl Migrator {
         }
     }
 
-    /// Found at the start: followed on a task of its own (the sidecar
-    /// takes clients once the stage that marks and holds is in).
-    fn start_following(self: &Arc<Self>, rec: Record, conn: Option<(Arc<Endpoint>, ControlConn)>) {
-        let Some((ep, c)) = conn else {
-            return;
-        };
-        let me = self.clone();
-        let m = me.join(&rec, &ep);
-        self.tasks
-            .spawn(async move { me.follow_with(rec, ep, c, m).await });
-    }
-
-    async fn follow(self: &Arc<Self>, rec: Record, ep: Arc<Endpoint>, c: ControlConn) {
+    /// `rec` joined, with the connection it was found on (taken).
+    fn joined(
+        &self,
+        rec: Record,
+        conn: &mut Option<(Arc<Endpoint>, ControlConn)>,
+    ) -> Option<Found> {
+        let (ep, c) = conn.take()?;
         let m = self.join(&rec, &ep);
-        self.follow_with(rec, ep, c, m).await;
+        Some((rec, ep, c, m))
     }
 
     /// The follower's migration, its stage added (`None`: this sidecar has
