@@ -70,7 +70,10 @@ impl Run {
             lead: None,
         };
         if c.m.kind == Kind::Migrate {
-            c.lead(others.unwrap_or_default(), &tasks, done).await?;
+            // A source lost this early aborts the migration too.
+            if let Err(e) = c.lead(others.unwrap_or_default(), &tasks, done).await {
+                return Err(c.source_lost(e));
+            }
         }
         c.run().await
     }
@@ -341,6 +344,16 @@ impl Copier {
         Ok(())
     }
 
+    /// `e`, and when it is the source's connection that failed, the
+    /// migration aborted with that reason (the app stays on the source).
+    fn source_lost(&self, e: String) -> String {
+        if !self.src.lost {
+            return e;
+        }
+        self.m.cancel.cancel();
+        format!("the source was lost: {e}")
+    }
+
     /// The source's connection, in the db the record is in.
     async fn fleet_conn(&mut self) -> Result<&mut ControlConn, String> {
         self.src.select(self.m.url_db).await?;
@@ -483,8 +496,7 @@ impl Copier {
             };
             let (phase, _) = self.m.phase();
             if self.src.lost && phase.before_switch() && self.m.kind == Kind::Migrate {
-                self.m.cancel.cancel();
-                return Err(format!("the source was lost: {e}"));
+                return Err(self.source_lost(e));
             }
             if !(self.dst.lost && phase.before_switch() && self.m.kind == Kind::Migrate) {
                 return Err(e);
