@@ -121,6 +121,48 @@ for proto in (3, 2):
         assert r.client_getname() == f"py{proto}"
         assert isinstance(r.client_id(), int)
 
+    @check(f"redis-py protocol={proto}: MONITOR, a reset WATCH, sharded pub/sub, NUMSUB")
+    def _facade(r=r, proto=proto):
+        p = f"py{proto}:"
+        r.set(f"{p}w", 1)
+        # redis-py's own wait_for_command: the UNWATCH of a reset pipeline
+        # shows in MONITOR before the GET of a marker key.
+        with r.monitor() as m:
+            with r.pipeline() as pipe:
+                pipe.watch(f"{p}w")
+                pipe.get(f"{p}w")
+                pipe.reset()
+            marker = f"__mark-{r.client_id()}__"
+            r.get(marker)
+            seen = None
+            while seen is None:
+                command = m.next_command()["command"]
+                if "UNWATCH" in command:
+                    seen = command
+                elif marker in command:
+                    seen = "the marker first"
+            assert seen == "UNWATCH", seen
+        ps = r.pubsub()
+        ps.ssubscribe(f"{p}s1", f"{p}s2", f"{p}s3")
+        counts = []
+        deadline = time.time() + 5
+        while len(counts) < 3 and time.time() < deadline:
+            msg = ps.get_sharded_message(timeout=0.1)
+            if msg and msg["type"] == "ssubscribe":
+                counts.append(msg["data"])
+        assert counts == [1, 2, 3], counts
+        assert r.spublish(f"{p}s2", "x") == 1
+        ps.close()
+        # socket.io's adapter counts servers with PUBSUB NUMSUB.
+        subs = [r.pubsub() for _ in range(3)]
+        for sub in subs:
+            sub.subscribe(f"{p}room")
+            while (msg := sub.get_message(timeout=1)) and msg["type"] != "subscribe":
+                pass
+        assert r.pubsub_numsub(f"{p}room") == [(f"{p}room", 3)]
+        for sub in subs:
+            sub.close()
+
 if failures:
     print(f"{len(failures)} check(s) failed: {', '.join(failures)}")
     sys.exit(1)

@@ -78,13 +78,25 @@ pub use crate::request::signal::Signal;
 /// The path for frames that are not replies to a job: RESP3 pushes, and
 /// everything once a dedicated connection streams (SUBSCRIBE, MONITOR).
 /// They go to the client after everything queued before them.
+/// A cluster's pinned client's frames pass its router's filter (several
+/// node connections, one stream as from one Redis).
 #[derive(Clone, Debug)]
-pub struct Oob(pub Arc<ClientShared>);
+pub struct Oob(
+    pub Arc<ClientShared>,
+    pub Option<Arc<cluster::stream::StreamFilter>>,
+);
 
 impl Oob {
+    pub fn new(client: Arc<ClientShared>) -> Oob {
+        Oob(client, None)
+    }
+
     /// Queue a frame for the client; written at the end of the batch.
     pub fn send(&self, frame: Bytes) {
-        self.0.push_frame(frame);
+        match &self.1 {
+            Some(f) => f.pass(frame, &self.0),
+            None => self.0.push_frame(frame),
+        }
     }
 
     /// The dedicated connection holding the client's state is gone: close
@@ -134,6 +146,18 @@ pub struct Mark {
 }
 
 impl Mark {
+    /// A token for marks of one client: keyed from the OS's randomness
+    /// (RandomState), so another client cannot guess it.
+    pub fn new_token(seed: u64) -> Bytes {
+        use std::hash::BuildHasher;
+        let s = std::collections::hash_map::RandomState::new();
+        Bytes::from(format!(
+            "redis-sidecar-mark-{:016x}{:016x}",
+            s.hash_one(seed),
+            s.hash_one(Instant::now())
+        ))
+    }
+
     /// The PING to send upstream.
     pub fn payload(&self) -> Bytes {
         crate::wire::encode_command(&[&b"PING"[..], &self.token])

@@ -745,10 +745,11 @@ pub fn command_at(payload: &Bytes, at: usize) -> Option<(Vec<Bytes>, usize)> {
     Some((args, pos))
 }
 
-/// Split a complete RESP array reply into (header length, element ranges).
-/// Returns `None` when `frame` is not a non-null array or is malformed.
+/// Split a complete RESP array (or RESP3 push) reply into its element
+/// ranges. Returns `None` when `frame` is not a non-null array or is
+/// malformed.
 pub fn split_array(frame: &Bytes) -> Option<Vec<(usize, usize)>> {
-    if frame.first() != Some(&b'*') {
+    if !matches!(frame.first(), Some(b'*' | b'>')) {
         return None;
     }
     let nl = find_crlf(frame, 1)?;

@@ -958,3 +958,231 @@ async fn pubsub_counts_every_subscriber_as_on_one_redis() {
     assert_eq!(show(&replies[1].2), show(&replies[0].2));
     s.shutdown().await;
 }
+
+/// The cluster's masters, from each node's ROLE.
+async fn masters(cluster: &Cluster) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for n in &cluster.nodes {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", n.port).parse().unwrap();
+        let mut c = Raw::connect(addr).await;
+        if c.call(&[b"ROLE"]).await.starts_with(b"*3\r\n$6\r\nmaster") {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+/// MONITOR through the sidecar sees the commands of every master, as
+/// MONITOR on one Redis sees all: `+OK` first (never a line before it,
+/// though other clients write meanwhile), then the lines of commands on
+/// keys of every master; a monitor that leaves leaves no MONITOR running
+/// on any node.
+#[tokio::test]
+async fn monitor_sees_every_master_and_leaves_nothing_behind() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    for addr in [single_addr, s.addr] {
+        // Another client writes on every master all along.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut w = Raw::connect(addr).await;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for k in ["a", "b", "c"] {
+                        call(&mut w, &format!("SET {k} busy")).await;
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut m = Raw::connect(addr).await;
+        assert_eq!(&m.call(&[b"MONITOR"]).await[..], b"+OK\r\n", "{addr}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.await.unwrap();
+        // Keys of the three masters (slots 15495, 3300, 7365), then a
+        // marker: every one of them is seen before the marker.
+        let mut c = Raw::connect(addr).await;
+        for line in ["SET a seen", "SET b seen", "SET c seen", "GET monitor-end"] {
+            call(&mut c, line).await;
+        }
+        let mut seen = Vec::new();
+        loop {
+            let line = String::from_utf8_lossy(&m.read().await).into_owned();
+            assert!(line.starts_with('+') && line != "+OK\r\n", "{line}");
+            if line.contains("\"monitor-end\"") {
+                break;
+            }
+            if line.contains("\"seen\"") {
+                seen.push(line.split("] ").nth(1).unwrap_or_default().to_string());
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "\"SET\" \"a\" \"seen\"\r\n",
+                "\"SET\" \"b\" \"seen\"\r\n",
+                "\"SET\" \"c\" \"seen\"\r\n"
+            ],
+            "{addr}"
+        );
+    }
+    // One MONITOR through the sidecar is one on every master; once its
+    // client leaves, none is left.
+    let masters = masters(&cluster).await;
+    assert_eq!(masters.len(), 3);
+    let monitors = || async {
+        let mut n = 0;
+        for a in &masters {
+            let mut d = Raw::connect(*a).await;
+            let list = d.call(&[b"CLIENT", b"LIST"]).await;
+            n += String::from_utf8_lossy(&list).matches("flags=O").count();
+        }
+        n
+    };
+    assert!(eventually(|| async { monitors().await == 0 }).await);
+    let mut m = Raw::connect(s.addr).await;
+    assert_eq!(&m.call(&[b"MONITOR"]).await[..], b"+OK\r\n");
+    assert_eq!(monitors().await, 3);
+    drop(m);
+    assert!(eventually(|| async { monitors().await == 0 }).await);
+    s.shutdown().await;
+}
+
+/// SLOWLOG through the sidecar is every master's, as one Redis's is its
+/// own: GET newest first (to the second: an entry's time is in seconds),
+/// ids unique, with its count; LEN summed; RESET on every master.
+#[tokio::test]
+async fn slowlog_is_every_masters() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let mut nodes = masters(&cluster).await;
+    nodes.push(single_addr);
+    for a in &nodes {
+        let mut d = Raw::connect(*a).await;
+        call(&mut d, "CONFIG SET slowlog-log-slower-than 10000").await;
+        call(&mut d, "SLOWLOG RESET").await;
+    }
+    // A script busy for 20 ms on a key of each master.
+    let slow = "local s = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 20000 return 1";
+    let mut got = Vec::new();
+    for addr in [single_addr, s.addr] {
+        let mut c = Raw::connect(addr).await;
+        for key in ["a", "b", "c"] {
+            let r = c
+                .call(&[b"EVAL", slow.as_bytes(), b"1", key.as_bytes()])
+                .await;
+            assert_eq!(&r[..], b":1\r\n");
+            // An entry's time is in seconds: the next one's is later.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let len = call(&mut c, "SLOWLOG LEN").await;
+        let all = call(&mut c, "SLOWLOG GET").await;
+        let two = call(&mut c, "SLOWLOG GET 2").await;
+        let reset = call(&mut c, "SLOWLOG RESET").await;
+        let after = call(&mut c, "SLOWLOG LEN").await;
+        got.push((len, all, two, reset, after));
+    }
+    // (ids, keys) of a SLOWLOG GET reply, in its order.
+    let entries = |r: &bytes::Bytes| -> (Vec<i64>, Vec<String>) {
+        let v = redis::parse_redis_value(r).unwrap();
+        let redis::Value::Array(es) = v else {
+            panic!("{v:?}")
+        };
+        es.iter()
+            .map(|e| {
+                let redis::Value::Array(f) = e else {
+                    panic!("{e:?}")
+                };
+                let (redis::Value::Int(id), redis::Value::Array(args)) = (&f[0], &f[3]) else {
+                    panic!("{f:?}")
+                };
+                let redis::Value::BulkString(key) = &args[3] else {
+                    panic!("{args:?}")
+                };
+                (*id, String::from_utf8_lossy(key).into_owned())
+            })
+            .unzip()
+    };
+    let (one, cl) = (&got[0], &got[1]);
+    assert_eq!(cl.0, one.0, "LEN");
+    assert_eq!(&cl.0[..], b":3\r\n");
+    assert_eq!(entries(&cl.1).1, ["c", "b", "a"], "newest first");
+    assert_eq!(entries(&cl.1).1, entries(&one.1).1);
+    let mut ids = entries(&cl.1).0;
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "unique ids: {ids:?}");
+    assert_eq!(entries(&cl.2).1, ["c", "b"]);
+    assert_eq!((&cl.3, &cl.4), (&one.3, &one.4));
+    for a in &nodes[..3] {
+        let mut d = Raw::connect(*a).await;
+        assert_eq!(&call(&mut d, "SLOWLOG LEN").await[..], b":0\r\n", "{a}");
+    }
+    s.shutdown().await;
+}
+
+/// Shard channels of several slots (so several masters) in one
+/// SSUBSCRIBE: confirmations in order, each counting the client's shard
+/// channels on every node, SUNSUBSCRIBE without channels ends them all,
+/// SPUBLISH reaches the subscriber: byte for byte as from one Redis, in
+/// RESP2 and RESP3.
+#[tokio::test]
+async fn shard_channels_count_as_on_one_redis() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let show = |v: &[bytes::Bytes]| {
+        v.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+    };
+    for hello in ["HELLO 2", "HELLO 3"] {
+        let mut runs = Vec::new();
+        for addr in [single_addr, s.addr] {
+            let mut c = Raw::connect(addr).await;
+            call(&mut c, hello).await;
+            let mut got = Vec::new();
+            // (command, confirmations it gets)
+            for (line, n) in [
+                ("SSUBSCRIBE foo bar", 2),
+                ("SSUBSCRIBE baz", 1),
+                ("SSUBSCRIBE foo", 1),
+                ("SUNSUBSCRIBE foo nothere", 2),
+            ] {
+                let a = args(line);
+                let refs: Vec<&[u8]> = a.iter().map(|x| &x[..]).collect();
+                c.cmd(&refs).await;
+                for _ in 0..n {
+                    got.push(c.read().await);
+                }
+            }
+            let mut p = Raw::connect(addr).await;
+            got.push(call(&mut p, "SPUBLISH bar hello").await);
+            got.push(call(&mut p, "SPUBLISH foo nobody").await);
+            got.push(c.read().await);
+            // Unsubscribe from all: one confirmation per channel, in an
+            // order Redis does not define; the last says 0.
+            c.cmd(&[b"SUNSUBSCRIBE"]).await;
+            let mut all = vec![c.read().await, c.read().await];
+            assert!(
+                String::from_utf8_lossy(&all[1]).ends_with(":0\r\n"),
+                "{all:?}"
+            );
+            all.sort();
+            let all: Vec<String> = show(&all)
+                .iter()
+                .map(|r| r.rsplit_once(':').unwrap().0.to_string())
+                .collect();
+            got.push(call(&mut c, "SUNSUBSCRIBE").await);
+            runs.push((show(&got), all));
+        }
+        assert_eq!(runs[1], runs[0], "{hello}");
+    }
+    s.shutdown().await;
+}

@@ -105,7 +105,7 @@ impl Session {
             }
             self.drop_dedicated(false);
         }
-        let oob = Oob(self.entry.client.clone());
+        let oob = Oob::new(self.entry.client.clone());
         let pool = self.shared.pool.clone();
         let d = Box::pin(pool.dedicated(&self.identity(), self.st.name.as_ref(), oob)).await?;
         self.entry

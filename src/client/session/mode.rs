@@ -2,7 +2,6 @@
 //! and its transitions, the transaction and subscription state it holds.
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -113,17 +112,7 @@ impl Subs {
 
     pub(super) fn token(&mut self, client: u64) -> Bytes {
         self.token
-            .get_or_insert_with(|| {
-                use std::hash::BuildHasher;
-                // RandomState is keyed from the OS's randomness: another
-                // client cannot guess this session's token.
-                let s = std::collections::hash_map::RandomState::new();
-                Bytes::from(format!(
-                    "redis-sidecar-mark-{:016x}{:016x}",
-                    s.hash_one(client),
-                    s.hash_one(Instant::now())
-                ))
-            })
+            .get_or_insert_with(|| crate::upstream::Mark::new_token(client))
             .clone()
     }
 

@@ -48,6 +48,10 @@ pub enum Merge {
         node: u8,
         masters: usize,
     },
+    /// SLOWLOG GET from every master: the newest entries of all, at most
+    /// this many, each id made unique across masters (`id * masters +
+    /// the master's place in the map`).
+    Slowlog(usize),
     /// One master's INFO, with the lowest `redis_version` of the masters.
     Info {
         version: String,
@@ -264,6 +268,12 @@ pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
             out.extend_from_slice(&keys);
             Some(out.freeze())
         }
+        Merge::Slowlog(count) => {
+            if let Some(e) = first_error() {
+                return Some(e);
+            }
+            slowlog(replies, *count)
+        }
         Merge::Info { version, node } => {
             let r = replies.first()?;
             if crate::wire::is_error(r) {
@@ -272,6 +282,36 @@ pub fn merge(m: &Merge, replies: &[Bytes]) -> Option<Bytes> {
             Some(rewrite_info(r, version, node))
         }
     }
+}
+
+/// SLOWLOG GET's entries ([id, unix time, micros, args, addr, name]) of
+/// every master, newest first, ids unique across masters.
+fn slowlog(replies: &[Bytes], count: usize) -> Option<Bytes> {
+    let masters = replies.len() as i64;
+    let mut entries: Vec<(i64, i64, Bytes)> = Vec::new();
+    for (i, r) in replies.iter().enumerate() {
+        for (s, e) in split_array(r)? {
+            let entry = r.slice(s..e);
+            let fields = split_array(&entry)?;
+            let (&(is, ie), &(ts, te)) = (fields.first()?, fields.get(1)?);
+            let id = crate::wire::resp::integer(&entry[is..ie])?;
+            let time = crate::wire::resp::integer(&entry[ts..te])?;
+            let id = id.checked_mul(masters)?.checked_add(i as i64)?;
+            let mut out = BytesMut::with_capacity(entry.len() + 8);
+            crate::wire::scan::push_header(&mut out, b'*', fields.len());
+            out.extend_from_slice(format!(":{id}\r\n").as_bytes());
+            out.extend_from_slice(&entry[ie..]);
+            entries.push((time, id, out.freeze()));
+        }
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
+    entries.truncate(count);
+    let mut out = BytesMut::new();
+    crate::wire::scan::push_header(&mut out, b'*', entries.len());
+    for (_, _, e) in entries {
+        out.extend_from_slice(&e);
+    }
+    Some(out.freeze())
 }
 
 /// INFO from one master: `redis_version` the lowest of the masters',
@@ -376,6 +416,20 @@ mod tests {
                 want.len()
             ))
         );
+    }
+
+    #[test]
+    fn slowlogs_merge_newest_first_with_unique_ids() {
+        let entry = |id: u8, t: u16| {
+            format!(
+                "*6\r\n:{id}\r\n:{t}\r\n:15\r\n*1\r\n$4\r\nKEYS\r\n$11\r\n127.0.0.1:1\r\n$0\r\n\r\n"
+            )
+        };
+        let a = Bytes::from(format!("*2\r\n{}{}", entry(1, 300), entry(0, 100)));
+        let b = Bytes::from(format!("*1\r\n{}", entry(0, 200)));
+        let got = merge(&Merge::Slowlog(2), &[a, b]).unwrap_or_default();
+        let want = format!("*2\r\n{}{}", entry(2, 300), entry(1, 200));
+        assert_eq!(got, Bytes::from(want));
     }
 
     #[test]

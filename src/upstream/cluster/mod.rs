@@ -9,5 +9,6 @@ pub mod merge;
 pub mod nodes;
 pub mod route;
 pub mod router;
+pub mod stream;
 
 pub use crate::upstream::slots::*;

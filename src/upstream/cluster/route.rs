@@ -65,6 +65,12 @@ pub(crate) enum Named {
     /// PUBLISH and PUBSUB (but its SHARD* subcommands): on the pub/sub
     /// node, where every subscriber through the sidecar is.
     PubSub,
+    /// SLOWLOG GET: every master's, merged newest first.
+    SlowlogGet,
+    /// SLOWLOG LEN: summed.
+    SlowlogLen,
+    /// SLOWLOG RESET: every master.
+    SlowlogReset,
 }
 
 /// Which [`Named`] command `args` is (no allocation: it runs for every
@@ -118,6 +124,16 @@ pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
             return None;
         }
         Named::PubSub
+    } else if is(b"slowlog") {
+        if sub(&[b"get"]) {
+            Named::SlowlogGet
+        } else if sub(&[b"len"]) {
+            Named::SlowlogLen
+        } else if sub(&[b"reset"]) {
+            Named::SlowlogReset
+        } else {
+            return None;
+        }
     } else if is(b"readonly") || is(b"readwrite") {
         Named::ClusterOnly
     } else if is(b"spublish") || is(b"ssubscribe") || is(b"sunsubscribe") {
@@ -125,6 +141,19 @@ pub(crate) fn named(args: &[Bytes]) -> Option<Named> {
     } else {
         return None;
     })
+}
+
+/// SLOWLOG GET's count: 10 without one, every entry for -1 (`None`: not
+/// a count Redis takes).
+fn slowlog_count(args: &[Bytes]) -> Option<usize> {
+    let Some(n) = args.get(2) else {
+        return Some(10);
+    };
+    match crate::wire::scan::parse_int(n)? {
+        -1 => Some(usize::MAX),
+        n => usize::try_from(n).ok(),
+    }
+    .filter(|_| args.len() <= 3)
 }
 
 /// The slots of a command's keys.
@@ -167,7 +196,13 @@ pub fn route_of(
                 None => Route::Any,
             },
             Named::Info => Route::Info,
-            Named::Dbsize => Route::Fan(Merge::Sum),
+            Named::Dbsize | Named::SlowlogLen => Route::Fan(Merge::Sum),
+            Named::SlowlogReset => Route::Fan(Merge::AllOk),
+            // A count Redis would refuse: one master's own error.
+            Named::SlowlogGet => match slowlog_count(args) {
+                Some(count) => Route::Fan(Merge::Slowlog(count)),
+                None => Route::Any,
+            },
             Named::Flush | Named::ScriptFlush => Route::Fan(Merge::AllOk),
             Named::Keys => Route::Fan(Merge::Concat(max_reply_bulk)),
             Named::RandomKey => Route::Fan(Merge::FirstNonNull),

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use super::merge::{Gather, Merge, version_key};
 use super::nodes::{BOUNCE_QUEUE, ClusterSet, NodePool};
 use super::route::{Route, route_of};
+use super::stream::StreamFilter;
 use super::{Node, Redirect, SlotMap, Topology};
 use crate::upstream::cluster;
 use crate::upstream::conn::{Bounce, BounceTx, Bounced};
@@ -117,6 +118,11 @@ pub struct Router {
     name: Option<Bytes>,
     /// A pinned client's transaction and subscriptions.
     tx: PinState,
+    /// A pinned client's stream, as one Redis sends it (its node
+    /// connections' frames pass it).
+    filter: Option<Arc<StreamFilter>>,
+    /// A pinned client's marks' token.
+    token: Bytes,
 }
 
 impl Router {
@@ -142,7 +148,11 @@ impl Router {
             (Some(set), rx, active)
         };
         let table = (pool.table_generation(), pool.table());
+        let filter = pinned.is_some().then(|| Arc::new(StreamFilter::default()));
+        let pinned = pinned.map(|(oob, held)| (Oob(oob.0, filter.clone()), held));
         Some(Router {
+            filter,
+            token: crate::upstream::Mark::new_token(0),
             set,
             map: topo.map(),
             epoch: topo.epoch(),
@@ -270,6 +280,14 @@ impl Router {
                     b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch"
                 )
                 || !matches!(job.kind, JobKind::Request { .. });
+            if !matches!(job.kind, JobKind::Request { .. }) {
+                match &name[..] {
+                    b"monitor" => return self.monitor(job, end).await,
+                    b"ssubscribe" => return self.shard_channels(job, &args, end, true).await,
+                    b"sunsubscribe" => return self.shard_channels(job, &args, end, false).await,
+                    _ => {}
+                }
+            }
             if state || matches!(route, Route::Slot(_) | Route::Any) {
                 return self.route_pinned(job, &name, route).await;
             }

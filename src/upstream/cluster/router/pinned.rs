@@ -18,6 +18,11 @@ pub(super) struct PinState {
     pub(super) dirty: bool,
     /// Node connections that stream (subscribed, MONITOR).
     pub(super) streaming: std::collections::HashSet<String>,
+    /// MONITOR runs on every master.
+    pub(super) monitoring: bool,
+    /// Shard channels asked for (what a SUNSUBSCRIBE without channels
+    /// ends, on their nodes).
+    pub(super) shard: std::collections::HashSet<Bytes>,
 }
 
 impl Router {
@@ -39,22 +44,11 @@ impl Router {
             _ => None,
         };
         if !matches!(job.kind, JobKind::Request { .. }) {
-            // Subscriptions and MONITOR: a connection that starts
-            // streaming is told so by its first job.
             let node = match slot {
                 Some(s) => self.owner(s),
                 None => self.default_node(&job.client),
             };
-            if let Some(n) = &node {
-                let addr = SlotMap::addr(n);
-                if matches!(job.kind, JobKind::Stream) && !self.tx.streaming.contains(&addr) {
-                    job.kind = JobKind::StartStream;
-                }
-                if !matches!(job.kind, JobKind::Mark(_)) {
-                    self.tx.streaming.insert(addr);
-                }
-            }
-            return self.send(node, job).await;
+            return self.stream_to(node, job).await;
         }
         match name {
             b"multi" if !self.tx.in_multi => {
@@ -129,6 +123,134 @@ impl Router {
             },
         };
         self.send(node, job).await
+    }
+
+    /// A job of a client that streams (subscriptions, MONITOR): a
+    /// connection that starts streaming is told so by its first job.
+    async fn stream_to(&mut self, node: Option<Node>, mut job: Job) {
+        if let Some(n) = &node {
+            let addr = SlotMap::addr(n);
+            if matches!(job.kind, JobKind::Stream) && !self.tx.streaming.contains(&addr) {
+                job.kind = JobKind::StartStream;
+            }
+            if !matches!(job.kind, JobKind::Mark(_)) {
+                self.tx.streaming.insert(addr);
+            }
+        }
+        self.send(node, job).await
+    }
+
+    /// A job like `job` (a streaming client's) with another payload.
+    fn stream_part(job: &Job, payload: Bytes) -> Job {
+        Job {
+            payload,
+            kind: JobKind::Stream,
+            client: job.client.clone(),
+            enqueued: job.enqueued,
+            hop: job.hop,
+        }
+    }
+
+    /// What stages appended to a streaming client's command (the part of
+    /// its payload after the first command), to its default node.
+    async fn stream_rest(&mut self, job: &Job, end: usize) {
+        if end < job.payload.len() {
+            let rest = Self::stream_part(job, job.payload.slice(end..));
+            let node = self.default_node(&job.client);
+            self.stream_to(node, rest).await;
+        }
+    }
+
+    /// MONITOR on every master, so the client sees every command as on
+    /// one Redis: answered once, when every master monitors (the filter
+    /// counts their answers), and each master's lines in its order.
+    pub(super) async fn monitor(&mut self, job: Job, end: usize) {
+        let masters = self.map.masters.clone();
+        let filter = self.filter.clone();
+        let (Some(filter), false, false) = (filter, self.tx.monitoring, masters.is_empty()) else {
+            // Already monitoring, a second MONITOR is ignored (by the
+            // node, as by Redis); no map yet, it fails as any job does.
+            let node = self.default_node(&job.client);
+            return self.stream_to(node, job).await;
+        };
+        self.tx.monitoring = true;
+        filter.start_monitor(masters.len());
+        let monitor = job.payload.slice(..end);
+        for m in masters {
+            let part = Self::stream_part(&job, monitor.clone());
+            self.stream_to(Some(m), part).await;
+        }
+        self.stream_rest(&job, end).await;
+    }
+
+    /// SSUBSCRIBE/SUNSUBSCRIBE: each run of channels of one slot on the
+    /// slot's master, in order (the next node's run waits for this one's
+    /// confirmations, so they reach the client in the order one Redis
+    /// sends them); the filter makes each confirmation's count the
+    /// client's across nodes. SUNSUBSCRIBE without channels ends every
+    /// shard channel the client asked for, on its node.
+    pub(super) async fn shard_channels(
+        &mut self,
+        job: Job,
+        args: &[Bytes],
+        end: usize,
+        subscribe: bool,
+    ) {
+        let channels: Vec<Bytes> = match args.get(1..) {
+            Some(chs) if !chs.is_empty() => chs.to_vec(),
+            _ if subscribe => Vec::new(),
+            _ => self.tx.shard.iter().cloned().collect(),
+        };
+        if channels.is_empty() {
+            // SSUBSCRIBE without a channel (Redis's own arity error), or
+            // SUNSUBSCRIBE with none (`sunsubscribe nil 0`).
+            let node = self.default_node(&job.client);
+            return self.stream_to(node, job).await;
+        }
+        let mut runs: Vec<(u16, Vec<Bytes>)> = Vec::new();
+        for ch in channels {
+            if subscribe {
+                self.tx.shard.insert(ch.clone());
+            } else {
+                self.tx.shard.remove(&ch);
+            }
+            let slot = cluster::key_slot(&ch);
+            match runs.last_mut() {
+                Some((s, chs)) if *s == slot => chs.push(ch),
+                _ => runs.push((slot, vec![ch])),
+            }
+        }
+        let nodes: Vec<Option<Node>> = runs.iter().map(|(s, _)| self.owner(*s)).collect();
+        for (i, (_, chs)) in runs.into_iter().enumerate() {
+            let mut cmd = Vec::with_capacity(chs.len() + 1);
+            cmd.push(args[0].clone());
+            cmd.extend(chs);
+            let part = Self::stream_part(&job, encode_command(&cmd));
+            let node = nodes[i].clone();
+            self.stream_to(node.clone(), part).await;
+            let next = nodes.get(i + 1);
+            if let (Some(n), Some(next)) = (node, next)
+                && next.as_ref().map(SlotMap::addr) != Some(SlotMap::addr(&n))
+            {
+                self.confirmed(n, &job).await;
+            }
+        }
+        self.stream_rest(&job, end).await;
+    }
+
+    /// Wait (at most the command timeout) until what was sent to `node`
+    /// before is answered: a marked PING whose answer nobody gets.
+    async fn confirmed(&mut self, node: Node, job: &Job) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mark = crate::upstream::Mark {
+            token: self.token.clone(),
+            reply: Bytes::new(),
+            done: Some(tx),
+        };
+        let mut ping = Self::stream_part(job, mark.payload());
+        ping.kind = JobKind::Mark(Box::new(mark));
+        self.send(Some(node), ping).await;
+        let _ = tokio::time::timeout(self.pool.settings().command_timeout, rx).await;
     }
 
     /// The node a transaction or WATCH lives on: bound by its first key
