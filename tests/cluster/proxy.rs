@@ -1186,3 +1186,58 @@ async fn shard_channels_count_as_on_one_redis() {
     }
     s.shutdown().await;
 }
+
+/// Transactions whose keys share a hash tag answer byte for byte what one
+/// Redis answers: an EXEC with an error element, a command refused at
+/// queue time (EXECABORT), WATCH then UNWATCH then the next command,
+/// DISCARD, an empty transaction.
+#[tokio::test]
+async fn transactions_in_one_slot_as_on_one_redis() {
+    let cluster = Cluster::start(3);
+    let single = RedisServer::start();
+    let s = cluster_sidecar(&cluster).await;
+    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let lines = [
+        "SET {t}c a",
+        "MULTI",
+        "SET {t}a 1",
+        "LPUSH {t}c 3",
+        "SET {t}d 4",
+        "EXEC",
+        "WATCH {t}a",
+        "UNWATCH",
+        "GET {t}a",
+        "WATCH {t}a",
+        "MULTI",
+        "SET {t}a 2",
+        "MGET",
+        "EXEC",
+        "GET {t}a",
+        "MULTI",
+        "SET {t}a 5",
+        "DISCARD",
+        "GET {t}a",
+        "MULTI",
+        "EXEC",
+        "WATCH x",
+        "MULTI",
+        "PING",
+        "EXEC",
+    ];
+    let mut runs = Vec::new();
+    for addr in [single_addr, s.addr] {
+        let mut c = Raw::connect(addr).await;
+        let mut got = Vec::new();
+        for line in lines {
+            let r = if line == "MGET" {
+                c.call(&[b"MGET"]).await
+            } else {
+                call(&mut c, line).await
+            };
+            got.push(format!("{line} -> {}", String::from_utf8_lossy(&r)));
+        }
+        runs.push(got);
+    }
+    assert_eq!(runs[1], runs[0]);
+    s.shutdown().await;
+}
