@@ -1144,3 +1144,137 @@ async fn swapdb_through_the_sidecar_flushes() {
     );
     s.shutdown().await;
 }
+
+/// The MGET lines a MONITOR on the upstream saw up to a marker command.
+async fn upstream_mgets(monitor: &mut Raw, redis: &RedisServer) -> Vec<String> {
+    let marker = format!("mark-{}", rand_suffix());
+    let mut d = direct_raw(redis, "2").await;
+    d.call(&[b"GET", marker.as_bytes()]).await;
+    let mut out = Vec::new();
+    loop {
+        let line = String::from_utf8_lossy(&monitor.read().await).into_owned();
+        if line.contains(&marker) {
+            return out;
+        }
+        if line.contains("\"MGET\"") {
+            out.push(
+                line.split("] ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+/// MGET per key: hits, partial hits and misses byte-identical to Redis
+/// (RESP2 and RESP3, a key of another type and a missing key included);
+/// a partial hit reads only the missing keys (what the upstream's MONITOR
+/// sees); the per-key entries are invalidated by writes through the
+/// sidecar and straight to Redis, and a GET of a key an MGET cached is
+/// still Redis's own answer.
+#[tokio::test]
+async fn mget_is_cached_per_key() {
+    let _shared = serial().read().await;
+    let redis = RedisServer::start();
+    let mut d = direct_raw(&redis, "3").await;
+    for setup in [
+        "SET c:1 one",
+        "SET c:2 two",
+        "SET c:3 three",
+        "HSET c:4 f v",
+    ] {
+        let args = words(setup);
+        let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+        assert!(!d.call(&refs).await.starts_with(b"-"));
+    }
+    for proto in ["2", "3"] {
+        let s = cached(&redis).await;
+        let mut direct = direct_raw(&redis, proto).await;
+        let mut c = Raw::connect(s.addr).await;
+        assert!(
+            !c.call(&[b"HELLO", proto.as_bytes()])
+                .await
+                .starts_with(b"-")
+        );
+        let mut monitor = direct_raw(&redis, "2").await;
+        assert_eq!(&monitor.call(&[b"MONITOR"]).await[..], b"+OK\r\n");
+        let mut same = async |c: &mut Raw, read: &str| {
+            let args = words(read);
+            let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+            let want = direct.call(&refs).await;
+            let got = c.call(&refs).await;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "RESP{proto} {read}"
+            );
+        };
+        same(&mut c, "MGET c:1 c:2").await;
+        let hits = requests(&s, "hit");
+        same(&mut c, "MGET c:1 c:2").await;
+        assert_eq!(requests(&s, "hit"), hits + 1.0, "RESP{proto}: a hit");
+        assert_eq!(
+            upstream_mgets(&mut monitor, &redis).await.len(),
+            3,
+            "ours and the direct ones"
+        );
+        // A partial hit: only c:3, c:4 (a hash: nil) and c:5 (missing)
+        // are read, in one MGET.
+        let mut direct_only = direct_raw(&redis, proto).await;
+        let want = direct_only
+            .call(&[b"MGET", b"c:2", b"c:3", b"c:4", b"c:5", b"c:1"])
+            .await;
+        let got = c
+            .call(&[b"MGET", b"c:2", b"c:3", b"c:4", b"c:5", b"c:1"])
+            .await;
+        assert_eq!(got, want, "RESP{proto}: a partial hit");
+        let seen = upstream_mgets(&mut monitor, &redis).await;
+        assert_eq!(
+            seen,
+            [
+                "\"MGET\" \"c:2\" \"c:3\" \"c:4\" \"c:5\" \"c:1\"",
+                "\"MGET\" \"c:3\" \"c:4\" \"c:5\""
+            ],
+            "RESP{proto}: the direct MGET, then the sidecar's fill of the missing keys"
+        );
+        // Every key cached now (a repeated key too): nothing read.
+        let hits = requests(&s, "hit");
+        same(&mut c, "MGET c:5 c:4 c:3 c:3 c:1").await;
+        assert_eq!(requests(&s, "hit"), hits + 1.0);
+        assert_eq!(
+            upstream_mgets(&mut monitor, &redis).await.len(),
+            1,
+            "the direct one only"
+        );
+        // GET of the hash is still WRONGTYPE (its MGET element is nil).
+        same(&mut c, "GET c:4").await;
+        // A write through the sidecar, then one straight to Redis.
+        assert_eq!(&call(&mut c, "SET c:3 new").await[..], b"+OK\r\n");
+        same(&mut c, "MGET c:1 c:3").await;
+        assert_eq!(&call(&mut d, "SET c:1 direct").await[..], b"+OK\r\n");
+        assert!(
+            eventually(|| async {
+                let r = Raw::connect(s.addr).await.call(&[b"MGET", b"c:1"]).await;
+                String::from_utf8_lossy(&r).contains("direct")
+            })
+            .await
+        );
+        same(&mut c, "MGET c:3 c:1 c:2").await;
+        call(&mut d, "SET c:1 one").await;
+        call(&mut d, "SET c:3 three").await;
+        s.shutdown().await;
+    }
+}
+
+async fn call(c: &mut Raw, line: &str) -> bytes::Bytes {
+    let args = words(line);
+    let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+    c.call(&refs).await
+}

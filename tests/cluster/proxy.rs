@@ -451,6 +451,25 @@ async fn policies_work_on_a_cluster() {
         );
     }
     assert!(metric(&s, "cache_requests_total", &[("result", "hit")]) >= 12.0);
+    // MGET per key across slots (so masters): a partial hit fills the
+    // missing keys one MGET per slot, then every element is a hit.
+    let all = "MGET c:0 c:1 c:2 c:3 c:4 c:5 c:6 c:7 c:8 c:9 c:10 c:11";
+    let want = call(&mut via, "MGET c:0 c:1 c:2 c:3 c:4 c:5").await;
+    assert_eq!(want.iter().filter(|&&b| b == b'$').count(), 6, "{want:?}");
+    let first = call(&mut via, all).await;
+    let hits = metric(&s, "cache_requests_total", &[("result", "hit")]);
+    assert_eq!(call(&mut via, all).await, first);
+    assert_eq!(
+        metric(&s, "cache_requests_total", &[("result", "hit")]),
+        hits + 1.0
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&first)
+            .matches("$3\r\ntwo\r\n")
+            .count(),
+        12,
+        "{first:?}"
+    );
     // A shared rate limit: buckets of keys on different nodes, each with
     // its burst of 5.
     for key in ["rl:a", "rl:b", "rl:c"] {

@@ -47,7 +47,8 @@ use crate::request::exchange::{Exchange, ReplyAction};
 use crate::wire::Proto;
 
 /// The reads the cache can hold: deterministic and read-only. MGET is
-/// cached as a whole (one entry per argument list), like every command.
+/// cached per key (each key's entry is that of `MGET key`), every other
+/// command per argument list.
 pub const CACHEABLE: &[&str] = &[
     "get",
     "mget",
@@ -184,12 +185,62 @@ impl CacheState {
         }
     }
 
+    /// A fill's reply kept as entry `key` (unless an error, too big, or a
+    /// write or flush came since `seen`), for at most the rule's ttl and
+    /// never past one of its keys' TTL (`pttls`).
+    fn keep(
+        &self,
+        key: Bytes,
+        reply: &[u8],
+        keys: Vec<Bytes>,
+        pttls: &[i64],
+        fit: &Fit,
+        seen: &store::Snapshot,
+    ) -> bool {
+        if crate::wire::is_error(reply) || reply.len() > fit.max_entry {
+            return false;
+        }
+        let Some(resp2) = crate::wire::resp::to_resp2(reply, fit.flatten) else {
+            return false;
+        };
+        let mut life = fit.ttl;
+        for p in pttls {
+            if *p >= 0 {
+                life = life.min(Duration::from_millis(*p as u64));
+            }
+        }
+        if life.is_zero() {
+            return false;
+        }
+        // Its own allocation: a slice would keep the whole read buffer it
+        // came in alive. One copy when both protocols read the same bytes.
+        let resp3 = Bytes::copy_from_slice(reply);
+        let resp2 = if resp2 == resp3 { resp3.clone() } else { resp2 };
+        let entry = Entry {
+            resp3,
+            resp2,
+            keys,
+            expires: Instant::now() + life,
+            rule: fit.rule,
+        };
+        self.store.insert(key, entry, seen)
+    }
+
     fn check_switch(&self) {
         let g = self.pool.ups.active().generation;
         if self.generation.swap(g, Ordering::AcqRel) != g {
             self.flush(Reason::Switch);
         }
     }
+}
+
+/// How a fill's reply is kept.
+struct Fit {
+    ttl: Duration,
+    rule: usize,
+    /// A `WITHSCORES` range: pairs in RESP3, flat in RESP2.
+    flatten: bool,
+    max_entry: usize,
 }
 
 pub struct Cache {
@@ -370,33 +421,15 @@ impl Cache {
                 state.tracker.fill(db, keys.clone(), args),
             )
             .await;
-            if let Ok(Ok(fill)) = fill
-                && !crate::wire::is_error(&fill.reply)
-                && fill.reply.len() <= max_entry
-                && let Some(resp2) = crate::wire::resp::to_resp2(&fill.reply, flatten)
-            {
-                let now = Instant::now();
-                let mut life = ttl;
-                for p in &fill.pttls {
-                    if *p >= 0 {
-                        life = life.min(Duration::from_millis(*p as u64));
-                    }
-                }
-                if !life.is_zero() {
-                    // Its own allocation: a slice would keep the whole read
-                    // buffer it came in alive. One copy when both protocols
-                    // read the same bytes.
-                    let resp3 = Bytes::copy_from_slice(&fill.reply);
-                    let resp2 = if resp2 == resp3 { resp3.clone() } else { resp2 };
-                    let entry = Entry {
-                        resp3,
-                        resp2,
-                        keys,
-                        expires: now + life,
-                        rule,
-                    };
-                    state.store.insert(key.clone(), entry, &seen);
-                }
+            if let Ok(Ok(fill)) = fill {
+                let reply = &fill.reply[..];
+                let spec = Fit {
+                    ttl,
+                    rule,
+                    flatten,
+                    max_entry,
+                };
+                state.keep(key.clone(), reply, keys, &fill.pttls, &spec, &seen);
             }
             state
                 .inflight
@@ -410,19 +443,44 @@ impl Cache {
 
 /// (db, user, command, arguments) as one key.
 fn entry_key(ctx: &Ctx<'_>, name: &str, args: &[Bytes]) -> Bytes {
+    entry_key_of(ctx, name, args.iter().skip(1).map(|a| &a[..]))
+}
+
+/// The entry of one key of an MGET: the entry of `MGET key`, whose reply
+/// is that key's element.
+fn element_key(ctx: &Ctx<'_>, key: &[u8]) -> Bytes {
+    entry_key_of(ctx, "mget", std::iter::once(key))
+}
+
+fn entry_key_of<'a>(
+    ctx: &Ctx<'_>,
+    name: &str,
+    args: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Bytes {
     let user = ctx.user.unwrap_or(b"");
-    let len = 16 + user.len() + args.iter().map(|a| a.len() + 4).sum::<usize>();
+    let len = 16 + name.len() + user.len() + args.clone().map(|a| a.len() + 4).sum::<usize>();
     let mut b = BytesMut::with_capacity(len);
     b.put_i64_le(ctx.db);
     b.put_u32_le(user.len() as u32);
     b.put_slice(user);
     b.put_u32_le(name.len() as u32);
     b.put_slice(name.as_bytes());
-    for a in args.iter().skip(1) {
+    for a in args {
         b.put_u32_le(a.len() as u32);
         b.put_slice(a);
     }
     b.freeze()
+}
+
+/// An MGET reply from its keys' elements (each the reply of `MGET key`:
+/// `*1` and the element); `None` if one is not such a reply.
+fn assemble(elements: &[Bytes]) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(16 + elements.iter().map(Bytes::len).sum::<usize>());
+    crate::wire::scan::push_header(&mut out, b'*', elements.len());
+    for e in elements {
+        out.put_slice(e.strip_prefix(b"*1\r\n")?);
+    }
+    Some(out.freeze())
 }
 
 /// A write's reply arrived: its keys' entries (all, for a flush) go again,
@@ -486,6 +544,162 @@ impl Drop for Invalidate {
     }
 }
 
+impl Cache {
+    /// MGET per key: answered from each key's entry when all are there;
+    /// otherwise one fill reads only the missing keys (each key's fill
+    /// shared with concurrent MGETs of it), and the reply is assembled in
+    /// the keys' order.
+    fn mget(&self, ctx: &Ctx<'_>, ex: &mut Exchange, ri: usize, keys: Vec<Bytes>) -> Verdict {
+        let rule = &self.rules[ri];
+        let resp3 = ctx.proto == Proto::Resp3;
+        let again = ex.mark(FILLED);
+        let store = &self.state.store;
+        let entries: Vec<Bytes> = keys.iter().map(|k| element_key(ctx, k)).collect();
+        let mut elements = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match store.get(e, resp3, ctx.now) {
+                Some((_, r)) => elements.push(r),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty()
+            && let Some(reply) = assemble(&elements)
+        {
+            if !again {
+                rule.hit.inc();
+            }
+            return Verdict::Answer(reply);
+        }
+        if again {
+            // The fill did not land for every key: as for any read,
+            // stale elements stand in while the upstream is unreachable,
+            // else the read goes to Redis.
+            if let Some(window) = rule.stale_if_error
+                && self.state.tracker.unreachable.load(Ordering::Relaxed)
+            {
+                let stale: Option<Vec<Bytes>> = entries
+                    .iter()
+                    .map(|e| store.stale(e, resp3, window))
+                    .collect();
+                if let Some(reply) = stale.as_deref().and_then(assemble) {
+                    rule.stale.inc();
+                    return Verdict::Answer(reply);
+                }
+            }
+            return Verdict::Continue;
+        }
+        rule.miss.inc();
+        let wanted = missing
+            .into_iter()
+            .map(|i| (keys[i].clone(), entries[i].clone()))
+            .collect();
+        Verdict::Wait(self.fill_elements(ctx.db, ri, wanted))
+    }
+
+    /// Fill the elements of `wanted` (key, its element's entry) that no
+    /// fill is reading yet, in one MGET (one per slot on a cluster), and
+    /// wait for the others' fills.
+    fn fill_elements(&self, db: i64, rule: usize, wanted: Vec<(Bytes, Bytes)>) -> super::Wait {
+        let state = self.state.clone();
+        let fit = Fit {
+            ttl: self.rules[rule].ttl,
+            rule,
+            flatten: false,
+            max_entry: self.max_entry,
+        };
+        Box::pin(async move {
+            let mut mine = Vec::new();
+            let mut theirs = Vec::new();
+            {
+                let mut inflight = state
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for (key, entry) in wanted {
+                    match inflight.get(&entry) {
+                        Some(rx) => theirs.push(rx.clone()),
+                        None => {
+                            let (tx, rx) = watch::channel(false);
+                            inflight.insert(entry.clone(), rx);
+                            let seen = state.store.snapshot(std::slice::from_ref(&key));
+                            mine.push((key, entry, tx, seen));
+                        }
+                    }
+                }
+            }
+            if !theirs.is_empty() {
+                state.metrics.cache_joins().inc();
+            }
+            // One MGET per slot on a cluster (a fill runs on its keys'
+            // node), else one; all sent before any is awaited.
+            let cluster = state.pool.ups.active().endpoint.cluster.is_some();
+            let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+            for (i, (key, ..)) in mine.iter().enumerate() {
+                let slot = if cluster {
+                    crate::upstream::cluster::key_slot(key)
+                } else {
+                    0
+                };
+                match groups.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, g)) => g.push(i),
+                    None => groups.push((slot, vec![i])),
+                }
+            }
+            let mut fills = Vec::with_capacity(groups.len());
+            for (_, group) in &groups {
+                let keys: Vec<Bytes> = group.iter().map(|&i| mine[i].0.clone()).collect();
+                let mut read = Vec::with_capacity(keys.len() + 1);
+                read.push(Bytes::from_static(b"MGET"));
+                read.extend(keys.iter().cloned());
+                fills.push(state.tracker.send(db, keys, read));
+            }
+            for ((_, group), fill) in groups.iter().zip(fills) {
+                let Ok(rx) = fill else { continue };
+                let Ok(Ok(Ok(fill))) = tokio::time::timeout(state.fill_timeout, rx).await else {
+                    continue;
+                };
+                let reply = fill.reply;
+                let Some(ranges) = crate::wire::scan::split_array(&reply) else {
+                    continue;
+                };
+                if ranges.len() != group.len() || fill.pttls.len() != group.len() {
+                    continue;
+                }
+                for ((&i, (s, e)), pttl) in group.iter().zip(ranges).zip(&fill.pttls) {
+                    let (key, entry, _, seen) = &mine[i];
+                    let mut one = BytesMut::with_capacity(e - s + 4);
+                    one.put_slice(b"*1\r\n");
+                    one.put_slice(&reply[s..e]);
+                    state.keep(
+                        entry.clone(),
+                        &one,
+                        vec![key.clone()],
+                        std::slice::from_ref(pttl),
+                        &fit,
+                        seen,
+                    );
+                }
+            }
+            {
+                let mut inflight = state
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for (_, entry, ..) in &mine {
+                    inflight.remove(entry);
+                }
+            }
+            for (_, _, tx, _) in mine {
+                let _ = tx.send(true);
+            }
+            for mut rx in theirs {
+                let _ = tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
+            }
+        })
+    }
+}
+
 impl Stage for Cache {
     fn name(&self) -> &'static str {
         "cache"
@@ -515,6 +729,9 @@ impl Stage for Cache {
             return Verdict::Continue;
         }
         self.state.check_switch();
+        if info.name == "mget" {
+            return self.mget(ctx, ex, ri, keys);
+        }
         let key = entry_key(ctx, &info.name, ex.args());
         let resp3 = ctx.proto == Proto::Resp3;
         // Asked again after waiting for a fill (counted as a miss then).

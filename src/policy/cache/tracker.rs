@@ -131,6 +131,19 @@ impl Tracker {
         keys: Vec<Bytes>,
         read: Vec<Bytes>,
     ) -> Result<Fill, FillError> {
+        self.send(db, keys, read)?
+            .await
+            .map_err(|_| FillError::Stopped)?
+    }
+
+    /// Hand a fill to the tracking connection; its result comes on the
+    /// receiver (several started before any is awaited run together).
+    pub fn send(
+        &self,
+        db: i64,
+        keys: Vec<Bytes>,
+        read: Vec<Bytes>,
+    ) -> Result<oneshot::Receiver<Result<Fill, FillError>>, FillError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Request {
@@ -143,7 +156,7 @@ impl Tracker {
                 mpsc::error::TrySendError::Full(_) => FillError::Busy,
                 mpsc::error::TrySendError::Closed(_) => FillError::Stopped,
             })?;
-        rx.await.map_err(|_| FillError::Stopped)?
+        Ok(rx)
     }
 }
 
