@@ -69,6 +69,7 @@ struct Inner {
     cache_invalidations: IntCounterVec,
     cache_bytes: IntGauge,
     cache_entries: IntGauge,
+    cache_hot_keys: IntGauge,
     cache_evictions: IntCounter,
     cache_joins: IntCounter,
     cluster_redirects: IntCounterVec,
@@ -334,6 +335,11 @@ impl Metrics {
         .expect("static metric");
         let cache_entries =
             IntGauge::new("cache_entries", "Entries the cache holds").expect("static metric");
+        let cache_hot_keys = IntGauge::new(
+            "cache_hot_keys",
+            "Keys no cache rule names, cached while hot ([cache.hot_keys])",
+        )
+        .expect("static metric");
         let cache_evictions = IntCounter::new(
             "cache_evictions_total",
             "Entries evicted to stay within max_memory",
@@ -478,6 +484,7 @@ impl Metrics {
             Box::new(cache_invalidations.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_entries.clone()),
+            Box::new(cache_hot_keys.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_joins.clone()),
             Box::new(rl_decisions.clone()),
@@ -549,6 +556,7 @@ impl Metrics {
             cache_invalidations,
             cache_bytes,
             cache_entries,
+            cache_hot_keys,
             cache_evictions,
             cache_joins,
             cluster_redirects,
@@ -617,6 +625,10 @@ impl Metrics {
 
     pub fn cache_entries(&self) -> &IntGauge {
         &self.0.cache_entries
+    }
+
+    pub fn cache_hot_keys(&self) -> &IntGauge {
+        &self.0.cache_hot_keys
     }
 
     pub fn cache_evictions(&self) -> &IntCounter {

@@ -946,7 +946,7 @@ async fn an_invalidation_drops_the_key_in_every_db() {
 fn bad_cache_rules_are_config_errors() {
     let mut c = config("redis://127.0.0.1:1");
     c.cache = toml::from_str(
-        "enabled = true\nmax_memory = \"100KiB\"\n[[cache.rule]]\npattern = \"\"\nttl = \"0s\"\ncommands = [\"GET\", \"SPOP\", \"GETT\"]\n"
+        "enabled = true\nmax_memory = \"100KiB\"\n[hot_keys]\nenabled = true\nthreshold = 0\nmax_keys = 0\nttl = \"0s\"\n[[cache.rule]]\npattern = \"\"\nttl = \"0s\"\ncommands = [\"GET\", \"SPOP\", \"GETT\"]\n"
             .replace("[[cache.rule]]", "[[rule]]")
             .as_str(),
     )
@@ -959,6 +959,9 @@ fn bad_cache_rules_are_config_errors() {
         "cache.rule[0]: commands[1]: not a read the cache can hold",
         // A misspelt read: the nearest name, never the value given.
         "cache.rule[0]: commands[2]: unknown command (did you mean GET?)",
+        "cache: hot_keys: ttl must be at least 1ms",
+        "cache: hot_keys: threshold must be at least 1",
+        "cache: hot_keys: max_keys must be at least 1",
     ] {
         assert!(err.contains(want), "missing {want:?} in {err}");
     }
@@ -1277,4 +1280,100 @@ async fn call(c: &mut Raw, line: &str) -> bytes::Bytes {
     let args = words(line);
     let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
     c.call(&refs).await
+}
+
+/// `[cache.hot_keys]` on, no rule.
+fn hot_config(redis: &RedisServer, threshold: u32) -> Config {
+    let mut c = config(&redis.url());
+    c.cache = CacheConfig {
+        enabled: true,
+        hot_keys: redis_sidecar::config::HotKeysCacheConfig {
+            enabled: true,
+            threshold,
+            max_keys: 10,
+            ttl: Duration::from_secs(60),
+            ..Default::default()
+        },
+        ..CacheConfig::default()
+    };
+    c
+}
+
+/// `n` pipelined copies of one command; the replies.
+async fn pipelined(c: &mut Raw, args: &[&[u8]], n: usize) -> Vec<bytes::Bytes> {
+    let one = redis_sidecar::wire::encode_command(args);
+    c.send(&one.repeat(n)).await;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(c.read().await);
+    }
+    out
+}
+
+/// A key no rule names gets cached once it is hot (read at least
+/// `threshold` times in a second), through the same coherent fill as a
+/// rule's: hits byte-identical to Redis, a write through the sidecar and
+/// one straight to Redis seen; an excluded key (`bull:*`) and a cold key
+/// never are; a hot key that cools leaves, with its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_keys_are_cached_while_hot() {
+    let _shared = serial().read().await;
+    let redis = RedisServer::start();
+    let s = sidecar_with(hot_config(&redis, 20), Builder::default()).await;
+    let mut d = direct_raw(&redis, "2").await;
+    for line in ["SET feed:1 post", "SET bull:q:1 job", "SET cold:1 c"] {
+        call(&mut d, line).await;
+    }
+    let hits = || {
+        metric(
+            &s,
+            "cache_requests_total",
+            &[("rule", "hot_keys"), ("result", "hit")],
+        )
+    };
+    let mut c = Raw::connect(s.addr).await;
+    let want = d.call(&[b"GET", b"feed:1"]).await;
+    // Bursts of 100 reads: the threshold is crossed within one.
+    assert!(
+        eventually(|| async {
+            let mut c = Raw::connect(s.addr).await;
+            let got = pipelined(&mut c, &[b"GET", b"feed:1"], 100).await;
+            assert!(got.iter().all(|r| *r == want), "{got:?}");
+            hits() > 0.0
+        })
+        .await,
+        "feed:1 never got hot"
+    );
+    assert!(eventually(|| async { metric(&s, "cache_hot_keys", &[]) == 1.0 }).await);
+    // Hits: Redis sees none of these reads.
+    let before = cmdstat(&redis, "get").await;
+    let got = pipelined(&mut c, &[b"GET", b"feed:1"], 50).await;
+    assert!(got.iter().all(|r| *r == want));
+    assert_eq!(cmdstat(&redis, "get").await, before);
+    // Excluded and cold keys always go to Redis.
+    let before = cmdstat(&redis, "get").await;
+    pipelined(&mut c, &[b"GET", b"bull:q:1"], 100).await;
+    pipelined(&mut c, &[b"GET", b"cold:1"], 5).await;
+    assert_eq!(cmdstat(&redis, "get").await, before + 105);
+    // Coherent: a write through the sidecar, then one straight to Redis.
+    assert_eq!(&call(&mut c, "SET feed:1 new").await[..], b"+OK\r\n");
+    assert_eq!(&call(&mut c, "GET feed:1").await[..], b"$3\r\nnew\r\n");
+    call(&mut d, "SET feed:1 direct").await;
+    assert!(
+        eventually(|| async {
+            &call(&mut Raw::connect(s.addr).await, "GET feed:1").await[..] == b"$6\r\ndirect\r\n"
+        })
+        .await
+    );
+    // Left alone, it cools: gone from the hot set with its entry.
+    assert!(eventually(|| async { metric(&s, "cache_hot_keys", &[]) == 0.0 }).await);
+    assert!(metric(&s, "cache_invalidations_total", &[("reason", "cooled")]) >= 1.0);
+    let before = cmdstat(&redis, "get").await;
+    call(&mut c, "GET feed:1").await;
+    assert_eq!(
+        cmdstat(&redis, "get").await,
+        before + 1,
+        "read from Redis again"
+    );
+    s.shutdown().await;
 }

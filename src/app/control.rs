@@ -201,6 +201,13 @@ impl Control {
             .iter()
             .map(|r| r.name.as_str())
             .chain(v.config.cache.rule.iter().map(|r| r.label()))
+            .chain(
+                v.config
+                    .cache
+                    .hot_keys
+                    .enabled
+                    .then_some(crate::policy::cache::HOT_LABEL),
+            )
             .chain(v.config.ttl.iter().map(|r| r.label()))
             .collect();
         self.metrics.forget_rules(&rules);
@@ -256,6 +263,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
         &mut out,
     );
     by_name("ttl", &old.ttl, &new.ttl, |r| r.label(), &mut out);
+    if old.cache.hot_keys != new.cache.hot_keys {
+        out.push("cache.hot_keys ~".into());
+    }
     if old.access != new.access {
         out.push("access ~".into());
     }

@@ -172,6 +172,8 @@ pub struct CacheConfig {
     pub invalidation: CacheInvalidation,
     /// Which keys are cached, first match wins.
     pub rule: Vec<CacheRule>,
+    /// Keys no rule names, cached while they are hot.
+    pub hot_keys: HotKeysCacheConfig,
 }
 
 impl Default for CacheConfig {
@@ -182,6 +184,37 @@ impl Default for CacheConfig {
             max_entry: ByteSize(1 << 20),
             invalidation: CacheInvalidation::Tracking,
             rule: Vec::new(),
+            hot_keys: HotKeysCacheConfig::default(),
+        }
+    }
+}
+
+/// `[cache.hot_keys]`: a key no rule names is cached, through the same
+/// coherent fill as a rule's, once it is read at least `threshold` times
+/// in a second, and leaves when its reads fall under half of that.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotKeysCacheConfig {
+    pub enabled: bool,
+    /// Reads per second that make a key hot.
+    pub threshold: u32,
+    /// Hot keys cached at once, at most.
+    pub max_keys: usize,
+    /// The longest an entry of a hot key lives in the sidecar.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Redis globs of keys never cached as hot.
+    pub exclude: Vec<String>,
+}
+
+impl Default for HotKeysCacheConfig {
+    fn default() -> Self {
+        HotKeysCacheConfig {
+            enabled: false,
+            threshold: 100,
+            max_keys: 1000,
+            ttl: Duration::from_secs(10),
+            exclude: vec!["bull:*".into()],
         }
     }
 }

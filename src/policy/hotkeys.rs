@@ -30,19 +30,20 @@ const MAX_BIG: usize = 100;
 /// Commands remembered per top key, at most.
 const MAX_COMMANDS: usize = 8;
 
-struct Sketch {
+/// A count-min sketch of 4 x 4096 counters (64 KiB), for hashes of keys.
+pub(crate) struct Sketch {
     rows: Vec<[u32; COLS]>,
 }
 
 impl Sketch {
-    fn new() -> Sketch {
+    pub(crate) fn new() -> Sketch {
         Sketch {
             rows: vec![[0; COLS]; ROWS],
         }
     }
 
     /// Add `n` at `h`; the estimate after.
-    fn add(&mut self, h: u64, n: u32) -> u32 {
+    pub(crate) fn add(&mut self, h: u64, n: u32) -> u32 {
         let mut est = u32::MAX;
         for (i, row) in self.rows.iter_mut().enumerate() {
             let c = &mut row[((h >> (i * 12)) as usize) & (COLS - 1)];
@@ -52,7 +53,7 @@ impl Sketch {
         est
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         for row in &mut self.rows {
             row.fill(0);
         }

@@ -24,6 +24,7 @@
 //! - an entry never outlives its key's TTL (the fill reads `PTTL` in the
 //!   same transaction) nor its rule's ttl.
 
+pub mod hot;
 pub mod store;
 pub mod tracker;
 
@@ -40,7 +41,7 @@ use self::store::{Entry, Reason, Store};
 use self::tracker::Tracker;
 use super::glob::Glob;
 use super::{Ctx, Env, Mode, PolicyError, Stage, Verdict};
-use crate::config::{CacheConfig, CacheInvalidation, CacheRule};
+use crate::config::{CacheConfig, CacheInvalidation, CacheRule, HotKeysCacheConfig};
 use crate::metrics::Metrics;
 use crate::request::command::CommandInfo;
 use crate::request::exchange::{Exchange, ReplyAction};
@@ -98,6 +99,8 @@ pub enum CacheError {
     },
     #[error("max_memory must be at least 1MiB")]
     TooSmall,
+    #[error("hot_keys: {0}")]
+    HotKeys(&'static str),
 }
 
 /// ` (did you mean X?)` for a near command name.
@@ -127,7 +130,7 @@ pub struct CacheState {
     /// The active endpoint's generation the entries came from.
     generation: AtomicU64,
     /// The rules the entries were made under.
-    rules: Mutex<Vec<CacheRule>>,
+    rules: Mutex<(Vec<CacheRule>, HotKeysCacheConfig)>,
     fill_timeout: Duration,
     metrics: Metrics,
     evictions_seen: AtomicU64,
@@ -155,7 +158,7 @@ impl CacheState {
             pool: env.pool.clone(),
             inflight: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(env.pool.ups.active().generation),
-            rules: Mutex::new(c.rule.clone()),
+            rules: Mutex::new((c.rule.clone(), c.hot_keys.clone())),
             fill_timeout,
             metrics: metrics.clone(),
             evictions_seen: AtomicU64::new(0),
@@ -178,8 +181,8 @@ impl CacheState {
     fn apply(&self, c: &CacheConfig) {
         self.store.set_max_bytes(c.max_memory.as_usize());
         let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
-        if *rules != c.rule {
-            *rules = c.rule.clone();
+        if rules.0 != c.rule || rules.1 != c.hot_keys {
+            *rules = (c.rule.clone(), c.hot_keys.clone());
             drop(rules);
             self.flush(Reason::Reload);
         }
@@ -245,9 +248,16 @@ struct Fit {
 
 pub struct Cache {
     state: Arc<CacheState>,
+    /// The configured rules, then (with `hot`) the hot keys' own.
     rules: Vec<Rule>,
+    /// How many rules are configured ones.
+    configured: usize,
+    hot: Option<hot::HotKeys>,
     max_entry: usize,
 }
+
+/// The rule's label of hot keys' entries.
+pub const HOT_LABEL: &str = "hot_keys";
 
 impl Cache {
     /// `None` when the cache is off or has no rule.
@@ -305,6 +315,36 @@ impl Cache {
                 stale: metrics.cache_requests(label, "stale"),
             });
         }
+        let configured = rules.len();
+        let h = &c.hot_keys;
+        let hot = h.enabled.then(|| hot::HotKeys::new(h));
+        if h.enabled {
+            let mut err = |why| {
+                errors.push(PolicyError::Cache {
+                    index: None,
+                    reason: CacheError::HotKeys(why),
+                })
+            };
+            if h.ttl < Duration::from_millis(1) {
+                err("ttl must be at least 1ms");
+            }
+            if h.threshold == 0 {
+                err("threshold must be at least 1");
+            }
+            if h.max_keys == 0 {
+                err("max_keys must be at least 1");
+            }
+            rules.push(Rule {
+                glob: Glob::new(b"*"),
+                ttl: h.ttl,
+                commands: CACHEABLE.to_vec(),
+                stale_if_error: None,
+                hit: metrics.cache_requests(HOT_LABEL, "hit"),
+                miss: metrics.cache_requests(HOT_LABEL, "miss"),
+                bypass: metrics.cache_requests(HOT_LABEL, "bypass"),
+                stale: metrics.cache_requests(HOT_LABEL, "stale"),
+            });
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -321,12 +361,21 @@ impl Cache {
         Ok(Some(Cache {
             state: state.clone(),
             rules,
+            configured,
+            hot,
             max_entry: c.max_entry.as_usize(),
         }))
     }
 
-    /// The rule that covers this read, and its keys.
-    fn rule_for(&self, info: &CommandInfo, args: &[Bytes]) -> Option<(usize, Vec<Bytes>)> {
+    /// The rule that covers this read, and its keys: a configured rule,
+    /// else (with `[cache.hot_keys]`) the hot keys' when all its keys are
+    /// hot (the read is counted).
+    fn rule_for(
+        &self,
+        ctx: &Ctx<'_>,
+        info: &CommandInfo,
+        args: &[Bytes],
+    ) -> Option<(usize, Vec<Bytes>)> {
         let name = info.name.as_str();
         if !CACHEABLE.contains(&name) {
             return None;
@@ -337,12 +386,35 @@ impl Cache {
             .filter_map(|k| args.get(k.index).cloned())
             .collect();
         let first = keys.first()?;
-        let ri = self
-            .rules
+        let rules = &self.rules[..self.configured];
+        match rules
             .iter()
-            .position(|r| r.commands.contains(&name) && r.glob.matches(first))?;
-        let glob = &self.rules[ri].glob;
-        keys.iter().all(|k| glob.matches(k)).then_some((ri, keys))
+            .position(|r| r.commands.contains(&name) && r.glob.matches(first))
+        {
+            Some(ri) => {
+                let glob = &rules[ri].glob;
+                keys.iter().all(|k| glob.matches(k)).then_some((ri, keys))
+            }
+            None => {
+                let hot = self.hot.as_ref()?;
+                let mut cooled = Vec::new();
+                let is_hot = hot.read(ctx.db, &keys, ctx.now, &mut cooled);
+                self.cooled(&cooled);
+                is_hot.then_some((self.configured, keys))
+            }
+        }
+    }
+
+    /// Hot keys that cooled leave with their entries.
+    fn cooled(&self, keys: &[Bytes]) {
+        if keys.is_empty() {
+            return;
+        }
+        let n: usize = keys.iter().map(|k| self.state.store.invalidate(k)).sum();
+        self.state
+            .metrics
+            .cache_invalidations(Reason::Cooled.label())
+            .inc_by(n as u64);
     }
 
     /// A write: its keys' entries go now, and again when its reply comes.
@@ -359,7 +431,8 @@ impl Cache {
             .into_iter()
             .filter(|k| k.write)
             .filter_map(|k| ex.args().get(k.index).cloned())
-            .filter(|k| self.rules.iter().any(|r| r.glob.matches(k)))
+            // With hot keys any key may be cached.
+            .filter(|k| self.hot.is_some() || self.rules.iter().any(|r| r.glob.matches(k)))
             .collect();
         if keys.is_empty() {
             return;
@@ -716,7 +789,7 @@ impl Stage for Cache {
             self.on_write(info, ex);
             return Verdict::Continue;
         }
-        let Some((ri, keys)) = self.rule_for(info, ex.args()) else {
+        let Some((ri, keys)) = self.rule_for(ctx, info, ex.args()) else {
             return Verdict::Continue;
         };
         let rule = &self.rules[ri];
@@ -769,6 +842,12 @@ impl Stage for Cache {
         self.state.store.expire_stale(window);
         let (entries, bytes) = self.state.store.size();
         let m = &self.state.metrics;
+        if let Some(hot) = &self.hot {
+            let mut cooled = Vec::new();
+            let n = hot.tick(Instant::now(), &mut cooled);
+            self.cooled(&cooled);
+            m.cache_hot_keys().set(n as i64);
+        }
         m.cache_entries().set(entries as i64);
         m.cache_bytes().set(bytes as i64);
         let ev = self.state.store.evictions.load(Ordering::Relaxed);

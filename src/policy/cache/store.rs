@@ -69,6 +69,8 @@ pub enum Reason {
     Flush,
     Switch,
     Reload,
+    /// A hot key cooled.
+    Cooled,
 }
 
 impl Reason {
@@ -79,6 +81,7 @@ impl Reason {
             Reason::Flush => "flush",
             Reason::Switch => "switch",
             Reason::Reload => "reload",
+            Reason::Cooled => "cooled",
         }
     }
 }
