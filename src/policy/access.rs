@@ -273,10 +273,11 @@ impl Stage for Access {
     }
 
     fn on_command(&self, ctx: &Ctx<'_>, ex: &mut Exchange) -> Verdict {
-        let name = match ctx.info {
-            Some(i) => i.name.clone(),
+        // Borrowed for a known command: no allocation per command.
+        let name: std::borrow::Cow<'_, str> = match ctx.info {
+            Some(i) => std::borrow::Cow::Borrowed(i.name.as_str()),
             None => match ex.args().first() {
-                Some(n) => String::from_utf8_lossy(n).to_ascii_lowercase(),
+                Some(n) => String::from_utf8_lossy(n).to_ascii_lowercase().into(),
                 None => return Verdict::Continue,
             },
         };

@@ -468,8 +468,16 @@ impl Table {
     /// The built-in table: Redis 7.0's own `COMMAND` reply, checked in
     /// (`scripts/gen-command-table.py` writes it from a real redis-server;
     /// `tests/commands.rs` checks it against the test server). Used until
-    /// the upstream's table is learned, and when it cannot be.
-    pub fn builtin() -> Table {
+    /// the upstream's table is learned, and when it cannot be. Parsed
+    /// once per process.
+    pub fn builtin() -> Arc<Table> {
+        static BUILTIN: OnceLock<Arc<Table>> = OnceLock::new();
+        BUILTIN
+            .get_or_init(|| Arc::new(Table::parse_builtin()))
+            .clone()
+    }
+
+    fn parse_builtin() -> Table {
         const REPLY: &[u8] = include_bytes!("builtin-commands.resp");
         let table = redis_protocol::resp2::decode::decode(REPLY)
             .ok()

@@ -618,50 +618,72 @@ impl Drop for Invalidate {
 }
 
 impl Cache {
+    /// A read answered from `entries` (joined by `join`) when all are
+    /// there: a hit, unless asked again after its fill (counted as a miss
+    /// then). Asked again after a fill that did not land for all (a write
+    /// raced it, the reply is an error or too big, the upstream failed):
+    /// entries an outage flushed stand in while the upstream is
+    /// unreachable (`stale_if_error`), else the read goes to Redis. `Err`:
+    /// a first miss, with the entries missing.
+    fn answer(
+        &self,
+        ctx: &Ctx<'_>,
+        ex: &mut Exchange,
+        rule: &Rule,
+        entries: &[Bytes],
+        join: impl Fn(&[Bytes]) -> Option<Bytes>,
+    ) -> Result<Verdict, Vec<usize>> {
+        let resp3 = ctx.proto == Proto::Resp3;
+        let again = ex.mark(FILLED);
+        let store = &self.state.store;
+        let get = |e: &Bytes| store.get(e, resp3, ctx.now).map(|(_, r)| r);
+        // One entry (every read but MGET): no list to build on a hit.
+        let reply = match entries {
+            [e] => get(e),
+            _ => entries
+                .iter()
+                .map(get)
+                .collect::<Option<Vec<Bytes>>>()
+                .and_then(|found| join(&found)),
+        };
+        if let Some(reply) = reply {
+            if !again {
+                rule.hit.inc();
+            }
+            return Ok(Verdict::Answer(reply));
+        }
+        if !again {
+            let missing = (0..entries.len())
+                .filter(|&i| get(&entries[i]).is_none())
+                .collect();
+            return Err(missing);
+        }
+        if let Some(window) = rule.stale_if_error
+            && self.state.tracker.unreachable.load(Ordering::Relaxed)
+        {
+            let stale: Option<Vec<Bytes>> = entries
+                .iter()
+                .map(|e| store.stale(e, resp3, window))
+                .collect();
+            if let Some(reply) = stale.as_deref().and_then(&join) {
+                rule.stale.inc();
+                return Ok(Verdict::Answer(reply));
+            }
+        }
+        Ok(Verdict::Continue)
+    }
+
     /// MGET per key: answered from each key's entry when all are there;
     /// otherwise one fill reads only the missing keys (each key's fill
     /// shared with concurrent MGETs of it), and the reply is assembled in
     /// the keys' order.
     fn mget(&self, ctx: &Ctx<'_>, ex: &mut Exchange, ri: usize, keys: Vec<Bytes>) -> Verdict {
         let rule = &self.rules[ri];
-        let resp3 = ctx.proto == Proto::Resp3;
-        let again = ex.mark(FILLED);
-        let store = &self.state.store;
         let entries: Vec<Bytes> = keys.iter().map(|k| element_key(ctx, k)).collect();
-        let mut elements = Vec::with_capacity(keys.len());
-        let mut missing = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            match store.get(e, resp3, ctx.now) {
-                Some((_, r)) => elements.push(r),
-                None => missing.push(i),
-            }
-        }
-        if missing.is_empty()
-            && let Some(reply) = assemble(&elements)
-        {
-            if !again {
-                rule.hit.inc();
-            }
-            return Verdict::Answer(reply);
-        }
-        if again {
-            // The fill did not land for every key: as for any read,
-            // stale elements stand in while the upstream is unreachable,
-            // else the read goes to Redis.
-            if let Some(window) = rule.stale_if_error
-                && self.state.tracker.unreachable.load(Ordering::Relaxed)
-            {
-                let stale: Option<Vec<Bytes>> = entries
-                    .iter()
-                    .map(|e| store.stale(e, resp3, window))
-                    .collect();
-                if let Some(reply) = stale.as_deref().and_then(assemble) {
-                    rule.stale.inc();
-                    return Verdict::Answer(reply);
-                }
-            }
-            return Verdict::Continue;
-        }
+        let missing = match self.answer(ctx, ex, rule, &entries, assemble) {
+            Ok(v) => return v,
+            Err(missing) => missing,
+        };
         rule.miss.inc();
         let wanted = missing
             .into_iter()
@@ -806,27 +828,9 @@ impl Stage for Cache {
             return self.mget(ctx, ex, ri, keys);
         }
         let key = entry_key(ctx, &info.name, ex.args());
-        let resp3 = ctx.proto == Proto::Resp3;
-        // Asked again after waiting for a fill (counted as a miss then).
-        let again = ex.mark(FILLED);
-        if let Some((_, reply)) = self.state.store.get(&key, resp3, ctx.now) {
-            if !again {
-                rule.hit.inc();
-            }
-            return Verdict::Answer(reply);
-        }
-        if again {
-            // Asked again after its fill, which did not land (a write raced
-            // it, the reply is an error or too big, the upstream failed).
-            if let Some(window) = rule.stale_if_error
-                && self.state.tracker.unreachable.load(Ordering::Relaxed)
-                && let Some(reply) = self.state.store.stale(&key, resp3, window)
-            {
-                rule.stale.inc();
-                return Verdict::Answer(reply);
-            }
-            // The read goes to Redis.
-            return Verdict::Continue;
+        let one = |replies: &[Bytes]| replies.first().cloned();
+        if let Ok(v) = self.answer(ctx, ex, rule, std::slice::from_ref(&key), one) {
+            return v;
         }
         rule.miss.inc();
         Verdict::Wait(self.fill(key, ctx.db, ri, keys, ex.args().to_vec()))
