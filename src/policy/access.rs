@@ -89,13 +89,11 @@ impl Rule {
     /// `name` is the table's name (`config|set`) or the command's own.
     pub(crate) fn matches(&self, name: &str, categories: &[String]) -> bool {
         match self {
-            Rule::Command(c) => {
-                c == name
-                    || name
-                        .split('|')
-                        .next()
-                        .is_some_and(|container| c == container)
-            }
+            // `c`, or `c|sub` (a rule on a container covers its
+            // subcommands), without splitting the name per command.
+            Rule::Command(c) => name
+                .strip_prefix(c.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('|')),
             Rule::Category(c) => c == "all" || categories.iter().any(|x| x == c),
         }
     }

@@ -391,21 +391,17 @@ impl Stage for HotKeysStage {
             return Verdict::Continue;
         };
         let args = ex.args();
-        let keys = info.keys(args);
-        if keys.is_empty() {
-            return Verdict::Continue;
-        }
         let command = info.name.as_str();
         let size: u64 = args.iter().map(|a| a.len() as u64).sum();
         let mut first = None;
-        for k in &keys {
+        info.each_key(args, |k| {
             if let Some(key) = args.get(k.index) {
                 self.state.record(ctx.db, key, command, size, self.top);
                 if first.is_none() {
                     first = Some(key.clone());
                 }
             }
-        }
+        });
         if let Some(key) = first {
             if size >= self.big {
                 self.state.saw_big(ctx.db, &key, command, size);

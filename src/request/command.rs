@@ -130,12 +130,19 @@ impl CommandInfo {
     /// are not keys), except SORT's STORE destination, found by reading
     /// SORT's options as Redis does.
     pub fn keys(&self, args: &[Bytes]) -> Vec<KeyRef> {
-        let argc = args.len();
         let mut out = Vec::new();
+        self.each_key(args, |k| out.push(k));
+        out
+    }
+
+    /// [`CommandInfo::keys`] one by one, with no list built (for stages
+    /// that look at every command's keys).
+    pub fn each_key(&self, args: &[Bytes], mut out: impl FnMut(KeyRef)) {
+        let argc = args.len();
         if self.name == "sort"
             && let Some(index) = sort_store(args)
         {
-            out.push(KeyRef {
+            out(KeyRef {
                 index,
                 write: true,
                 stores: true,
@@ -194,7 +201,7 @@ impl CommandInfo {
             };
             let mut i = start as i64;
             while i <= last && (i as usize) < argc {
-                out.push(KeyRef {
+                out(KeyRef {
                     index: i as usize,
                     write: spec.write,
                     stores: spec.stores,
@@ -202,7 +209,6 @@ impl CommandInfo {
                 i += step as i64;
             }
         }
-        out
     }
 }
 
