@@ -1209,10 +1209,8 @@ async fn mget_is_cached_per_key() {
         let mut monitor = direct_raw(&redis, "2").await;
         assert_eq!(&monitor.call(&[b"MONITOR"]).await[..], b"+OK\r\n");
         let mut same = async |c: &mut Raw, read: &str| {
-            let args = words(read);
-            let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
-            let want = direct.call(&refs).await;
-            let got = c.call(&refs).await;
+            let want = call(&mut direct, read).await;
+            let got = call(c, read).await;
             assert_eq!(
                 String::from_utf8_lossy(&got),
                 String::from_utf8_lossy(&want),

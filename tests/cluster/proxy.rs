@@ -11,6 +11,18 @@ fn args(line: &str) -> Vec<Vec<u8>> {
     line.split(' ').map(|a| a.as_bytes().to_vec()).collect()
 }
 
+/// Where a test's single Redis listens.
+fn addr_of(r: &RedisServer) -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", r.port).parse().unwrap()
+}
+
+/// Replies as text, for comparisons that print well.
+fn show(v: &[bytes::Bytes]) -> Vec<String> {
+    v.iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect()
+}
+
 async fn call(c: &mut Raw, line: &str) -> bytes::Bytes {
     let a = args(line);
     let refs: Vec<&[u8]> = a.iter().map(|x| &x[..]).collect();
@@ -1001,7 +1013,7 @@ async fn monitor_sees_every_master_and_leaves_nothing_behind() {
     let cluster = Cluster::start(3);
     let single = RedisServer::start();
     let s = cluster_sidecar(&cluster).await;
-    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let single_addr = addr_of(&single);
     for addr in [single_addr, s.addr] {
         // Another client writes on every master all along.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1079,7 +1091,7 @@ async fn slowlog_is_every_masters() {
     let cluster = Cluster::start(3);
     let single = RedisServer::start();
     let s = cluster_sidecar(&cluster).await;
-    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let single_addr = addr_of(&single);
     let mut nodes = masters(&cluster).await;
     nodes.push(single_addr);
     for a in &nodes {
@@ -1155,12 +1167,7 @@ async fn shard_channels_count_as_on_one_redis() {
     let cluster = Cluster::start(3);
     let single = RedisServer::start();
     let s = cluster_sidecar(&cluster).await;
-    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
-    let show = |v: &[bytes::Bytes]| {
-        v.iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect::<Vec<_>>()
-    };
+    let single_addr = addr_of(&single);
     for hello in ["HELLO 2", "HELLO 3"] {
         let mut runs = Vec::new();
         for addr in [single_addr, s.addr] {
@@ -1215,7 +1222,7 @@ async fn transactions_in_one_slot_as_on_one_redis() {
     let cluster = Cluster::start(3);
     let single = RedisServer::start();
     let s = cluster_sidecar(&cluster).await;
-    let single_addr: std::net::SocketAddr = format!("127.0.0.1:{}", single.port).parse().unwrap();
+    let single_addr = addr_of(&single);
     let lines = [
         "SET {t}c a",
         "MULTI",
