@@ -74,19 +74,19 @@ async fn hits_are_byte_identical_to_redis() {
     let redis = RedisServer::start();
     let s = cached(&redis).await;
     let mut d = direct_raw(&redis, "3").await;
-    for setup in [
-        "SET c:s hello",
-        "HSET c:h f1 v1 f2 v2",
-        "RPUSH c:l a b c",
-        "SADD c:set x y z",
-        "ZADD c:z 0.1 m1 1.5 m2 3 m3",
-        "ZADD c:z inf m4",
-        "ZADD c:lex 0 a 0 b 0 c",
-    ] {
-        let args = words(setup);
-        let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
-        assert!(!d.call(&refs).await.starts_with(b"-"));
-    }
+    setup(
+        &mut d,
+        &[
+            "SET c:s hello",
+            "HSET c:h f1 v1 f2 v2",
+            "RPUSH c:l a b c",
+            "SADD c:set x y z",
+            "ZADD c:z 0.1 m1 1.5 m2 3 m3",
+            "ZADD c:z inf m4",
+            "ZADD c:lex 0 a 0 b 0 c",
+        ],
+    )
+    .await;
     let reads = [
         "GET c:s",
         "GET c:missing",
@@ -1187,16 +1187,16 @@ async fn mget_is_cached_per_key() {
     let _shared = serial().read().await;
     let redis = RedisServer::start();
     let mut d = direct_raw(&redis, "3").await;
-    for setup in [
-        "SET c:1 one",
-        "SET c:2 two",
-        "SET c:3 three",
-        "HSET c:4 f v",
-    ] {
-        let args = words(setup);
-        let refs: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
-        assert!(!d.call(&refs).await.starts_with(b"-"));
-    }
+    setup(
+        &mut d,
+        &[
+            "SET c:1 one",
+            "SET c:2 two",
+            "SET c:3 three",
+            "HSET c:4 f v",
+        ],
+    )
+    .await;
     for proto in ["2", "3"] {
         let s = cached(&redis).await;
         let mut direct = direct_raw(&redis, proto).await;
@@ -1271,6 +1271,13 @@ async fn mget_is_cached_per_key() {
         call(&mut d, "SET c:1 one").await;
         call(&mut d, "SET c:3 three").await;
         s.shutdown().await;
+    }
+}
+
+/// Run each line on `c`; none may fail.
+async fn setup(c: &mut Raw, lines: &[&str]) {
+    for line in lines {
+        assert!(!call(c, line).await.starts_with(b"-"), "{line}");
     }
 }
 
