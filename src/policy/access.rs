@@ -197,7 +197,7 @@ fn script_warnings(everyone: &Lists, users: &[(Vec<u8>, Lists)]) -> Vec<String> 
         // Nothing denied: nothing to sidestep (and no table to read).
         return Vec::new();
     }
-    let table = crate::request::command::Table::builtin();
+    let table = crate::request::command::Table::builtin_shared();
     let categories = |name: &str| -> Vec<String> {
         table
             .lookup(&[Bytes::copy_from_slice(name.as_bytes())])

@@ -219,7 +219,7 @@ impl CommandInfo {
 pub fn check_name(name: &str) -> Result<(), Option<&'static str>> {
     static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
     let names = NAMES.get_or_init(|| {
-        let t = Table::builtin();
+        let t = Table::builtin_shared();
         let mut v: Vec<&'static str> = t
             .commands
             .keys()
@@ -474,9 +474,17 @@ impl Table {
     /// The built-in table: Redis 7.0's own `COMMAND` reply, checked in
     /// (`scripts/gen-command-table.py` writes it from a real redis-server;
     /// `tests/commands.rs` checks it against the test server). Used until
-    /// the upstream's table is learned, and when it cannot be. Parsed
-    /// once per process.
-    pub fn builtin() -> Arc<Table> {
+    /// the upstream's table is learned, and when it cannot be. A table of
+    /// its own: its entries carry the metrics of the sidecar that uses it.
+    pub fn builtin() -> Table {
+        Table::parse_builtin()
+    }
+
+    /// The built-in table, parsed once per process, for lookups of names
+    /// and categories (validating a configuration). Never for a sidecar's
+    /// requests: its entries' metrics would be shared by every sidecar of
+    /// the process.
+    pub fn builtin_shared() -> Arc<Table> {
         static BUILTIN: OnceLock<Arc<Table>> = OnceLock::new();
         BUILTIN
             .get_or_init(|| Arc::new(Table::parse_builtin()))

@@ -140,7 +140,7 @@ impl Pool {
             per_identity,
             max_identities,
             shared: Mutex::new(HashMap::new()),
-            table: RwLock::new(Table::builtin()),
+            table: RwLock::new(Arc::new(Table::builtin())),
             table_generation: AtomicU64::new(0),
             server_version: Mutex::new(String::new()),
             metrics,
