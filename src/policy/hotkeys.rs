@@ -30,6 +30,30 @@ const MAX_BIG: usize = 100;
 /// Commands remembered per top key, at most.
 const MAX_COMMANDS: usize = 8;
 
+/// A random seed for [`key_hash`] (from the OS's randomness).
+pub(crate) fn new_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish()
+}
+
+/// FNV-1a of the db and the key, from a random seed (a client cannot aim
+/// collisions), mixed: fast for short keys.
+pub(crate) fn key_hash(seed: u64, db: i64, key: &[u8]) -> u64 {
+    let mut h = seed ^ (db as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // The finalizer of splitmix64: every bit of the key reaches the bits
+    // the sketch's rows use.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 /// A count-min sketch of 4 x 4096 counters (64 KiB), for hashes of keys.
 pub(crate) struct Sketch {
     rows: Vec<[u32; COLS]>,
@@ -62,7 +86,7 @@ impl Sketch {
 
 /// A map keyed by hashes already computed: its hasher passes them on.
 #[derive(Clone, Copy, Default)]
-struct Prehashed;
+pub(crate) struct Prehashed;
 
 impl BuildHasher for Prehashed {
     type Hasher = PassOn;
@@ -72,7 +96,7 @@ impl BuildHasher for Prehashed {
 }
 
 #[derive(Default)]
-struct PassOn(u64);
+pub(crate) struct PassOn(u64);
 
 impl Hasher for PassOn {
     fn finish(&self) -> u64 {
@@ -164,11 +188,7 @@ impl HotKeys {
                 rotated: Instant::now(),
                 big: HashMap::new(),
             }),
-            seed: {
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u8(0);
-                h.finish()
-            },
+            seed: new_seed(),
             sample: AtomicU32::new(0),
             metrics: metrics.clone(),
         })
@@ -190,27 +210,10 @@ impl HotKeys {
         *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config.clone();
     }
 
-    /// FNV-1a of the db and the key, from a per-process random seed (a
-    /// client cannot aim collisions), mixed: fast for short keys.
-    fn hash(&self, db: i64, key: &[u8]) -> u64 {
-        let mut h = self.seed ^ (db as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        for &b in key {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // The finalizer of splitmix64: every bit of the key reaches the
-        // bits the sketch's rows use.
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
-    }
-
     /// `key` of `db` was requested by `command`, with `bytes` of request
     /// (and, when measured, reply).
     pub fn record(&self, db: i64, key: &Bytes, command: &str, bytes: u64, top_n: usize) {
-        let h = self.hash(db, key);
+        let h = key_hash(self.seed, db, key);
         let mut st = self.lock();
         let w = &mut st.current;
         w.total += 1;

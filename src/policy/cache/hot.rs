@@ -7,7 +7,6 @@
 //! entries.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use bytes::Bytes;
 
 use crate::config::HotKeysCacheConfig;
 use crate::policy::glob::Glob;
-use crate::policy::hotkeys::Sketch;
+use crate::policy::hotkeys::{Prehashed, Sketch, key_hash, new_seed};
 
 /// How long reads are counted before a key is judged again.
 pub const WINDOW: Duration = Duration::from_secs(1);
@@ -23,15 +22,18 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 struct State {
     started: Instant,
     sketch: Sketch,
-    /// Hot keys (db, key) and their reads this window.
-    hot: HashMap<(i64, Bytes), u32>,
+    /// Hot keys by their hash (the sketch's): the key, and its reads
+    /// this window. Two keys of one 64-bit hash count as one: the other
+    /// is cached too, harmlessly (the same coherent fill; its entries
+    /// leave with writes or their ttl).
+    hot: HashMap<u64, (Bytes, u32), Prehashed>,
 }
 
 pub struct HotKeys {
     threshold: u32,
     max_keys: usize,
     exclude: Vec<Glob>,
-    hasher: RandomState,
+    seed: u64,
     state: Mutex<State>,
 }
 
@@ -41,11 +43,11 @@ impl HotKeys {
             threshold: c.threshold.max(1),
             max_keys: c.max_keys,
             exclude: c.exclude.iter().map(|p| Glob::new(p.as_bytes())).collect(),
-            hasher: RandomState::new(),
+            seed: new_seed(),
             state: Mutex::new(State {
                 started: Instant::now(),
                 sketch: Sketch::new(),
-                hot: HashMap::new(),
+                hot: HashMap::with_hasher(Prehashed),
             }),
         }
     }
@@ -65,16 +67,14 @@ impl HotKeys {
         self.rotate(&mut st, now, cooled);
         let mut all = true;
         for k in keys {
-            // A lookup by a borrowed (db, key) would need a second map
-            // type; a clone of a Bytes is a reference count.
-            let id = (db, k.clone());
-            if let Some(n) = st.hot.get_mut(&id) {
+            let h = key_hash(self.seed, db, k);
+            if let Some((_, n)) = st.hot.get_mut(&h) {
                 *n = n.saturating_add(1);
                 continue;
             }
-            let est = st.sketch.add(self.hasher.hash_one(&id), 1);
+            let est = st.sketch.add(h, 1);
             if est >= self.threshold && st.hot.len() < self.max_keys {
-                st.hot.insert(id, est);
+                st.hot.insert(h, (k.clone(), est));
             } else {
                 all = false;
             }
@@ -92,7 +92,7 @@ impl HotKeys {
         // as that many seconds.
         let secs = now.duration_since(st.started).as_secs_f64().max(1.0);
         let floor = f64::from(self.threshold) / 2.0 * secs;
-        st.hot.retain(|(_, k), n| {
+        st.hot.retain(|_, (k, n)| {
             let keep = f64::from(*n) >= floor;
             if !keep {
                 cooled.push(k.clone());

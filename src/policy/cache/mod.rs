@@ -188,6 +188,44 @@ impl CacheState {
         }
     }
 
+    /// Single flight: claim the fill of each entry of `entries` no fill is
+    /// reading yet (their senders, in order, with their index), or join
+    /// the one that is (its receiver).
+    fn claim(&self, entries: &[Bytes]) -> (Claimed, Vec<watch::Receiver<bool>>) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for (i, e) in entries.iter().enumerate() {
+            match inflight.get(e) {
+                Some(rx) => theirs.push(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    inflight.insert(e.clone(), rx);
+                    mine.push((i, tx));
+                }
+            }
+        }
+        if !theirs.is_empty() {
+            self.metrics.cache_joins().inc();
+        }
+        (mine, theirs)
+    }
+
+    /// The claimed fills are done (landed or not): their waiters go on.
+    async fn release(&self, entries: &[Bytes], mine: Claimed, theirs: Vec<watch::Receiver<bool>>) {
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            for (i, _) in &mine {
+                inflight.remove(&entries[*i]);
+            }
+        }
+        for (_, tx) in mine {
+            let _ = tx.send(true);
+        }
+        for mut rx in theirs {
+            let _ = tokio::time::timeout(self.fill_timeout, rx.wait_for(|done| *done)).await;
+        }
+    }
+
     /// A fill's reply kept as entry `key` (unless an error, too big, or a
     /// write or flush came since `seen`), for at most the rule's ttl and
     /// never past one of its keys' TTL (`pttls`).
@@ -236,6 +274,9 @@ impl CacheState {
         }
     }
 }
+
+/// Fills a reader claimed: the entry's index, and who waits for it.
+type Claimed = Vec<(usize, watch::Sender<bool>)>;
 
 /// How a fill's reply is kept.
 struct Fit {
@@ -461,29 +502,12 @@ impl Cache {
         let ttl = self.rules[rule].ttl;
         let max_entry = self.max_entry;
         Box::pin(async move {
-            let tx = {
-                let mut inflight = state
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match inflight.get(&key) {
-                    Some(rx) => Err(rx.clone()),
-                    None => {
-                        let (tx, rx) = watch::channel(false);
-                        inflight.insert(key.clone(), rx);
-                        Ok(tx)
-                    }
-                }
-            };
-            let tx = match tx {
-                Ok(tx) => tx,
-                Err(mut rx) => {
-                    state.metrics.cache_joins().inc();
-                    let _ =
-                        tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
-                    return;
-                }
-            };
+            let entries = [key];
+            let (mine, theirs) = state.claim(&entries);
+            if mine.is_empty() {
+                return state.release(&entries, mine, theirs).await;
+            }
+            let [key] = &entries;
             let seen = state.store.snapshot(&keys);
             let flatten = ZRANGES
                 .iter()
@@ -504,12 +528,7 @@ impl Cache {
                 };
                 state.keep(key.clone(), reply, keys, &fill.pttls, &spec, &seen);
             }
-            state
-                .inflight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
-            let _ = tx.send(true);
+            state.release(&entries, mine, theirs).await;
         })
     }
 }
@@ -704,28 +723,16 @@ impl Cache {
             max_entry: self.max_entry,
         };
         Box::pin(async move {
-            let mut mine = Vec::new();
-            let mut theirs = Vec::new();
-            {
-                let mut inflight = state
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                for (key, entry) in wanted {
-                    match inflight.get(&entry) {
-                        Some(rx) => theirs.push(rx.clone()),
-                        None => {
-                            let (tx, rx) = watch::channel(false);
-                            inflight.insert(entry.clone(), rx);
-                            let seen = state.store.snapshot(std::slice::from_ref(&key));
-                            mine.push((key, entry, tx, seen));
-                        }
-                    }
-                }
-            }
-            if !theirs.is_empty() {
-                state.metrics.cache_joins().inc();
-            }
+            let (keys, entries): (Vec<Bytes>, Vec<Bytes>) = wanted.into_iter().unzip();
+            let (claimed, theirs) = state.claim(&entries);
+            // (key, entry, what its fill saw at the start) of those claimed.
+            let mine: Vec<(&Bytes, &Bytes, store::Snapshot)> = claimed
+                .iter()
+                .map(|&(i, _)| {
+                    let seen = state.store.snapshot(std::slice::from_ref(&keys[i]));
+                    (&keys[i], &entries[i], seen)
+                })
+                .collect();
             // One MGET per slot on a cluster (a fill runs on its keys'
             // node), else one; all sent before any is awaited.
             let cluster = state.pool.ups.active().endpoint.cluster.is_some();
@@ -743,11 +750,11 @@ impl Cache {
             }
             let mut fills = Vec::with_capacity(groups.len());
             for (_, group) in &groups {
-                let keys: Vec<Bytes> = group.iter().map(|&i| mine[i].0.clone()).collect();
-                let mut read = Vec::with_capacity(keys.len() + 1);
+                let group_keys: Vec<Bytes> = group.iter().map(|&i| mine[i].0.clone()).collect();
+                let mut read = Vec::with_capacity(group_keys.len() + 1);
                 read.push(Bytes::from_static(b"MGET"));
-                read.extend(keys.iter().cloned());
-                fills.push(state.tracker.send(db, keys, read));
+                read.extend(group_keys.iter().cloned());
+                fills.push(state.tracker.send(db, group_keys, read));
             }
             for ((_, group), fill) in groups.iter().zip(fills) {
                 let Ok(rx) = fill else { continue };
@@ -762,35 +769,22 @@ impl Cache {
                     continue;
                 }
                 for ((&i, (s, e)), pttl) in group.iter().zip(ranges).zip(&fill.pttls) {
-                    let (key, entry, _, seen) = &mine[i];
+                    let (key, entry, seen) = &mine[i];
                     let mut one = BytesMut::with_capacity(e - s + 4);
                     one.put_slice(b"*1\r\n");
                     one.put_slice(&reply[s..e]);
                     state.keep(
-                        entry.clone(),
+                        (*entry).clone(),
                         &one,
-                        vec![key.clone()],
+                        vec![(*key).clone()],
                         std::slice::from_ref(pttl),
                         &fit,
                         seen,
                     );
                 }
             }
-            {
-                let mut inflight = state
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                for (_, entry, ..) in &mine {
-                    inflight.remove(entry);
-                }
-            }
-            for (_, _, tx, _) in mine {
-                let _ = tx.send(true);
-            }
-            for mut rx in theirs {
-                let _ = tokio::time::timeout(state.fill_timeout, rx.wait_for(|done| *done)).await;
-            }
+            drop(mine);
+            state.release(&entries, claimed, theirs).await;
         })
     }
 }
