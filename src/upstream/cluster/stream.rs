@@ -133,9 +133,7 @@ fn recount(shard: &mut HashSet<Bytes>, frame: Bytes) -> Bytes {
     let mut out = BytesMut::with_capacity(frame.len() + 4);
     push_header(&mut out, frame[0], 3);
     out.extend_from_slice(&frame[s0..e1]);
-    out.extend_from_slice(b":");
-    out.extend_from_slice(shard.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_header(&mut out, b':', shard.len());
     out.freeze()
 }
 

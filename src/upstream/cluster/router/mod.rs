@@ -121,8 +121,8 @@ pub struct Router {
     /// A pinned client's stream, as one Redis sends it (its node
     /// connections' frames pass it).
     filter: Option<Arc<StreamFilter>>,
-    /// A pinned client's marks' token.
-    token: Bytes,
+    /// A pinned client's marks' token (made when first needed).
+    token: Option<Bytes>,
 }
 
 impl Router {
@@ -152,7 +152,7 @@ impl Router {
         let pinned = pinned.map(|(oob, held)| (Oob(oob.0, filter.clone()), held));
         Some(Router {
             filter,
-            token: crate::upstream::Mark::new_token(0),
+            token: None,
             set,
             map: topo.map(),
             epoch: topo.epoch(),

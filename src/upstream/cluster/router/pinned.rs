@@ -242,8 +242,12 @@ impl Router {
     /// before is answered: a marked PING whose answer nobody gets.
     async fn confirmed(&mut self, node: Node, job: &Job) {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let token = self
+            .token
+            .get_or_insert_with(|| crate::upstream::Mark::new_token(0))
+            .clone();
         let mark = crate::upstream::Mark {
-            token: self.token.clone(),
+            token,
             reply: Bytes::new(),
             done: Some(tx),
         };
