@@ -513,4 +513,27 @@ mod tests {
             assert!(s.get(b"e199", true, now).is_none());
         }
     }
+
+    #[test]
+    fn a_new_bound_flushes_and_applies() {
+        let s = Store::new(100_000);
+        let now = Instant::now();
+        let seen = s.snapshot(&[Bytes::from("a")]);
+        assert!(s.insert(Bytes::from("e1"), entry(&["a"], "v1"), &seen));
+        s.set_max_bytes(100_000);
+        assert!(
+            s.get(b"e1", true, now).is_some(),
+            "the same bound keeps entries"
+        );
+        s.set_max_bytes(1_000);
+        assert!(s.get(b"e1", true, now).is_none(), "a new bound flushes");
+        // A fill that started before the change does not land.
+        assert!(!s.insert(Bytes::from("e1"), entry(&["a"], "v1"), &seen));
+        for i in 0..20 {
+            let k = format!("k{i}");
+            let seen = s.snapshot(&[Bytes::from(k.clone())]);
+            s.insert(Bytes::from(format!("e{i}")), entry(&[&k], "x"), &seen);
+        }
+        assert!(s.size().1 <= 1_000, "{:?}", s.size());
+    }
 }
