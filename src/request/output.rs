@@ -61,6 +61,14 @@ impl Progress {
         self.done.load(Ordering::SeqCst)
     }
 
+    /// [`Progress::wait_for`] on the heap, for the request path's rare
+    /// waits: awaiting it adds a pointer to the caller's future, not the
+    /// wait's state (made here, not in the caller, so no copy of it lives
+    /// there either).
+    pub fn wait_boxed(&self, want: u64) -> std::pin::Pin<Box<impl Future<Output = ()> + '_>> {
+        Box::pin(self.wait_for(want))
+    }
+
     /// Wait until `want` entries are complete.
     pub async fn wait_for(&self, want: u64) {
         /// Clears the flag however the wait ends (done, or dropped by a

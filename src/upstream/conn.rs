@@ -1019,7 +1019,7 @@ fn dispatch(
     {
         // The next reply's clock starts when it reaches the front, so a
         // command queued behind a blocking one is not timed out by it.
-        *d = (*d).max(Instant::now() + settings.command_timeout);
+        *d = (*d).max(now + settings.command_timeout);
     }
     drop(q);
     let mut reply = done.keep.take().unwrap_or_default();

@@ -155,7 +155,8 @@ impl Session {
         if self.queued >= self.entry.client.progress.done() + max {
             self.entry.client.flush();
             let want = self.queued + 1 - max;
-            self.entry.client.progress.wait_for(want).await;
+            // Boxed: rare, and inline it would enlarge the per-request future.
+            self.entry.client.progress.wait_boxed(want).await;
         }
         self.queued += 1;
     }
