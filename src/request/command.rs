@@ -221,10 +221,10 @@ pub fn check_name(name: &str) -> Result<(), Option<&'static str>> {
     let names = NAMES.get_or_init(|| {
         let t = Table::builtin_shared();
         let mut v: Vec<&'static str> = t
-            .commands
+            .index
             .keys()
-            .chain(t.containers.iter())
-            .map(|n| &*Box::leak(n.clone().into_boxed_str()))
+            .filter_map(|n| std::str::from_utf8(n).ok())
+            .map(|n| &*Box::leak(n.to_string().into_boxed_str()))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -464,9 +464,8 @@ const DELETE_ONLY: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct Table {
     commands: HashMap<String, Arc<CommandInfo>>,
-    /// Names that have subcommands (`client`, `config`, ...).
-    containers: std::collections::HashSet<String>,
-    /// What [`Table::lookup`] reads: every name and container as bytes,
+    /// What [`Table::lookup`] reads: every name, and every name that has
+    /// subcommands (`client`, `config`, ...), as bytes,
     /// under a hash cheap for names of a few bytes (one lookup per
     /// request, where SipHash over two maps was 6 % of the sidecar's
     /// instructions).
@@ -607,18 +606,15 @@ impl Table {
                 (name.as_bytes().into(), slot)
             })
             .collect();
-        for c in &containers {
-            index
-                .entry(c.as_bytes().into())
-                .or_insert(Slot {
-                    info: None,
-                    container: true,
-                })
-                .container = true;
+        for c in containers {
+            // A container the table has no entry of its own for.
+            index.entry(c.into_bytes().into()).or_insert(Slot {
+                info: None,
+                container: true,
+            });
         }
         Table {
             commands,
-            containers,
             index,
             learned,
         }
@@ -627,7 +623,7 @@ impl Table {
     /// Whether this table has `name` (lower case; `container|sub` for a
     /// subcommand, or a container's name).
     pub fn knows(&self, name: &str) -> bool {
-        self.commands.contains_key(name) || self.containers.contains(name)
+        self.index.contains_key(name.as_bytes())
     }
 
     /// Look up by arguments: `container|sub` when that exists, else the name.
