@@ -833,22 +833,38 @@ async fn kill_9_mid_migration_leaves_the_app_on_the_source() {
     assert!(copied < 3000, "the copy was cut short ({copied})");
     let mut child = start();
     // The killed sidecar's record stays on the source until its TTL (3 s):
-    // the restarted one follows it until then, and that ends aborted.
-    let (st, body) = http_get(admin_addr, "/migrations/current").await;
-    if st == 200 {
-        assert!(body.contains("\"follower\""), "{body}");
-        assert!(
-            eventually(|| async {
-                let (_, body) = http_get(admin_addr, "/migrations/current").await;
-                body.contains("\"aborted\"") && body.contains("stopped")
-            })
-            .await,
-            "{}",
-            http_get(admin_addr, "/migrations/current").await.1
-        );
-    } else {
-        assert_eq!(st, 404, "{body}");
-    }
+    // the restarted one may follow it until then (it looks for one every
+    // 500 ms, so a first look that finds nothing proves nothing), and that
+    // ends aborted. Wait until the record is gone from the source, then
+    // until the restarted sidecar is not following it.
+    assert!(
+        eventually(|| async {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg("{redis-sidecar}:migration")
+                .query_async(&mut a.direct().await)
+                .await
+                .unwrap();
+            n == 0
+        })
+        .await,
+        "the killed leader's record outlived its TTL"
+    );
+    assert!(
+        eventually(|| async {
+            let (st, body) = http_get(admin_addr, "/migrations/current").await;
+            match st {
+                404 => true,
+                200 => {
+                    assert!(body.contains("\"follower\""), "{body}");
+                    body.contains("\"aborted\"") && body.contains("stopped")
+                }
+                _ => panic!("{st} {body}"),
+            }
+        })
+        .await,
+        "{}",
+        http_get(admin_addr, "/migrations/current").await.1
+    );
     let url = format!("redis://127.0.0.1:{port}");
     let mut app = redis::Client::open(url)
         .unwrap()
