@@ -8,13 +8,22 @@ ratio to direct Redis, plus the proxy's CPU time per operation (from
 /proc/<pid>/stat) and the RSS of each proxy holding 10,000 idle clients.
 
 Usage: benches/e2e.sh [--rounds N] [--requests N] [--threads N]
-                      [--baseline BIN [--baseline-threads N]]   (installs what it needs)
+                      [--baseline BIN [--baseline-threads N] | --control]
+                      (installs what it needs)
 
 It prints the processor, the kernel and the date first.
 
 With --baseline, a second sidecar binary runs as a fourth target in the
 same rounds (A/B of a change: both against one Redis, interleaved), and
-the sidecar is reported against it as medians of per-round ratios.
+the sidecar is reported against it as medians of per-round ratios. With
+--control, that fourth target is a second process of the sidecar's own
+binary (A/A): its ratios are what the machine's noise alone makes of a
+median, the resolution of every other ratio of the run.
+
+Next to sidecar / twemproxy it prints direct Redis / twemproxy in the same
+rounds: the throughput no proxy can pass and the p99 no proxy can go
+below, so a goal ratio above that bound is out of reach for any proxy on
+that machine.
 """
 
 import argparse
@@ -142,7 +151,15 @@ def main():
     ap.add_argument("--baseline-threads", type=int,
                     help="the baseline's worker threads (with --baseline; the same binary with "
                     "another --threads measures how it scales)")
+    ap.add_argument("--control", action="store_true",
+                    help="run a second process of the sidecar's own binary as the baseline (an A/A "
+                    "run): its ratios show how far noise alone moves a median of per-round ratios")
     args = ap.parse_args()
+    if args.control:
+        if args.baseline:
+            sys.exit("--control and --baseline both name the fourth target: give one")
+        args.baseline = args.sidecar
+        args.baseline_threads = args.threads
     if args.scenarios:
         wanted = [w.strip() for w in args.scenarios.split(",")]
         SCENARIOS[:] = [sc for sc in SCENARIOS if sc[0] in wanted]
@@ -212,8 +229,13 @@ def main():
                 print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
                       f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} |")
         ratio_table(results, "twemproxy",
-                    "sidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1)")
-        if baseline:
+                    "sidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1); "
+                    "'no proxy': direct Redis / twemproxy, the bound no proxy can pass", bound=True)
+        if baseline and args.control:
+            ratio_table(results, "baseline",
+                        "sidecar / control (a second process of the same binary: what noise alone "
+                        "makes of a ratio), median of the per-round ratios")
+        elif baseline:
             ratio_table(results, "baseline",
                         "sidecar / baseline, median of the per-round ratios (rps > 1: faster; CPU < 1: cheaper)")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
@@ -238,25 +260,38 @@ def machine():
             f"{time.strftime('%Y-%m-%d')}")
 
 
-def ratio_table(results, other, title):
+def ratios(results, name, test, a, b, i):
+    """Per round, `a`'s value i (0 rps, 2 p99, 3 CPU per op) over `b`'s in
+    that round."""
+    a_vals = results.get((name, a, test), [])
+    b_vals = results.get((name, b, test), [])
+    return [x[i] / y[i] for x, y in zip(a_vals, b_vals) if y[i] > 0]
+
+
+def summary(r):
+    """The median of per-round ratios and their range."""
+    if not r:
+        return "-"
+    return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+
+
+def ratio_table(results, other, title, bound=False):
     """Per round, the sidecar's throughput, CPU per op and p99 over
     `other`'s in that round; medians of those ratios (and their range over
-    the rounds), per scenario and test."""
+    the rounds), per scenario and test. `bound`: also direct Redis over
+    `other` in the same rounds, what no proxy at all would reach (the
+    sidecar's throughput ratio cannot pass it, nor its p99 ratio go below
+    it, whatever its own cost)."""
     print(f"\n{title}\n")
-    print("| scenario | test | rps (range) | CPU per op (range) | p99 (range) |")
-    print("|---|---|---|---|---|")
+    extra = " no proxy: rps | no proxy: p99 |" if bound else ""
+    print(f"| scenario | test | rps (range) | CPU per op (range) | p99 (range) |{extra}")
+    print("|---|---|---|---|---|" + ("---|---|" if bound else ""))
     for name, *_ in SCENARIOS:
         for test in ("SET", "GET"):
-            s_vals = results.get((name, "sidecar", test), [])
-            o_vals = results.get((name, other, test), [])
-
-            def cell(i):
-                r = [a[i] / b[i] for a, b in zip(s_vals, o_vals) if b[i] > 0]
-                if not r:
-                    return "-"
-                return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
-
-            print(f"| {name} | {test} | {cell(0)} | {cell(3)} | {cell(2)} |")
+            row = [summary(ratios(results, name, test, "sidecar", other, i)) for i in (0, 3, 2)]
+            if bound:
+                row += [summary(ratios(results, name, test, "direct", other, i)) for i in (0, 2)]
+            print(f"| {name} | {test} | " + " | ".join(row) + " |")
 
 
 def stop(procs):
