@@ -94,6 +94,21 @@ def start_sidecar(binary, upstream_port, procs, config=None, threads=None):
     return p.pid, port, admin
 
 
+def start_twemproxy(tmp, upstream_port, procs):
+    """twemproxy (nutcracker) on a free port in front of 127.0.0.1:
+    `upstream_port`, one server connection, added to `procs`: (pid, port)."""
+    port, stats = free_port(), free_port()
+    conf = os.path.join(tmp, "nutcracker.yml")
+    with open(conf, "w") as f:
+        f.write(f"bench:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  distribution: ketama\n"
+                f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{upstream_port}:1\n")
+    p = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(stats), "-o", os.path.join(tmp, "nc.log")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(p)
+    wait_port(port)
+    return p.pid, port
+
+
 def cpu_seconds(pid):
     if pid is None:
         return 0.0
@@ -173,20 +188,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="redis-sidecar-bench-")
     procs = []
     try:
-        tport, tstats = free_port(), free_port()
         rport = start_redis(tmp, procs)
         spid, sport, _ = start_sidecar(args.sidecar, rport, procs, threads=args.threads)
         baseline = (start_sidecar(args.baseline, rport, procs, threads=args.baseline_threads)
                     if args.baseline else None)
-        conf = os.path.join(tmp, "nutcracker.yml")
-        with open(conf, "w") as f:
-            f.write(f"bench:\n  listen: 127.0.0.1:{tport}\n  hash: fnv1a_64\n  distribution: ketama\n"
-                    f"  redis: true\n  server_connections: 1\n  servers:\n   - 127.0.0.1:{rport}:1\n")
-        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats), "-o", os.path.join(tmp, "nc.log")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(twem)
-        wait_port(tport)
-        targets = [("direct", rport, None), ("sidecar", sport, spid), ("twemproxy", tport, twem.pid)]
+        tpid, tport = start_twemproxy(tmp, rport, procs)
+        targets = [("direct", rport, None), ("sidecar", sport, spid), ("twemproxy", tport, tpid)]
         if baseline:
             targets.append(("baseline", baseline[1], baseline[0]))
 
@@ -206,7 +213,7 @@ def main():
                     print(f"round {rnd + 1} {name:>13} {tname:>9}: "
                           + ", ".join(f"{t} {v[0]:.0f} rps" for t, v in rows.items()), file=sys.stderr, flush=True)
 
-        rss = {"sidecar": idle_rss(spid, sport), "twemproxy": idle_rss(twem.pid, tport)}
+        rss = {"sidecar": idle_rss(spid, sport), "twemproxy": idle_rss(tpid, tport)}
 
         print(f"\nredis-benchmark -n {args.requests}, {args.rounds} interleaved rounds, medians; "
               "ratios are to direct Redis in the same rounds\n")

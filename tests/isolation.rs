@@ -200,6 +200,16 @@ fn greedy_and_non_reading_clients_hurt_only_themselves() {
     });
 }
 
+/// `size` bytes of a pattern stored under `huge` in `redis`, and the raw
+/// connection that stored them (the redis crate's response timeout is
+/// shorter than a 200 MB SET takes on a loaded machine).
+async fn store_huge(redis: &RedisServer, size: usize) -> (Vec<u8>, Raw) {
+    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut d = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
+    (value, d)
+}
+
 /// A reply larger than the output limit reaches a client that reads it:
 /// it goes to the client in parts as it arrives; first on a shared
 /// connection (a new client's first request), then on the client's lane.
@@ -215,11 +225,7 @@ async fn a_reply_larger_than_the_output_limit_reaches_a_reader() {
     let _alone = serial().write().await;
     let redis = RedisServer::start();
     let size = 200usize << 20;
-    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    // Stored over a raw connection: the redis crate's response timeout is
-    // shorter than a 200 MB SET takes on a loaded machine.
-    let mut d = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
-    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
+    let (value, _) = store_huge(&redis, size).await;
     let mut cfg = config(&redis.url());
     cfg.limits.max_output_buffer = ByteSize(190 << 20);
     let s = sidecar_with(cfg, Builder::default()).await;
@@ -253,9 +259,7 @@ async fn a_slow_reader_on_its_lane_pauses_its_connection() {
     let _alone = serial().write().await;
     let redis = RedisServer::start();
     let size = 24usize << 20;
-    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let mut d = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
-    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
+    let (value, mut d) = store_huge(&redis, size).await;
     let big = vec![b'b'; 1 << 20];
     assert_eq!(&d.call(&[b"SET", b"big", &big]).await[..], b"+OK\r\n");
     let mut cfg = config(&redis.url());

@@ -1185,17 +1185,7 @@ async fn the_first_of_two_sidecars_asked_leads() {
     start(admin, r#"{"to": "b", "other_sidecars": "ignore"}"#).await;
     // The first one's record is on the source (its task writes it just
     // after answering 202) before the second is asked.
-    assert!(
-        eventually(|| async {
-            let n: i64 = redis::cmd("EXISTS")
-                .arg("{redis-sidecar}:migration")
-                .query_async(&mut a.direct().await)
-                .await
-                .unwrap();
-            n == 1
-        })
-        .await
-    );
+    assert!(eventually(|| async { a.has_migration_record().await }).await);
     let (st, body) = http_json(f_admin, "POST", "/migrations", r#"{"to": "b"}"#).await;
     if st == 202 {
         assert!(

@@ -147,6 +147,18 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Whether a migration's leader record (`{redis-sidecar}:migration`)
+    /// is on this Redis: it is there while a leader refreshes it, and goes
+    /// away by its TTL when the leader dies.
+    pub async fn has_migration_record(&self) -> bool {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("{redis-sidecar}:migration")
+            .query_async(&mut self.direct().await)
+            .await
+            .unwrap();
+        n == 1
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
