@@ -372,12 +372,6 @@ impl ClientShared {
     }
 
     /// Reply bytes buffered for the client and not yet written.
-    /// Unwritten reply bytes past which the client is disconnected
-    /// (`limits.max_output_buffer`).
-    pub fn output_limit(&self) -> usize {
-        self.limit
-    }
-
     pub fn unwritten(&self) -> usize {
         self.lock().buffered
     }

@@ -477,8 +477,7 @@ const STREAM_AT: usize = 1 << 20;
 const KEEP_RBUF: usize = 64 * 1024;
 
 /// A dedicated connection stops reading while its client has this much
-/// unwritten (see `read_loop`), or half its output limit when that is less
-/// (a pause that waited for more would come after the disconnect).
+/// unwritten (see `read_loop`).
 const PAUSE_AT: usize = 4 << 20;
 
 type Fifo = Arc<Mutex<VecDeque<Pending>>>;
@@ -852,16 +851,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             rbuf = BytesMut::with_capacity(KEEP_RBUF);
             large = false;
         }
-        if let Some(o) = oob {
-            let pause_at = PAUSE_AT.min(o.0.output_limit() / 2);
-            if o.0.unwritten() > pause_at {
-                // This connection serves one client, which reads slower
-                // than Redis sends: read no more until it catches up
-                // (Redis holds the rest, as for a slow client of its own),
-                // rather than buffer up to its output limit and disconnect
-                // it.
-                o.0.drained(pause_at / 4).await;
-            }
+        if let Some(o) = oob
+            && o.0.unwritten() > PAUSE_AT
+        {
+            // This connection serves one client, which reads slower than
+            // Redis sends: read no more until it catches up (Redis holds
+            // the rest, as for a slow client of its own), rather than
+            // buffer up to its output limit and disconnect it.
+            o.0.drained(PAUSE_AT / 4).await;
         }
         if draining.load(Ordering::Acquire) && lock(fifo).is_empty() {
             return Ok(());
