@@ -200,6 +200,16 @@ fn greedy_and_non_reading_clients_hurt_only_themselves() {
     });
 }
 
+/// `size` bytes of a pattern stored under `huge` in `redis`, and the raw
+/// connection that stored them (the redis crate's response timeout is
+/// shorter than a 200 MB SET takes on a loaded machine).
+async fn store_huge(redis: &RedisServer, size: usize) -> (Vec<u8>, Raw) {
+    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut d = Raw::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
+    (value, d)
+}
+
 /// A reply larger than the output limit reaches a client that reads it:
 /// it goes to the client in parts as it arrives; first on a shared
 /// connection (a new client's first request), then on the client's lane.
@@ -208,20 +218,14 @@ fn greedy_and_non_reading_clients_hurt_only_themselves() {
 /// the client falls behind: that part runs with a limit of 190 MiB (still
 /// less than the 200 MB reply), as a reader on a loaded machine can fall
 /// 64 MiB behind (a full run once saw it disconnected there, as
-/// documented). On its lane the sidecar pauses instead: the slow reader
-/// runs with the default 64 MiB.
+/// documented). On its lane the sidecar pauses instead
+/// (`a_slow_reader_on_its_lane_pauses_its_connection`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_larger_than_the_output_limit_reaches_a_reader() {
     let _alone = serial().write().await;
     let redis = RedisServer::start();
     let size = 200usize << 20;
-    let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    // Stored over a raw connection: the redis crate's response timeout is
-    // shorter than a 200 MB SET takes on a loaded machine.
-    let mut d = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
-    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
-    let big = vec![b'b'; 1 << 20];
-    assert_eq!(&d.call(&[b"SET", b"big", &big]).await[..], b"+OK\r\n");
+    let (value, _) = store_huge(&redis, size).await;
     let mut cfg = config(&redis.url());
     cfg.limits.max_output_buffer = ByteSize(190 << 20);
     let s = sidecar_with(cfg, Builder::default()).await;
@@ -242,31 +246,95 @@ async fn a_reply_larger_than_the_output_limit_reaches_a_reader() {
         1.0
     );
     s.shutdown().await;
-    // A client on its lane (a 1 MiB first reply put it there) that reads
-    // slower than Redis sends (4 MiB every 20 ms): the lane stops reading
-    // from Redis while it catches up, instead of buffering past the
-    // 64 MiB limit and disconnecting it.
-    let s = sidecar(&redis).await;
+}
+
+/// A client on its lane (a 1 MiB first reply put it there) that reads
+/// slower than Redis sends (256 KiB every 20 ms, a 48 MB value): its
+/// connection stops reading from Redis at 4 MiB unwritten while the
+/// client catches up, so it is not disconnected at its output limit
+/// (16 MiB here). Without the pause the sidecar reads on, buffers past the
+/// limit and disconnects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_on_its_lane_pauses_its_connection() {
+    let _alone = serial().write().await;
+    let redis = RedisServer::start();
+    let size = 48usize << 20;
+    let (value, mut d) = store_huge(&redis, size).await;
+    let big = vec![b'b'; 1 << 20];
+    assert_eq!(&d.call(&[b"SET", b"big", &big]).await[..], b"+OK\r\n");
+    let mut cfg = config(&redis.url());
+    cfg.limits.max_output_buffer = ByteSize(16 << 20);
+    let s = sidecar_with(cfg, Builder::default()).await;
     let mut c = Raw::connect(s.addr).await;
     let r = c.call(&[b"GET", b"big"]).await;
     assert_eq!(r.len(), format!("${}\r\n", big.len()).len() + big.len() + 2);
-    let want = (size + head.len() + 2) as u64;
+    let head = format!("${size}\r\n");
+    let want = head.len() + size + 2;
     c.stream.write_all(&get("huge")).await.unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut got = 0u64;
-    while got < want {
-        let n = c.stream.read(&mut buf).await.unwrap();
-        assert!(n > 0, "the slow reader was disconnected after {got} bytes");
-        got += n as u64;
+    let mut reply = Vec::with_capacity(want);
+    let mut buf = vec![0u8; 256 << 10];
+    while reply.len() < want {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} of {want} bytes", reply.len()))
+            .unwrap();
+        assert!(
+            n > 0,
+            "the slow reader was disconnected after {} bytes",
+            reply.len()
+        );
+        reply.extend_from_slice(&buf[..n]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(got, want);
+    assert_eq!(reply.len(), want);
+    assert!(reply.starts_with(head.as_bytes()));
+    assert!(
+        reply[head.len()..head.len() + size] == value[..],
+        "bytes differ"
+    );
     assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
     // The GET went to the lane (the client moves at its next command).
     assert_eq!(
         metric(&s, "client_lanes_total", &[("reason", "large_replies")]),
         1.0
     );
+    s.shutdown().await;
+}
+
+/// A large reply goes to its client in parts as it arrives, and the rest
+/// of it is known by its place, whatever its first byte: the rest of a
+/// value of `>` bytes (the first byte of a RESP3 push) was taken for a
+/// push, so its client waited for good (on its lane the rest went out of
+/// order; on a shared connection it was dropped, and the next reply would
+/// have been taken for it). Byte for byte on a shared connection (a
+/// client's first request) and then on the client's lane; a client beside
+/// it gets its own replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_of_a_large_reply_is_never_taken_for_a_push() {
+    let redis = RedisServer::start();
+    let size = 4usize << 20;
+    let value = vec![b'>'; size];
+    let mut d = Raw::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    assert_eq!(&d.call(&[b"SET", b"arrows", &value]).await[..], b"+OK\r\n");
+    let s = sidecar(&redis).await;
+    let mut other = Raw::connect(s.addr).await;
+    let mut c = Raw::connect(s.addr).await;
+    let head = format!("${size}\r\n");
+    for round in 0..2 {
+        // Without its whole reply within 10 s, `call` panics.
+        let r = c.call(&[b"GET", b"arrows"]).await;
+        assert_eq!(r.len(), head.len() + size + 2, "round {round}");
+        assert!(r.starts_with(head.as_bytes()), "round {round}");
+        assert!(
+            r[head.len()..head.len() + size] == value[..],
+            "round {round}: bytes differ"
+        );
+        assert_eq!(
+            &other.call(&[b"ECHO", b"mine"]).await[..],
+            b"$4\r\nmine\r\n"
+        );
+    }
+    assert_eq!(&c.call(&[b"PING"]).await[..], b"+PONG\r\n");
     s.shutdown().await;
 }
 

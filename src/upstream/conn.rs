@@ -963,7 +963,10 @@ fn dispatch(
         }
         return Ok(Some(done.client));
     }
-    if *streaming || frame.first() == Some(&b'>') {
+    // The rest of a reply whose first part went to its client is that
+    // reply's, whatever its first byte (a value's bytes, maybe a `>`).
+    let rest_of_reply = q.front().is_some_and(|p| p.streamed);
+    if !rest_of_reply && (*streaming || frame.first() == Some(&b'>')) {
         drop(q);
         return Ok(match oob {
             Some(o) => {
