@@ -201,13 +201,20 @@ fn greedy_and_non_reading_clients_hurt_only_themselves() {
 }
 
 /// `size` bytes of a pattern stored under `huge` in `redis`, and the raw
-/// connection that stored them (the redis crate's response timeout is
-/// shorter than a 200 MB SET takes on a loaded machine).
+/// connection that stored them.
 async fn store_huge(redis: &RedisServer, size: usize) -> (Vec<u8>, Raw) {
     let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let mut d = Raw::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
-    assert_eq!(&d.call(&[b"SET", b"huge", &value]).await[..], b"+OK\r\n");
+    let d = store_raw(redis, b"huge", &value).await;
     (value, d)
+}
+
+/// SET `key` to `value` in `redis` over a raw connection (the redis
+/// crate's response timeout is shorter than a 200 MB SET takes on a
+/// loaded machine), and that connection.
+async fn store_raw(redis: &RedisServer, key: &[u8], value: &[u8]) -> Raw {
+    let mut d = Raw::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    assert_eq!(&d.call(&[b"SET", key, value]).await[..], b"+OK\r\n");
+    d
 }
 
 /// A reply larger than the output limit reaches a client that reads it:
@@ -314,8 +321,7 @@ async fn the_rest_of_a_large_reply_is_never_taken_for_a_push() {
     let redis = RedisServer::start();
     let size = 4usize << 20;
     let value = vec![b'>'; size];
-    let mut d = Raw::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
-    assert_eq!(&d.call(&[b"SET", b"arrows", &value]).await[..], b"+OK\r\n");
+    store_raw(&redis, b"arrows", &value).await;
     let s = sidecar(&redis).await;
     let mut other = Raw::connect(s.addr).await;
     let mut c = Raw::connect(s.addr).await;

@@ -964,9 +964,9 @@ fn dispatch(
         return Ok(Some(done.client));
     }
     // The rest of a reply whose first part went to its client is that
-    // reply's, whatever its first byte (a value's bytes, maybe a `>`).
-    let rest_of_reply = q.front().is_some_and(|p| p.streamed);
-    if !rest_of_reply && (*streaming || frame.first() == Some(&b'>')) {
+    // reply's, whatever its first byte (a value's bytes, maybe a `>`):
+    // looked up only for a frame that would otherwise go out of band.
+    if (*streaming || frame.first() == Some(&b'>')) && !q.front().is_some_and(|p| p.streamed) {
         drop(q);
         return Ok(match oob {
             Some(o) => {
