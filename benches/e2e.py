@@ -5,10 +5,12 @@ Runs redis-benchmark against the three targets interleaved (round-robin,
 several rounds, one run = one target x one scenario) and prints, per
 scenario, the median throughput and p50/p99 latency of each target as a
 ratio to direct Redis, plus the proxy's CPU time per operation (from
-/proc/<pid>/stat) and the RSS of each proxy holding 10,000 idle clients.
+/proc/<pid>/stat), Redis's CPU time per operation behind each target, and
+the RSS of each proxy holding 10,000 idle clients.
 
-Usage: benches/e2e.sh [--rounds N] [--requests N] [--threads N]
-                      [--baseline BIN [--baseline-threads N] | --control]
+Usage: benches/e2e.sh [--rounds N] [--requests N] [--threads N] [--config FILE]
+                      [--baseline BIN [--baseline-threads N] [--baseline-config FILE]
+                       | --control]
                       (installs what it needs)
 
 It prints the processor, the kernel and the date first.
@@ -166,6 +168,10 @@ def main():
     ap.add_argument("--baseline-threads", type=int,
                     help="the baseline's worker threads (with --baseline; the same binary with "
                     "another --threads measures how it scales)")
+    ap.add_argument("--config", help="the sidecar's configuration file (default: none, its defaults)")
+    ap.add_argument("--baseline-config",
+                    help="the baseline's configuration file (the same binary with another file "
+                    "measures a setting, e.g. benches/two-shared-connections.toml)")
     ap.add_argument("--control", action="store_true",
                     help="run a second process of the sidecar's own binary as the baseline (an A/A "
                     "run): its ratios show how far noise alone moves a median of per-round ratios")
@@ -175,6 +181,7 @@ def main():
             sys.exit("--control and --baseline both name the fourth target: give one")
         args.baseline = args.sidecar
         args.baseline_threads = args.threads
+        args.baseline_config = args.config
     if args.scenarios:
         wanted = [w.strip() for w in args.scenarios.split(",")]
         SCENARIOS[:] = [sc for sc in SCENARIOS if sc[0] in wanted]
@@ -189,27 +196,33 @@ def main():
     procs = []
     try:
         rport = start_redis(tmp, procs)
-        spid, sport, _ = start_sidecar(args.sidecar, rport, procs, threads=args.threads)
-        baseline = (start_sidecar(args.baseline, rport, procs, threads=args.baseline_threads)
+        rpid = procs[-1].pid
+        spid, sport, _ = start_sidecar(args.sidecar, rport, procs, config=args.config, threads=args.threads)
+        baseline = (start_sidecar(args.baseline, rport, procs, config=args.baseline_config,
+                                  threads=args.baseline_threads)
                     if args.baseline else None)
         tpid, tport = start_twemproxy(tmp, rport, procs)
         targets = [("direct", rport, None), ("sidecar", sport, spid), ("twemproxy", tport, tpid)]
         if baseline:
             targets.append(("baseline", baseline[1], baseline[0]))
 
-        results = {}  # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op)
+        # (scenario, target, test) -> list of (rps, p50, p99, cpu_us_per_op,
+        # redis_cpu_us_per_op): Redis's own CPU too, since what a proxy
+        # saves itself by writing small batches Redis may spend reading them.
+        results = {}
         for rnd in range(args.rounds):
             for name, c, p, d in SCENARIOS:
                 # The order rotates from round to round, so no target always
                 # runs first (or right after another) in a scenario.
                 k = rnd % len(targets)
                 for tname, port, pid in targets[k:] + targets[:k]:
-                    cpu0 = cpu_seconds(pid)
+                    cpu0, rcpu0 = cpu_seconds(pid), cpu_seconds(rpid)
                     rows = bench(port, c, p, d, args.requests)
-                    cpu = cpu_seconds(pid) - cpu0
+                    cpu, rcpu = cpu_seconds(pid) - cpu0, cpu_seconds(rpid) - rcpu0
                     ops = args.requests * len(rows)
                     for test, (rps, p50, p99) in rows.items():
-                        results.setdefault((name, tname, test), []).append((rps, p50, p99, cpu / ops * 1e6))
+                        results.setdefault((name, tname, test), []).append(
+                            (rps, p50, p99, cpu / ops * 1e6, rcpu / ops * 1e6))
                     print(f"round {rnd + 1} {name:>13} {tname:>9}: "
                           + ", ".join(f"{t} {v[0]:.0f} rps" for t, v in rows.items()), file=sys.stderr, flush=True)
 
@@ -219,14 +232,14 @@ def main():
               "ratios are to direct Redis in the same rounds\n")
         print("| scenario | test | direct rps | sidecar rps (x direct) | twemproxy rps (x direct) "
               "| p50 ms direct; sidecar (x); twemproxy (x) | p99 ms direct; sidecar (x); twemproxy (x) "
-              "| CPU µs/op sidecar / twemproxy |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| CPU µs/op sidecar / twemproxy | Redis CPU µs/op direct; sidecar; twemproxy |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, *_ in SCENARIOS:
             for test in ("SET", "GET"):
                 med = {}
                 for tname, *_ in targets[:3]:
                     vals = results.get((name, tname, test), [])
-                    med[tname] = tuple(statistics.median(v[i] for v in vals) for i in range(4))
+                    med[tname] = tuple(statistics.median(v[i] for v in vals) for i in range(5))
                 d, s, t = med["direct"], med["sidecar"], med["twemproxy"]
 
                 def lat(i):
@@ -234,7 +247,7 @@ def main():
                             f"{t[i]:.3f} ({t[i] / d[i]:.2f})")
 
                 print(f"| {name} | {test} | {d[0]:.0f} | {s[0]:.0f} ({s[0] / d[0]:.2f}) | {t[0]:.0f} ({t[0] / d[0]:.2f}) "
-                      f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} |")
+                      f"| {lat(1)} | {lat(2)} | {s[3]:.2f} / {t[3]:.2f} | {d[4]:.2f}; {s[4]:.2f}; {t[4]:.2f} |")
         ratio_table(results, "twemproxy",
                     "sidecar / twemproxy, median of the per-round ratios (target: rps >= 1, CPU <= 1); "
                     "'no proxy': direct Redis / twemproxy, the bound no proxy can pass", bound=True)
@@ -268,8 +281,8 @@ def machine():
 
 
 def ratios(results, name, test, a, b, i):
-    """Per round, `a`'s value i (0 rps, 2 p99, 3 CPU per op) over `b`'s in
-    that round."""
+    """Per round, `a`'s value i (0 rps, 2 p99, 3 CPU per op, 4 Redis's CPU
+    per op) over `b`'s in that round."""
     a_vals = results.get((name, a, test), [])
     b_vals = results.get((name, b, test), [])
     return [x[i] / y[i] for x, y in zip(a_vals, b_vals) if y[i] > 0]
@@ -283,19 +296,19 @@ def summary(r):
 
 
 def ratio_table(results, other, title, bound=False):
-    """Per round, the sidecar's throughput, CPU per op and p99 over
-    `other`'s in that round; medians of those ratios (and their range over
-    the rounds), per scenario and test. `bound`: also direct Redis over
+    """Per round, the sidecar's throughput, CPU per op, p99 and Redis's CPU
+    per op over `other`'s in that round; medians of those ratios (and their
+    range over the rounds), per scenario and test. `bound`: also direct Redis over
     `other` in the same rounds, what no proxy at all would reach (the
     sidecar's throughput ratio cannot pass it, nor its p99 ratio go below
     it, whatever its own cost)."""
     print(f"\n{title}\n")
     extra = " no proxy: rps | no proxy: p99 |" if bound else ""
-    print(f"| scenario | test | rps (range) | CPU per op (range) | p99 (range) |{extra}")
-    print("|---|---|---|---|---|" + ("---|---|" if bound else ""))
+    print(f"| scenario | test | rps (range) | CPU per op (range) | p99 (range) | Redis CPU per op (range) |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|---|" if bound else ""))
     for name, *_ in SCENARIOS:
         for test in ("SET", "GET"):
-            row = [summary(ratios(results, name, test, "sidecar", other, i)) for i in (0, 3, 2)]
+            row = [summary(ratios(results, name, test, "sidecar", other, i)) for i in (0, 3, 2, 4)]
             if bound:
                 row += [summary(ratios(results, name, test, "direct", other, i)) for i in (0, 2)]
             print(f"| {name} | {test} | " + " | ".join(row) + " |")
