@@ -656,12 +656,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 _ = retire.cancelled() => return End::Retired,
             },
         };
-        // Let the other ready tasks (sessions with requests already read)
-        // run once before writing: their jobs join this batch, so many
-        // clients' commands cost one write instead of one each.
-        if rx.is_empty() && backlog.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        // Let every other ready task run once before writing, and the
+        // runtime look for sockets that became readable meanwhile (a
+        // yielded task is woken after that look): the sessions with
+        // requests already read, and those whose requests just arrived,
+        // join this batch, as a batch of an event-loop proxy holds every
+        // request of one wake-up. Many clients' commands cost one write
+        // here and one read and one write in Redis, which on a machine
+        // whose cores are all busy is the time every request waits for.
+        // Yielding only when the job was alone let a batch close at the
+        // second ready job: 4-5 requests at c50 P1 where twemproxy's hold
+        // about 8, and more of Redis's CPU per request than behind
+        // twemproxy (`docs/performance.md`, 2026-12-07).
+        tokio::task::yield_now().await;
         // One clock read per batch: the jobs of a batch are sent together.
         let now = Instant::now();
         let mut next = Some(job);
