@@ -572,6 +572,10 @@ pub struct TimeoutsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Shared (multiplexed) upstream connections per (protocol, db, user).
+    /// One by default, like twemproxy's `server_connections: 1`: one FIFO
+    /// queue in front of Redis serves clients in arrival order and makes
+    /// the largest batches; split over two, a request may wait behind the
+    /// other connection's batch as well as its own (a longer tail).
     pub shared_connections: NonZeroUsize,
     /// Distinct (protocol, db, user) identities with shared connections.
     pub max_identities: NonZeroUsize,
@@ -647,7 +651,7 @@ impl Default for TimeoutsConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            shared_connections: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            shared_connections: NonZeroUsize::MIN,
             max_identities: NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
         }
     }
