@@ -258,6 +258,9 @@ def main():
         elif baseline:
             ratio_table(results, "baseline",
                         "sidecar / baseline, median of the per-round ratios (rps > 1: faster; CPU < 1: cheaper)")
+            ratio_table(results, "twemproxy",
+                        "baseline / twemproxy, median of the per-round ratios (the 'before' of the "
+                        "first table, in the same rounds)", who="baseline")
         print(f"\nRSS with 10,000 idle client connections: sidecar {rss['sidecar']:.1f} MiB, "
               f"twemproxy {rss['twemproxy']:.1f} MiB")
     finally:
@@ -295,9 +298,9 @@ def summary(r):
     return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
 
 
-def ratio_table(results, other, title, bound=False):
-    """Per round, the sidecar's throughput, CPU per op, p99 and Redis's CPU
-    per op over `other`'s in that round; medians of those ratios (and their
+def ratio_table(results, other, title, bound=False, who="sidecar"):
+    """Per round, `who`'s (the sidecar's) throughput, CPU per op, p99 and
+    Redis's CPU per op over `other`'s in that round; medians of those ratios (and their
     range over the rounds), per scenario and test. `bound`: also direct Redis over
     `other` in the same rounds, what no proxy at all would reach (the
     sidecar's throughput ratio cannot pass it, nor its p99 ratio go below
@@ -308,7 +311,7 @@ def ratio_table(results, other, title, bound=False):
     print("|---|---|---|---|---|---|" + ("---|---|" if bound else ""))
     for name, *_ in SCENARIOS:
         for test in ("SET", "GET"):
-            row = [summary(ratios(results, name, test, "sidecar", other, i)) for i in (0, 3, 2, 4)]
+            row = [summary(ratios(results, name, test, who, other, i)) for i in (0, 3, 2, 4)]
             if bound:
                 row += [summary(ratios(results, name, test, "direct", other, i)) for i in (0, 2)]
             print(f"| {name} | {test} | " + " | ".join(row) + " |")
