@@ -257,3 +257,48 @@ proptest! {
         });
     }
 }
+
+/// Stateless commands of many clients share one upstream connection by
+/// default (`pool.shared_connections = 1`, like twemproxy's
+/// `server_connections: 1`): one FIFO queue in front of Redis. Twenty
+/// clients at once, each reply its own; the gauge counts one shared
+/// connection (two before the default changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_share_one_upstream_connection_by_default() {
+    let redis = RedisServer::start();
+    let s = sidecar(&redis).await;
+    let addr = s.addr;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let key = format!("one:{i}");
+            let value = format!("value {i}");
+            for _ in 0..3 {
+                same_bytes(
+                    &c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await,
+                    b"+OK\r\n",
+                );
+                same_bytes(
+                    &c.call(&[b"GET", key.as_bytes()]).await,
+                    &bulk(value.as_bytes()),
+                );
+            }
+            c
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await.unwrap());
+    }
+    assert_eq!(
+        metric(
+            &s,
+            "upstream_connections",
+            &[("kind", "shared"), ("upstream", "test")]
+        ),
+        1.0
+    );
+    drop(held);
+    s.shutdown().await;
+}
