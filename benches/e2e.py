@@ -299,10 +299,10 @@ def summary(r):
 
 
 def ratio_table(results, other, title, bound=False, who="sidecar"):
-    """Per round, `who`'s (the sidecar's) throughput, CPU per op, p99 and
-    Redis's CPU per op over `other`'s in that round; medians of those ratios (and their
-    range over the rounds), per scenario and test. `bound`: also direct Redis over
-    `other` in the same rounds, what no proxy at all would reach (the
+    """Per round, `who`'s throughput, CPU per op, p99 and Redis's CPU per
+    op over `other`'s in that round; medians of those ratios (and their
+    range over the rounds), per scenario and test. `bound`: also direct
+    Redis over `other` in the same rounds, what no proxy at all would reach (the
     sidecar's throughput ratio cannot pass it, nor its p99 ratio go below
     it, whatever its own cost)."""
     print(f"\n{title}\n")
